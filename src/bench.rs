@@ -1,0 +1,160 @@
+//! `moescope bench train`: the training-step benchmark, measured the way the
+//! PyTorch peer (`../shared/bench/nanogpt_moe.py`) measures itself: synthetic
+//! Markov-chain tokens, full training steps (forward, backward, AdamW), the
+//! median step time after warm-up, model FLOPs = 6·active params + 12·L·d·T.
+
+use crate::config::ModelConfig;
+use crate::model::Gpt;
+use crate::train::optim::AdamW;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub preset: String,
+    pub model: ModelConfig,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+    pub lr: f64,
+}
+
+/// Benchmark result (printed as the last line, one JSON object).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub mode: &'static str,
+    pub preset: String,
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub threads: usize,
+    pub params_total: usize,
+    pub params_active: usize,
+    pub flops_per_token: f64,
+    pub median_step_s: f64,
+    pub step_s_q1_q3: [f64; 2],
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+    pub timed_steps: usize,
+    pub cpu_util: f64,
+    pub final_ce: f64,
+    /// The peer's command for the same shapes.
+    pub peer_command: String,
+}
+
+/// Tokens from a random sparse Markov chain (each token has 4 successors), as the peer uses.
+struct Markov {
+    next: Vec<[u32; 4]>,
+    rng: ChaCha8Rng,
+}
+
+impl Markov {
+    fn new(vocab: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+        let next = (0..vocab).map(|_| std::array::from_fn(|_| rng.random_range(0..vocab as u32))).collect();
+        Markov { next, rng }
+    }
+    fn batch(&mut self, b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+        let (mut x, mut y) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for _ in 0..b {
+            let mut cur = self.rng.random_range(0..self.next.len() as u32);
+            for _ in 0..t {
+                let nxt = self.next[cur as usize][self.rng.random_range(0..4)];
+                x.push(cur);
+                y.push(nxt);
+                cur = nxt;
+            }
+        }
+        (x, y)
+    }
+}
+
+/// CPU seconds used by this process so far (Linux; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Run the benchmark on the CPU.
+pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let cfg = &o.model;
+    let model = Gpt::new(cfg, DType::F32, &dev, o.seed)?;
+    let tc = crate::config::TrainConfig { lr: o.lr, ..Default::default() };
+    let mut opt = AdamW::new(&model.params, &tc)?;
+    let mut data = Markov::new(cfg.vocab_size, o.seed);
+    let t = cfg.seq_len;
+    let mut times = Vec::new();
+    let mut utils = Vec::new();
+    let mut ce = f64::NAN;
+    let bar = if progress { indicatif::ProgressBar::new(o.steps as u64) } else { indicatif::ProgressBar::hidden() };
+    for step in 0..o.steps {
+        let (x, y) = data.batch(o.batch, t);
+        let t0 = Instant::now();
+        let c0 = cpu_seconds();
+        let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
+        let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
+        let loss = model.loss(&x, &y)?;
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = model.params.vars().iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+        opt.step(&model.params, &g, o.lr)?;
+        ce = loss.to_scalar::<f32>()? as f64;
+        let dt = t0.elapsed().as_secs_f64();
+        if step >= o.warmup {
+            times.push(dt);
+            utils.push((cpu_seconds() - c0) / dt);
+        }
+        bar.inc(1);
+        bar.set_message(format!("ce {ce:.3} {:.0} ms", dt * 1e3));
+    }
+    bar.finish_and_clear();
+    let timed = times.len();
+    let mut sorted = times.clone();
+    let med = median(&mut times);
+    sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    let (p_total, p_active) = cfg.param_counts();
+    let fpt = cfg.flops_per_token();
+    let tps = (o.batch * t) as f64 / med;
+    let peer_command = format!(
+        "python nanogpt_moe.py --config tiny --vocab {} --d_model {} --n_layer {} --n_head {} --n_expert {} --top_k {} --d_ff {} --seq_len {} --batch {} --bias {} --steps {} --warmup {} --threads {}",
+        cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_experts, cfg.top_k, cfg.d_ff, cfg.seq_len, o.batch,
+        u8::from(cfg.bias), o.steps, o.warmup, candle_core::utils::get_num_threads()
+    );
+    Ok(BenchResult {
+        mode: "train",
+        preset: o.preset.clone(),
+        cfg: cfg.clone(),
+        batch: o.batch,
+        threads: candle_core::utils::get_num_threads(),
+        params_total: p_total,
+        params_active: p_active,
+        flops_per_token: fpt,
+        median_step_s: med,
+        step_s_q1_q3: [q(0.25), q(0.75)],
+        tokens_per_s: tps,
+        gflops: fpt * tps / 1e9,
+        timed_steps: timed,
+        cpu_util: median(&mut utils),
+        final_ce: ce,
+        peer_command,
+    })
+}

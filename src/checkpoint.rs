@@ -1,0 +1,227 @@
+//! Checkpoints: safetensors weights, a Hugging Face-style `config.json`, and
+//! the trainer state. Every file is written atomically; a checkpoint folder
+//! is written under a temporary name and renamed into place.
+//!
+//! ```text
+//! RUN/
+//!   config.toml                 resolved run config
+//!   config.json                 model config (HF style; `moescope` holds ours)
+//!   model.safetensors           final weights (f32)
+//!   metrics.jsonl, summary.json
+//!   checkpoints/latest          name of the newest complete checkpoint
+//!   checkpoints/step-0000100/   model.safetensors, optimizer.safetensors, state.json
+//! ```
+
+use crate::config::{Config, ModelConfig};
+use crate::fsutil::write_atomic;
+use crate::model::Gpt;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Trainer state saved beside the weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Wall-clock seconds spent training so far.
+    pub elapsed_s: f64,
+    /// The run's seed (batches are a pure function of seed and step).
+    pub seed: u64,
+}
+
+/// Serialise named tensors to safetensors bytes (f32 unless the tensor is f64).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    let mut raw: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let shape = t.dims().to_vec();
+        let (bytes, dt) = if t.dtype() == DType::F64 {
+            let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
+            (v.iter().flat_map(|x| x.to_le_bytes()).collect(), safetensors::Dtype::F64)
+        } else {
+            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            (v.iter().flat_map(|x| x.to_le_bytes()).collect(), safetensors::Dtype::F32)
+        };
+        raw.push((name.clone(), bytes, shape, dt));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, b, s, dt)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("valid view")))
+        .collect();
+    safetensors::serialize(views, metadata).map_err(|e| Error::Data(format!("safetensors: {e}")))
+}
+
+/// Read every tensor of a safetensors file.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
+        path: path.into(),
+        msg: format!("not a readable safetensors file ({e}); it may be corrupt or truncated"),
+    })
+}
+
+/// The Hugging Face-style `config.json` of a model.
+pub fn hf_config_json(m: &ModelConfig) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "moescope_nanogpt_moe",
+        "architectures": ["NanoGptMoeForCausalLM"],
+        "moescope_version": env!("CARGO_PKG_VERSION"),
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.seq_len,
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "hidden_size": m.d_model,
+        "intermediate_size": m.d_ff,
+        "num_local_experts": m.n_experts,
+        "num_experts_per_tok": m.top_k,
+        "norm_topk_prob": m.norm_topk,
+        "routing": m.routing,
+        "expert_type": m.expert,
+        "hidden_act": m.activation,
+        "moe_every": m.moe_every,
+        "bias": m.bias,
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": true,
+        "initializer_range": m.init_std,
+        "torch_dtype": "float32",
+        "moescope": m,
+    })
+}
+
+/// Parse our model config out of a `config.json`.
+pub fn read_config_json(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not JSON: {e}")))?;
+    let m = v.get("moescope").ok_or_else(|| {
+        Error::bad_file(path, "no `moescope` field: not a moescope checkpoint (Hugging Face MoE checkpoints are not supported yet)")
+    })?;
+    let cfg: ModelConfig =
+        serde_json::from_value(m.clone()).map_err(|e| Error::bad_file(path, format!("field `moescope`: {e}")))?;
+    cfg.validate().map_err(|e| Error::bad_file(path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Write `model.safetensors` and `config.json` into `dir` atomically.
+pub fn save_model(dir: &Path, model: &Gpt) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors_bytes(&model.params.tensors(), Some(meta))?;
+    write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    let cfg = serde_json::to_vec_pretty(&hf_config_json(&model.cfg)).expect("json");
+    write_atomic(&dir.join("config.json"), &cfg)
+}
+
+/// Load weights from `path` (a safetensors file) into `model`, checking names and shapes.
+pub fn load_weights(model: &Gpt, path: &Path) -> Result<()> {
+    let tensors = read_safetensors(path, model.params.device())?;
+    model.params.load(&tensors, path)
+}
+
+/// The checkpoints folder of a run.
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
+    let ptr = checkpoints_dir(run).join("latest");
+    match std::fs::read_to_string(&ptr) {
+        Ok(name) => {
+            let p = checkpoints_dir(run).join(name.trim());
+            if !p.join("state.json").is_file() {
+                return Err(Error::Checkpoint { path: p, msg: "`latest` points to a missing or incomplete checkpoint".into() });
+            }
+            Ok(Some(p))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(ptr, e)),
+    }
+}
+
+/// Save a training checkpoint (weights, optimiser moments, state), then
+/// point `latest` at it and prune old ones beyond `keep`.
+pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], state: &TrainState, keep: usize) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    let name = format!("step-{:07}", state.step);
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    save_model(&tmp, model)?;
+    write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer, None)?)?;
+    write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state).expect("json"))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    write_atomic(&dir.join("latest"), name.as_bytes())?;
+    // Prune: keep the newest `keep` complete checkpoints.
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("step-")).unwrap_or(false))
+        .collect();
+    all.sort();
+    while all.len() > keep {
+        let old = all.remove(0);
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(final_dir)
+}
+
+/// Read a checkpoint's trainer state and optimiser tensors.
+pub fn load_checkpoint_state(ckpt: &Path, device: &Device) -> Result<(TrainState, HashMap<String, Tensor>)> {
+    let sp = ckpt.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path: sp.clone(), msg: format!("corrupt state file: {e}") })?;
+    let opt = read_safetensors(&ckpt.join("optimizer.safetensors"), device)?;
+    Ok((state, opt))
+}
+
+/// Where the weights of a model reference live: a run folder (final
+/// `model.safetensors`, else its latest checkpoint), a checkpoint folder, or a
+/// `.safetensors` file with `config.json` beside it. Returns (config.json, weights).
+pub fn resolve_model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        return Ok((dir.join("config.json"), path.to_path_buf()));
+    }
+    if !path.is_dir() {
+        return Err(Error::Data(format!("{}: no such run, checkpoint folder or .safetensors file", path.display())));
+    }
+    if path.join("model.safetensors").is_file() {
+        return Ok((path.join("config.json"), path.join("model.safetensors")));
+    }
+    if let Some(c) = latest_checkpoint(path)? {
+        return Ok((c.join("config.json"), c.join("model.safetensors")));
+    }
+    Err(Error::Data(format!(
+        "{}: no model.safetensors and no checkpoint inside; is this a moescope run folder?",
+        path.display()
+    )))
+}
+
+/// Load a model from a run folder, checkpoint folder or safetensors file.
+/// Also returns the run's `config.toml` when there is one.
+pub fn load_model(path: &Path, device: &Device) -> Result<(Gpt, Option<Config>)> {
+    let (cfg_path, weights) = resolve_model_files(path)?;
+    let mcfg = read_config_json(&cfg_path)?;
+    let model = Gpt::new(&mcfg, DType::F32, device, 0)?;
+    load_weights(&model, &weights)?;
+    // The run config lives in the run folder (one or two levels up for checkpoints).
+    let run_cfg = [Some(path), path.parent(), path.parent().and_then(Path::parent), path.parent().and_then(Path::parent).and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .map(|p| p.join("config.toml"))
+        .find(|p| p.is_file())
+        .map(|p| Config::from_toml_file(&p))
+        .transpose()?;
+    Ok((model, run_cfg))
+}

@@ -1,0 +1,58 @@
+//! The library's error type. Messages name the file and the field at fault and
+//! say what to do about it.
+
+use std::path::PathBuf;
+
+/// Errors raised by the moescope library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is invalid (unknown key, impossible shape, ...).
+    #[error("invalid configuration: {field}: {msg}")]
+    Config { field: String, msg: String },
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file exists but its contents are not what was expected.
+    #[error("{}: {msg}", path.display())]
+    BadFile { path: PathBuf, msg: String },
+
+    /// The data given cannot be used for training or evaluation.
+    #[error("data: {0}")]
+    Data(String),
+
+    /// A checkpoint does not match the model it is loaded into.
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    /// Training diverged (NaN/Inf loss or gradients).
+    #[error("{0}")]
+    Diverged(String),
+
+    /// An error from the tensor library.
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Library result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A configuration error for `field`.
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { field: field.into(), msg: msg.into() }
+    }
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    /// A malformed file.
+    pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::BadFile { path: path.into(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,24 @@
+//! moescope: train Mixture-of-Experts language models and measure the geometry
+//! of their experts.
+//!
+//! Layout (dependencies point down the list):
+//! - [`config`]: one config struct per concern (`model`, `data`, `train`), presets, TOML, `--set` overrides.
+//! - [`model`]: the NanoGPT-MoE decoder (attention, router, experts, dropless dispatch).
+//! - [`data`]: corpora, tokenisers, token cache, the built-in synthetic corpus, batches.
+//! - [`checkpoint`]: safetensors + `config.json` in and out, atomic writes.
+//! - [`train`]: AdamW, LR schedule, the training loop, evaluation, resume.
+//! - [`bench`]: the training-step benchmark compared with the PyTorch peer.
+//!
+//! The `moescope` binary (`src/main.rs`) is a thin CLI over these modules.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

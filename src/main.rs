@@ -1,0 +1,340 @@
+//! The `moescope` command line: a thin layer over the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use moescope::checkpoint::load_model;
+use moescope::config::{Config, PRESETS};
+use moescope::data::{corpus::Split, Dataset};
+use moescope::train::{self, TrainOptions};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "moescope", version, about = "Train Mixture-of-Experts language models and measure the geometry of their experts.",
+    long_about = "Train Mixture-of-Experts language models and measure the geometry of their experts.\n\n\
+Quick start (built-in synthetic corpus, about a minute on 2 cores):\n  moescope train --preset tiny --out runs/tiny")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a NanoGPT-MoE language model.
+    Train(TrainArgs),
+    /// Evaluate a trained model: loss and perplexity on a split.
+    Eval(EvalArgs),
+    /// Sample text from a trained model.
+    Generate(GenerateArgs),
+    /// Benchmarks (compare with the PyTorch peer in ../shared/bench).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML config file with [model], [data] and [train] sections (and optionally `preset = "..."`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start from a preset: tiny (seconds to a minute), small (~1/4 of the paper's width), paper (~130M params).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    preset: Option<String>,
+    /// Corpus: a text/JSONL/Parquet file or a folder with *train*/*valid*/*test* files. Same as --set data.path=PATH.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Named dataset: builtin, tinystories, wikitext-103, wikitext-2, ptb (downloaded into the cache when online).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Override any config key, e.g. --set model.top_k=1 --set train.max_steps=500. Repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    /// CPU threads (0 = all cores). Same as --set train.threads=N.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ConfigArgs {
+    fn all_sets(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(d) = &self.data {
+            sets.push(format!("data.path={}", toml_str(&d.display().to_string())));
+        }
+        if let Some(d) = &self.dataset {
+            sets.push(format!("data.dataset={}", toml_str(d)));
+        }
+        if let Some(t) = self.threads {
+            sets.push(format!("train.threads={t}"));
+        }
+        sets.extend(self.sets.iter().cloned());
+        sets
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Run folder (config, metrics.jsonl, checkpoints, final model).
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (its config.toml is the base; --set may change train keys).
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar and no messages (errors still go to stderr).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A run folder, checkpoint folder or model.safetensors (with config.json beside it).
+    #[arg(long)]
+    model: PathBuf,
+    /// Corpus to evaluate on (default: the run's own data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Split: valid or test.
+    #[arg(long, default_value = "valid", value_parser = ["valid", "test"])]
+    split: String,
+    /// Evaluate only the first N target tokens (0 = the whole split).
+    #[arg(long, default_value_t = 0)]
+    tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A run folder, checkpoint folder or model.safetensors.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
+    Train {
+        /// Model preset (tiny matches the peer's tiny exactly).
+        #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+        preset: String,
+        /// Override model keys, e.g. --set model.d_model=512.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
+        /// Vocabulary of the synthetic tokens (the peer's tiny uses 4096).
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        /// Sequences per step (default: the preset's train.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        /// Steps excluded from the median.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// CPU threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn set_threads(n: usize) {
+    if n > 0 {
+        // candle and gemm read RAYON_NUM_THREADS; rayon's global pool is built from it.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Bench { what } => match what {
+            BenchCmd::Train { preset, sets, vocab, batch, steps, warmup, threads } => {
+                set_threads(threads);
+                if steps <= warmup {
+                    bail!("--steps ({steps}) must exceed --warmup ({warmup})");
+                }
+                let mut cfg = Config::resolve(Some(&preset), None, &sets)?;
+                if cfg.model.vocab_size == 0 {
+                    cfg.model.vocab_size = vocab;
+                }
+                let o = moescope::bench::BenchOptions {
+                    preset,
+                    batch: batch.unwrap_or(cfg.train.batch_size),
+                    model: cfg.model,
+                    steps,
+                    warmup,
+                    seed: 0,
+                    lr: 5e-4,
+                };
+                let r = moescope::bench::bench_train(&o, std::io::stderr().is_terminal())?;
+                eprintln!(
+                    "bench train {}: {:.0} tokens/s, {:.1} model GFLOP/s, median step {:.1} ms, cpu util {:.2}",
+                    r.preset, r.tokens_per_s, r.gflops, r.median_step_s * 1e3, r.cpu_util
+                );
+                eprintln!("peer (same shapes): {}", r.peer_command);
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            }
+        },
+    }
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let sets = a.cfg.all_sets();
+    let cfg = if a.resume && a.out.join("config.toml").is_file() {
+        let saved_path = a.out.join("config.toml");
+        if a.cfg.config.is_some() || a.cfg.preset.is_some() {
+            bail!("--resume takes its config from {}; drop --config/--preset (use --set for train keys)", saved_path.display());
+        }
+        let saved = Config::from_toml_file(&saved_path)?;
+        let mut table = toml::Table::try_from(&saved)?;
+        for s in &sets {
+            moescope::config::apply_set(&mut table, s)?;
+        }
+        let cfg: Config = toml::Value::Table(table).try_into().context("resolving the resumed config")?;
+        cfg.validate()?;
+        if cfg.model != saved.model || cfg.data != saved.data {
+            bail!("--resume cannot change [model] or [data] keys of {} (only [train] keys)", saved_path.display());
+        }
+        cfg
+    } else {
+        Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &sets)?
+    };
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    set_threads(cfg.train.threads);
+    let opts = TrainOptions { out: a.out.clone(), resume: a.resume, progress: std::io::stderr().is_terminal(), quiet: a.quiet };
+    let s = train::train(cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
+    if !a.quiet {
+        eprintln!(
+            "done: {} steps, {} tokens, {:.0} s | val loss {:.4} (unigram entropy {:.3}), ppl {:.2} over {} tokens",
+            s.steps, s.tokens, s.wall_s, s.val_loss, s.unigram_entropy, s.val_ppl, s.val_tokens
+        );
+        eprintln!("results in {}:", a.out.display());
+        eprintln!("  metrics.jsonl  per-step training and evaluation metrics (pandas.read_json(..., lines=True))");
+        eprintln!("  summary.json   final numbers");
+        eprintln!("  model.safetensors + config.json  final weights (FORMAT.md); checkpoints/  resumable state");
+    }
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let device = moescope::device::parse_device(&a.device)?;
+    let (model, run_cfg) = load_model(&a.model, &device)?;
+    let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
+    if let Some(d) = &a.data {
+        data_cfg.path = d.display().to_string();
+    }
+    let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
+    if ds.tokenizer.vocab_size() > model.cfg.vocab_size {
+        bail!("the data's tokenizer has {} ids but the model only {}", ds.tokenizer.vocab_size(), model.cfg.vocab_size);
+    }
+    let split = if a.split == "test" { Split::Test } else { Split::Valid };
+    let r = train::evaluate(&model, ds.split(split)?, a.batch.max(1), a.tokens)?;
+    eprintln!("{} {}: loss {:.4}, ppl {:.3} over {} tokens", ds.source, a.split, r.loss, r.ppl, r.tokens);
+    println!("{}", serde_json::json!({"model": a.model, "data": ds.source, "split": a.split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens}));
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let device = moescope::device::parse_device(&a.device)?;
+    let (model, run_cfg) = load_model(&a.model, &device)?;
+    let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
+    // A run trained with a tokenizer.json keeps a copy beside its config.
+    let run_tok = a.model.join("tokenizer.json");
+    if run_tok.is_file() {
+        data_cfg.tokenizer = run_tok.display().to_string();
+    }
+    let tok = moescope::data::tokenizer::Tokenizer::from_spec(&moescope::data::tokenizer_spec(&data_cfg))?;
+    let mut ids = tok.encode_with_eot(&a.prompt)?;
+    if ids.is_empty() {
+        ids.extend(tok.eot());
+    }
+    if ids.is_empty() {
+        bail!("empty prompt and the tokenizer has no end-of-text token: give --prompt");
+    }
+    let prompt_len = ids.len();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let t = model.cfg.seq_len;
+    for _ in 0..a.tokens {
+        let ctx = &ids[ids.len().saturating_sub(t)..];
+        let x = candle_core::Tensor::new(ctx, &device)?.unsqueeze(0)?;
+        let logits = model.forward(&x, false)?.logits;
+        let last: Vec<f32> = logits.get(ctx.len() - 1)?.to_vec1()?;
+        let vocab = tok.vocab_size().min(last.len());
+        let last = &last[..vocab];
+        let next = if a.temperature <= 0.0 {
+            (0..vocab).max_by(|&i, &j| last[i].total_cmp(&last[j])).unwrap_or(0)
+        } else {
+            let mut idx: Vec<usize> = (0..vocab).collect();
+            idx.sort_by(|&i, &j| last[j].total_cmp(&last[i]));
+            if a.top_k > 0 {
+                idx.truncate(a.top_k);
+            }
+            let m = last[idx[0]] as f64;
+            let w: Vec<f64> = idx.iter().map(|&i| ((last[i] as f64 - m) / a.temperature).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let mut u = rng.random::<f64>() * z;
+            let mut pick = idx[idx.len() - 1];
+            for (k, &i) in idx.iter().enumerate() {
+                u -= w[k];
+                if u <= 0.0 {
+                    pick = i;
+                    break;
+                }
+            }
+            pick
+        };
+        ids.push(next as u32);
+    }
+    println!("{}{}", a.prompt, tok.decode(&ids[prompt_len..]));
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Named, trainable parameters and their seeded initialisation.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use std::collections::HashMap;
+
+/// An ordered set of named parameters (the order of creation is the order of
+/// the checkpoint and of the optimiser state).
+#[derive(Debug)]
+pub struct ParamStore {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    index: HashMap<String, usize>,
+    dtype: DType,
+    device: Device,
+    rng: ChaCha8Rng,
+}
+
+impl ParamStore {
+    /// An empty store; `seed` drives the initialisation.
+    pub fn new(dtype: DType, device: &Device, seed: u64) -> Self {
+        ParamStore {
+            names: vec![],
+            vars: vec![],
+            index: HashMap::new(),
+            dtype,
+            device: device.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn push(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
+        assert!(!self.index.contains_key(name), "parameter {name} created twice");
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        self.index.insert(name.to_string(), self.vars.len());
+        self.names.push(name.to_string());
+        self.vars.push(var);
+        Ok(out)
+    }
+
+    /// A parameter drawn from N(0, std²), seeded.
+    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let dist = Normal::new(0.0, std).expect("std > 0");
+        let v: Vec<f64> = (0..n).map(|_| dist.sample(&mut self.rng)).collect();
+        let t = Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?;
+        self.push(name, t)
+    }
+
+    /// A parameter filled with `value`.
+    pub fn constant(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
+        let t = (Tensor::ones(shape, self.dtype, &self.device)? * value)?;
+        self.push(name, t)
+    }
+
+    /// Parameter names in creation order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    /// Variables in creation order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+    /// A parameter by name.
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.index.get(name).map(|&i| &self.vars[i])
+    }
+    /// Total number of scalars.
+    pub fn num_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Named tensors, for saving.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().clone())).collect()
+    }
+
+    /// Overwrite every parameter from `tensors`. Every name must be present
+    /// with the right shape; extra names are an error too. `origin` names the
+    /// file for error messages.
+    pub fn load(&self, tensors: &HashMap<String, Tensor>, origin: &std::path::Path) -> Result<()> {
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            let t = tensors.get(name).ok_or_else(|| Error::Checkpoint {
+                path: origin.into(),
+                msg: format!("tensor `{name}` is missing: the checkpoint was written for another model config"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::Checkpoint {
+                    path: origin.into(),
+                    msg: format!(
+                        "tensor `{name}` has shape {:?} but this model expects {:?}: the checkpoint was written for another model config",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            var.set(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        if let Some(extra) = tensors.keys().find(|k| !self.index.contains_key(*k)) {
+            return Err(Error::Checkpoint {
+                path: origin.into(),
+                msg: format!("unexpected tensor `{extra}`: the checkpoint was written for another model config"),
+            });
+        }
+        Ok(())
+    }
+}
