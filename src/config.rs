@@ -353,13 +353,13 @@ impl Config {
             "tiny" => {
                 // Same shapes as the PyTorch peer's `tiny`.
                 c.model = ModelConfig::default();
-                c.train.max_steps = 150;
+                c.train.max_steps = 80;
                 c.train.lr = 1e-3;
                 c.train.min_lr = 1e-4;
                 c.train.warmup_steps = 10;
-                c.train.eval_every = 50;
-                c.train.checkpoint_every = 50;
-                c.train.eval_tokens = 32_768;
+                c.train.eval_every = 40;
+                c.train.checkpoint_every = 40;
+                c.train.eval_tokens = 16_384;
             }
             "small" => {
                 c.model = ModelConfig { seq_len: 128, n_layer: 6, n_head: 4, d_model: 128, d_ff: 512, ..Default::default() };

@@ -92,6 +92,9 @@ struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     print_config: bool,
+    /// Stop after N steps as if killed (for testing resume).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
 }
 
 #[derive(Args)]
@@ -249,7 +252,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     set_threads(cfg.train.threads);
-    let opts = TrainOptions { out: a.out.clone(), resume: a.resume, progress: std::io::stderr().is_terminal(), quiet: a.quiet };
+    let opts = TrainOptions { out: a.out.clone(), resume: a.resume, progress: std::io::stderr().is_terminal(), quiet: a.quiet, stop_after: a.stop_after };
     let s = train::train(cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
     if !a.quiet {
         eprintln!(

@@ -86,10 +86,12 @@ fn url(u: &str) -> String {
 pub fn ensure(ds: &NamedDataset, root: &Path, progress: bool) -> Result<PathBuf> {
     let dir = root.join(ds.name);
     let missing: Vec<_> = ds.files.iter().filter(|(f, _)| !dir.join(f).is_file()).collect();
+    let offline = std::env::var_os("MOESCOPE_OFFLINE").is_some_and(|v| v != "0" && !v.is_empty());
     let mut failed = Vec::new();
     for (f, u) in &missing {
         let dest = dir.join(f);
-        if let Err(e) = download(&url(u), &dest, progress) {
+        let res = if offline { Err("MOESCOPE_OFFLINE is set".to_string()) } else { download(&url(u), &dest, progress) };
+        if let Err(e) = res {
             failed.push(format!("  {}  <-  {}  ({e})", dest.display(), url(u)));
         }
     }
@@ -110,7 +112,11 @@ pub fn download(url: &str, dest: &Path, progress: bool) -> std::result::Result<(
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     }
-    let resp = ureq::get(url).call().map_err(|e| e.to_string())?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(20)))
+        .build()
+        .into();
+    let resp = agent.get(url).call().map_err(|e| e.to_string())?;
     let total = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total.unwrap_or(0));
@@ -154,7 +160,7 @@ mod tests {
     #[test]
     fn offline_error_lists_missing_files() {
         let d = tempfile::tempdir().unwrap();
-        // Unroutable host: the download fails quickly.
+        // Nothing listens on the discard port of loopback: the download fails at once.
         let ds = NamedDataset {
             name: "fake",
             files: &[("a.txt", "http://127.0.0.1:9/a.txt")],

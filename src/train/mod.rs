@@ -28,6 +28,9 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Print nothing but errors.
     pub quiet: bool,
+    /// Stop (as if killed) after this many steps, right after any checkpoint
+    /// due at that step. For tests of resume.
+    pub stop_after: Option<usize>,
 }
 
 /// What a finished run reports.
@@ -313,6 +316,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             checkpoint::save_checkpoint(out, &model, &opt_state, &state, cfg.train.keep_checkpoints)?;
         }
         bar.set_position(s as u64);
+        if opts.stop_after == Some(s) {
+            bar.finish_and_clear();
+            return Err(Error::Data(format!("stopped after step {s} (--stop-after)")));
+        }
     }
     bar.finish_and_clear();
     let ev = match last_eval {

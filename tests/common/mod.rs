@@ -1,0 +1,47 @@
+#![allow(dead_code)]
+//! Shared helpers for the end-to-end tests.
+
+use moescope::config::{Config, ModelConfig};
+use std::path::{Path, PathBuf};
+
+/// A model small enough for tests to train in seconds.
+pub fn micro_model() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 64,
+        seq_len: 16,
+        n_layer: 2,
+        n_head: 2,
+        d_model: 16,
+        d_ff: 24,
+        n_experts: 4,
+        top_k: 2,
+        ..Default::default()
+    }
+}
+
+/// A whole run config on a small built-in corpus, cached under `cache`.
+pub fn micro_config(cache: &Path) -> Config {
+    let mut c = Config::preset("tiny").unwrap();
+    c.model = ModelConfig { vocab_size: 0, n_layer: 2, d_model: 32, n_head: 2, d_ff: 64, n_experts: 4, seq_len: 32, ..Default::default() };
+    c.data.builtin_bytes = 60_000;
+    c.data.cache_dir = cache.display().to_string();
+    c.train.batch_size = 4;
+    c.train.max_steps = 6;
+    c.train.warmup_steps = 2;
+    c.train.eval_every = 3;
+    c.train.checkpoint_every = 3;
+    c.train.log_every = 1;
+    c.train.eval_tokens = 512;
+    c
+}
+
+/// The `moescope` binary built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_moescope"))
+}
+
+/// Path of the shared data folder (../shared/data), if present.
+pub fn shared_data() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    p.is_dir().then_some(p)
+}
