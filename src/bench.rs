@@ -43,6 +43,8 @@ pub struct BenchResult {
     pub timed_steps: usize,
     pub cpu_util: f64,
     pub final_ce: f64,
+    /// Median seconds of forward, backward and optimiser per step.
+    pub phase_s: [f64; 3],
     /// The peer's command for the same shapes.
     pub peer_command: String,
 }
@@ -105,6 +107,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let mut times = Vec::new();
     let mut utils = Vec::new();
     let mut ce = f64::NAN;
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let bar = if progress { indicatif::ProgressBar::new(o.steps as u64) } else { indicatif::ProgressBar::hidden() };
     for step in 0..o.steps {
         let (x, y) = data.batch(o.batch, t);
@@ -113,12 +116,17 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
         let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
         let loss = model.loss(&x, &y)?;
+        let t1 = Instant::now();
         let grads = loss.backward()?;
+        let t2 = Instant::now();
         let g: Vec<Option<Tensor>> = model.params.vars().iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
         opt.step(&model.params, &g, o.lr)?;
         ce = loss.to_scalar::<f32>()? as f64;
         let dt = t0.elapsed().as_secs_f64();
         if step >= o.warmup {
+            phases[0].push((t1 - t0).as_secs_f64());
+            phases[1].push((t2 - t1).as_secs_f64());
+            phases[2].push(t2.elapsed().as_secs_f64());
             times.push(dt);
             utils.push((cpu_seconds() - c0) / dt);
         }
@@ -155,6 +163,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         timed_steps: timed,
         cpu_util: median(&mut utils),
         final_ce: ce,
+        phase_s: [median(&mut phases[0]), median(&mut phases[1]), median(&mut phases[2])],
         peer_command,
     })
 }

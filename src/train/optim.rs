@@ -54,6 +54,18 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, var) in params.vars().iter().enumerate() {
+            let wd = if self.decay[i] { 1.0 - lr * self.weight_decay } else { 1.0 };
+            if let (Some(g), true) = (&grads[i], var.device().is_cpu()) {
+                if g.is_contiguous() && self.m[i].is_contiguous() && self.v[i].is_contiguous() && var.is_contiguous() {
+                    // Fused CPU path: three passes, no temporaries.
+                    let g = g.to_dtype(var.dtype())?;
+                    self.m[i].inplace_op2(&g, &fused::Ema { beta: self.beta1, square: false })?;
+                    self.v[i].inplace_op2(&g, &fused::Ema { beta: self.beta2, square: true })?;
+                    let op = fused::Update { wd, step: lr / bc1, bc2, eps: self.eps };
+                    var.as_tensor().inplace_op3(&self.m[i], &self.v[i], &op)?;
+                    continue;
+                }
+            }
             let (m, v) = match &grads[i] {
                 Some(g) => (
                     ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?,
@@ -64,7 +76,6 @@ impl AdamW {
             // p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + eps)
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let upd = ((&m / denom)? * (lr / bc1))?;
-            let wd = if self.decay[i] { 1.0 - lr * self.weight_decay } else { 1.0 };
             let p = var.as_tensor();
             let new_p = if wd != 1.0 { ((p * wd)? - upd)? } else { (p - upd)? };
             var.set(&new_p)?;
@@ -102,6 +113,85 @@ impl AdamW {
         }
         self.t = get("t")?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?[0] as usize;
         Ok(())
+    }
+}
+
+/// Fused in-place CPU kernels of the AdamW update.
+mod fused {
+    use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+
+    fn range(l: &Layout) -> Result<(usize, usize)> {
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adamw: non-contiguous tensor".into()))
+    }
+
+    /// m ← β·m + (1−β)·g   (or g² when `square`).
+    pub struct Ema {
+        pub beta: f64,
+        pub square: bool,
+    }
+    impl InplaceOp2 for Ema {
+        fn name(&self) -> &'static str {
+            "adamw-ema"
+        }
+        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
+            let srcs = [(s, sl)];
+            let (a, b_) = range(dl)?;
+            let (ga, gb) = range(srcs[0].1)?;
+            macro_rules! run {
+                ($t:ty, $m:expr, $g:expr) => {{
+                    let m = &mut $m[a..b_];
+                    let g = &$g[ga..gb];
+                    let (b, c) = (self.beta as $t, (1.0 - self.beta) as $t);
+                    if self.square {
+                        m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g * g);
+                    } else {
+                        m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
+                    }
+                }};
+            }
+            match (dst, srcs[0].0) {
+                (CpuStorage::F32(m), CpuStorage::F32(g)) => run!(f32, m, g),
+                (CpuStorage::F64(m), CpuStorage::F64(g)) => run!(f64, m, g),
+                _ => candle_core::bail!("adamw: only f32/f64 parameters of one dtype"),
+            }
+            Ok(())
+        }
+    }
+
+    /// p ← wd·p − step · m / (√(v / bc2) + eps).
+    pub struct Update {
+        pub wd: f64,
+        pub step: f64,
+        pub bc2: f64,
+        pub eps: f64,
+    }
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let srcs = [(s1, l1), (s2, l2)];
+            let (pa, pb) = range(dl)?;
+            let (ma, mb) = range(srcs[0].1)?;
+            let (va, vb) = range(srcs[1].1)?;
+            macro_rules! run {
+                ($t:ty, $p:expr, $m:expr, $v:expr) => {{
+                    let p = &mut $p[pa..pb];
+                    let m = &$m[ma..mb];
+                    let v = &$v[va..vb];
+                    let (wd, step, inv_bc2, eps) = (self.wd as $t, self.step as $t, (1.0 / self.bc2) as $t, self.eps as $t);
+                    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                        *p = wd * *p - step * m / ((v * inv_bc2).sqrt() + eps);
+                    }
+                }};
+            }
+            match (dst, srcs[0].0, srcs[1].0) {
+                (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => run!(f32, p, m, v),
+                (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => run!(f64, p, m, v),
+                _ => candle_core::bail!("adamw: only f32/f64 parameters of one dtype"),
+            }
+            Ok(())
+        }
     }
 }
 
