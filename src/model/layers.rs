@@ -68,8 +68,17 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Per-row cross-entropy `logsumexp(logits) - logits[target]`, natural log.
-/// logits: (n, V), targets: (n,) u32 -> (n,).
+/// logits: (n, V), targets: (n,) u32 -> (n,). Fused kernel on CPU.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() {
+        super::fused::cross_entropy_rows(logits, targets)
+    } else {
+        cross_entropy_rows_composed(logits, targets)
+    }
+}
+
+/// [`cross_entropy_rows`] composed from elementary ops (any device).
+pub fn cross_entropy_rows_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let m = logits.max_keepdim(D::Minus1)?.detach();
     let lse = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&m)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;

@@ -9,6 +9,7 @@
 //! Parameter names (also the safetensors tensor names) are listed in FORMAT.md.
 
 pub mod attention;
+pub mod fused;
 pub mod layers;
 pub mod moe;
 pub mod params;
