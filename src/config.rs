@@ -588,3 +588,23 @@ mod tests {
         assert!(e.contains("modle") && e.contains("c.toml"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    /// Every config file shipped in `configs/` resolves.
+    #[test]
+    fn shipped_configs_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Config::resolve(None, Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+}
