@@ -162,3 +162,16 @@ fn hugging_face_tokenizer_json_loads_and_round_trips() {
     let e = Tokenizer::from_file(&path).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }
+
+#[test]
+fn shared_corpora_split_files_are_recognised() {
+    let Some(shared) = common::shared_data() else { return };
+    use moescope::data::corpus::discover;
+    let ptb = discover(&shared.join("ptb")).unwrap();
+    assert_eq!((ptb.train.len(), ptb.valid.len(), ptb.test.len()), (1, 1, 1));
+    let ts = discover(&shared.join("tinystories")).unwrap();
+    assert_eq!((ts.train.len(), ts.valid.len(), ts.unsplit.len()), (1, 1, 0), "{ts:?}");
+    // WikiText-2 offline has validation and test only: a clear error, not a silent holdout.
+    let e = discover(&shared.join("wikitext-2")).unwrap_err().to_string();
+    assert!(e.contains("no training file"), "{e}");
+}
