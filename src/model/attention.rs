@@ -34,9 +34,12 @@ impl CausalSelfAttention {
         let v = qkv.get(2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         // (b, h, t, t)
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = att.broadcast_add(&causal_mask(t, x.dtype(), x.device())?)?;
-        let att = softmax_last(&att)?;
+        let scores = q.matmul(&k.t()?)?;
+        let att = if x.device().is_cpu() {
+            super::fused::causal_softmax(&scores, scale)?
+        } else {
+            softmax_last(&(scores * scale)?.broadcast_add(&causal_mask(t, x.dtype(), x.device())?)?)?
+        };
         // (b, h, t, hd) -> (b, t, h, hd) -> (b·t, d)
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
         self.proj.forward(&y)

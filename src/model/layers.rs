@@ -47,7 +47,20 @@ impl LayerNorm {
         Ok(LayerNorm { weight, bias })
     }
 
+    /// x: (…, d). Fused kernel on CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            let b = match &self.bias {
+                Some(b) => b.clone(),
+                None => self.weight.zeros_like()?,
+            };
+            return super::fused::layer_norm(x, &self.weight, &b, 1e-5);
+        }
+        self.forward_composed(x)
+    }
+
+    /// The same from elementary ops (any device).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
