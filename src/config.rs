@@ -329,6 +329,41 @@ impl TrainConfig {
     }
 }
 
+/// Regularisers added to the LM loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegConfig {
+    /// λ of the orthogonality loss λ · L_orth (SPEC eq. 1); 0 = off (and free).
+    pub orth_lambda: f64,
+    /// Matrix family L_orth acts on: `up`, `gate` (SwiGLU), `down` or `router`.
+    pub orth_family: String,
+}
+
+impl Default for RegConfig {
+    fn default() -> Self {
+        RegConfig { orth_lambda: 0.0, orth_family: "up".into() }
+    }
+}
+
+/// Measures logged at every evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasureConfig {
+    /// Validation tokens (a fixed, seeded set of eval windows) on which activation
+    /// overlap and routing telemetry are captured during evaluation; 0 = off.
+    pub tokens: usize,
+    /// Seed choosing those windows.
+    pub seed: u64,
+    /// Weight-overlap families logged (`up`, `gate`, `down`, `router`).
+    pub families: Vec<String>,
+}
+
+impl Default for MeasureConfig {
+    fn default() -> Self {
+        MeasureConfig { tokens: 4096, seed: 0, families: vec!["up".into(), "router".into()] }
+    }
+}
+
 /// A whole run's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -338,6 +373,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    pub reg: RegConfig,
+    pub measure: MeasureConfig,
 }
 
 /// Names of the built-in presets.
@@ -439,6 +476,16 @@ impl Config {
         self.train.validate()?;
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return Err(Error::config("data.val_fraction", "must lie strictly between 0 and 1"));
+        }
+        if !(self.reg.orth_lambda >= 0.0 && self.reg.orth_lambda.is_finite()) {
+            return Err(Error::config("reg.orth_lambda", "must be a non-negative number"));
+        }
+        let orth = crate::measures::Family::parse(&self.reg.orth_family, "reg.orth_family")?;
+        if orth == crate::measures::Family::Gate && self.model.expert != ExpertKind::Swiglu && self.reg.orth_lambda > 0.0 {
+            return Err(Error::config("reg.orth_family", "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)"));
+        }
+        for f in &self.measure.families {
+            crate::measures::Family::parse(f, "measure.families")?;
         }
         Ok(())
     }
@@ -572,6 +619,10 @@ mod tests {
         assert!(e.contains("expected a integer"), "{e}");
         let e = Config::resolve(Some("tiny"), None, &["model.routing=dense".into()]).unwrap_err().to_string();
         assert!(e.contains("dense"), "{e}");
+        let e = Config::resolve(Some("tiny"), None, &["reg.orth_family=left".into()]).unwrap_err().to_string();
+        assert!(e.contains("reg.orth_family"), "{e}");
+        let c = Config::resolve(Some("tiny"), None, &["measure.families=[\"down\"]".into(), "reg.orth_lambda=0.1".into()]).unwrap();
+        assert_eq!((c.measure.families.clone(), c.reg.orth_lambda), (vec!["down".to_string()], 0.1));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config`]: one config struct per concern (`model`, `data`, `train`), presets, TOML, `--set` overrides.
 //! - [`model`]: the NanoGPT-MoE decoder (attention, router, experts, dropless dispatch).
 //! - [`data`]: corpora, tokenisers, token cache, the built-in synthetic corpus, batches.
+//! - [`measures`]: SPEC.md's weight/activation overlap, telemetry, the orthogonality loss, `analyze`.
 //! - [`checkpoint`]: safetensors + `config.json` in and out, atomic writes.
 //! - [`train`]: AdamW, LR schedule, the training loop, evaluation, resume.
 //! - [`bench`]: the training-step benchmark compared with the PyTorch peer.
@@ -18,6 +19,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod measures;
 pub mod model;
 pub mod train;
 

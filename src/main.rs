@@ -26,6 +26,8 @@ enum Cmd {
     Eval(EvalArgs),
     /// Sample text from a trained model.
     Generate(GenerateArgs),
+    /// Every expert-geometry measure of SPEC.md on a checkpoint, as JSON (schema moescope.analysis/1).
+    Analyze(AnalyzeArgs),
     /// Benchmarks (compare with the PyTorch peer in ../shared/bench).
     Bench {
         #[command(subcommand)]
@@ -120,6 +122,34 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct AnalyzeArgs {
+    /// A run folder, checkpoint folder or model.safetensors (with config.json beside it).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text corpus (file or folder) tokenised with the run's tokenizer; default: the run's own validation split.
+    #[arg(long, conflicts_with = "token_ids")]
+    data: Option<PathBuf>,
+    /// Already tokenised input: a JSON array of integers or a 1-D .npy of integer ids.
+    #[arg(long)]
+    token_ids: Option<PathBuf>,
+    /// Tokens to analyse (the first N of the input).
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Weight-overlap families, comma-separated: up, gate, down, router.
+    #[arg(long, default_value = "up,gate,down,router", value_delimiter = ',')]
+    families: Vec<String>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "report.json")]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     /// A run folder, checkpoint folder or model.safetensors.
     #[arg(long)]
@@ -194,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Analyze(a) => cmd_analyze(a),
         Cmd::Bench { what } => match what {
             BenchCmd::Train { preset, sets, vocab, batch, steps, warmup, threads } => {
                 set_threads(threads);
@@ -283,6 +314,53 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let r = train::evaluate(&model, ds.split(split)?, a.batch.max(1), a.tokens)?;
     eprintln!("{} {}: loss {:.4}, ppl {:.3} over {} tokens", ds.source, a.split, r.loss, r.ppl, r.tokens);
     println!("{}", serde_json::json!({"model": a.model, "data": ds.source, "split": a.split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens}));
+    Ok(())
+}
+
+fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
+    use moescope::measures::{analyze, Family};
+    let device = moescope::device::parse_device(&a.device)?;
+    let (model, run_cfg) = load_model(&a.model, &device)?;
+    if model.moe_layers().next().is_none() {
+        bail!("{}: the model has no MoE layer: nothing to analyse", a.model.display());
+    }
+    let families: Vec<Family> = a.families.iter().map(|f| Family::parse(f, "--families")).collect::<Result<_, _>>()?;
+    let (tokens, data_desc) = if let Some(p) = &a.token_ids {
+        let ids = analyze::read_token_ids(p)?;
+        if ids.is_empty() {
+            bail!("{}: the token file is empty", p.display());
+        }
+        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= model.cfg.vocab_size) {
+            bail!("{}: element {i} is token id {t}, outside the model's vocabulary of {}", p.display(), model.cfg.vocab_size);
+        }
+        (ids, p.display().to_string())
+    } else {
+        let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
+        let run_tok = a.model.join("tokenizer.json");
+        if run_tok.is_file() {
+            data_cfg.tokenizer = run_tok.display().to_string();
+        }
+        if let Some(d) = &a.data {
+            data_cfg.path = d.display().to_string();
+        }
+        let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
+        let n = a.tokens.min(ds.valid.len());
+        let mut v = Vec::with_capacity(n);
+        ds.valid.extend_into(&mut v, 0, n);
+        if a.tokens > ds.valid.len() {
+            bail!("--tokens {} exceeds the {} tokens of {} (validation split)", a.tokens, ds.valid.len(), ds.source);
+        }
+        (v, format!("{} (validation split)", ds.source))
+    };
+    if a.tokens > tokens.len() {
+        bail!("--tokens {} exceeds the {} tokens of {data_desc}", a.tokens, tokens.len());
+    }
+    let source = analyze::Source { checkpoint: a.model.display().to_string(), data: data_desc, seed: 0 };
+    let report = analyze::analyze(&model, &tokens, a.tokens, a.batch.max(1), &families, source)?;
+    let json = serde_json::to_vec_pretty(&report)?;
+    moescope::fsutil::write_atomic(&a.out, &json)?;
+    eprint!("{}", analyze::summary_table(&report));
+    eprintln!("report: {}", a.out.display());
     Ok(())
 }
 

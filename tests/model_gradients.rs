@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::reference::{expert_ref, matvec, rows};
+
 use candle_core::{DType, Device, Tensor, Var};
 use moescope::config::{Activation, ExpertKind, ModelConfig, Routing};
-use moescope::model::moe::{Expert, MoeLayer};
+use moescope::model::moe::MoeLayer;
 use moescope::model::params::ParamStore;
 use moescope::model::Gpt;
 use rand::{Rng, SeedableRng};
@@ -18,44 +20,6 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f64>> {
-    t.to_dtype(DType::F64).unwrap().to_vec2().unwrap()
-}
-fn vec1(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
-}
-
-// ---------------------------------------------------------------- f64 host reference
-
-fn silu(x: f64) -> f64 {
-    x / (1.0 + (-x).exp())
-}
-fn gelu(x: f64) -> f64 {
-    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-}
-fn matvec(w: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
-    w.iter().map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
-}
-fn add(a: &mut [f64], b: &[f64]) {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-}
-
-/// f_e(x) computed with loops from the expert's weights.
-fn expert_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
-    let mut u = matvec(&rows(&e.up.weight), x);
-    if let Some(b) = &e.up.bias {
-        add(&mut u, &vec1(b));
-    }
-    let h: Vec<f64> = match &e.gate {
-        Some(g) => matvec(&rows(&g.weight), x).iter().zip(&u).map(|(gv, uv)| silu(*gv) * uv).collect(),
-        None => u.iter().map(|&v| if e.activation == Activation::Silu { silu(v) } else { gelu(v) }).collect(),
-    };
-    let mut y = matvec(&rows(&e.down.weight), &h);
-    if let Some(b) = &e.down.bias {
-        add(&mut y, &vec1(b));
-    }
-    y
-}
 
 /// The MoE layer as SPEC.md defines it: every expert evaluated densely,
 /// softmax router, top-k with ties to the lower index, optional renormalisation.

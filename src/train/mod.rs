@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
+use crate::measures::{self, Family, LayerAccumulator};
 use crate::model::{layers::cross_entropy_rows, Gpt};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -62,30 +63,75 @@ pub struct EvalResult {
 /// Validation loss over `data`: every target token once (or the first
 /// `max_tokens`), in windows of the model's context, `batch` windows at a time.
 pub fn evaluate(model: &Gpt, data: &TokenFile, batch: usize, max_tokens: usize) -> Result<EvalResult> {
+    Ok(evaluate_measured(model, data, batch, max_tokens, None)?.0)
+}
+
+/// Which evaluation windows also capture expert outputs for the measures.
+#[derive(Debug, Clone, Copy)]
+pub struct MeasureSpec {
+    /// About this many target tokens (whole windows, chosen with `seed`).
+    pub tokens: usize,
+    pub seed: u64,
+}
+
+/// [`evaluate`], and with `measure` also the activation overlap and routing
+/// telemetry of every MoE layer on a fixed, seeded subset of the evaluation
+/// windows, captured in the same forward passes that compute the loss.
+pub fn evaluate_measured(
+    model: &Gpt,
+    data: &TokenFile,
+    batch: usize,
+    max_tokens: usize,
+    measure: Option<MeasureSpec>,
+) -> Result<(EvalResult, Option<Vec<LayerAccumulator>>)> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
     let t = model.cfg.seq_len;
     let windows = data::eval_windows(data.len(), t, max_tokens);
+    // Measured windows first (captured), then the rest.
+    let mut order: Vec<(usize, usize, bool)> = windows.iter().map(|&(s, l)| (s, l, false)).collect();
+    if let Some(m) = measure.filter(|m| m.tokens > 0) {
+        let mut full: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == t).collect();
+        if full.is_empty() {
+            full = (0..order.len()).collect();
+        }
+        full.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(m.seed));
+        let take = m.tokens.div_ceil(t).min(full.len());
+        for &i in &full[..take] {
+            order[i].2 = true;
+        }
+        order.sort_by_key(|w| (!w.2, w.1 != t, w.0));
+    }
+    let k = model.cfg.active_experts();
+    let mut accs: Option<Vec<LayerAccumulator>> =
+        measure.filter(|m| m.tokens > 0).map(|_| model.moe_layers().map(|_| LayerAccumulator::new(model.cfg.n_experts, k)).collect());
     let dev = model.params.device().clone();
     let mut sum = 0.0f64;
     let mut count = 0usize;
     let mut i = 0;
-    while i < windows.len() {
-        // Group windows of equal length (all but possibly the last).
-        let len = windows[i].1;
+    while i < order.len() {
+        // Group windows of equal length and equal capture flag.
+        let (len, cap) = (order[i].1, order[i].2);
         let mut j = i;
-        while j < windows.len() && j - i < batch && windows[j].1 == len {
+        while j < order.len() && j - i < batch && order[j].1 == len && order[j].2 == cap {
             j += 1;
         }
         let mut inputs = Vec::with_capacity((j - i) * len);
         let mut targets = Vec::with_capacity((j - i) * len);
-        for &(s, l) in &windows[i..j] {
+        for &(s, l, _) in &order[i..j] {
             data.extend_into(&mut inputs, s, l);
             data.extend_into(&mut targets, s + 1, l);
         }
         let b = j - i;
         let x = Tensor::from_vec(inputs, (b, len), &dev)?;
         let y = Tensor::from_vec(targets, b * len, &dev)?;
-        let logits = model.forward(&x, false)?.logits;
-        let ce = cross_entropy_rows(&logits, &y)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let out = model.forward(&x, cap)?;
+        if let (true, Some(accs)) = (cap, accs.as_mut()) {
+            for (acc, c) in accs.iter_mut().zip(&out.captures) {
+                acc.add(&c.moe)?;
+            }
+        }
+        let ce = cross_entropy_rows(&out.logits, &y)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         sum += ce;
         count += b * len;
         i = j;
@@ -94,7 +140,63 @@ pub fn evaluate(model: &Gpt, data: &TokenFile, batch: usize, max_tokens: usize) 
         return Err(Error::Data("nothing to evaluate: the validation split has fewer than 2 tokens".into()));
     }
     let loss = sum / count as f64;
-    Ok(EvalResult { loss, ppl: loss.exp(), tokens: count })
+    Ok((EvalResult { loss, ppl: loss.exp(), tokens: count }, accs))
+}
+
+/// The measures logged with an evaluation: per-layer weight MSO per family,
+/// activation MSO, gap ratio and telemetry, plus model-level means.
+pub fn measures_json(model: &Gpt, families: &[Family], accs: Option<&[LayerAccumulator]>) -> Result<serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    let mut wmso = serde_json::Map::new();
+    let mut wmean = serde_json::Map::new();
+    for &f in families {
+        let per = measures::model_weight_mso(model, f)?;
+        if per.iter().all(Option::is_none) {
+            continue;
+        }
+        wmean.insert(f.name().into(), json!(measures::mean_present(&per)));
+        wmso.insert(f.name().into(), json!(per));
+    }
+    let up = measures::model_weight_mso(model, Family::Up)?;
+    m.insert("weight_mso".into(), serde_json::Value::Object(wmso));
+    m.insert("weight_mso_mean".into(), serde_json::Value::Object(wmean));
+    if let Some(accs) = accs {
+        let act: Vec<Option<f64>> = accs.iter().map(|a| a.act_mso().ok()).collect();
+        let gap: Vec<Option<f64>> = act
+            .iter()
+            .zip(&up)
+            .map(|(a, w)| match (a, w) {
+                (Some(a), Some(w)) if *w > 0.0 => Some(a / w),
+                _ => None,
+            })
+            .collect();
+        let act_mean = measures::mean_present(&act);
+        let up_mean = measures::mean_present(&up);
+        let tel: Vec<measures::Telemetry> = accs.iter().map(|a| a.telemetry()).collect();
+        m.insert("measure_tokens".into(), json!(accs.first().map(|a| a.tokens).unwrap_or(0)));
+        m.insert("act_mso".into(), json!(act));
+        if act_mean.is_none() {
+            if let Some(Err(reason)) = accs.first().map(|a| a.act_mso()) {
+                m.insert("act_mso_null_reason".into(), json!(reason));
+            }
+        }
+        m.insert("act_mso_mean".into(), json!(act_mean));
+        m.insert("gap_ratio".into(), json!(gap));
+        m.insert(
+            "gap_ratio_model".into(),
+            json!(match (act_mean, up_mean) {
+                (Some(a), Some(w)) if w > 0.0 => Some(a / w),
+                _ => None,
+            }),
+        );
+        m.insert("router_entropy".into(), json!(tel.iter().map(|t| t.router_entropy).collect::<Vec<_>>()));
+        m.insert("load_entropy".into(), json!(tel.iter().map(|t| t.load_entropy).collect::<Vec<_>>()));
+        m.insert("balance".into(), json!(tel.iter().map(|t| t.balance).collect::<Vec<_>>()));
+        m.insert("max_violation".into(), json!(tel.iter().map(|t| t.max_violation).collect::<Vec<_>>()));
+        m.insert("dead_experts".into(), json!(tel.iter().map(|t| t.dead_experts.clone()).collect::<Vec<_>>()));
+        m.insert("load".into(), json!(tel.iter().map(|t| t.load.clone()).collect::<Vec<_>>()));
+    }
+    Ok(serde_json::Value::Object(m))
 }
 
 /// Prepare the run folder. A fresh run refuses a folder that already holds a
@@ -248,6 +350,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     };
 
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    let orth_family = Family::parse(&cfg.reg.orth_family, "reg.orth_family")?;
+    let measure_families: Vec<Family> =
+        cfg.measure.families.iter().map(|f| Family::parse(f, "measure.families")).collect::<Result<_>>()?;
+    let measure_spec = Some(MeasureSpec { tokens: cfg.measure.tokens, seed: cfg.measure.seed });
     let mut last_eval: Option<EvalResult> = None;
     let run_start = Instant::now();
     let elapsed0 = state.elapsed_s;
@@ -271,7 +377,20 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let scaled = if cfg.train.grad_accum > 1 { (loss / cfg.train.grad_accum as f64)? } else { loss };
             accumulate(&mut grads, &model, &scaled.backward()?)?;
         }
-        let train_loss = loss_sum / cfg.train.grad_accum as f64;
+        let lm_loss = loss_sum / cfg.train.grad_accum as f64;
+        // λ · L_orth, once per step (its gradient joins the accumulated ones).
+        let orth_value = if cfg.reg.orth_lambda > 0.0 {
+            let orth = measures::orth_loss(&model, orth_family)?;
+            let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !v.is_finite() {
+                return Err(diverged(out, step + 1, "orthogonality loss", v));
+            }
+            accumulate(&mut grads, &model, &(orth * cfg.reg.orth_lambda)?.backward()?)?;
+            Some(v)
+        } else {
+            None
+        };
+        let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0);
         // Global gradient norm, then clipping.
         let mut sq = 0.0f64;
         for g in grads.iter().flatten() {
@@ -298,16 +417,32 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         if s % cfg.train.log_every == 0 || last {
             let dt = window_start.elapsed().as_secs_f64();
             let tps = window_tokens as f64 / dt.max(1e-9);
-            metrics.log(json!({"kind": "train", "step": s, "tokens": state.tokens, "loss": train_loss, "lr": lr,
+            // L_orth is logged even when λ = 0 (computed here, off the graph, only at log steps).
+            let orth_logged = match orth_value {
+                Some(v) => Some(v),
+                // None when the family does not exist in this model (gate of MLP experts).
+                None => match measures::orth_loss(&model, orth_family) {
+                    Ok(o) => Some(o.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?),
+                    Err(_) => None,
+                },
+            };
+            metrics.log(json!({"kind": "train", "step": s, "tokens": state.tokens, "loss": train_loss, "lm_loss": lm_loss,
+                "orth_loss": orth_logged, "orth_lambda": cfg.reg.orth_lambda, "lr": lr,
                 "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s}))?;
             bar.set_message(format!("loss {train_loss:.4} | {tps:.0} tok/s"));
             window_start = Instant::now();
             window_tokens = 0;
         }
         if (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last {
-            let ev = evaluate(&model, &ds.valid, b, cfg.train.eval_tokens)?;
-            metrics.log(json!({"kind": "eval", "step": s, "tokens": state.tokens, "val_loss": ev.loss,
-                "val_ppl": ev.ppl, "eval_tokens": ev.tokens}))?;
+            let t0 = Instant::now();
+            let (ev, accs) = evaluate_measured(&model, &ds.valid, b, cfg.train.eval_tokens, measure_spec)?;
+            let eval_s = t0.elapsed().as_secs_f64();
+            let mut row = json!({"kind": "eval", "step": s, "tokens": state.tokens, "val_loss": ev.loss,
+                "val_ppl": ev.ppl, "eval_tokens": ev.tokens, "eval_s": eval_s});
+            if let serde_json::Value::Object(m) = measures_json(&model, &measure_families, accs.as_deref())? {
+                row.as_object_mut().expect("object").extend(m);
+            }
+            metrics.log(row)?;
             bar.println(format!("step {s}: val loss {:.4}, ppl {:.2} ({} tokens)", ev.loss, ev.ppl, ev.tokens));
             last_eval = Some(ev);
         }

@@ -1,6 +1,8 @@
 #![allow(dead_code)]
 //! Shared helpers for the end-to-end tests.
 
+pub mod reference;
+
 use moescope::config::{Config, ModelConfig};
 use std::path::{Path, PathBuf};
 

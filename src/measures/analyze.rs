@@ -1,0 +1,343 @@
+//! `moescope analyze`: every measure of SPEC.md on a checkpoint, written as
+//! the JSON document of SPEC.md "Machine-readable results"
+//! (schema `moescope.analysis/1`).
+
+use super::{mean_present, weight_overlap, Family, LayerAccumulator};
+use crate::model::Gpt;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The schema id written into every analysis.
+pub const SCHEMA: &str = "moescope.analysis/1";
+
+/// Where the analysed model and tokens came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    pub checkpoint: String,
+    pub data: String,
+    pub seed: u64,
+}
+
+/// Options that produced the numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Options {
+    /// Tokens requested.
+    pub tokens: usize,
+    pub families: Vec<Family>,
+    /// Activation overlap pairs reported: `routed` (act_mso) and `all` (act_mso_all).
+    pub pairs: Vec<&'static str>,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub routing: crate::config::Routing,
+    pub top_k: usize,
+    pub norm_topk: bool,
+}
+
+/// One MoE layer's measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    /// Block index of this MoE layer in the model.
+    pub index: usize,
+    pub weight_mso: BTreeMap<&'static str, f64>,
+    /// E×E cosines G_ij per family, diagonal null.
+    pub weight_overlap: BTreeMap<&'static str, Vec<Vec<Option<f64>>>>,
+    /// Activation MSO over routed pairs; null for k = 1 (see `act_mso_null_reason`).
+    pub act_mso: Option<f64>,
+    pub act_mso_null_reason: Option<String>,
+    /// Activation MSO over all E(E−1)/2 pairs.
+    pub act_mso_all: Option<f64>,
+    /// E×E mean cos² of co-routed pairs (null diagonal / never co-routed).
+    pub act_overlap: Vec<Vec<Option<f64>>>,
+    /// act_mso / weight_mso(up).
+    pub gap_ratio: Option<f64>,
+    pub load: Vec<u64>,
+    pub fraction: Vec<f64>,
+    pub router_entropy: f64,
+    pub load_entropy: f64,
+    pub balance: f64,
+    pub dead_experts: Vec<usize>,
+    pub max_violation: f64,
+}
+
+/// Model-level summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Unweighted mean over MoE layers, per family.
+    pub weight_mso: BTreeMap<&'static str, f64>,
+    pub act_mso: Option<f64>,
+    pub act_mso_all: Option<f64>,
+    /// mean act_mso / mean weight_mso(up) (ratio of the model means).
+    pub gap_ratio: Option<f64>,
+    pub router_entropy: f64,
+    pub load_entropy: f64,
+    pub balance: f64,
+    pub dead_experts: usize,
+    pub max_violation: f64,
+}
+
+/// The analysis document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub source: Source,
+    pub options: Options,
+    /// Tokens evaluated.
+    pub tokens: usize,
+    pub layers: Vec<LayerReport>,
+    pub summary: Summary,
+}
+
+/// Read token ids from a JSON array of integers or a 1-D `.npy` of integers.
+pub fn read_token_ids(path: &Path) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| Error::bad_file(path, m);
+    let ids: Vec<i128> = if bytes.starts_with(b"\x93NUMPY") {
+        read_npy(&bytes).map_err(bad)?
+    } else {
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("neither .npy nor JSON: {e}")))?;
+        let arr = v.as_array().ok_or_else(|| bad("expected a JSON array of integers".into()))?;
+        arr.iter()
+            .enumerate()
+            .map(|(i, x)| x.as_i64().map(i128::from).ok_or_else(|| bad(format!("element {i} is not an integer: {x}"))))
+            .collect::<Result<_>>()?
+    };
+    ids.iter()
+        .enumerate()
+        .map(|(i, &x)| u32::try_from(x).map_err(|_| bad(format!("element {i} = {x} is not a valid token id"))))
+        .collect()
+}
+
+fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
+    if b.len() < 10 {
+        return Err("truncated .npy header".into());
+    }
+    let (hlen, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 => {
+            if b.len() < 12 {
+                return Err("truncated .npy header".into());
+            }
+            (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+        }
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let header = std::str::from_utf8(b.get(start..start + hlen).ok_or("truncated .npy header")?).map_err(|e| e.to_string())?;
+    let field = |k: &str| -> Option<String> {
+        let i = header.find(&format!("'{k}'"))?;
+        let rest = &header[i + k.len() + 2..];
+        let rest = rest[rest.find(':')? + 1..].trim_start();
+        Some(rest.to_string())
+    };
+    let descr = field("descr").ok_or("no descr in .npy header")?;
+    let descr = descr.trim_start_matches('\'');
+    let descr = &descr[..descr.find('\'').ok_or("bad descr")?];
+    if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
+        return Err("Fortran-ordered arrays are not supported".into());
+    }
+    let shape = field("shape").ok_or("no shape in .npy header")?;
+    let dims: Vec<usize> = shape[1..shape.find(')').ok_or("bad shape")?]
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().map_err(|_| format!("bad shape {shape}")))
+        .collect::<std::result::Result<_, _>>()?;
+    if dims.len() != 1 {
+        return Err(format!("expected a 1-D array, found shape {dims:?}"));
+    }
+    let data = &b[start + hlen..];
+    let (width, signed, big) = match descr {
+        "|u1" | "<u1" => (1, false, false),
+        "|i1" | "<i1" => (1, true, false),
+        "<u2" => (2, false, false),
+        "<i2" => (2, true, false),
+        "<u4" => (4, false, false),
+        "<i4" => (4, true, false),
+        "<u8" => (8, false, false),
+        "<i8" => (8, true, false),
+        ">i8" | ">i4" | ">u4" | ">u8" => (0, false, true),
+        other => return Err(format!("dtype {other} is not an integer type (expected int8..int64 or uint8..uint64)")),
+    };
+    if big {
+        return Err("big-endian arrays are not supported".into());
+    }
+    if data.len() != dims[0] * width {
+        return Err(format!("data holds {} bytes, shape needs {}: truncated file?", data.len(), dims[0] * width));
+    }
+    Ok(data
+        .chunks_exact(width)
+        .map(|c| {
+            let mut buf = [0u8; 8];
+            buf[..width].copy_from_slice(c);
+            let u = u64::from_le_bytes(buf);
+            if signed {
+                let shift = 64 - 8 * width as u32;
+                (((u << shift) as i64) >> shift) as i128
+            } else {
+                u as i128
+            }
+        })
+        .collect())
+}
+
+/// Run every measure on `tokens` (the first `n` are used, in windows of the
+/// model's context, `batch` windows per forward pass).
+pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[Family], source: Source) -> Result<Report> {
+    let moe_layers: Vec<usize> = model.moe_layers().map(|(l, _)| l).collect();
+    if moe_layers.is_empty() {
+        return Err(Error::Data("the model has no MoE layer: nothing to analyse".into()));
+    }
+    if tokens.is_empty() {
+        return Err(Error::Data("no tokens to analyse (the token input is empty)".into()));
+    }
+    if n == 0 || n > tokens.len() {
+        return Err(Error::Data(format!("--tokens {n} is not between 1 and the {} tokens available", tokens.len())));
+    }
+    let vocab = model.cfg.vocab_size;
+    if let Some((i, &t)) = tokens[..n].iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(Error::Data(format!("token {i} has id {t}, outside the model's vocabulary of {vocab}")));
+    }
+    let dev = model.params.device().clone();
+    let t = model.cfg.seq_len;
+    let k = model.cfg.active_experts();
+    let mut accs: Vec<LayerAccumulator> = moe_layers.iter().map(|_| LayerAccumulator::new(model.cfg.n_experts, k)).collect();
+    let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
+    let mut i = 0;
+    while i < windows.len() {
+        let len = windows[i].1;
+        let mut j = i;
+        while j < windows.len() && j - i < batch && windows[j].1 == len {
+            j += 1;
+        }
+        let mut inputs = Vec::with_capacity((j - i) * len);
+        for &(s, l) in &windows[i..j] {
+            inputs.extend_from_slice(&tokens[s..s + l]);
+        }
+        let x = Tensor::from_vec(inputs, (j - i, len), &dev)?;
+        let out = model.forward(&x, true)?;
+        for ((acc, cap), (_, moe)) in accs.iter_mut().zip(&out.captures).zip(model.moe_layers()) {
+            acc.add(&cap.moe)?;
+            // All pairs: every expert on every token of this layer's input.
+            let d = cap.input.dim(1)?;
+            let outs: Vec<Vec<f32>> = moe
+                .experts
+                .iter()
+                .map(|e| e.forward(&cap.input)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>().map_err(Into::into))
+                .collect::<Result<_>>()?;
+            acc.add_all_pairs(&outs, d);
+        }
+        i = j;
+    }
+
+    let mut layers = Vec::new();
+    for ((&index, (_, moe)), acc) in moe_layers.iter().zip(model.moe_layers()).zip(&accs) {
+        let mut wm = BTreeMap::new();
+        let mut wo = BTreeMap::new();
+        for &f in families {
+            if let Some(w) = weight_overlap(moe, f)? {
+                wm.insert(f.name(), w.mso);
+                wo.insert(f.name(), w.matrix);
+            }
+        }
+        let up = weight_overlap(moe, Family::Up)?.map(|w| w.mso);
+        let tel = acc.telemetry();
+        let (act, reason) = match acc.act_mso() {
+            Ok(v) => (Some(v), None),
+            Err(r) => (None, Some(r)),
+        };
+        layers.push(LayerReport {
+            index,
+            weight_mso: wm,
+            weight_overlap: wo,
+            act_mso: act,
+            act_mso_null_reason: reason,
+            act_mso_all: acc.act_mso_all(),
+            act_overlap: acc.act_overlap(),
+            gap_ratio: match (act, up) {
+                (Some(a), Some(w)) if w > 0.0 => Some(a / w),
+                _ => None,
+            },
+            load: tel.load,
+            fraction: tel.fraction,
+            router_entropy: tel.router_entropy,
+            load_entropy: tel.load_entropy,
+            balance: tel.balance,
+            dead_experts: tel.dead_experts,
+            max_violation: tel.max_violation,
+        });
+    }
+    let mean = |f: &dyn Fn(&LayerReport) -> f64| layers.iter().map(f).sum::<f64>() / layers.len() as f64;
+    let mut weight_mso = BTreeMap::new();
+    for &f in families {
+        let per: Vec<Option<f64>> = layers.iter().map(|l| l.weight_mso.get(f.name()).copied()).collect();
+        if let Some(m) = mean_present(&per) {
+            weight_mso.insert(f.name(), m);
+        }
+    }
+    let up_mean = mean_present(&model.moe_layers().map(|(_, m)| weight_overlap(m, Family::Up).map(|w| w.map(|w| w.mso))).collect::<Result<Vec<_>>>()?);
+    let act_mean = mean_present(&layers.iter().map(|l| l.act_mso).collect::<Vec<_>>());
+    let summary = Summary {
+        weight_mso,
+        act_mso: act_mean,
+        act_mso_all: mean_present(&layers.iter().map(|l| l.act_mso_all).collect::<Vec<_>>()),
+        gap_ratio: match (act_mean, up_mean) {
+            (Some(a), Some(w)) if w > 0.0 => Some(a / w),
+            _ => None,
+        },
+        router_entropy: mean(&|l| l.router_entropy),
+        load_entropy: mean(&|l| l.load_entropy),
+        balance: mean(&|l| l.balance),
+        dead_experts: layers.iter().map(|l| l.dead_experts.len()).sum(),
+        max_violation: layers.iter().map(|l| l.max_violation).fold(0.0, f64::max),
+    };
+    Ok(Report {
+        schema: SCHEMA,
+        source,
+        options: Options {
+            tokens: n,
+            families: families.to_vec(),
+            pairs: vec!["routed", "all"],
+            seq_len: t,
+            batch,
+            routing: model.cfg.routing,
+            top_k: model.cfg.top_k,
+            norm_topk: model.cfg.norm_topk,
+        },
+        tokens: accs[0].tokens,
+        layers,
+        summary,
+    })
+}
+
+/// A short human-readable table of a report.
+pub fn summary_table(r: &Report) -> String {
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "null".into());
+    let e = |v: Option<f64>| v.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "null".into());
+    let mut s = format!("{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>5} {:>8}\n", "layer", "w_mso(up)", "act_mso", "act_all", "gap", "H_router", "balance", "dead", "max_viol");
+    for l in &r.layers {
+        s += &format!(
+            "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9.4} {:>8.4} {:>5} {:>8.3}\n",
+            l.index,
+            e(l.weight_mso.get("up").copied()),
+            f(l.act_mso),
+            f(l.act_mso_all),
+            l.gap_ratio.map(|x| format!("{x:.1}")).unwrap_or_else(|| "null".into()),
+            l.router_entropy,
+            l.balance,
+            l.dead_experts.len(),
+            l.max_violation
+        );
+    }
+    let m = &r.summary;
+    s += &format!(
+        "model weight MSO(up) {} | act MSO {} | act MSO (all pairs) {} | gap ratio {} | over {} tokens\n",
+        e(m.weight_mso.get("up").copied()),
+        f(m.act_mso),
+        f(m.act_mso_all),
+        m.gap_ratio.map(|x| format!("{x:.1}")).unwrap_or_else(|| "null".into()),
+        r.tokens
+    );
+    s
+}

@@ -1,0 +1,380 @@
+//! Expert-geometry measures of ../shared/SPEC.md: weight overlap (MSO),
+//! activation overlap, routing telemetry, and the orthogonality loss.
+//!
+//! Weight measures read the parameters; activation measures and telemetry
+//! read a [`MoeCapture`] of a forward pass (the same pass that computes the
+//! loss, so logging them costs no second forward). Accumulation is in f64.
+
+pub mod analyze;
+
+use crate::model::moe::{MoeCapture, MoeLayer};
+use crate::model::Gpt;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// A matrix family whose per-expert vectors are compared (SPEC "Weight overlap").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// W_up (default).
+    Up,
+    /// W_gate (SwiGLU experts only).
+    Gate,
+    /// W_down.
+    Down,
+    /// The expert's row of the router matrix W_r.
+    Router,
+}
+
+impl Family {
+    pub const ALL: [Family; 4] = [Family::Up, Family::Gate, Family::Down, Family::Router];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Up => "up",
+            Family::Gate => "gate",
+            Family::Down => "down",
+            Family::Router => "router",
+        }
+    }
+
+    /// Parse `up`, `gate`, `down` or `router`; `field` names the config key for errors.
+    pub fn parse(s: &str, field: &str) -> Result<Family> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| Error::config(field, format!("unknown family `{s}` (expected up, gate, down or router)")))
+    }
+
+    /// The per-expert tensors of this family in `moe` (None when the layer has
+    /// no such matrices, e.g. `gate` of MLP experts). Router rows are (1, d) views.
+    pub fn tensors(self, moe: &MoeLayer) -> Result<Option<Vec<Tensor>>> {
+        Ok(match self {
+            Family::Up => Some(moe.experts.iter().map(|e| e.up.weight.clone()).collect()),
+            Family::Down => Some(moe.experts.iter().map(|e| e.down.weight.clone()).collect()),
+            Family::Gate => {
+                let g: Option<Vec<Tensor>> = moe.experts.iter().map(|e| e.gate.as_ref().map(|g| g.weight.clone())).collect();
+                g
+            }
+            Family::Router => Some(
+                (0..moe.n_experts()).map(|e| moe.router.weight.narrow(0, e, 1)).collect::<candle_core::Result<_>>()?,
+            ),
+        })
+    }
+}
+
+/// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors (f64).
+pub fn cosine_gram(vecs: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    let e = vecs.len();
+    let mut g = vec![vec![0.0f64; e]; e];
+    for i in 0..e {
+        for j in i..e {
+            let dot: f64 = vecs[i].iter().zip(&vecs[j]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            g[i][j] = dot;
+            g[j][i] = dot;
+        }
+    }
+    let norms: Vec<f64> = (0..e).map(|i| g[i][i].sqrt()).collect();
+    for i in 0..e {
+        for j in 0..e {
+            let d = norms[i] * norms[j];
+            g[i][j] = if d > 0.0 { g[i][j] / d } else { 0.0 };
+        }
+    }
+    g
+}
+
+/// MSO = 2/(E(E−1)) Σ_{i<j} G_ij² (0 for a single expert).
+pub fn mso(g: &[Vec<f64>]) -> f64 {
+    let e = g.len();
+    if e < 2 {
+        return 0.0;
+    }
+    let mut s = 0.0;
+    for i in 0..e {
+        for j in i + 1..e {
+            s += g[i][j] * g[i][j];
+        }
+    }
+    2.0 * s / (e * (e - 1)) as f64
+}
+
+/// An E×E matrix with a null diagonal, for JSON.
+pub fn null_diagonal(g: &[Vec<f64>]) -> Vec<Vec<Option<f64>>> {
+    g.iter().enumerate().map(|(i, r)| r.iter().enumerate().map(|(j, v)| (i != j).then_some(*v)).collect()).collect()
+}
+
+/// Weight overlap of one layer and family.
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightOverlap {
+    pub family: Family,
+    /// G_ij² is what MSO averages; this holds G_ij (cosines), diagonal null.
+    pub matrix: Vec<Vec<Option<f64>>>,
+    pub mso: f64,
+}
+
+/// Weight overlap of `moe` for `family` (None when the layer lacks the family).
+pub fn weight_overlap(moe: &MoeLayer, family: Family) -> Result<Option<WeightOverlap>> {
+    let Some(ts) = family.tensors(moe)? else { return Ok(None) };
+    let vecs: Vec<Vec<f32>> =
+        ts.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+    let g = cosine_gram(&vecs);
+    Ok(Some(WeightOverlap { family, mso: mso(&g), matrix: null_diagonal(&g) }))
+}
+
+/// The differentiable L_orth of one layer: Σ_{i<j} G_ij², gradients through the normalisation.
+pub fn orth_penalty(moe: &MoeLayer, family: Family) -> Result<Option<Tensor>> {
+    let Some(ts) = family.tensors(moe)? else { return Ok(None) };
+    let e = ts.len();
+    let flat: Vec<Tensor> = ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let w = Tensor::stack(&flat, 0)?; // (E, P)
+    let g = w.matmul(&w.t()?)?; // (E, E) raw Gram
+    let inv = w.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?; // (E, 1) = 1/‖w_e‖
+    let gn = g.broadcast_mul(&inv)?.broadcast_mul(&inv.t()?)?;
+    let mask: Vec<f32> = (0..e * e).map(|k| if k % e > k / e { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (e, e), w.device())?.to_dtype(w.dtype())?;
+    Ok(Some((gn.sqr()? * mask)?.sum_all()?))
+}
+
+/// L_orth of the whole model: Σ over MoE layers (SPEC eq. 1). Errors when the
+/// family does not exist in the model (e.g. `gate` with MLP experts).
+pub fn orth_loss(model: &Gpt, family: Family) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (_, moe) in model.moe_layers() {
+        let p = orth_penalty(moe, family)?.ok_or_else(|| {
+            Error::config("reg.orth_family", format!("the experts have no `{}` matrices (MLP experts have no gate)", family.name()))
+        })?;
+        total = Some(match total {
+            Some(t) => (t + p)?,
+            None => p,
+        });
+    }
+    total.ok_or_else(|| Error::Data("the model has no MoE layer".into()))
+}
+
+fn cos2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab * ab / (aa * bb)
+    }
+}
+
+fn entropy(p: impl Iterator<Item = f64>) -> f64 {
+    p.filter(|&x| x > 0.0).map(|x| -x * x.ln()).sum()
+}
+
+/// Accumulates one MoE layer's activation overlap and routing telemetry over
+/// any number of captured forward passes.
+#[derive(Debug, Clone)]
+pub struct LayerAccumulator {
+    pub n_experts: usize,
+    /// Experts per token (k; E for soft routing).
+    pub k: usize,
+    pub tokens: usize,
+    /// Σ over tokens of the token's MSO_act over its routed pairs.
+    act_sum: f64,
+    /// Σ over tokens of the token's MSO_act over all pairs (when added).
+    act_all_sum: f64,
+    act_all_tokens: usize,
+    /// Σ cos² and counts per co-routed pair.
+    pair_sum: Vec<f64>,
+    pair_count: Vec<u64>,
+    load: Vec<u64>,
+    router_entropy_sum: f64,
+}
+
+impl LayerAccumulator {
+    pub fn new(n_experts: usize, k: usize) -> Self {
+        LayerAccumulator {
+            n_experts,
+            k,
+            tokens: 0,
+            act_sum: 0.0,
+            act_all_sum: 0.0,
+            act_all_tokens: 0,
+            pair_sum: vec![0.0; n_experts * n_experts],
+            pair_count: vec![0; n_experts * n_experts],
+            load: vec![0; n_experts],
+            router_entropy_sum: 0.0,
+        }
+    }
+
+    /// Add the tokens of one captured forward pass.
+    pub fn add(&mut self, cap: &MoeCapture) -> Result<()> {
+        let e_n = self.n_experts;
+        let k = cap.k;
+        let n = cap.probs.len() / e_n;
+        // Host copies of each expert's outputs, and where each (token, slot) row lives.
+        let outs: Vec<Option<(Vec<f32>, usize)>> = cap
+            .expert_outputs
+            .iter()
+            .map(|(_, h)| match h {
+                Some(h) => {
+                    let d = h.dim(1)?;
+                    Ok(Some((h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, d)))
+                }
+                None => Ok(None),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut cursor = vec![0usize; e_n];
+        let mut rows: Vec<(usize, usize)> = vec![(0, 0); n * k];
+        // Dispatch lists tokens in ascending order per expert; replay that order.
+        for t in 0..n {
+            for s in 0..k {
+                let e = cap.selected[t * k + s] as usize;
+                rows[t * k + s] = (e, cursor[e]);
+                cursor[e] += 1;
+            }
+        }
+        let row = |e: usize, i: usize| -> &[f32] {
+            let (v, d) = outs[e].as_ref().expect("expert with tokens has outputs");
+            &v[i * d..(i + 1) * d]
+        };
+        for t in 0..n {
+            let p = &cap.probs[t * e_n..(t + 1) * e_n];
+            self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
+            for s in 0..k {
+                self.load[rows[t * k + s].0] += 1;
+            }
+            if k >= 2 {
+                let mut sum = 0.0;
+                for a in 0..k {
+                    for b in a + 1..k {
+                        let (ea, ia) = rows[t * k + a];
+                        let (eb, ib) = rows[t * k + b];
+                        let c = cos2(row(ea, ia), row(eb, ib));
+                        sum += c;
+                        let (lo, hi) = (ea.min(eb), ea.max(eb));
+                        self.pair_sum[lo * e_n + hi] += c;
+                        self.pair_count[lo * e_n + hi] += 1;
+                    }
+                }
+                self.act_sum += sum * 2.0 / (k * (k - 1)) as f64;
+            }
+        }
+        self.tokens += n;
+        Ok(())
+    }
+
+    /// Add all-pairs activation overlap: `outputs[e]` is expert e's output on
+    /// every token (n × d), row-major.
+    pub fn add_all_pairs(&mut self, outputs: &[Vec<f32>], d: usize) {
+        let e_n = outputs.len();
+        if e_n < 2 {
+            return;
+        }
+        let n = outputs[0].len() / d;
+        for t in 0..n {
+            let mut sum = 0.0;
+            for a in 0..e_n {
+                for b in a + 1..e_n {
+                    sum += cos2(&outputs[a][t * d..(t + 1) * d], &outputs[b][t * d..(t + 1) * d]);
+                }
+            }
+            self.act_all_sum += sum * 2.0 / (e_n * (e_n - 1)) as f64;
+        }
+        self.act_all_tokens += n;
+    }
+
+    /// Activation MSO over routed pairs, or the reason it is undefined.
+    pub fn act_mso(&self) -> std::result::Result<f64, String> {
+        if self.k < 2 {
+            Err(format!("k = {}: each token is routed to a single expert, so there are no routed pairs (see act_mso_all)", self.k))
+        } else if self.tokens == 0 {
+            Err("no tokens were evaluated".into())
+        } else {
+            Ok(self.act_sum / self.tokens as f64)
+        }
+    }
+
+    /// Activation MSO over all pairs, if all-pairs outputs were added.
+    pub fn act_mso_all(&self) -> Option<f64> {
+        (self.act_all_tokens > 0).then(|| self.act_all_sum / self.act_all_tokens as f64)
+    }
+
+    /// E×E mean cos² per co-routed pair (null diagonal, null where a pair never co-occurred).
+    pub fn act_overlap(&self) -> Vec<Vec<Option<f64>>> {
+        let e_n = self.n_experts;
+        (0..e_n)
+            .map(|i| {
+                (0..e_n)
+                    .map(|j| {
+                        let (lo, hi) = (i.min(j), i.max(j));
+                        let c = self.pair_count[lo * e_n + hi];
+                        (i != j && c > 0).then(|| self.pair_sum[lo * e_n + hi] / c as f64)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Routing telemetry over the accumulated tokens.
+    pub fn telemetry(&self) -> Telemetry {
+        let total: u64 = self.load.iter().sum();
+        let fraction: Vec<f64> = self.load.iter().map(|&l| if total > 0 { l as f64 / total as f64 } else { 0.0 }).collect();
+        let load_entropy = entropy(fraction.iter().copied());
+        let mean = total as f64 / self.n_experts as f64;
+        let max = self.load.iter().copied().max().unwrap_or(0) as f64;
+        Telemetry {
+            load: self.load.clone(),
+            fraction,
+            router_entropy: if self.tokens > 0 { self.router_entropy_sum / self.tokens as f64 } else { 0.0 },
+            load_entropy,
+            balance: load_entropy.exp() / self.n_experts as f64,
+            dead_experts: self.load.iter().enumerate().filter(|(_, &l)| l == 0).map(|(e, _)| e).collect(),
+            max_violation: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
+        }
+    }
+}
+
+/// Routing telemetry of one layer (SPEC "Routing telemetry").
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Telemetry {
+    /// Tokens whose selection contains each expert.
+    pub load: Vec<u64>,
+    /// load / Σ load.
+    pub fraction: Vec<f64>,
+    /// Mean over tokens of H(p(x)), nats.
+    pub router_entropy: f64,
+    /// H(fraction), nats.
+    pub load_entropy: f64,
+    /// exp(load_entropy) / E.
+    pub balance: f64,
+    /// Experts with no token.
+    pub dead_experts: Vec<usize>,
+    /// max load / mean load − 1.
+    pub max_violation: f64,
+}
+
+/// Per-layer weight MSO of the model for `family` (None for layers lacking it).
+pub fn model_weight_mso(model: &Gpt, family: Family) -> Result<Vec<Option<f64>>> {
+    model.moe_layers().map(|(_, m)| Ok(weight_overlap(m, family)?.map(|w| w.mso))).collect()
+}
+
+/// Mean of the present values (None when none is present).
+pub fn mean_present(v: &[Option<f64>]) -> Option<f64> {
+    let xs: Vec<f64> = v.iter().flatten().copied().collect();
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mso_of_orthonormal_is_zero_and_identical_is_one() {
+        let ortho = vec![vec![1.0, 0.0, 0.0], vec![0.0, 2.0, 0.0], vec![0.0, 0.0, -3.0]];
+        assert!(mso(&cosine_gram(&ortho)).abs() < 1e-15);
+        let same = vec![vec![1.0, 2.0, 3.0], vec![2.0, 4.0, 6.0], vec![-1.0, -2.0, -3.0]];
+        assert!((mso(&cosine_gram(&same)) - 1.0).abs() < 1e-12);
+    }
+}
