@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub seed: u64,
     pub lr: f64,
+    /// λ of the orthogonality loss on W_up (the peer's `--lam`).
+    pub orth_lambda: f64,
 }
 
 /// Benchmark result (printed as the last line, one JSON object).
@@ -115,7 +117,11 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         let c0 = cpu_seconds();
         let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
         let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
-        let loss = model.loss(&x, &y)?;
+        let mut loss = model.loss(&x, &y)?;
+        if o.orth_lambda > 0.0 {
+            let orth = crate::measures::orth_loss(&model, crate::measures::Family::Up)?;
+            loss = (loss + (orth * o.orth_lambda)?)?;
+        }
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
@@ -143,9 +149,9 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let fpt = cfg.flops_per_token();
     let tps = (o.batch * t) as f64 / med;
     let peer_command = format!(
-        "python nanogpt_moe.py --config tiny --vocab {} --d_model {} --n_layer {} --n_head {} --n_expert {} --top_k {} --d_ff {} --seq_len {} --batch {} --bias {} --steps {} --warmup {} --threads {}",
+        "python nanogpt_moe.py --config tiny --vocab {} --d_model {} --n_layer {} --n_head {} --n_expert {} --top_k {} --d_ff {} --seq_len {} --batch {} --bias {} --lam {} --steps {} --warmup {} --threads {}",
         cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_experts, cfg.top_k, cfg.d_ff, cfg.seq_len, o.batch,
-        u8::from(cfg.bias), o.steps, o.warmup, candle_core::utils::get_num_threads()
+        u8::from(cfg.bias), o.orth_lambda, o.steps, o.warmup, candle_core::utils::get_num_threads()
     );
     Ok(BenchResult {
         mode: "train",
@@ -165,5 +171,69 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         final_ce: ce,
         phase_s: [median(&mut phases[0]), median(&mut phases[1]), median(&mut phases[2])],
         peer_command,
+    })
+}
+
+/// Result of `moescope bench eval`: the cost of logging the measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalBenchResult {
+    pub mode: &'static str,
+    pub preset: String,
+    pub eval_tokens: usize,
+    pub measure_tokens: usize,
+    /// Median seconds of an evaluation pass without measures.
+    pub plain_s: f64,
+    /// Median seconds of the same pass capturing activations on `measure_tokens`
+    /// tokens, plus computing all logged measures (weight MSO per family included).
+    pub measured_s: f64,
+    /// 100 · (measured − plain) / plain.
+    pub overhead_pct: f64,
+    /// Seconds of the weight measures alone (part of `measured_s`).
+    pub weight_measures_s: f64,
+    pub reps: usize,
+}
+
+/// Time an evaluation pass with and without the measures, alternating.
+pub fn bench_eval(preset: &str, cfg: &ModelConfig, eval_tokens: usize, measure_tokens: usize, batch: usize, reps: usize) -> Result<EvalBenchResult> {
+    use crate::measures::Family;
+    use crate::train::{evaluate_measured, measures_json, MeasureSpec};
+    let dev = Device::Cpu;
+    let model = Gpt::new(cfg, DType::F32, &dev, 0)?;
+    let mut data = Markov::new(cfg.vocab_size, 0);
+    let (toks, _) = data.batch(1, eval_tokens + 1);
+    let dir = std::env::temp_dir().join(format!("moescope-bench-{}", std::process::id()));
+    let path = dir.join("eval.tok");
+    crate::data::cache::TokenFile::write(&path, &toks, "bench", "bench", "valid")?;
+    let file = crate::data::cache::TokenFile::open(&path)?;
+    let families = [Family::Up, Family::Router];
+    let (mut plain, mut measured) = (Vec::new(), Vec::new());
+    for r in 0..reps + 1 {
+        let t0 = Instant::now();
+        evaluate_measured(&model, &file, batch, eval_tokens, None)?;
+        let p = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let (_, accs) = evaluate_measured(&model, &file, batch, eval_tokens, Some(MeasureSpec { tokens: measure_tokens, seed: 0 }))?;
+        measures_json(&model, &families, accs.as_deref())?;
+        let m = t0.elapsed().as_secs_f64();
+        if r > 0 {
+            plain.push(p);
+            measured.push(m);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let t0 = Instant::now();
+    measures_json(&model, &families, None)?;
+    let weight_s = t0.elapsed().as_secs_f64();
+    let (p, m) = (median(&mut plain), median(&mut measured));
+    Ok(EvalBenchResult {
+        mode: "eval",
+        preset: preset.to_string(),
+        eval_tokens,
+        measure_tokens,
+        plain_s: p,
+        measured_s: m,
+        overhead_pct: 100.0 * (m - p) / p,
+        weight_measures_s: weight_s,
+        reps,
     })
 }

@@ -175,6 +175,25 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Cost of logging the measures at evaluation (activation capture + weight MSO), in % of an eval pass.
+    Eval {
+        #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+        preset: String,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        /// Validation tokens per eval pass.
+        #[arg(long, default_value_t = 32768)]
+        eval_tokens: usize,
+        /// Tokens on which activations are captured (default: the preset's measure.tokens).
+        #[arg(long)]
+        measure_tokens: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
     Train {
         /// Model preset (tiny matches the peer's tiny exactly).
@@ -226,6 +245,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Analyze(a) => cmd_analyze(a),
         Cmd::Bench { what } => match what {
+            BenchCmd::Eval { preset, sets, vocab, eval_tokens, measure_tokens, reps, threads } => {
+                set_threads(threads);
+                let mut cfg = Config::resolve(Some(&preset), None, &sets)?;
+                if cfg.model.vocab_size == 0 {
+                    cfg.model.vocab_size = vocab;
+                }
+                let mt = measure_tokens.unwrap_or(cfg.measure.tokens);
+                let r = moescope::bench::bench_eval(&preset, &cfg.model, eval_tokens, mt, cfg.train.batch_size, reps.max(1))?;
+                eprintln!(
+                    "bench eval {}: {:.3} s plain, {:.3} s with measures on {} of {} tokens: +{:.1}%",
+                    r.preset, r.plain_s, r.measured_s, r.measure_tokens, r.eval_tokens, r.overhead_pct
+                );
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            }
             BenchCmd::Train { preset, sets, vocab, batch, steps, warmup, threads } => {
                 set_threads(threads);
                 if steps <= warmup {
@@ -243,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
                     warmup,
                     seed: 0,
                     lr: 5e-4,
+                    orth_lambda: cfg.reg.orth_lambda,
                 };
                 let r = moescope::bench::bench_train(&o, std::io::stderr().is_terminal())?;
                 eprintln!(
