@@ -8,6 +8,8 @@
 //! - [`measures`]: SPEC.md's weight/activation overlap, telemetry, the orthogonality loss, `analyze`.
 //! - [`checkpoint`]: safetensors + `config.json` in and out, atomic writes.
 //! - [`train`]: AdamW, LR schedule, the training loop, evaluation, resume.
+//! - [`experiments`]: sweeps (local workers or Slurm), the results store, statistics, `reproduce` presets.
+//! - [`report`]: the study's tables and SVG figures as Markdown and self-contained HTML.
 //! - [`bench`]: the training-step benchmark compared with the PyTorch peer.
 //!
 //! The `moescope` binary (`src/main.rs`) is a thin CLI over these modules.
@@ -18,9 +20,11 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod experiments;
 pub mod fsutil;
 pub mod measures;
 pub mod model;
+pub mod report;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use moescope::checkpoint::load_model;
 use moescope::config::{Config, PRESETS};
 use moescope::data::{corpus::Split, Dataset};
+use moescope::experiments::sweep::{self, SweepDir, SweepSpec};
 use moescope::train::{self, TrainOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -28,6 +29,15 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Every expert-geometry measure of SPEC.md on a checkpoint, as JSON (schema moescope.analysis/1).
     Analyze(AnalyzeArgs),
+    /// Run a sweep: the product of listed values over config keys, in parallel worker processes; resumable.
+    Sweep(SweepArgs),
+    /// Write report.md and report.html (tables, SVG figures) for a sweep folder.
+    Report {
+        /// The sweep folder (holding sweep.toml and runs/).
+        dir: PathBuf,
+    },
+    /// The weight-vs-activation study as a preset sweep, then its report.
+    Reproduce(ReproduceArgs),
     /// Benchmarks (compare with the PyTorch peer in ../shared/bench).
     Bench {
         #[command(subcommand)]
@@ -150,6 +160,50 @@ struct AnalyzeArgs {
 }
 
 #[derive(Args)]
+struct SweepArgs {
+    /// Sweep file: name, preset, base, [set] and [grid] (see README).
+    spec: PathBuf,
+    /// Sweep folder (default: sweeps/<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Parallel worker processes (default: from cores and memory).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// CPU threads per worker (default: cores / jobs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a Slurm job-array script (one task per run) instead of running locally.
+    #[arg(long)]
+    slurm: bool,
+    /// Gather the runs' results into results.csv / results.jsonl and the report.
+    #[arg(long)]
+    collect: bool,
+    /// Run only the run with this index, in this process (what each worker runs).
+    #[arg(long, hide = true)]
+    run_one: Option<usize>,
+}
+
+#[derive(Args)]
+struct ReproduceArgs {
+    /// quick (tiny, 3 λ, 2 seeds: minutes), cpu (small, 7 λ, 3 seeds: hours), paper (7 λ, 5 seeds, 3 corpora: GPU/Slurm).
+    #[arg(long, default_value = "cpu", value_parser = ["quick", "cpu", "paper"])]
+    scale: String,
+    /// Corpus for every run (default: built-in corpus; the paper scale uses TinyStories, WikiText-103, PTB).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Sweep folder (default: reproduce-<scale>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    jobs: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a Slurm job-array script instead of running locally.
+    #[arg(long)]
+    slurm: bool,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     /// A run folder, checkpoint folder or model.safetensors.
     #[arg(long)]
@@ -244,6 +298,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Analyze(a) => cmd_analyze(a),
+        Cmd::Sweep(a) => cmd_sweep(a),
+        Cmd::Report { dir } => {
+            let f = moescope::report::write_report(&SweepDir(dir))?;
+            eprintln!("report: {}", f.markdown.display());
+            println!("{}", f.html.display());
+            Ok(())
+        }
+        Cmd::Reproduce(a) => {
+            let data = a.data.as_ref().map(|d| std::fs::canonicalize(d).unwrap_or(d.clone()).display().to_string());
+            let spec = moescope::experiments::reproduce::spec(&a.scale, data.as_deref())?;
+            let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
+            run_sweep(spec, dir, a.jobs, a.threads, a.slurm, false)
+        }
         Cmd::Bench { what } => match what {
             BenchCmd::Eval { preset, sets, vocab, eval_tokens, measure_tokens, reps, threads } => {
                 set_threads(threads);
@@ -396,6 +463,49 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
     moescope::fsutil::write_atomic(&a.out, &json)?;
     eprint!("{}", analyze::summary_table(&report));
     eprintln!("report: {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_sweep(a: SweepArgs) -> Result<()> {
+    let spec = SweepSpec::from_file(&a.spec)?;
+    let dir = a.out.clone().unwrap_or_else(|| PathBuf::from("sweeps").join(&spec.name));
+    if let Some(i) = a.run_one {
+        let dir = SweepDir(dir);
+        let cells = spec.cells()?;
+        let cell = cells.get(i).with_context(|| format!("--run-one {i}: the sweep has {} runs", cells.len()))?;
+        set_threads(a.threads.unwrap_or(0));
+        let s = sweep::run_one(&dir, cell, a.threads)?;
+        if s.status != "done" {
+            bail!("run {} failed: {}", cell.id, s.error.unwrap_or_default());
+        }
+        return Ok(());
+    }
+    run_sweep(spec, dir, a.jobs, a.threads, a.slurm, a.collect)
+}
+
+fn run_sweep(spec: SweepSpec, dir: PathBuf, jobs: Option<usize>, threads: Option<usize>, slurm: bool, collect_only: bool) -> Result<()> {
+    let dir = SweepDir(dir);
+    let cells = sweep::plan(&spec, &dir)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let jobs = jobs.unwrap_or_else(|| sweep::default_jobs(&cells)).max(1);
+    let threads = threads.unwrap_or((cores / jobs).max(1));
+    if slurm {
+        let p = sweep::write_slurm(&dir, &spec, &cells, threads)?;
+        eprintln!("wrote {} ({} array tasks, {threads} CPUs each)", p.display(), cells.len());
+        eprintln!("submit: sbatch {}", p.display());
+        eprintln!("then:   moescope sweep {} --out {} --collect", dir.spec().display(), dir.0.display());
+        println!("{}", p.display());
+        return Ok(());
+    }
+    if !collect_only {
+        eprintln!("sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)", spec.name, cells.len(), dir.0.display());
+        let c = sweep::run_local(&dir, &cells, jobs, threads, std::io::stderr().is_terminal())?;
+        eprintln!("runs: {} done ({} already finished), {} failed", c.done, c.skipped, c.failed);
+    }
+    let f = moescope::report::write_report(&dir)?;
+    eprintln!("results: {} and {}", dir.0.join("results.csv").display(), dir.0.join("results.jsonl").display());
+    eprintln!("report:  {}", f.markdown.display());
+    println!("{}", f.html.display());
     Ok(())
 }
 

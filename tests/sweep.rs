@@ -1,0 +1,118 @@
+//! Sweeps end to end: parallel workers, a kill midway and a resumed rerun that
+//! redoes nothing finished, a failing cell recorded as failed, the report.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn write_spec(dir: &Path, cache: &Path, grid: &str, steps: usize) -> std::path::PathBuf {
+    let p = dir.join("sweep.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"test\"\npreset = \"tiny\"\n[set]\n\"train.max_steps\" = {steps}\n\"train.checkpoint_every\" = 4\n\"train.eval_every\" = 0\n\
+             \"train.eval_tokens\" = 512\n\"train.batch_size\" = 4\n\"measure.tokens\" = 256\n\
+             \"model.n_layer\" = 2\n\"model.d_model\" = 32\n\"model.d_ff\" = 64\n\"model.n_experts\" = 4\n\"model.seq_len\" = 32\n\
+             \"data.builtin_bytes\" = 60000\n\"data.cache_dir\" = {:?}\n[grid]\n{grid}\n",
+            cache.display().to_string()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn status(run: &Path) -> String {
+    std::fs::read_to_string(run.join("status.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["status"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn killed_sweep_resumes_without_redoing_finished_runs_and_reports() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write_spec(d.path(), &d.path().join("cache"), "\"reg.orth_lambda\" = [0.0, 0.1]\n\"train.seed\" = [0, 1]", 40);
+    let out = d.path().join("out");
+    let args = ["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "1", "--threads", "1"];
+    let mut child = Command::new(common::bin()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Wait until one run has finished, then kill the sweep (its worker dies with it).
+    let t0 = Instant::now();
+    let finished = loop {
+        let runs: Vec<_> = std::fs::read_dir(out.join("runs")).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        if let Some(r) = runs.iter().find(|r| status(r) == "done") {
+            break r.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no run finished");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stamp = std::fs::metadata(finished.join("summary.json")).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let o = Command::new(common::bin()).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already finished"), "{err}");
+    assert_eq!(std::fs::metadata(finished.join("summary.json")).unwrap().modified().unwrap(), stamp, "a finished run was redone");
+    let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(runs.len(), 4);
+    assert!(runs.iter().all(|r| status(r) == "done"));
+
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.lines().next().unwrap().starts_with("id,status,error,dataset,lambda,seed"));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for t in ["Table 1", "Table 2", "Table 3", "Table 4", "Figure 1a", "Figure 1b", "Pearson r"] {
+        assert!(md.contains(t), "report.md lacks {t}");
+    }
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("Table 4") && html.contains("runs/"));
+    // A third run finds everything done.
+    let o = Command::new(common::bin()).args(args).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("4 done (4 already finished)"));
+}
+
+#[test]
+fn failing_cell_is_recorded_and_the_others_complete() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write_spec(d.path(), &d.path().join("cache"), "\"train.lr\" = [0.001, -1.0]", 3);
+    let out = d.path().join("out");
+    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 failed"));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let bad = rows.iter().find(|r| r["train.lr"] == -1.0).unwrap();
+    assert_eq!(bad["status"], "failed");
+    assert!(bad["error"].as_str().unwrap().contains("train.lr"));
+    let good = rows.iter().find(|r| r["train.lr"] == 0.001).unwrap();
+    assert_eq!(good["status"], "done");
+    assert!(good["val_ppl"].as_f64().unwrap() > 1.0);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| failed |") && md.contains("train.lr"), "{md}");
+}
+
+#[test]
+fn slurm_script_runs_the_worker_command() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write_spec(d.path(), &d.path().join("cache"), "\"train.seed\" = [0, 1]", 2);
+    let out = d.path().join("out");
+    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--slurm"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).unwrap();
+    assert!(script.contains("#SBATCH --array=0-1") && script.contains("--run-one $SLURM_ARRAY_TASK_ID"));
+    // Run the array tasks by hand, exactly as Slurm would, then collect.
+    let line = script.lines().find(|l| l.starts_with("exec ")).unwrap();
+    for task in ["0", "1"] {
+        let cmd = line.trim_start_matches("exec ").replace("$SLURM_ARRAY_TASK_ID", task);
+        let o = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--collect"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|l| l.contains(",done,")).count(), 2, "{csv}");
+}
