@@ -90,7 +90,7 @@ pub fn columns(rows: &[Map<String, Value>], swept: &[String]) -> Vec<String> {
         }
     }
     let mut rest: Vec<String> = rows.iter().flat_map(|r| r.keys().cloned()).filter(|k| !cols.contains(k)).collect();
-    rest.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+    rest.sort_by_key(|a| natural_key(a));
     rest.dedup();
     cols.extend(rest);
     cols

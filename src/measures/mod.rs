@@ -91,12 +91,7 @@ pub fn mso(g: &[Vec<f64>]) -> f64 {
     if e < 2 {
         return 0.0;
     }
-    let mut s = 0.0;
-    for i in 0..e {
-        for j in i + 1..e {
-            s += g[i][j] * g[i][j];
-        }
-    }
+    let s: f64 = g.iter().enumerate().map(|(i, row)| row[i + 1..].iter().map(|v| v * v).sum::<f64>()).sum();
     2.0 * s / (e * (e - 1)) as f64
 }
 

@@ -429,7 +429,7 @@ pub fn write_report(dir: &SweepDir) -> Result<ReportFiles> {
         let file = format!("figures/{stem}.svg");
         write_atomic(&dir.0.join(&file), svg.as_bytes())?;
         let _ = write!(md, "![{caption}]({file})\n\n*{caption}*\n\n");
-        let _ = write!(html, "<figure>{svg}<figcaption>{}</figcaption></figure>\n", esc(caption));
+        let _ = writeln!(html, "<figure>{svg}<figcaption>{}</figcaption></figure>", esc(caption));
     }
     md += &md_table(&c.runs_table);
     html += &html_table(&c.runs_table);
