@@ -435,12 +435,39 @@ mod tests {
         assert_eq!(cells.len(), 12);
         let ids: std::collections::HashSet<_> = cells.iter().map(|c| c.id.clone()).collect();
         assert_eq!(ids.len(), 12);
-        assert_eq!(cells[0].id, "orth_lambda=0.0_seed=0_top_k=2");
+        assert_eq!(cells[0].id, "top_k=2_orth_lambda=0.0_seed=0");
         assert!(cells.iter().filter(|c| c.config.is_err()).all(|c| c.values["model.top_k"] == 99));
         assert_eq!(cells.iter().filter(|c| c.config.is_err()).count(), 6);
         let ok = cells.iter().find(|c| c.config.is_ok()).unwrap();
         assert_eq!(ok.config.as_ref().unwrap().train.max_steps, 3);
         let bad: Result<SweepSpec, _> = toml::from_str("[grids]\n\"a\" = [1]\n");
         assert!(bad.is_err());
+    }
+
+    /// Every sweep file shipped in configs/sweeps resolves, every cell valid.
+    #[test]
+    fn shipped_sweeps_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sweeps");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let spec = SweepSpec::from_file(&p).unwrap();
+            for c in spec.cells().unwrap() {
+                c.config.as_ref().unwrap_or_else(|e| panic!("{} {}: {e}", p.display(), c.id));
+            }
+            n += 1;
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn reproduce_scales() {
+        use crate::experiments::reproduce::spec;
+        assert_eq!(spec("quick", None).unwrap().cells().unwrap().len(), 6);
+        assert_eq!(spec("cpu", None).unwrap().cells().unwrap().len(), 21);
+        assert_eq!(spec("paper", None).unwrap().cells().unwrap().len(), 105);
+        let c = spec("quick", Some("/data/x")).unwrap().cells().unwrap();
+        assert_eq!(c[0].config.as_ref().unwrap().data.path, "/data/x");
+        assert!(spec("huge", None).is_err());
     }
 }
