@@ -366,7 +366,22 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
             match running[i].1.try_wait().map_err(|e| Error::Data(e.to_string()))? {
                 Some(_) => {
                     let (c, _) = running.remove(i);
-                    match read_status(dir, &c.id) {
+                    let st = read_status(dir, &c.id);
+                    if !progress {
+                        // Without a terminal, one line per finished run (for logs).
+                        eprintln!(
+                            "[{}/{}] {}: {}",
+                            counts.done + counts.failed + 1,
+                            counts.total,
+                            c.id,
+                            st.as_ref().map(|s| match &s.error {
+                                Some(e) => format!("{} ({e})", s.status),
+                                None => format!("{} in {:.0} s", s.status, s.wall_s),
+                            })
+                            .unwrap_or_else(|| "no result".into())
+                        );
+                    }
+                    match st {
                         Some(s) if s.status == "done" => counts.done += 1,
                         Some(s) if s.status == "failed" => counts.failed += 1,
                         _ => {
