@@ -341,3 +341,39 @@ pub fn summary_table(r: &Report) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(b' ');
+        }
+        h.push(b'\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(&h);
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn npy_integer_dtypes_and_errors() {
+        let u16s: Vec<u8> = [1u16, 65535, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(read_npy(&npy("<u2", "(3,)", &u16s)).unwrap(), vec![1, 65535, 7]);
+        let i32s: Vec<u8> = [5i32, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(read_npy(&npy("<i4", "(2,)", &i32s)).unwrap(), vec![5, -1]);
+        assert_eq!(read_npy(&npy("|u1", "(2,)", &[3, 4])).unwrap(), vec![3, 4]);
+        assert!(read_npy(&npy("<f4", "(1,)", &[0, 0, 0, 0])).unwrap_err().contains("not an integer"));
+        assert!(read_npy(&npy("<i4", "(1, 2)", &i32s)).unwrap_err().contains("1-D"));
+        assert!(read_npy(&npy("<i4", "(3,)", &i32s)).unwrap_err().contains("truncated"));
+        // Negative ids are refused by the caller with the element index.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("neg.npy");
+        std::fs::write(&p, npy("<i4", "(2,)", &i32s)).unwrap();
+        let e = read_token_ids(&p).unwrap_err().to_string();
+        assert!(e.contains("neg.npy") && e.contains("element 1"), "{e}");
+    }
+}
