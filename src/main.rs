@@ -151,6 +151,27 @@ struct AnalyzeArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Cross-expert Jacobian alignment: exact, estimate (Hutchinson, 64 probes), estimate:M, auto, off.
+    #[arg(long, default_value = "auto")]
+    jacobian: String,
+    /// Jacobian alignment over `routed` pairs (i<j both selected) or `all` pairs.
+    #[arg(long, default_value = "routed", value_parser = ["routed", "all"])]
+    jacobian_pairs: String,
+    /// Tokens (the first analysed) used for Jacobian alignment.
+    #[arg(long, default_value_t = 1024)]
+    jacobian_tokens: usize,
+    /// Routed tokens per expert whose Jacobian spectrum is computed (0 = none).
+    #[arg(long, default_value_t = 16)]
+    spectra_tokens: usize,
+    /// Expert subspaces: RANK (PCA rank), var:τ (smallest rank reaching τ of the variance, cap 16), var:τ:CAP, or off.
+    #[arg(long, default_value = "16")]
+    subspace: String,
+    /// PCA of the experts' routed `input`s or their `output`s h_e.
+    #[arg(long, default_value = "input", value_parser = ["input", "output"])]
+    space: String,
+    /// Weight each routed row by its gate g_e.
+    #[arg(long)]
+    weighted: bool,
     /// Where to write the JSON report.
     #[arg(long, default_value = "report.json")]
     out: PathBuf,
@@ -421,6 +442,17 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
     use moescope::measures::{analyze, Family};
+    // Check the options before any heavy work.
+    let geo = analyze::GeometryOptions {
+        jacobian: moescope::measures::jacobian::JacobianMode::parse(&a.jacobian).map_err(|e| anyhow::anyhow!("--jacobian: {e}"))?,
+        jacobian_all_pairs: a.jacobian_pairs == "all",
+        jacobian_tokens: a.jacobian_tokens,
+        spectra_tokens: a.spectra_tokens,
+        subspace: moescope::measures::subspace::RankRule::parse(&a.subspace).map_err(|e| anyhow::anyhow!("--subspace: {e}"))?,
+        output_space: a.space == "output",
+        weighted: a.weighted,
+        ..Default::default()
+    };
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
     if model.moe_layers().next().is_none() {
@@ -458,7 +490,7 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         bail!("--tokens {} exceeds the {} tokens of {data_desc}", a.tokens, tokens.len());
     }
     let source = analyze::Source { checkpoint: a.model.display().to_string(), data: data_desc, seed: 0 };
-    let report = analyze::analyze(&model, &tokens, a.tokens, a.batch.max(1), &families, source)?;
+    let report = analyze::analyze_with(&model, &tokens, a.tokens, a.batch.max(1), &families, &geo, source)?;
     let json = serde_json::to_vec_pretty(&report)?;
     moescope::fsutil::write_atomic(&a.out, &json)?;
     eprint!("{}", analyze::summary_table(&report));

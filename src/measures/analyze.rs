@@ -2,6 +2,8 @@
 //! the JSON document of SPEC.md "Machine-readable results"
 //! (schema `moescope.analysis/1`).
 
+use super::jacobian::{layer_jacobian, JacobianMode, JacobianReport};
+use super::subspace::{layer_subspaces, Moments, RankRule, SubspaceReport};
 use super::{mean_present, weight_overlap, Family, LayerAccumulator};
 use crate::model::Gpt;
 use crate::{Error, Result};
@@ -21,6 +23,42 @@ pub struct Source {
     pub seed: u64,
 }
 
+/// Function- and representation-space options (issue: Jacobians, subspaces).
+#[derive(Debug, Clone)]
+pub struct GeometryOptions {
+    pub jacobian: JacobianMode,
+    /// Jacobian alignment over all pairs instead of routed pairs.
+    pub jacobian_all_pairs: bool,
+    /// Tokens (the first ones analysed) used for Jacobian alignment.
+    pub jacobian_tokens: usize,
+    /// Routed tokens per expert whose Jacobian spectrum is computed (0 = none).
+    pub spectra_tokens: usize,
+    /// Singular values reported per expert.
+    pub top_singular_values: usize,
+    pub subspace: RankRule,
+    /// PCA of expert outputs h_e instead of inputs.
+    pub output_space: bool,
+    /// Weight rows by the gate g_e.
+    pub weighted: bool,
+    pub seed: u64,
+}
+
+impl Default for GeometryOptions {
+    fn default() -> Self {
+        GeometryOptions {
+            jacobian: JacobianMode::Off,
+            jacobian_all_pairs: false,
+            jacobian_tokens: 1024,
+            spectra_tokens: 16,
+            top_singular_values: 8,
+            subspace: RankRule::Off,
+            output_space: false,
+            weighted: false,
+            seed: 0,
+        }
+    }
+}
+
 /// Options that produced the numbers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Options {
@@ -34,6 +72,14 @@ pub struct Options {
     pub routing: crate::config::Routing,
     pub top_k: usize,
     pub norm_topk: bool,
+    /// `exact`, `estimate:M`, `auto` or `off` (the mode used per layer is in each layer's `jacobian.mode`).
+    pub jacobian: String,
+    pub jacobian_pairs: &'static str,
+    pub jacobian_tokens: usize,
+    /// `RANK`, `var:τ:CAP` or `off`.
+    pub subspace: String,
+    pub subspace_space: &'static str,
+    pub subspace_weighted: bool,
 }
 
 /// One MoE layer's measures.
@@ -60,6 +106,10 @@ pub struct LayerReport {
     pub balance: f64,
     pub dead_experts: Vec<usize>,
     pub max_violation: f64,
+    /// Function space (null when off).
+    pub jacobian: Option<JacobianReport>,
+    /// Representation space (null when off).
+    pub subspace: Option<SubspaceReport>,
 }
 
 /// Model-level summary.
@@ -185,6 +235,19 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
 /// Run every measure on `tokens` (the first `n` are used, in windows of the
 /// model's context, `batch` windows per forward pass).
 pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[Family], source: Source) -> Result<Report> {
+    analyze_with(model, tokens, n, batch, families, &GeometryOptions::default(), source)
+}
+
+/// [`analyze`] with function- and representation-space measures.
+pub fn analyze_with(
+    model: &Gpt,
+    tokens: &[u32],
+    n: usize,
+    batch: usize,
+    families: &[Family],
+    geo: &GeometryOptions,
+    source: Source,
+) -> Result<Report> {
     let moe_layers: Vec<usize> = model.moe_layers().map(|(l, _)| l).collect();
     if moe_layers.is_empty() {
         return Err(Error::Data("the model has no MoE layer: nothing to analyse".into()));
@@ -203,6 +266,12 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
     let t = model.cfg.seq_len;
     let k = model.cfg.active_experts();
     let mut accs: Vec<LayerAccumulator> = moe_layers.iter().map(|_| LayerAccumulator::new(model.cfg.n_experts, k)).collect();
+    let d = model.cfg.d_model;
+    let mut moments: Vec<Vec<Moments>> = moe_layers.iter().map(|_| (0..model.cfg.n_experts).map(|_| Moments::new(d)).collect()).collect();
+    // Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
+    let mut jac_inputs: Vec<Vec<Tensor>> = vec![Vec::new(); moe_layers.len()];
+    let mut jac_sel: Vec<Vec<u32>> = vec![Vec::new(); moe_layers.len()];
+    let mut jac_n = 0usize;
     let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
     let mut i = 0;
     while i < windows.len() {
@@ -217,8 +286,17 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
         }
         let x = Tensor::from_vec(inputs, (j - i, len), &dev)?;
         let out = model.forward(&x, true)?;
-        for ((acc, cap), (_, moe)) in accs.iter_mut().zip(&out.captures).zip(model.moe_layers()) {
+        let batch_n = (j - i) * len;
+        let take = geo.jacobian_tokens.saturating_sub(jac_n).min(batch_n);
+        for (li, ((acc, cap), (_, moe))) in accs.iter_mut().zip(&out.captures).zip(model.moe_layers()).enumerate() {
             acc.add(&cap.moe)?;
+            if geo.jacobian != JacobianMode::Off && take > 0 {
+                jac_inputs[li].push(cap.input.narrow(0, 0, take)?);
+                jac_sel[li].extend_from_slice(&cap.moe.selected[..take * cap.moe.k]);
+            }
+            if geo.subspace != RankRule::Off {
+                add_moments(&mut moments[li], cap, geo, model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk)?;
+            }
             // All pairs: every expert on every token of this layer's input.
             let d = cap.input.dim(1)?;
             let outs: Vec<Vec<f32>> = moe
@@ -228,6 +306,7 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
                 .collect::<Result<_>>()?;
             acc.add_all_pairs(&outs, d);
         }
+        jac_n += take;
         i = j;
     }
 
@@ -243,6 +322,14 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
         }
         let up = weight_overlap(moe, Family::Up)?.map(|w| w.mso);
         let tel = acc.telemetry();
+        let li = layers.len();
+        let jacobian = if geo.jacobian != JacobianMode::Off && !jac_inputs[li].is_empty() {
+            let x = Tensor::cat(&jac_inputs[li], 0)?;
+            layer_jacobian(moe, &x, &jac_sel[li], k, geo.jacobian, geo.jacobian_all_pairs, geo.spectra_tokens, geo.top_singular_values, geo.seed + index as u64)?
+        } else {
+            None
+        };
+        let subspace = layer_subspaces(&moments[li], geo.subspace, if geo.output_space { "output" } else { "input" }, geo.weighted);
         let (act, reason) = match acc.act_mso() {
             Ok(v) => (Some(v), None),
             Err(r) => (None, Some(r)),
@@ -266,6 +353,8 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
             balance: tel.balance,
             dead_experts: tel.dead_experts,
             max_violation: tel.max_violation,
+            jacobian,
+            subspace,
         });
     }
     let mean = |f: &dyn Fn(&LayerReport) -> f64| layers.iter().map(f).sum::<f64>() / layers.len() as f64;
@@ -304,11 +393,57 @@ pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[
             routing: model.cfg.routing,
             top_k: model.cfg.top_k,
             norm_topk: model.cfg.norm_topk,
+            jacobian: match geo.jacobian {
+                JacobianMode::Exact => "exact".into(),
+                JacobianMode::Estimate(m) => format!("estimate:{m}"),
+                JacobianMode::Auto => "auto".into(),
+                JacobianMode::Off => "off".into(),
+            },
+            jacobian_pairs: if geo.jacobian_all_pairs { "all" } else { "routed" },
+            jacobian_tokens: geo.jacobian_tokens.min(n),
+            subspace: match geo.subspace {
+                RankRule::Fixed(r) => r.to_string(),
+                RankRule::Variance(t, c) => format!("var:{t}:{c}"),
+                RankRule::Off => "off".into(),
+            },
+            subspace_space: if geo.output_space { "output" } else { "input" },
+            subspace_weighted: geo.weighted,
         },
         tokens: accs[0].tokens,
         layers,
         summary,
     })
+}
+
+/// Add each expert's routed rows (inputs, or outputs with `output_space`) to its moments.
+fn add_moments(m: &mut [Moments], cap: &crate::model::LayerCapture, geo: &GeometryOptions, renorm: bool) -> Result<()> {
+    let e_n = m.len();
+    let k = cap.moe.k;
+    for (e, (toks, h)) in cap.moe.expert_outputs.iter().enumerate() {
+        if toks.is_empty() {
+            continue;
+        }
+        let rows = if geo.output_space {
+            match h {
+                Some(h) => h.clone(),
+                None => continue,
+            }
+        } else {
+            cap.input.index_select(&Tensor::new(toks.as_slice(), cap.input.device())?, 0)?
+        };
+        let w: Option<Vec<f64>> = geo.weighted.then(|| {
+            toks.iter()
+                .map(|&t| {
+                    let t = t as usize;
+                    let p = &cap.moe.probs[t * e_n..(t + 1) * e_n];
+                    let denom: f64 = if renorm { cap.moe.selected[t * k..(t + 1) * k].iter().map(|&s| p[s as usize] as f64).sum() } else { 1.0 };
+                    p[e] as f64 / denom
+                })
+                .collect()
+        });
+        m[e].add(&rows, w.as_deref())?;
+    }
+    Ok(())
 }
 
 /// A short human-readable table of a report.
@@ -331,6 +466,32 @@ pub fn summary_table(r: &Report) -> String {
         );
     }
     let m = &r.summary;
+    for l in &r.layers {
+        if let Some(j) = &l.jacobian {
+            s += &format!(
+                "layer {} Jacobian alignment ({}, {} pairs, {} instances): mean {} | mean |A| {} | mean A² {}{}\n",
+                l.index,
+                j.mode,
+                j.pairs,
+                j.instances,
+                f(j.mean),
+                f(j.mean_abs),
+                f(j.mean_sq),
+                j.stderr.map(|e| format!(" | stderr {e:.4}")).unwrap_or_default()
+            );
+        }
+        if let Some(sp) = &l.subspace {
+            s += &format!(
+                "layer {} subspaces ({}): mean overlap {} (random {:.4}) | mean normalised geodesic {} | skipped {}\n",
+                l.index,
+                sp.space,
+                f(sp.mean_overlap),
+                sp.random_overlap,
+                f(sp.mean_geodesic_normalised),
+                sp.skipped.len()
+            );
+        }
+    }
     s += &format!(
         "model weight MSO(up) {} | act MSO {} | act MSO (all pairs) {} | gap ratio {} | over {} tokens\n",
         e(m.weight_mso.get("up").copied()),

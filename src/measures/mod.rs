@@ -6,6 +6,8 @@
 //! loss, so logging them costs no second forward). Accumulation is in f64.
 
 pub mod analyze;
+pub mod jacobian;
+pub mod subspace;
 
 use crate::model::moe::{MoeCapture, MoeLayer};
 use crate::model::Gpt;

@@ -1,0 +1,417 @@
+//! Function space (SPEC.md "Function space: Jacobians"): cross-expert Jacobian
+//! alignment A_ij(x) = ⟨J_i, J_j⟩_F / (‖J_i‖_F ‖J_j‖_F), Jacobian spectra and
+//! effective rank.
+//!
+//! Every expert's Jacobian is a sum of terms `W_down · diag(c_t(x)) · M_t`:
+//! - MLP: one term, c = φ'(W_up x + b_up), M = W_up;
+//! - SwiGLU (f = W_down (silu(W_gate x) ⊙ W_up x)): two terms,
+//!   c_1 = silu'(W_gate x) ⊙ (W_up x) with M_1 = W_gate, and c_2 = silu(W_gate x) with M_2 = W_up.
+//!
+//! Hence ⟨J_i, J_j⟩_F = Σ_{t,t'} c_{i,t}ᵀ K_{ij,tt'} c_{j,t'} with
+//! K_{ij,tt'} = (W_down,iᵀ W_down,j) ⊙ (M_{i,t} M_{j,t'}ᵀ), an f×f matrix computed once per
+//! pair and layer: **exact mode** never forms a d×d Jacobian.
+//! **Estimate mode** (Hutchinson): ⟨J_i, J_j⟩ ≈ (1/m) Σ_t (J_i v_t)·(J_j v_t), v_t ~ N(0, I),
+//! with J v = W_down (Σ_t c_t ⊙ (M_t v)); the standard error of A comes from
+//! 8 batch means.
+//!
+//! Cost (E experts, d model width, f = d_ff, T terms, N (token, pair) instances, m samples):
+//! - exact: K: E(E+1)/2 · (2 + 2T²) · f²·d flops, f²·T² floats live at a time;
+//!   per instance 2T²f² (plus the two norms);
+//! - estimate: per (token, expert) m·(2T + 2)·f·d flops, m·f floats per token;
+//! - `auto` picks exact when its flops are lower and K fits in 1 GiB, else estimate.
+
+use crate::config::Activation;
+use crate::model::moe::{Expert, MoeLayer};
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+
+/// How alignment is computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JacobianMode {
+    Exact,
+    /// Hutchinson with this many probe vectors.
+    Estimate(usize),
+    Auto,
+    Off,
+}
+
+impl JacobianMode {
+    /// `exact`, `estimate` (64 probes), `estimate:M`, `auto`, `off`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" => Ok(JacobianMode::Exact),
+            "auto" => Ok(JacobianMode::Auto),
+            "off" => Ok(JacobianMode::Off),
+            "estimate" => Ok(JacobianMode::Estimate(64)),
+            s if s.starts_with("estimate:") => s[9..]
+                .parse::<usize>()
+                .ok()
+                .filter(|m| *m >= 8)
+                .map(JacobianMode::Estimate)
+                .ok_or_else(|| format!("bad `{s}`: expected estimate:M with M ≥ 8 probe vectors")),
+            other => Err(format!("unknown Jacobian mode `{other}` (exact, estimate, estimate:M, auto, off)")),
+        }
+    }
+}
+
+/// (coefficients c_t (n×f), matrices M_t (f×d)) of an expert's Jacobian terms at inputs x (n×d).
+pub fn jacobian_terms(e: &Expert, x: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+    let sig = |z: &Tensor| -> Result<Tensor> { Ok((z.neg()?.exp()? + 1.0)?.recip()?) };
+    let silu_grad = |z: &Tensor| -> Result<Tensor> {
+        // σ(z) (1 + z (1 − σ(z)))
+        let s = sig(z)?;
+        Ok((&s * ((z * (s.neg()? + 1.0)?)? + 1.0)?)?)
+    };
+    let u = e.up.forward(x)?; // W_up x + b
+    match &e.gate {
+        Some(g) => {
+            let gz = g.forward(x)?;
+            let c1 = (silu_grad(&gz)? * &u)?;
+            let c2 = gz.silu()?;
+            Ok(vec![(c1, g.weight.clone()), (c2, e.up.weight.clone())])
+        }
+        None => {
+            let c = match e.activation {
+                Activation::Silu => silu_grad(&u)?,
+                Activation::Gelu => {
+                    // d/dz GELU_tanh(z) = 0.5(1 + tanh(a)) + 0.5 z (1 − tanh²(a)) · k (1 + 3·0.044715 z²),
+                    // a = k (z + 0.044715 z³), k = √(2/π)
+                    let k = (2.0 / std::f64::consts::PI).sqrt();
+                    let z3 = u.powf(3.0)?;
+                    let th = ((&u + (z3 * 0.044715)?)? * k)?.tanh()?;
+                    let left = ((&th + 1.0)? * 0.5)?;
+                    let sech2 = (th.sqr()?.neg()? + 1.0)?;
+                    let inner = ((u.sqr()? * (3.0 * 0.044715))? + 1.0)?;
+                    (left + (((&u * 0.5)? * sech2)? * inner)?.affine(k, 0.0)?)?
+                }
+            };
+            Ok(vec![(c, e.up.weight.clone())])
+        }
+    }
+}
+
+/// The explicit Jacobian of expert `e` at one input x (1×d): d×d. For tests and spectra.
+pub fn explicit_jacobian(e: &Expert, x: &Tensor) -> Result<Tensor> {
+    let terms = jacobian_terms(e, x)?;
+    let mut j: Option<Tensor> = None;
+    for (c, m) in &terms {
+        // W_down diag(c) M: (d×f) scaled by columns, times (f×d)
+        let t = e.down.weight.broadcast_mul(&c.reshape((1, c.elem_count()))?)?.matmul(m)?;
+        j = Some(match j {
+            Some(a) => (a + t)?,
+            None => t,
+        });
+    }
+    Ok(j.expect("at least one term"))
+}
+
+/// Per-layer function-space summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct JacobianReport {
+    /// `exact` or `estimate`.
+    pub mode: String,
+    /// Probe vectors (estimate mode).
+    pub samples: Option<usize>,
+    /// `routed` or `all`.
+    pub pairs: String,
+    /// (token, pair) instances pooled.
+    pub instances: usize,
+    pub mean: Option<f64>,
+    pub mean_abs: Option<f64>,
+    pub mean_sq: Option<f64>,
+    /// Mean standard error of A over instances (estimate mode).
+    pub stderr: Option<f64>,
+    /// E×E mean A per pair (diagonal and never-occurring pairs null).
+    pub matrix: Vec<Vec<Option<f64>>>,
+    /// Per expert: top singular values of J_e(x), averaged over its routed tokens (spectra sample).
+    pub spectra: Vec<Option<Vec<f64>>>,
+    /// Per expert: mean over tokens of exp(H(σ²/Σσ²)).
+    pub effective_rank: Vec<Option<f64>>,
+}
+
+/// Which (token, i, j) instances to measure.
+pub struct Instances {
+    /// For each pair (i<j): the token rows where it occurs.
+    pub by_pair: Vec<((usize, usize), Vec<u32>)>,
+}
+
+impl Instances {
+    /// Routed pairs from each token's selection (n × k), or all pairs on all tokens.
+    pub fn new(selected: &[u32], k: usize, n: usize, e: usize, all: bool) -> Self {
+        let mut by_pair: Vec<((usize, usize), Vec<u32>)> = Vec::new();
+        for i in 0..e {
+            for j in i + 1..e {
+                by_pair.push(((i, j), Vec::new()));
+            }
+        }
+        let idx = |i: usize, j: usize| -> usize { i * e - i * (i + 1) / 2 + (j - i - 1) };
+        for t in 0..n {
+            if all {
+                for p in by_pair.iter_mut() {
+                    p.1.push(t as u32);
+                }
+            } else {
+                let s = &selected[t * k..(t + 1) * k];
+                for a in 0..k {
+                    for b in a + 1..k {
+                        let (i, j) = (s[a].min(s[b]) as usize, s[a].max(s[b]) as usize);
+                        by_pair[idx(i, j)].1.push(t as u32);
+                    }
+                }
+            }
+        }
+        Instances { by_pair }
+    }
+
+    pub fn count(&self) -> usize {
+        self.by_pair.iter().map(|p| p.1.len()).sum()
+    }
+}
+
+fn rows(t: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    Ok(t.index_select(idx, 0)?)
+}
+
+/// Σ_{t,t'} c_{i,t}ᵀ K_{ij,tt'} c_{j,t'} for each row: exact inner products (n,).
+fn exact_inner(ei: &Expert, ej: &Expert, ci: &[(Tensor, Tensor)], cj: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let dd = ei.down.weight.t()?.matmul(&ej.down.weight)?; // (f×f) W_down,iᵀ W_down,j
+    let mut total: Option<Tensor> = None;
+    for (a, ma) in ci {
+        for (b, mb) in cj {
+            let k = (&dd * ma.matmul(&mb.t()?)?)?; // (f×f)
+            let v = (a.matmul(&k)? * b)?.sum(D::Minus1)?;
+            total = Some(match total {
+                Some(t) => (t + v)?,
+                None => v,
+            });
+        }
+    }
+    Ok(total.expect("terms"))
+}
+
+/// J v for each row of coefficients and each probe: (n, m, d) flattened as (n·m, d).
+fn jv(e: &Expert, c: &[(Tensor, Tensor)], probes: &Tensor) -> Result<Tensor> {
+    let n = c[0].0.dim(0)?;
+    let m = probes.dim(0)?;
+    let f = c[0].0.dim(1)?;
+    let mut h: Option<Tensor> = None;
+    for (coef, mat) in c {
+        let mv = probes.matmul(&mat.t()?)?; // (m, f)
+        let prod = coef.unsqueeze(1)?.broadcast_mul(&mv.unsqueeze(0)?)?; // (n, m, f)
+        h = Some(match h {
+            Some(a) => (a + prod)?,
+            None => prod,
+        });
+    }
+    Ok(h.expect("terms").reshape((n * m, f))?.matmul(&e.down.weight.t()?)?) // (n·m, d)
+}
+
+fn cost_exact(d: usize, f: usize, e: usize, t: usize, inst: usize, tokens: usize, k: usize) -> f64 {
+    let (d, f, e, t) = (d as f64, f as f64, e as f64, t as f64);
+    e * (e + 1.0) / 2.0 * (2.0 + 2.0 * t * t) * f * f * d + (inst as f64 * 3.0 + (tokens * k) as f64) * 2.0 * t * t * f * f
+}
+
+fn cost_estimate(d: usize, f: usize, t: usize, tokens: usize, k: usize, m: usize) -> f64 {
+    (tokens * k) as f64 * m as f64 * (2.0 * t as f64 + 2.0) * f as f64 * d as f64
+}
+
+/// Function-space measures of one MoE layer on inputs x (n×d) with each
+/// token's selection (n × k).
+pub fn layer_jacobian(
+    moe: &MoeLayer,
+    x: &Tensor,
+    selected: &[u32],
+    k: usize,
+    mode: JacobianMode,
+    all_pairs: bool,
+    spectra_tokens: usize,
+    top_sv: usize,
+    seed: u64,
+) -> Result<Option<JacobianReport>> {
+    if mode == JacobianMode::Off {
+        return Ok(None);
+    }
+    let x = x.to_dtype(DType::F64)?;
+    let (n, d) = x.dims2()?;
+    let e_n = moe.n_experts();
+    let f = moe.experts[0].up.weight.dim(0)?;
+    let t = if moe.experts[0].gate.is_some() { 2 } else { 1 };
+    let inst = Instances::new(selected, k, n, e_n, all_pairs);
+    let exact = match mode {
+        JacobianMode::Exact => true,
+        JacobianMode::Estimate(_) => false,
+        _ => {
+            let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
+            fits && cost_exact(d, f, e_n, t, inst.count(), n, k) <= cost_estimate(d, f, t, n, k, 64)
+        }
+    };
+    let m = match mode {
+        JacobianMode::Estimate(m) => m,
+        _ => 64,
+    };
+    // f64 copies of the experts (exactness of the measure does not depend on the model dtype).
+    let experts: Vec<Expert> = moe.experts.iter().map(|ex| to_f64(ex)).collect::<Result<_>>()?;
+    let mut sum = 0.0;
+    let mut sum_abs = 0.0;
+    let mut sum_sq = 0.0;
+    let mut se_sum = 0.0;
+    let mut count = 0usize;
+    let mut matrix = vec![vec![None; e_n]; e_n];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let probes = if exact {
+        None
+    } else {
+        let v: Vec<f64> = (0..m * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Some(Tensor::from_vec(v, (m, d), &Device::Cpu)?)
+    };
+    for ((i, j), toks) in &inst.by_pair {
+        if toks.is_empty() {
+            continue;
+        }
+        let idx = Tensor::new(toks.as_slice(), &Device::Cpu)?;
+        let xs = rows(&x, &idx)?;
+        let ci = jacobian_terms(&experts[*i], &xs)?;
+        let cj = jacobian_terms(&experts[*j], &xs)?;
+        let (a, se): (Vec<f64>, Option<Vec<f64>>) = if exact {
+            let ij = exact_inner(&experts[*i], &experts[*j], &ci, &cj)?.to_vec1::<f64>()?;
+            let ii = exact_inner(&experts[*i], &experts[*i], &ci, &ci)?.to_vec1::<f64>()?;
+            let jj = exact_inner(&experts[*j], &experts[*j], &cj, &cj)?.to_vec1::<f64>()?;
+            (ij.iter().zip(&ii).zip(&jj).map(|((p, a), b)| align(*p, *a, *b)).collect(), None)
+        } else {
+            let v = probes.as_ref().expect("probes");
+            let nt = toks.len();
+            let yi = jv(&experts[*i], &ci, v)?.reshape((nt, m, d))?;
+            let yj = jv(&experts[*j], &cj, v)?.reshape((nt, m, d))?;
+            let pij: Vec<Vec<f64>> = (&yi * &yj)?.sum(D::Minus1)?.to_vec2()?; // (n, m)
+            let pii: Vec<Vec<f64>> = yi.sqr()?.sum(D::Minus1)?.to_vec2()?;
+            let pjj: Vec<Vec<f64>> = yj.sqr()?.sum(D::Minus1)?.to_vec2()?;
+            let mut av = Vec::with_capacity(nt);
+            let mut sev = Vec::with_capacity(nt);
+            for r in 0..nt {
+                let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+                av.push(align(mean(&pij[r]), mean(&pii[r]), mean(&pjj[r])));
+                // Standard error of A from 8 batch means of the probes.
+                let b = 8;
+                let per = m / b;
+                let est: Vec<f64> = (0..b)
+                    .map(|q| {
+                        let s = q * per..(q + 1) * per;
+                        align(mean(&pij[r][s.clone()]), mean(&pii[r][s.clone()]), mean(&pjj[r][s]))
+                    })
+                    .collect();
+                let mu = mean(&est);
+                let sd = (est.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (b - 1) as f64).sqrt();
+                sev.push(sd / (b as f64).sqrt());
+            }
+            (av, Some(sev))
+        };
+        let pair_mean = a.iter().sum::<f64>() / a.len() as f64;
+        matrix[*i][*j] = Some(pair_mean);
+        matrix[*j][*i] = Some(pair_mean);
+        for v in &a {
+            sum += v;
+            sum_abs += v.abs();
+            sum_sq += v * v;
+        }
+        count += a.len();
+        if let Some(se) = se {
+            se_sum += se.iter().sum::<f64>();
+        }
+    }
+    // Spectra: per expert, over up to `spectra_tokens` of its routed tokens.
+    let mut spectra = vec![None; e_n];
+    let mut eff = vec![None; e_n];
+    if spectra_tokens > 0 {
+        for (ei, ex) in experts.iter().enumerate() {
+            let toks: Vec<usize> = (0..n).filter(|&r| selected[r * k..(r + 1) * k].contains(&(ei as u32))).take(spectra_tokens).collect();
+            if toks.is_empty() {
+                continue;
+            }
+            let mut top = vec![0.0; top_sv.min(d)];
+            let mut er = 0.0;
+            for &r in &toks {
+                let j = explicit_jacobian(ex, &x.narrow(0, r, 1)?)?;
+                let sv = singular_values(&j.to_vec2::<f64>()?);
+                for (q, s) in top.iter_mut().zip(&sv) {
+                    *q += s;
+                }
+                er += effective_rank(&sv.iter().map(|s| s * s).collect::<Vec<_>>());
+            }
+            let nt = toks.len() as f64;
+            spectra[ei] = Some(top.iter().map(|v| v / nt).collect());
+            eff[ei] = Some(er / nt);
+        }
+    }
+    let c = count as f64;
+    Ok(Some(JacobianReport {
+        mode: if exact { "exact".into() } else { "estimate".into() },
+        samples: (!exact).then_some(m),
+        pairs: if all_pairs { "all".into() } else { "routed".into() },
+        instances: count,
+        mean: (count > 0).then(|| sum / c),
+        mean_abs: (count > 0).then(|| sum_abs / c),
+        mean_sq: (count > 0).then(|| sum_sq / c),
+        stderr: (!exact && count > 0).then(|| se_sum / c),
+        matrix,
+        spectra,
+        effective_rank: eff,
+    }))
+}
+
+fn align(ij: f64, ii: f64, jj: f64) -> f64 {
+    let d = (ii * jj).sqrt();
+    if d > 0.0 {
+        (ij / d).clamp(-1.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+/// exp(H(p)) of the normalised non-negative weights (natural log).
+pub fn effective_rank(w: &[f64]) -> f64 {
+    let s: f64 = w.iter().filter(|v| **v > 0.0).sum();
+    if s <= 0.0 {
+        return 0.0;
+    }
+    let h: f64 = w.iter().filter(|v| **v > 0.0).map(|v| v / s).map(|p| -p * p.ln()).sum();
+    h.exp()
+}
+
+/// Singular values (non-increasing) of a row-major matrix.
+pub fn singular_values(a: &[Vec<f64>]) -> Vec<f64> {
+    let (r, c) = (a.len(), a.first().map_or(0, Vec::len));
+    let m = faer::Mat::<f64>::from_fn(r, c, |i, j| a[i][j]);
+    m.singular_values().unwrap_or_default()
+}
+
+/// An f64 copy of an expert.
+pub fn to_f64(e: &Expert) -> Result<Expert> {
+    let lin = |l: &crate::model::layers::Linear| -> Result<crate::model::layers::Linear> {
+        Ok(crate::model::layers::Linear {
+            weight: l.weight.to_dtype(DType::F64)?.to_device(&Device::Cpu)?,
+            bias: l.bias.as_ref().map(|b| b.to_dtype(DType::F64)?.to_device(&Device::Cpu)).transpose()?,
+        })
+    };
+    Ok(Expert { up: lin(&e.up)?, gate: e.gate.as_ref().map(lin).transpose()?, down: lin(&e.down)?, activation: e.activation })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(JacobianMode::parse("estimate:128").unwrap(), JacobianMode::Estimate(128));
+        assert!(JacobianMode::parse("estimate:2").is_err());
+        assert!(JacobianMode::parse("fast").is_err());
+    }
+
+    #[test]
+    fn effective_rank_of_flat_and_peaked() {
+        assert!((effective_rank(&[1.0, 1.0, 1.0, 1.0]) - 4.0).abs() < 1e-12);
+        assert!((effective_rank(&[1.0, 0.0, 0.0]) - 1.0).abs() < 1e-12);
+    }
+}

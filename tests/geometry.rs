@@ -1,0 +1,277 @@
+//! Function and representation space against independent references:
+//! Jacobians from autodiff and finite differences (f64), the Hutchinson
+//! estimator's 1/√m error, principal angles and PCA subspaces.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use moescope::config::{Activation, ExpertKind, ModelConfig, Routing};
+use moescope::measures::jacobian::{explicit_jacobian, layer_jacobian, JacobianMode};
+use moescope::measures::subspace::{grassmann, layer_subspaces, principal_angles, Moments, RankRule};
+use moescope::model::moe::{Expert, MoeLayer};
+use moescope::model::params::ParamStore;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+fn layer(expert: ExpertKind, activation: Activation, seed: u64) -> MoeLayer {
+    let cfg = ModelConfig { d_model: 6, d_ff: 9, n_experts: 3, top_k: 2, expert, activation, routing: Routing::Topk, ..common::micro_model() };
+    let mut ps = ParamStore::new(DType::F64, &Device::Cpu, seed);
+    let m = MoeLayer::new(&mut ps, "moe", &cfg, 0.6, 0.6).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 9);
+    for (name, v) in ps.names().iter().zip(ps.vars()) {
+        if name.ends_with("bias") {
+            let n = v.elem_count();
+            let vals: Vec<f64> = (0..n).map(|_| rng.random::<f64>() - 0.5).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    m
+}
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Tensor {
+    let v: Vec<f64> = (0..n * d).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+}
+
+/// J by autodiff: one backward pass per output coordinate.
+fn autodiff_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
+    let d = x.len();
+    (0..d)
+        .map(|k| {
+            let xv = Var::from_tensor(&Tensor::from_slice(x, (1, d), &Device::Cpu).unwrap()).unwrap();
+            let y = e.forward(xv.as_tensor()).unwrap();
+            let g = y.narrow(1, k, 1).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect()
+}
+
+/// J by central finite differences.
+fn fd_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
+    let d = x.len();
+    let f = |v: &[f64]| -> Vec<f64> { e.forward(&Tensor::from_slice(v, (1, d), &Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let h = 1e-6;
+    let mut j = vec![vec![0.0; d]; d];
+    for c in 0..d {
+        let mut p = x.to_vec();
+        p[c] += h;
+        let mut m = x.to_vec();
+        m[c] -= h;
+        let (fp, fm) = (f(&p), f(&m));
+        for r in 0..d {
+            j[r][c] = (fp[r] - fm[r]) / (2.0 * h);
+        }
+    }
+    j
+}
+
+fn frob(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| x * y).sum()
+}
+
+fn align(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    frob(a, b) / (frob(a, a) * frob(b, b)).sqrt()
+}
+
+#[test]
+fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
+    for (kind, act) in [(ExpertKind::Mlp, Activation::Silu), (ExpertKind::Mlp, Activation::Gelu), (ExpertKind::Swiglu, Activation::Silu)] {
+        let moe = layer(kind, act, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let n = 7;
+        let x = randn(&mut rng, n, 6);
+        let xs: Vec<Vec<f64>> = x.to_vec2().unwrap();
+        // Reference: explicit Jacobians from autodiff, checked against finite differences.
+        let mut refm = [[0.0f64; 3]; 3];
+        let mut refs = Vec::new();
+        for xt in &xs {
+            let js: Vec<Vec<Vec<f64>>> = moe.experts.iter().map(|e| autodiff_jacobian(e, xt)).collect();
+            for (e, j) in moe.experts.iter().zip(&js) {
+                let fd = fd_jacobian(e, xt);
+                for (a, b) in j.iter().flatten().zip(fd.iter().flatten()) {
+                    assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{kind:?}/{act:?}: autodiff {a} vs FD {b}");
+                }
+                // The analytic J used for spectra equals autodiff too.
+                let an: Vec<Vec<f64>> = explicit_jacobian(e, &Tensor::from_slice(xt, (1, 6), &Device::Cpu).unwrap()).unwrap().to_vec2().unwrap();
+                // candle's GELU backward uses 6-digit constants (0.797885, 0.0356774): 1e-6 there.
+                let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
+                for (a, b) in an.iter().flatten().zip(j.iter().flatten()) {
+                    assert!((a - b).abs() < tol * (1.0 + b.abs()), "{kind:?}/{act:?}: analytic {a} vs autodiff {b}");
+                }
+            }
+            for i in 0..3 {
+                for k in i + 1..3 {
+                    let a = align(&js[i], &js[k]);
+                    refm[i][k] += a / n as f64;
+                    refs.push(a);
+                }
+            }
+        }
+        // All pairs on every token, exact mode.
+        let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
+        let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0).unwrap().unwrap();
+        let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
+        assert_eq!(r.mode, "exact");
+        assert_eq!(r.instances, 3 * n);
+        for i in 0..3 {
+            for k in i + 1..3 {
+                let got = r.matrix[i][k].unwrap();
+                assert!((got - refm[i][k]).abs() < tol, "{kind:?}/{act:?} pair ({i},{k}): {got} vs {}", refm[i][k]);
+            }
+        }
+        let mean = refs.iter().sum::<f64>() / refs.len() as f64;
+        let mean_sq = refs.iter().map(|a| a * a).sum::<f64>() / refs.len() as f64;
+        assert!((r.mean.unwrap() - mean).abs() < tol && (r.mean_sq.unwrap() - mean_sq).abs() < tol);
+        assert!(r.matrix[0][0].is_none());
+    }
+}
+
+#[test]
+fn routed_pairs_follow_the_selection() {
+    let moe = layer(ExpertKind::Mlp, Activation::Silu, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = randn(&mut rng, 4, 6);
+    // Tokens 0,1 route to (0,1); tokens 2,3 to (2,1).
+    let sel = vec![0u32, 1, 1, 0, 2, 1, 1, 2];
+    let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0).unwrap().unwrap();
+    assert_eq!(r.instances, 4);
+    assert!(r.matrix[0][1].is_some() && r.matrix[1][2].is_some() && r.matrix[0][2].is_none());
+    // Spectra: every expert that has tokens gets top singular values in non-increasing order.
+    for s in r.spectra.iter().flatten() {
+        assert_eq!(s.len(), 3);
+        assert!(s.windows(2).all(|w| w[0] >= w[1] - 1e-12));
+    }
+    assert!(r.effective_rank.iter().flatten().all(|e| *e >= 1.0 && *e <= 6.0));
+}
+
+#[test]
+fn estimator_error_falls_as_one_over_sqrt_m() {
+    let moe = layer(ExpertKind::Swiglu, Activation::Silu, 8);
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let n = 40;
+    let x = randn(&mut rng, n, 6);
+    let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
+    let exact = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0).unwrap().unwrap();
+    let mut errs = Vec::new();
+    for m in [16usize, 64, 256, 1024] {
+        // Mean absolute error of the per-pair means, averaged over seeds.
+        let mut e = 0.0;
+        let mut se = 0.0;
+        for seed in 0..6 {
+            let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Estimate(m), true, 0, 1, seed).unwrap().unwrap();
+            assert_eq!(r.mode, "estimate");
+            for i in 0..3 {
+                for k in i + 1..3 {
+                    e += (r.matrix[i][k].unwrap() - exact.matrix[i][k].unwrap()).abs();
+                }
+            }
+            se += r.stderr.unwrap();
+        }
+        errs.push((m, e, se));
+    }
+    // Each 4x more probes halves the error (1/sqrt(m)): allow a generous band.
+    for w in errs.windows(2) {
+        let ratio = w[1].1 / w[0].1;
+        assert!((0.3..0.8).contains(&ratio), "error ratio {ratio} from m={} to m={}: {errs:?}", w[0].0, w[1].0);
+        let sratio = w[1].2 / w[0].2;
+        assert!((0.4..0.6).contains(&sratio), "stderr ratio {sratio}: {errs:?}");
+    }
+}
+
+/// Random orthonormal r-frame in R^d (Gram–Schmidt on Gaussians).
+fn random_frame(rng: &mut ChaCha8Rng, d: usize, r: usize) -> Vec<Vec<f64>> {
+    let mut out: Vec<Vec<f64>> = Vec::new();
+    while out.len() < r {
+        let mut v: Vec<f64> = (0..d).map(|_| StandardNormal.sample(rng)).collect();
+        for u in &out {
+            let p: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(u).for_each(|(a, b)| *a -= p * b);
+        }
+        let n = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        out.push(v.iter().map(|a| a / n).collect());
+    }
+    out
+}
+
+#[test]
+fn random_subspaces_overlap_r_over_d() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (d, r) = (48, 6);
+    let trials = 300;
+    let mut s = 0.0;
+    for _ in 0..trials {
+        let a = random_frame(&mut rng, d, r);
+        let b = random_frame(&mut rng, d, r);
+        s += grassmann(&principal_angles(&a, &b)).2;
+    }
+    let mean = s / trials as f64;
+    assert!((mean - r as f64 / d as f64).abs() < 0.01, "{mean} vs {}", r as f64 / d as f64);
+}
+
+#[test]
+fn pca_recovers_planted_subspaces() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let d = 10;
+    let planted = |rng: &mut ChaCha8Rng, dims: &[usize], n: usize| -> Tensor {
+        let mut v = vec![0.0; n * d];
+        for row in 0..n {
+            for &k in dims {
+                v[row * d + k] = 3.0 * Distribution::<f64>::sample(&StandardNormal, rng) + 5.0;
+            }
+            for k in 0..d {
+                v[row * d + k] += 1e-3 * Distribution::<f64>::sample(&StandardNormal, rng);
+            }
+        }
+        Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    };
+    let mut ms: Vec<Moments> = (0..3).map(|_| Moments::new(d)).collect();
+    // Experts 0 and 1 share span{e0, e1}; expert 2 lives in span{e5, e6}; added in two batches each.
+    for (e, dims) in [(0, [0usize, 1]), (1, [0, 1]), (2, [5, 6])] {
+        for _ in 0..2 {
+            ms[e].add(&planted(&mut rng, &dims, 200), None).unwrap();
+        }
+    }
+    let mut small = Moments::new(d);
+    small.add(&planted(&mut rng, &[2, 3], 2), None).unwrap();
+    ms.push(small);
+    let r = layer_subspaces(&ms, RankRule::Fixed(2), "input", false).unwrap();
+    assert!(r.overlap[0][1].unwrap() > 0.999, "{:?}", r.overlap[0][1]);
+    assert!(r.overlap[0][2].unwrap() < 1e-3 && (r.geodesic_normalised[0][2].unwrap() - 1.0).abs() < 1e-3);
+    assert!((r.random_overlap - 0.2).abs() < 1e-12);
+    assert!(r.effective_rank[0].unwrap() > 1.8 && r.effective_rank[0].unwrap() < 2.05);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!((r.skipped[0].expert, r.skipped[0].n), (3, 2));
+    // Variance rule: 95% of the variance needs both planted directions.
+    let v = layer_subspaces(&ms[..3], RankRule::Variance(0.95, 8), "input", false).unwrap();
+    assert_eq!(v.rank, vec![Some(2), Some(2), Some(2)]);
+}
+
+#[test]
+fn analyze_reports_jacobian_and_subspace_per_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = common::micro_config(&d.path().join("cache"));
+    c.train.max_steps = 3;
+    let run = d.path().join("run");
+    let o = moescope::train::TrainOptions { out: run.clone(), resume: false, progress: false, quiet: true, stop_after: None };
+    moescope::train::train(c, &o).unwrap();
+    let out = d.path().join("r.json");
+    let args = ["analyze", "--model", run.to_str().unwrap(), "--tokens", "400", "--subspace", "4", "--jacobian", "estimate:32", "--out", out.to_str().unwrap()];
+    let o = std::process::Command::new(common::bin()).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    for l in v["layers"].as_array().unwrap() {
+        let j = &l["jacobian"];
+        for k in ["mean", "mean_abs", "mean_sq", "matrix", "mode", "stderr", "spectra", "effective_rank"] {
+            assert!(j.get(k).is_some(), "jacobian lacks {k}");
+        }
+        assert_eq!(j["mode"], "estimate");
+        let s = &l["subspace"];
+        for k in ["rank", "overlap", "geodesic", "geodesic_normalised", "random_overlap", "effective_rank", "skipped"] {
+            assert!(s.get(k).is_some(), "subspace lacks {k}");
+        }
+        assert!((s["random_overlap"].as_f64().unwrap() - 4.0 / 32.0).abs() < 1e-12);
+    }
+    let bad = std::process::Command::new(common::bin()).args(["analyze", "--model", run.to_str().unwrap(), "--jacobian", "fast"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--jacobian"));
+}
