@@ -356,11 +356,28 @@ pub struct MeasureConfig {
     pub seed: u64,
     /// Weight-overlap families logged (`up`, `gate`, `down`, `router`).
     pub families: Vec<String>,
+    /// At the end of training, run every measure (as `moescope analyze`) on the
+    /// validation split and write `analysis.json` into the run folder.
+    pub final_analysis: bool,
+    /// Validation tokens for that analysis.
+    pub analysis_tokens: usize,
+    /// Jacobian mode of that analysis: exact, estimate, estimate:M, auto, off.
+    pub jacobian: String,
+    /// Subspace option of that analysis: RANK, var:τ, var:τ:CAP, off.
+    pub subspace: String,
 }
 
 impl Default for MeasureConfig {
     fn default() -> Self {
-        MeasureConfig { tokens: 4096, seed: 0, families: vec!["up".into(), "router".into()] }
+        MeasureConfig {
+            tokens: 4096,
+            seed: 0,
+            families: vec!["up".into(), "router".into()],
+            final_analysis: false,
+            analysis_tokens: 2048,
+            jacobian: "auto".into(),
+            subspace: "16".into(),
+        }
     }
 }
 
@@ -487,6 +504,8 @@ impl Config {
         for f in &self.measure.families {
             crate::measures::Family::parse(f, "measure.families")?;
         }
+        crate::measures::jacobian::JacobianMode::parse(&self.measure.jacobian).map_err(|e| Error::config("measure.jacobian", e))?;
+        crate::measures::subspace::RankRule::parse(&self.measure.subspace).map_err(|e| Error::config("measure.subspace", e))?;
         Ok(())
     }
 

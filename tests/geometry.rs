@@ -1,6 +1,7 @@
 //! Function and representation space against independent references:
 //! Jacobians from autodiff and finite differences (f64), the Hutchinson
 //! estimator's 1/√m error, principal angles and PCA subspaces.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 

@@ -15,6 +15,8 @@
 //! [grid]                          # the product of these lists, one run per combination
 //! "reg.orth_lambda" = [0.0, 0.01, 0.1]
 //! "train.seed" = [0, 1, 2]
+//! # A list of tables is a list of variants, each setting several keys together:
+//! "model" = [{ routing = "topk", top_k = 1 }, { routing = "soft" }]
 //! ```
 //!
 //! Layout of the sweep folder: `sweep.toml` (the spec, with `base` made
@@ -159,8 +161,19 @@ impl SweepSpec {
             for (a, (k, vals)) in axes.iter().enumerate() {
                 let v = &vals[picks[a]];
                 values.insert(k.clone(), to_json(v));
-                labels.push(format!("{}={}", shorts[a], value_label(v)));
-                all_sets.push(format!("{k}={v}"));
+                match v {
+                    // A table is a variant: several keys under `k` set together.
+                    toml::Value::Table(t) => {
+                        let mut inner = Vec::new();
+                        flatten(k, t, &mut inner);
+                        labels.push(format!("{}={}", shorts[a], inner.iter().map(|(_, v)| value_label(v)).collect::<Vec<_>>().join("-")));
+                        all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
+                    }
+                    v => {
+                        labels.push(format!("{}={}", shorts[a], value_label(v)));
+                        all_sets.push(format!("{k}={v}"));
+                    }
+                }
             }
             let id = if labels.is_empty() { "run".to_string() } else { labels.join("_") };
             let config = Config::resolve(self.preset.as_deref(), base.as_deref(), &all_sets).map_err(|e| e.to_string());

@@ -220,6 +220,7 @@ fn cost_estimate(d: usize, f: usize, t: usize, tokens: usize, k: usize, m: usize
 
 /// Function-space measures of one MoE layer on inputs x (n×d) with each
 /// token's selection (n × k).
+#[allow(clippy::too_many_arguments)]
 pub fn layer_jacobian(
     moe: &MoeLayer,
     x: &Tensor,
@@ -253,7 +254,7 @@ pub fn layer_jacobian(
         _ => 64,
     };
     // f64 copies of the experts (exactness of the measure does not depend on the model dtype).
-    let experts: Vec<Expert> = moe.experts.iter().map(|ex| to_f64(ex)).collect::<Result<_>>()?;
+    let experts: Vec<Expert> = moe.experts.iter().map(to_f64).collect::<Result<_>>()?;
     let mut sum = 0.0;
     let mut sum_abs = 0.0;
     let mut sum_sq = 0.0;

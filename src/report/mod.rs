@@ -28,6 +28,8 @@ struct Run {
     wmso: Option<f64>,
     amso: Option<f64>,
     gap_layers: Vec<Option<f64>>,
+    /// `top-k` or `soft`.
+    mode: String,
 }
 
 fn run_from_row(r: &Map<String, Value>) -> Run {
@@ -47,7 +49,109 @@ fn run_from_row(r: &Map<String, Value>) -> Run {
         wmso: f("weight_mso"),
         amso: f("act_mso"),
         gap_layers,
+        mode: match r.get("routing").and_then(Value::as_str) {
+            Some("soft") => "soft".into(),
+            _ => format!("top-{}", r.get("top_k").and_then(Value::as_u64).unwrap_or(0)),
+        },
     }
+}
+
+/// Layer means of one run's analysis.json: (act, act_all, jac mean, |A|, A², overlap, random, geodesic_n).
+fn analysis_means(a: &Value) -> [Option<f64>; 8] {
+    let layers = a["layers"].as_array().cloned().unwrap_or_default();
+    let avg = |f: &dyn Fn(&Value) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = layers.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    [
+        avg(&|l| l["act_mso"].as_f64()),
+        avg(&|l| l["act_mso_all"].as_f64()),
+        avg(&|l| l["jacobian"]["mean"].as_f64()),
+        avg(&|l| l["jacobian"]["mean_abs"].as_f64()),
+        avg(&|l| l["jacobian"]["mean_sq"].as_f64()),
+        avg(&|l| l["subspace"]["mean_overlap"].as_f64()),
+        avg(&|l| l["subspace"]["random_overlap"].as_f64()),
+        avg(&|l| l["subspace"]["mean_geodesic_normalised"].as_f64()),
+    ]
+}
+
+fn matrix(v: &Value) -> Vec<Vec<Option<f64>>> {
+    v.as_array().map(|rows| rows.iter().map(|r| r.as_array().map(|c| c.iter().map(Value::as_f64).collect()).unwrap_or_default()).collect()).unwrap_or_default()
+}
+
+/// The routing section: modes side by side (needs runs with analysis.json).
+fn routing_section(dir: &SweepDir, done: &[&Run], tables: &mut Vec<Table>, figures: &mut Vec<(String, String, String)>) {
+    let mut by_mode: Vec<(String, Vec<(&Run, Value)>)> = Vec::new();
+    for r in done {
+        let Ok(text) = std::fs::read_to_string(dir.run(&r.id).join("analysis.json")) else { continue };
+        let Ok(a) = serde_json::from_str::<Value>(&text) else { continue };
+        match by_mode.iter_mut().find(|(m, _)| *m == r.mode) {
+            Some((_, v)) => v.push((r, a)),
+            None => by_mode.push((r.mode.clone(), vec![(r, a)])),
+        }
+    }
+    if by_mode.len() < 2 {
+        return;
+    }
+    by_mode.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut rows = Vec::new();
+    for (mode, runs) in &by_mode {
+        let means: Vec<[Option<f64>; 8]> = runs.iter().map(|(_, a)| analysis_means(a)).collect();
+        let refs: Vec<&Run> = runs.iter().map(|(r, _)| *r).collect();
+        let col = |k: usize| -> Cell {
+            let v: Vec<f64> = means.iter().filter_map(|m| m[k]).collect();
+            Cell { text: if v.is_empty() { "null".into() } else { mean_sd(&v) }, links: vec![] }
+        };
+        let mut first = Cell::from(mode.clone());
+        first.links = refs.iter().map(|r| (format!("s{}", r.seed), format!("runs/{}/analysis.json", r.id))).collect();
+        rows.push(vec![first, col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
+        // Heatmaps of the lowest-seed run of this mode, per layer.
+        let (r0, a0) = runs.iter().min_by_key(|(r, _)| r.seed).expect("non-empty");
+        for l in a0["layers"].as_array().cloned().unwrap_or_default() {
+            let idx = l["index"].as_u64().unwrap_or(0);
+            let jm = matrix(&l["jacobian"]["matrix"]);
+            if !jm.is_empty() {
+                figures.push((
+                    format!("routing-{}-jacobian-l{idx}", sanitize(mode)),
+                    format!("Jacobian alignment, {mode}, layer {idx} ({})", r0.id),
+                    svg::heatmap(&format!("A_ij {mode} L{idx}"), &jm, 0.0, 1.0),
+                ));
+            }
+            let om = matrix(&l["subspace"]["overlap"]);
+            if !om.is_empty() {
+                figures.push((
+                    format!("routing-{}-subspace-l{idx}", sanitize(mode)),
+                    format!("Subspace overlap, {mode}, layer {idx} ({})", r0.id),
+                    svg::heatmap(&format!("O_ij {mode} L{idx}"), &om, 0.0, 1.0),
+                ));
+            }
+        }
+    }
+    tables.push(Table {
+        title: "Routing: function vs representation space per routing mode".into(),
+        header: vec!["mode", "act MSO", "act MSO (all pairs)", "Jacobian mean A", "mean |A|", "mean A²", "subspace overlap", "random r/d", "norm. geodesic"],
+        rows,
+        note: "Layer means of each run's analysis.json (mean ± sd over seeds). Jacobian alignment over routed pairs (all pairs for top-1 have none: null); subspaces of routed inputs; random r/d is the expected overlap of random subspaces.".into(),
+    });
+    // Scatter: functional vs representational overlap per expert pair (all layers, all runs).
+    let mut sc = Chart::new("Functional vs representational overlap per expert pair", "Jacobian alignment A_ij", "subspace overlap O_ij");
+    for (mode, runs) in &by_mode {
+        let mut pts = Vec::new();
+        for (_, a) in runs {
+            for l in a["layers"].as_array().cloned().unwrap_or_default() {
+                let (jm, om) = (matrix(&l["jacobian"]["matrix"]), matrix(&l["subspace"]["overlap"]));
+                for i in 0..jm.len().min(om.len()) {
+                    for j in i + 1..jm[i].len().min(om[i].len()) {
+                        if let (Some(x), Some(y)) = (jm[i][j], om[i][j]) {
+                            pts.push((x, y, None));
+                        }
+                    }
+                }
+            }
+        }
+        sc.series.push(Series { name: mode.clone(), points: pts, line: false });
+    }
+    figures.push(("routing-scatter".into(), "Functional (Jacobian) vs representational (subspace) overlap per expert pair, by routing mode".into(), sc.svg()));
 }
 
 /// A table cell: text plus links to the runs behind it.
@@ -263,8 +367,8 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                 })
                 .collect()
         };
-        fw.series.push(Series { name: "weight MSO".into(), points: pts(&|r| r.wmso) });
-        fa.series.push(Series { name: "activation MSO".into(), points: pts(&|r| r.amso) });
+        fw.series.push(Series { name: "weight MSO".into(), points: pts(&|r| r.wmso), line: true });
+        fa.series.push(Series { name: "activation MSO".into(), points: pts(&|r| r.amso), line: true });
         let stem = sanitize(ds);
         figures.push((format!("figure1-weight-{stem}"), format!("Figure 1a: weight MSO against λ{suffix} (mean ± sd over seeds)"), fw.svg()));
         figures.push((format!("figure1-activation-{stem}"), format!("Figure 1b: activation MSO against λ{suffix} (mean ± sd over seeds)"), fa.svg()));
@@ -279,7 +383,7 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                     (!v.is_empty()).then(|| (i as f64, stats::mean(&v), None))
                 })
                 .collect();
-            fg.series.push(Series { name: format!("λ = {}", lam(*l)), points });
+            fg.series.push(Series { name: format!("λ = {}", lam(*l)), points, line: true });
         }
         fg.x_ticks = Some((0..groups.iter().flat_map(|(_, g)| g.iter().map(|r| r.gap_layers.len())).max().unwrap_or(0)).map(|i| (i as f64, i.to_string())).collect());
         figures.push((format!("gap-ratio-{stem}"), format!("Per-layer gap ratio{suffix} (mean over seeds)"), fg.svg()));
@@ -294,7 +398,7 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                 }
             }
             let points = acc.iter().map(|(s, v)| (*s as f64, stats::mean(v), None)).collect();
-            fc.series.push(Series { name: format!("λ = {}", lam(*l)), points });
+            fc.series.push(Series { name: format!("λ = {}", lam(*l)), points, line: true });
         }
         figures.push((format!("training-{stem}"), format!("Training curves{suffix} (mean over seeds)"), fc.svg()));
     }
@@ -304,6 +408,7 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
         rows: t4_rows,
         note: "Chosen λ: the λ > 0 with the lowest mean validation perplexity on that dataset.".into(),
     });
+    routing_section(dir, &done, &mut tables, &mut figures);
     let runs_table = Table {
         title: "Runs".into(),
         header: vec!["run", "status", "dataset", "λ", "seed", "val PPL", "error"],

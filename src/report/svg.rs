@@ -11,6 +11,8 @@ use std::fmt::Write;
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64, Option<f64>)>,
+    /// Join the points with a line (false: a scatter).
+    pub line: bool,
 }
 
 /// A line chart.
@@ -150,7 +152,7 @@ impl Chart {
         for (i, s) in self.series.iter().enumerate() {
             let c = PALETTE[i % PALETTE.len()];
             let ps: Vec<&(f64, f64, Option<f64>)> = s.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-            if ps.len() > 1 {
+            if ps.len() > 1 && s.line {
                 let d: Vec<String> = ps.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
                 let _ = write!(out, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, d.join(" "));
             }
@@ -167,7 +169,7 @@ impl Chart {
                         x + 3.0
                     );
                 }
-                if ps.len() <= 40 {
+                if ps.len() <= 40 || !s.line {
                     let _ = write!(out, r#"<circle cx="{x:.1}" cy="{y:.1}" r="2.6" fill="{c}"/>"#);
                 }
             }
@@ -187,6 +189,43 @@ impl Chart {
     }
 }
 
+/// An E×E heatmap of values in [lo, hi] (null cells grey), with the values written in.
+pub fn heatmap(title: &str, m: &[Vec<Option<f64>>], lo: f64, hi: f64) -> String {
+    let e = m.len();
+    let cell = 34.0;
+    let (ml, mt) = (30.0, 34.0);
+    let (w, h) = (ml + cell * e as f64 + 10.0, mt + cell * e as f64 + 10.0);
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="9"><text x="4" y="14" font-size="11" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    for i in 0..e {
+        let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="middle">{i}</text>"#, ml + cell * (i as f64 + 0.5), mt - 4.0);
+        let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="end">{i}</text>"#, ml - 4.0, mt + cell * (i as f64 + 0.6));
+        for j in 0..e {
+            let (x, y) = (ml + cell * j as f64, mt + cell * i as f64);
+            let (fill, label) = match m[i].get(j).copied().flatten() {
+                Some(v) => {
+                    let t = ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+                    // white (lo) to dark red (hi)
+                    let g = (255.0 * (1.0 - t)) as u8;
+                    let r = (255.0 - 80.0 * t) as u8;
+                    (format!("rgb({r},{g},{g})"), format!("{v:.2}"))
+                }
+                None => ("#e0e0e0".to_string(), String::new()),
+            };
+            let _ = write!(
+                out,
+                r#"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" stroke="white"/><text x="{}" y="{}" text-anchor="middle">{label}</text>"#,
+                x + cell / 2.0,
+                y + cell / 2.0 + 3.0
+            );
+        }
+    }
+    out.push_str("</svg>");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,7 +233,7 @@ mod tests {
     #[test]
     fn chart_renders_points_error_bars_and_escapes() {
         let mut c = Chart::new("a < b", "x", "y");
-        c.series.push(Series { name: "s&1".into(), points: vec![(0.0, 1.0, Some(0.1)), (1.0, 2.0, None)] });
+        c.series.push(Series { name: "s&1".into(), points: vec![(0.0, 1.0, Some(0.1)), (1.0, 2.0, None)], line: true });
         let s = c.svg();
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         assert!(s.contains("a &lt; b") && s.contains("s&amp;1") && s.contains("<polyline"));

@@ -462,6 +462,9 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         None => evaluate(&model, &ds.valid, b, cfg.train.eval_tokens)?,
     };
     checkpoint::save_model(out, &model)?;
+    if cfg.measure.final_analysis {
+        final_analysis(&model, &cfg, &ds, out)?;
+    }
     let summary = TrainSummary {
         run_dir: out.clone(),
         steps: state.step,
@@ -476,6 +479,27 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     };
     write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary).expect("json"))?;
     Ok(summary)
+}
+
+/// Every measure of `moescope analyze` on the start of the validation split,
+/// written to `RUN/analysis.json`.
+fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result<()> {
+    use crate::measures::analyze::{analyze_with, GeometryOptions, Source};
+    use crate::measures::jacobian::JacobianMode;
+    use crate::measures::subspace::RankRule;
+    let n = cfg.measure.analysis_tokens.min(ds.valid.len());
+    let mut toks = Vec::with_capacity(n);
+    ds.valid.extend_into(&mut toks, 0, n);
+    let geo = GeometryOptions {
+        jacobian: JacobianMode::parse(&cfg.measure.jacobian).map_err(|e| Error::config("measure.jacobian", e))?,
+        subspace: RankRule::parse(&cfg.measure.subspace).map_err(|e| Error::config("measure.subspace", e))?,
+        seed: cfg.measure.seed,
+        ..Default::default()
+    };
+    let families: Vec<Family> = Family::ALL.to_vec();
+    let source = Source { checkpoint: out.display().to_string(), data: format!("{} (validation split)", ds.source), seed: cfg.train.seed };
+    let report = analyze_with(model, &toks, n, cfg.train.batch_size, &families, &geo, source)?;
+    write_atomic(&out.join("analysis.json"), &serde_json::to_vec_pretty(&report).expect("json"))
 }
 
 fn diverged(out: &Path, step: usize, what: &str, v: f64) -> Error {
