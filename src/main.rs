@@ -250,6 +250,28 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Jacobian alignment on a random MoE layer: exact vs Hutchinson vs naive autodiff Jacobians.
+    Jacobian {
+        #[arg(long, default_value_t = 512)]
+        d_model: usize,
+        #[arg(long, default_value_t = 2048)]
+        d_ff: usize,
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        /// SwiGLU experts (default MLP/SiLU).
+        #[arg(long)]
+        swiglu: bool,
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        /// Tokens on which the naive way is timed (then scaled to all).
+        #[arg(long, default_value_t = 2)]
+        naive_tokens: usize,
+        /// Skip exact mode and the naive way (e.g. Mixtral-sized layers).
+        #[arg(long)]
+        estimate_only: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Cost of logging the measures at evaluation (activation capture + weight MSO), in % of an eval pass.
     Eval {
         #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
@@ -333,6 +355,25 @@ fn run(cli: Cli) -> Result<()> {
             run_sweep(spec, dir, a.jobs, a.threads, a.slurm, false)
         }
         Cmd::Bench { what } => match what {
+            BenchCmd::Jacobian { d_model, d_ff, experts, swiglu, tokens, naive_tokens, estimate_only, threads } => {
+                set_threads(threads);
+                if experts < 2 || tokens == 0 {
+                    bail!("need at least 2 experts and 1 token");
+                }
+                let r = moescope::bench::bench_jacobian(d_model, d_ff, experts, swiglu, tokens, naive_tokens, estimate_only)?;
+                eprintln!(
+                    "bench jacobian d={} f={} E={} {}: {} instances | exact {} | estimate(64) {:.2} s | naive {} | speedup {} | max |ΔA| {} | auto picks {}",
+                    r.d_model, r.d_ff, r.experts, r.expert, r.instances,
+                    r.exact_s.map(|s| format!("{s:.2} s")).unwrap_or("-".into()),
+                    r.estimate_s,
+                    r.naive_s_extrapolated.map(|s| format!("{s:.0} s (extrapolated from {} tokens)", r.naive_tokens)).unwrap_or("-".into()),
+                    r.speedup_exact_vs_naive.map(|s| format!("{s:.0}x")).unwrap_or("-".into()),
+                    r.max_abs_diff.map(|s| format!("{s:.1e}")).unwrap_or("-".into()),
+                    r.auto_picks
+                );
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            }
             BenchCmd::Eval { preset, sets, vocab, eval_tokens, measure_tokens, reps, threads } => {
                 set_threads(threads);
                 let mut cfg = Config::resolve(Some(&preset), None, &sets)?;

@@ -209,6 +209,12 @@ fn jv(e: &Expert, c: &[(Tensor, Tensor)], probes: &Tensor) -> Result<Tensor> {
     Ok(h.expect("terms").reshape((n * m, f))?.matmul(&e.down.weight.t()?)?) // (n·m, d)
 }
 
+/// Whether `auto` picks exact mode for this workload (see the module docs for the cost model).
+pub fn auto_picks_exact(d: usize, f: usize, e: usize, t: usize, instances: usize, tokens: usize, k: usize) -> bool {
+    let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
+    fits && cost_exact(d, f, e, t, instances, tokens, k) <= cost_estimate(d, f, t, tokens, k, 64)
+}
+
 fn cost_exact(d: usize, f: usize, e: usize, t: usize, inst: usize, tokens: usize, k: usize) -> f64 {
     let (d, f, e, t) = (d as f64, f as f64, e as f64, t as f64);
     e * (e + 1.0) / 2.0 * (2.0 + 2.0 * t * t) * f * f * d + (inst as f64 * 3.0 + (tokens * k) as f64) * 2.0 * t * t * f * f
@@ -244,10 +250,7 @@ pub fn layer_jacobian(
     let exact = match mode {
         JacobianMode::Exact => true,
         JacobianMode::Estimate(_) => false,
-        _ => {
-            let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
-            fits && cost_exact(d, f, e_n, t, inst.count(), n, k) <= cost_estimate(d, f, t, n, k, 64)
-        }
+        _ => auto_picks_exact(d, f, e_n, t, inst.count(), n, k),
     };
     let m = match mode {
         JacobianMode::Estimate(m) => m,
@@ -268,6 +271,22 @@ pub fn layer_jacobian(
         let v: Vec<f64> = (0..m * d).map(|_| StandardNormal.sample(&mut rng)).collect();
         Some(Tensor::from_vec(v, (m, d), &Device::Cpu)?)
     };
+    // Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
+    let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
+    if exact {
+        for (ei, ex) in experts.iter().enumerate() {
+            let mut toks: Vec<u32> = inst.by_pair.iter().filter(|((i, j), _)| *i == ei || *j == ei).flat_map(|(_, t)| t.iter().copied()).collect();
+            toks.sort_unstable();
+            toks.dedup();
+            if toks.is_empty() {
+                continue;
+            }
+            let xs = rows(&x, &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
+            let c = jacobian_terms(ex, &xs)?;
+            let v = exact_inner(ex, ex, &c, &c)?.to_vec1::<f64>()?;
+            norms[ei] = toks.into_iter().zip(v).collect();
+        }
+    }
     for ((i, j), toks) in &inst.by_pair {
         if toks.is_empty() {
             continue;
@@ -278,9 +297,7 @@ pub fn layer_jacobian(
         let cj = jacobian_terms(&experts[*j], &xs)?;
         let (a, se): (Vec<f64>, Option<Vec<f64>>) = if exact {
             let ij = exact_inner(&experts[*i], &experts[*j], &ci, &cj)?.to_vec1::<f64>()?;
-            let ii = exact_inner(&experts[*i], &experts[*i], &ci, &ci)?.to_vec1::<f64>()?;
-            let jj = exact_inner(&experts[*j], &experts[*j], &cj, &cj)?.to_vec1::<f64>()?;
-            (ij.iter().zip(&ii).zip(&jj).map(|((p, a), b)| align(*p, *a, *b)).collect(), None)
+            (ij.iter().zip(toks).map(|(p, t)| align(*p, norms[*i][t], norms[*j][t])).collect(), None)
         } else {
             let v = probes.as_ref().expect("probes");
             let nt = toks.len();

@@ -190,6 +190,7 @@ impl Chart {
 }
 
 /// An E×E heatmap of values in [lo, hi] (null cells grey), with the values written in.
+#[allow(clippy::needless_range_loop)]
 pub fn heatmap(title: &str, m: &[Vec<Option<f64>>], lo: f64, hi: f64) -> String {
     let e = m.len();
     let cell = 34.0;
