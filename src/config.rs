@@ -56,6 +56,8 @@ pub struct ModelConfig {
     pub routing: Routing,
     /// Renormalise the top-k gates to sum to one.
     pub norm_topk: bool,
+    /// Router softmax temperature T: p = softmax(W_r x / T) (1 = the plain softmax).
+    pub router_temperature: f64,
     pub expert: ExpertKind,
     pub activation: Activation,
     /// Layer `l` has an MoE FFN when `(l + 1) % moe_every == 0`, else a dense FFN.
@@ -79,6 +81,7 @@ impl Default for ModelConfig {
             top_k: 2,
             routing: Routing::Topk,
             norm_topk: true,
+            router_temperature: 1.0,
             expert: ExpertKind::Mlp,
             activation: Activation::Silu,
             moe_every: 1,
@@ -135,6 +138,9 @@ impl ModelConfig {
                 "model.moe_every",
                 format!("moe_every = {} exceeds n_layer = {}: the model would have no MoE layer", self.moe_every, self.n_layer),
             ));
+        }
+        if !(self.router_temperature > 0.0 && self.router_temperature.is_finite()) {
+            return Err(Error::config("model.router_temperature", "must be a positive number"));
         }
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return Err(Error::config("model.init_std", "must be a positive number"));

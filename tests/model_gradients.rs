@@ -27,7 +27,7 @@ fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let wr = rows(&m.router.weight);
     x.iter()
         .map(|xt| {
-            let logits = matvec(&wr, xt);
+            let logits: Vec<f64> = matvec(&wr, xt).iter().map(|l| l / m.temperature).collect();
             let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
             let p: Vec<f64> = logits.iter().map(|l| (l - mx).exp() / z).collect();
@@ -51,7 +51,9 @@ fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
 }
 
 fn moe_cfg(expert: ExpertKind, activation: Activation, routing: Routing, norm_topk: bool, top_k: usize) -> ModelConfig {
-    ModelConfig { d_model: 12, d_ff: 20, n_experts: 5, top_k, expert, activation, routing, norm_topk, ..common::micro_model() }
+    // A non-unit router temperature for the soft variants, so that it is tested too.
+    let router_temperature = if routing == Routing::Soft { 0.7 } else { 1.0 };
+    ModelConfig { d_model: 12, d_ff: 20, n_experts: 5, top_k, expert, activation, routing, norm_topk, router_temperature, ..common::micro_model() }
 }
 
 const VARIANTS: &[(ExpertKind, Activation, Routing, bool, usize)] = &[

@@ -128,7 +128,7 @@ fn routing_sweep_runs_into_the_report_routing_section() {
              \"measure.tokens\" = 128\n\"measure.final_analysis\" = true\n\"measure.analysis_tokens\" = 256\n\"measure.subspace\" = \"3\"\n\
              \"model.n_layer\" = 2\n\"model.d_model\" = 16\n\"model.d_ff\" = 24\n\"model.n_experts\" = 4\n\"model.n_head\" = 2\n\"model.seq_len\" = 32\n\
              \"data.builtin_bytes\" = 40000\n\"data.cache_dir\" = {:?}\n[grid]\n\
-             \"model\" = [{{ routing = \"topk\", top_k = 1 }}, {{ routing = \"topk\", top_k = 2 }}, {{ routing = \"soft\" }}]\n",
+             \"model\" = [{{ routing = \"topk\", top_k = 1 }}, {{ routing = \"topk\", top_k = 2 }}, {{ routing = \"soft\" }}, {{ routing = \"soft\", router_temperature = 0.5 }}]\n",
             d.path().join("cache").display().to_string()
         ),
     )
@@ -137,14 +137,14 @@ fn routing_sweep_runs_into_the_report_routing_section() {
     let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().flatten().map(|e| e.path()).collect();
-    assert_eq!(runs.len(), 3);
+    assert_eq!(runs.len(), 4);
     for r in &runs {
         let a: serde_json::Value = serde_json::from_slice(&std::fs::read(r.join("analysis.json")).unwrap()).unwrap();
         assert!(a["layers"][0]["subspace"]["overlap"].is_array(), "{}", r.display());
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("Routing: function vs representation space"), "{md}");
-    for mode in ["| top-1", "| top-2", "| soft"] {
+    for mode in ["| top-1", "| top-2", "| soft", "| soft (T = 0.5)"] {
         assert!(md.contains(mode), "routing table lacks {mode}");
     }
     assert!(md.contains("routing-scatter.svg") && md.contains("routing-soft-jacobian-l0.svg"));

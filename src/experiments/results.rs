@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 /// Columns written first, in this order (then swept keys, then per-layer columns).
 pub const FIXED_COLUMNS: &[&str] = &[
-    "id", "status", "error", "dataset", "lambda", "seed", "routing", "top_k", "steps", "tokens", "val_loss", "val_ppl",
+    "id", "status", "error", "dataset", "lambda", "seed", "routing", "top_k", "router_temperature", "steps", "tokens", "val_loss", "val_ppl",
     "weight_mso", "act_mso", "gap_ratio", "router_entropy", "balance", "max_violation", "dead_experts", "wall_s",
 ];
 
@@ -44,6 +44,7 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
             r.insert("seed".into(), json!(cfg.train.seed));
             r.insert("routing".into(), json!(cfg.model.routing));
             r.insert("top_k".into(), json!(cfg.model.top_k));
+            r.insert("router_temperature".into(), json!(cfg.model.router_temperature));
         }
         for (k, v) in &c.values {
             r.insert(k.clone(), v.clone());

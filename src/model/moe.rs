@@ -75,6 +75,8 @@ pub struct MoeLayer {
     pub routing: Routing,
     pub top_k: usize,
     pub norm_topk: bool,
+    /// Router softmax temperature.
+    pub temperature: f64,
 }
 
 impl MoeLayer {
@@ -83,16 +85,21 @@ impl MoeLayer {
         let experts = (0..cfg.n_experts)
             .map(|e| Expert::new(ps, &format!("{name}.experts.{e}"), cfg, cfg.expert, std, res_std))
             .collect::<Result<Vec<_>>>()?;
-        Ok(MoeLayer { router, experts, routing: cfg.routing, top_k: cfg.top_k, norm_topk: cfg.norm_topk })
+        Ok(MoeLayer { router, experts, routing: cfg.routing, top_k: cfg.top_k, norm_topk: cfg.norm_topk, temperature: cfg.router_temperature })
     }
 
     pub fn n_experts(&self) -> usize {
         self.experts.len()
     }
 
-    /// Router probabilities p = softmax(W_r x): (n, E).
+    /// Router probabilities p = softmax(W_r x / T): (n, E).
     pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
-        softmax_last(&self.router.forward(x)?)
+        let logits = self.router.forward(x)?;
+        if self.temperature == 1.0 {
+            softmax_last(&logits)
+        } else {
+            softmax_last(&(logits / self.temperature)?)
+        }
     }
 
     /// x: (n, d) -> (n, d). With `capture`, also returns what was routed.

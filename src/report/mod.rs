@@ -49,9 +49,15 @@ fn run_from_row(r: &Map<String, Value>) -> Run {
         wmso: f("weight_mso"),
         amso: f("act_mso"),
         gap_layers,
-        mode: match r.get("routing").and_then(Value::as_str) {
-            Some("soft") => "soft".into(),
-            _ => format!("top-{}", r.get("top_k").and_then(Value::as_u64).unwrap_or(0)),
+        mode: {
+            let base = match r.get("routing").and_then(Value::as_str) {
+                Some("soft") => "soft".to_string(),
+                _ => format!("top-{}", r.get("top_k").and_then(Value::as_u64).unwrap_or(0)),
+            };
+            match r.get("router_temperature").and_then(Value::as_f64) {
+                Some(t) if t != 1.0 => format!("{base} (T = {t})"),
+                _ => base,
+            }
         },
     }
 }
