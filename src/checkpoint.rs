@@ -153,6 +153,15 @@ pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], 
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // Temporary folders of a process that was killed mid-write are garbage.
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step-") && e.path() != tmp {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     save_model(&tmp, model)?;
     write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer, None)?)?;
     write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state).expect("json"))?;

@@ -53,6 +53,10 @@ fn resume_is_bit_exact() {
     o.stop_after = Some(4);
     assert!(train(cfg.clone(), &o).is_err());
     assert!(!b.join("model.safetensors").exists());
+    // A half-written checkpoint folder of a killed process is ignored, then cleaned up.
+    let stale = b.join("checkpoints/.step-0000006.tmp-999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"garbage").unwrap();
     let mut o = opts(&b);
     o.resume = true;
     train(cfg, &o).unwrap();
@@ -60,6 +64,7 @@ fn resume_is_bit_exact() {
     let wa = std::fs::read(a.join("model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("model.safetensors")).unwrap();
     assert!(wa == wb, "resumed weights differ from an uninterrupted run");
+    assert!(!stale.exists(), "stale temporary checkpoint folder left behind");
     // The metrics log reads as if the run had never stopped.
     let strip = |rows: Vec<serde_json::Value>| -> Vec<(String, u64, String)> {
         rows.iter()
