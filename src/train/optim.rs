@@ -119,6 +119,10 @@ impl AdamW {
 /// Fused in-place CPU kernels of the AdamW update.
 mod fused {
     use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+    use rayon::prelude::*;
+
+    /// Elements per parallel task.
+    const CHUNK: usize = 1 << 15;
 
     fn range(l: &Layout) -> Result<(usize, usize)> {
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adamw: non-contiguous tensor".into()))
@@ -142,11 +146,14 @@ mod fused {
                     let m = &mut $m[a..b_];
                     let g = &$g[ga..gb];
                     let (b, c) = (self.beta as $t, (1.0 - self.beta) as $t);
-                    if self.square {
-                        m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g * g);
-                    } else {
-                        m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
-                    }
+                    let sq = self.square;
+                    m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+                        if sq {
+                            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g * g);
+                        } else {
+                            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
+                        }
+                    });
                 }};
             }
             match (dst, srcs[0].0) {
@@ -180,9 +187,11 @@ mod fused {
                     let m = &$m[ma..mb];
                     let v = &$v[va..vb];
                     let (wd, step, inv_bc2, eps) = (self.wd as $t, self.step as $t, (1.0 / self.bc2) as $t, self.eps as $t);
-                    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                        *p = wd * *p - step * m / ((v * inv_bc2).sqrt() + eps);
-                    }
+                    p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
+                        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                            *p = wd * *p - step * m / ((v * inv_bc2).sqrt() + eps);
+                        }
+                    });
                 }};
             }
             match (dst, srcs[0].0, srcs[1].0) {
