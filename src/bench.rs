@@ -60,7 +60,9 @@ struct Markov {
 impl Markov {
     fn new(vocab: usize, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
-        let next = (0..vocab).map(|_| std::array::from_fn(|_| rng.random_range(0..vocab as u32))).collect();
+        let next = (0..vocab)
+            .map(|_| std::array::from_fn(|_| rng.random_range(0..vocab as u32)))
+            .collect();
         Markov { next, rng }
     }
     fn batch(&mut self, b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
@@ -80,7 +82,9 @@ impl Markov {
 
 /// CPU seconds used by this process so far (Linux; 0 elsewhere).
 fn cpu_seconds() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     let after = s.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -102,7 +106,10 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let dev = Device::Cpu;
     let cfg = &o.model;
     let model = Gpt::new(cfg, DType::F32, &dev, o.seed)?;
-    let tc = crate::config::TrainConfig { lr: o.lr, ..Default::default() };
+    let tc = crate::config::TrainConfig {
+        lr: o.lr,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(&model.params, &tc)?;
     let mut data = Markov::new(cfg.vocab_size, o.seed);
     let t = cfg.seq_len;
@@ -110,7 +117,11 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let mut utils = Vec::new();
     let mut ce = f64::NAN;
     let mut phases: [Vec<f64>; 3] = Default::default();
-    let bar = if progress { indicatif::ProgressBar::new(o.steps as u64) } else { indicatif::ProgressBar::hidden() };
+    let bar = if progress {
+        indicatif::ProgressBar::new(o.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     for step in 0..o.steps {
         let (x, y) = data.batch(o.batch, t);
         let t0 = Instant::now();
@@ -125,7 +136,12 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        let g: Vec<Option<Tensor>> = model.params.vars().iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+        let g: Vec<Option<Tensor>> = model
+            .params
+            .vars()
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
         opt.step(&model.params, &g, o.lr)?;
         ce = loss.to_scalar::<f32>()? as f64;
         let dt = t0.elapsed().as_secs_f64();
@@ -169,7 +185,11 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         timed_steps: timed,
         cpu_util: median(&mut utils),
         final_ce: ce,
-        phase_s: [median(&mut phases[0]), median(&mut phases[1]), median(&mut phases[2])],
+        phase_s: [
+            median(&mut phases[0]),
+            median(&mut phases[1]),
+            median(&mut phases[2]),
+        ],
         peer_command,
     })
 }
@@ -194,7 +214,14 @@ pub struct EvalBenchResult {
 }
 
 /// Time an evaluation pass with and without the measures, alternating.
-pub fn bench_eval(preset: &str, cfg: &ModelConfig, eval_tokens: usize, measure_tokens: usize, batch: usize, reps: usize) -> Result<EvalBenchResult> {
+pub fn bench_eval(
+    preset: &str,
+    cfg: &ModelConfig,
+    eval_tokens: usize,
+    measure_tokens: usize,
+    batch: usize,
+    reps: usize,
+) -> Result<EvalBenchResult> {
     use crate::measures::Family;
     use crate::train::{evaluate_measured, measures_json, MeasureSpec};
     let dev = Device::Cpu;
@@ -212,7 +239,16 @@ pub fn bench_eval(preset: &str, cfg: &ModelConfig, eval_tokens: usize, measure_t
         evaluate_measured(&model, &file, batch, eval_tokens, None)?;
         let p = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        let (_, accs) = evaluate_measured(&model, &file, batch, eval_tokens, Some(MeasureSpec { tokens: measure_tokens, seed: 0 }))?;
+        let (_, accs) = evaluate_measured(
+            &model,
+            &file,
+            batch,
+            eval_tokens,
+            Some(MeasureSpec {
+                tokens: measure_tokens,
+                seed: 0,
+            }),
+        )?;
         measures_json(&model, &families, accs.as_deref())?;
         let m = t0.elapsed().as_secs_f64();
         if r > 0 {
@@ -264,7 +300,15 @@ pub struct JacobianBenchResult {
 }
 
 /// Time Jacobian alignment on a random MoE layer: exact vs estimate vs the naive way.
-pub fn bench_jacobian(d: usize, f: usize, e: usize, swiglu: bool, tokens: usize, naive_tokens: usize, skip_exact: bool) -> Result<JacobianBenchResult> {
+pub fn bench_jacobian(
+    d: usize,
+    f: usize,
+    e: usize,
+    swiglu: bool,
+    tokens: usize,
+    naive_tokens: usize,
+    skip_exact: bool,
+) -> Result<JacobianBenchResult> {
     use crate::config::{ExpertKind, ModelConfig};
     use crate::measures::jacobian::{layer_jacobian, JacobianMode};
     use crate::model::moe::MoeLayer;
@@ -275,14 +319,26 @@ pub fn bench_jacobian(d: usize, f: usize, e: usize, swiglu: bool, tokens: usize,
         d_ff: f,
         n_experts: e,
         top_k: 2,
-        expert: if swiglu { ExpertKind::Swiglu } else { ExpertKind::Mlp },
+        expert: if swiglu {
+            ExpertKind::Swiglu
+        } else {
+            ExpertKind::Mlp
+        },
         ..Default::default()
     };
     let dev = Device::Cpu;
     let mut ps = ParamStore::new(DType::F64, &dev, 0);
-    let moe = MoeLayer::new(&mut ps, "moe", &cfg, 1.0 / (d as f64).sqrt(), 1.0 / (f as f64).sqrt())?;
+    let moe = MoeLayer::new(
+        &mut ps,
+        "moe",
+        &cfg,
+        1.0 / (d as f64).sqrt(),
+        1.0 / (f as f64).sqrt(),
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let xv: Vec<f64> = (0..tokens * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let xv: Vec<f64> = (0..tokens * d)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
     let x = Tensor::from_vec(xv, (tokens, d), &dev)?;
     // Each token routed to two distinct random experts.
     let sel: Vec<u32> = (0..tokens)
@@ -293,14 +349,39 @@ pub fn bench_jacobian(d: usize, f: usize, e: usize, swiglu: bool, tokens: usize,
         })
         .collect();
     let t0 = Instant::now();
-    let est = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Estimate(64), false, 0, 1, 0)?.expect("on");
+    let est = layer_jacobian(
+        &moe,
+        &x,
+        &sel,
+        2,
+        JacobianMode::Estimate(64),
+        false,
+        0,
+        1,
+        0,
+    )?
+    .expect("on");
     let estimate_s = t0.elapsed().as_secs_f64();
     let t_terms = if swiglu { 2 } else { 1 };
-    let auto = if crate::measures::jacobian::auto_picks_exact(d, f, e, t_terms, est.instances, tokens, 2) { "exact" } else { "estimate" }.to_string();
+    let auto = if crate::measures::jacobian::auto_picks_exact(
+        d,
+        f,
+        e,
+        t_terms,
+        est.instances,
+        tokens,
+        2,
+    ) {
+        "exact"
+    } else {
+        "estimate"
+    }
+    .to_string();
     let (mut exact_s, mut naive, mut diff) = (None, None, None);
     if !skip_exact {
         let t0 = Instant::now();
-        let ex = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?.expect("on");
+        let ex =
+            layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?.expect("on");
         exact_s = Some(t0.elapsed().as_secs_f64());
         let _ = ex;
         // Naive on a few tokens: autodiff Jacobians row by row, then Frobenius products.
@@ -314,7 +395,12 @@ pub fn bench_jacobian(d: usize, f: usize, e: usize, swiglu: bool, tokens: usize,
                     let xv = candle_core::Var::from_tensor(&xt)?;
                     let y = moe.experts[ei].forward(xv.as_tensor())?;
                     let g = y.narrow(1, k, 1)?.sum_all()?.backward()?;
-                    rows.extend(g.get(xv.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f64>()?);
+                    rows.extend(
+                        g.get(xv.as_tensor())
+                            .expect("grad")
+                            .flatten_all()?
+                            .to_vec1::<f64>()?,
+                    );
                 }
                 Ok(rows)
             };
@@ -322,7 +408,18 @@ pub fn bench_jacobian(d: usize, f: usize, e: usize, swiglu: bool, tokens: usize,
             let (ja, jb) = (jac(a)?, jac(b)?);
             let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(x, y)| x * y).sum::<f64>();
             let naive_a = dot(&ja, &jb) / (dot(&ja, &ja) * dot(&jb, &jb)).sqrt();
-            let one = layer_jacobian(&moe, &xt, &sel[2 * t..2 * t + 2], 2, JacobianMode::Exact, false, 0, 1, 0)?.expect("on");
+            let one = layer_jacobian(
+                &moe,
+                &xt,
+                &sel[2 * t..2 * t + 2],
+                2,
+                JacobianMode::Exact,
+                false,
+                0,
+                1,
+                0,
+            )?
+            .expect("on");
             max_diff = max_diff.max((one.mean.unwrap_or(0.0) - naive_a).abs());
         }
         let per = t0.elapsed().as_secs_f64() / naive_tokens.min(tokens).max(1) as f64;

@@ -35,22 +35,37 @@ pub struct TrainState {
 }
 
 /// Serialise named tensors to safetensors bytes (f32 unless the tensor is f64).
-pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::with_capacity(tensors.len());
+pub fn safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut raw: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> =
+        Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape = t.dims().to_vec();
         let (bytes, dt) = if t.dtype() == DType::F64 {
             let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
-            (v.iter().flat_map(|x| x.to_le_bytes()).collect(), safetensors::Dtype::F64)
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::F64,
+            )
         } else {
             let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            (v.iter().flat_map(|x| x.to_le_bytes()).collect(), safetensors::Dtype::F32)
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::F32,
+            )
         };
         raw.push((name.clone(), bytes, shape, dt));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = raw
         .iter()
-        .map(|(n, b, s, dt)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("valid view")))
+        .map(|(n, b, s, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("valid view"),
+            )
+        })
         .collect();
     safetensors::serialize(views, metadata).map_err(|e| Error::Data(format!("safetensors: {e}")))
 }
@@ -100,9 +115,10 @@ pub fn read_config_json(path: &Path) -> Result<ModelConfig> {
     let m = v.get("moescope").ok_or_else(|| {
         Error::bad_file(path, "no `moescope` field: not a moescope checkpoint (Hugging Face MoE checkpoints are not supported yet)")
     })?;
-    let cfg: ModelConfig =
-        serde_json::from_value(m.clone()).map_err(|e| Error::bad_file(path, format!("field `moescope`: {e}")))?;
-    cfg.validate().map_err(|e| Error::bad_file(path, e.to_string()))?;
+    let cfg: ModelConfig = serde_json::from_value(m.clone())
+        .map_err(|e| Error::bad_file(path, format!("field `moescope`: {e}")))?;
+    cfg.validate()
+        .map_err(|e| Error::bad_file(path, e.to_string()))?;
     Ok(cfg)
 }
 
@@ -133,7 +149,10 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
         Ok(name) => {
             let p = checkpoints_dir(run).join(name.trim());
             if !p.join("state.json").is_file() {
-                return Err(Error::Checkpoint { path: p, msg: "`latest` points to a missing or incomplete checkpoint".into() });
+                return Err(Error::Checkpoint {
+                    path: p,
+                    msg: "`latest` points to a missing or incomplete checkpoint".into(),
+                });
             }
             Ok(Some(p))
         }
@@ -144,7 +163,13 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
 
 /// Save a training checkpoint (weights, optimiser moments, state), then
 /// point `latest` at it and prune old ones beyond `keep`.
-pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], state: &TrainState, keep: usize) -> Result<PathBuf> {
+pub fn save_checkpoint(
+    run: &Path,
+    model: &Gpt,
+    optimizer: &[(String, Tensor)],
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
     let dir = checkpoints_dir(run);
     let name = format!("step-{:07}", state.step);
     let final_dir = dir.join(&name);
@@ -163,8 +188,14 @@ pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], 
         }
     }
     save_model(&tmp, model)?;
-    write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer, None)?)?;
-    write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state).expect("json"))?;
+    write_atomic(
+        &tmp.join("optimizer.safetensors"),
+        &safetensors_bytes(optimizer, None)?,
+    )?;
+    write_atomic(
+        &tmp.join("state.json"),
+        &serde_json::to_vec_pretty(state).expect("json"),
+    )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
@@ -174,7 +205,11 @@ pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], 
     let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("step-")).unwrap_or(false))
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("step-"))
+                .unwrap_or(false)
+        })
         .collect();
     all.sort();
     while all.len() > keep {
@@ -185,11 +220,16 @@ pub fn save_checkpoint(run: &Path, model: &Gpt, optimizer: &[(String, Tensor)], 
 }
 
 /// Read a checkpoint's trainer state and optimiser tensors.
-pub fn load_checkpoint_state(ckpt: &Path, device: &Device) -> Result<(TrainState, HashMap<String, Tensor>)> {
+pub fn load_checkpoint_state(
+    ckpt: &Path,
+    device: &Device,
+) -> Result<(TrainState, HashMap<String, Tensor>)> {
     let sp = ckpt.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint { path: sp.clone(), msg: format!("corrupt state file: {e}") })?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: sp.clone(),
+        msg: format!("corrupt state file: {e}"),
+    })?;
     let opt = read_safetensors(&ckpt.join("optimizer.safetensors"), device)?;
     Ok((state, opt))
 }
@@ -203,7 +243,10 @@ pub fn resolve_model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
         return Ok((dir.join("config.json"), path.to_path_buf()));
     }
     if !path.is_dir() {
-        return Err(Error::Data(format!("{}: no such run, checkpoint folder or .safetensors file", path.display())));
+        return Err(Error::Data(format!(
+            "{}: no such run, checkpoint folder or .safetensors file",
+            path.display()
+        )));
     }
     if path.join("model.safetensors").is_file() {
         return Ok((path.join("config.json"), path.join("model.safetensors")));
@@ -225,12 +268,17 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Gpt, Option<Config>)>
     let model = Gpt::new(&mcfg, DType::F32, device, 0)?;
     load_weights(&model, &weights)?;
     // The run config lives in the run folder (one or two levels up for checkpoints).
-    let run_cfg = [Some(path), path.parent(), path.parent().and_then(Path::parent), path.parent().and_then(Path::parent).and_then(Path::parent)]
-        .into_iter()
-        .flatten()
-        .map(|p| p.join("config.toml"))
-        .find(|p| p.is_file())
-        .map(|p| Config::from_toml_file(&p))
-        .transpose()?;
+    let run_cfg = [
+        Some(path),
+        path.parent(),
+        path.parent().and_then(Path::parent),
+        path.parent().and_then(Path::parent).and_then(Path::parent),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| p.join("config.toml"))
+    .find(|p| p.is_file())
+    .map(|p| Config::from_toml_file(&p))
+    .transpose()?;
     Ok((model, run_cfg))
 }

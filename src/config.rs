@@ -124,23 +124,35 @@ impl ModelConfig {
         if self.d_model % self.n_head != 0 {
             return Err(Error::config(
                 "model.n_head",
-                format!("n_head = {} does not divide d_model = {}", self.n_head, self.d_model),
+                format!(
+                    "n_head = {} does not divide d_model = {}",
+                    self.n_head, self.d_model
+                ),
             ));
         }
         if self.routing == Routing::Topk && (self.top_k == 0 || self.top_k > self.n_experts) {
             return Err(Error::config(
                 "model.top_k",
-                format!("top_k = {} must be between 1 and n_experts = {}", self.top_k, self.n_experts),
+                format!(
+                    "top_k = {} must be between 1 and n_experts = {}",
+                    self.top_k, self.n_experts
+                ),
             ));
         }
         if self.moe_every > self.n_layer {
             return Err(Error::config(
                 "model.moe_every",
-                format!("moe_every = {} exceeds n_layer = {}: the model would have no MoE layer", self.moe_every, self.n_layer),
+                format!(
+                    "moe_every = {} exceeds n_layer = {}: the model would have no MoE layer",
+                    self.moe_every, self.n_layer
+                ),
             ));
         }
         if !(self.router_temperature > 0.0 && self.router_temperature.is_finite()) {
-            return Err(Error::config("model.router_temperature", "must be a positive number"));
+            return Err(Error::config(
+                "model.router_temperature",
+                "must be a positive number",
+            ));
         }
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return Err(Error::config("model.init_std", "must be a positive number"));
@@ -150,7 +162,9 @@ impl ModelConfig {
 
     /// Indices of the MoE layers, in order.
     pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.n_layer).filter(|&l| self.is_moe_layer(l)).collect()
+        (0..self.n_layer)
+            .filter(|&l| self.is_moe_layer(l))
+            .collect()
     }
 
     /// (total parameters, active parameters per token). Tied embeddings counted
@@ -302,7 +316,10 @@ impl TrainConfig {
             return Err(Error::config("train.grad_accum", "must be at least 1"));
         }
         if self.max_steps == 0 && self.max_tokens == 0 {
-            return Err(Error::config("train.max_steps", "set max_steps or max_tokens"));
+            return Err(Error::config(
+                "train.max_steps",
+                "set max_steps or max_tokens",
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::config("train.lr", "must be a positive number"));
@@ -319,7 +336,10 @@ impl TrainConfig {
             return Err(Error::config("train.log_every", "must be at least 1"));
         }
         if self.keep_checkpoints == 0 {
-            return Err(Error::config("train.keep_checkpoints", "must be at least 1"));
+            return Err(Error::config(
+                "train.keep_checkpoints",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -347,7 +367,10 @@ pub struct RegConfig {
 
 impl Default for RegConfig {
     fn default() -> Self {
-        RegConfig { orth_lambda: 0.0, orth_family: "up".into() }
+        RegConfig {
+            orth_lambda: 0.0,
+            orth_family: "up".into(),
+        }
     }
 }
 
@@ -408,7 +431,10 @@ impl Config {
     /// quarter of the paper's width; thousands of steps in under an hour on 2
     /// cores) or `paper` (the study's NanoGPT-MoE, ~130M parameters).
     pub fn preset(name: &str) -> Result<Config> {
-        let mut c = Config { preset: name.to_string(), ..Default::default() };
+        let mut c = Config {
+            preset: name.to_string(),
+            ..Default::default()
+        };
         match name {
             "tiny" => {
                 // Same shapes as the PyTorch peer's `tiny`.
@@ -422,7 +448,14 @@ impl Config {
                 c.train.eval_tokens = 16_384;
             }
             "small" => {
-                c.model = ModelConfig { seq_len: 128, n_layer: 6, n_head: 4, d_model: 128, d_ff: 512, ..Default::default() };
+                c.model = ModelConfig {
+                    seq_len: 128,
+                    n_layer: 6,
+                    n_head: 4,
+                    d_model: 128,
+                    d_ff: 512,
+                    ..Default::default()
+                };
                 c.train.max_steps = 3000;
                 c.train.batch_size = 8;
                 c.train.warmup_steps = 100;
@@ -476,7 +509,10 @@ impl Config {
             .and_then(|(_, t)| t.get("preset"))
             .and_then(|v| v.as_str())
             .map(str::to_string);
-        let name = preset.map(str::to_string).or(file_preset).unwrap_or_else(|| "tiny".into());
+        let name = preset
+            .map(str::to_string)
+            .or(file_preset)
+            .unwrap_or_else(|| "tiny".into());
         let base = Config::preset(&name)?;
         let mut table = toml::Table::try_from(&base).expect("config serialises");
         if let Some((origin, t)) = file_table {
@@ -498,20 +534,34 @@ impl Config {
         self.model.validate()?;
         self.train.validate()?;
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
-            return Err(Error::config("data.val_fraction", "must lie strictly between 0 and 1"));
+            return Err(Error::config(
+                "data.val_fraction",
+                "must lie strictly between 0 and 1",
+            ));
         }
         if !(self.reg.orth_lambda >= 0.0 && self.reg.orth_lambda.is_finite()) {
-            return Err(Error::config("reg.orth_lambda", "must be a non-negative number"));
+            return Err(Error::config(
+                "reg.orth_lambda",
+                "must be a non-negative number",
+            ));
         }
         let orth = crate::measures::Family::parse(&self.reg.orth_family, "reg.orth_family")?;
-        if orth == crate::measures::Family::Gate && self.model.expert != ExpertKind::Swiglu && self.reg.orth_lambda > 0.0 {
-            return Err(Error::config("reg.orth_family", "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)"));
+        if orth == crate::measures::Family::Gate
+            && self.model.expert != ExpertKind::Swiglu
+            && self.reg.orth_lambda > 0.0
+        {
+            return Err(Error::config(
+                "reg.orth_family",
+                "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)",
+            ));
         }
         for f in &self.measure.families {
             crate::measures::Family::parse(f, "measure.families")?;
         }
-        crate::measures::jacobian::JacobianMode::parse(&self.measure.jacobian).map_err(|e| Error::config("measure.jacobian", e))?;
-        crate::measures::subspace::RankRule::parse(&self.measure.subspace).map_err(|e| Error::config("measure.subspace", e))?;
+        crate::measures::jacobian::JacobianMode::parse(&self.measure.jacobian)
+            .map_err(|e| Error::config("measure.jacobian", e))?;
+        crate::measures::subspace::RankRule::parse(&self.measure.subspace)
+            .map_err(|e| Error::config("measure.subspace", e))?;
         Ok(())
     }
 
@@ -536,22 +586,37 @@ fn known_keys(t: &toml::Table) -> String {
 }
 
 /// Merge `src` into `dst`, refusing keys that `dst` does not have.
-fn merge_checked(dst: &mut toml::Table, src: &toml::Table, prefix: &str, origin: &str) -> Result<()> {
+fn merge_checked(
+    dst: &mut toml::Table,
+    src: &toml::Table,
+    prefix: &str,
+    origin: &str,
+) -> Result<()> {
     for (k, v) in src {
-        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         if prefix.is_empty() && k == "preset" {
             continue;
         }
         let Some(slot) = dst.get_mut(k) else {
             return Err(Error::config(
                 path,
-                format!("unknown key in {origin} (known keys here: {})", known_keys(dst)),
+                format!(
+                    "unknown key in {origin} (known keys here: {})",
+                    known_keys(dst)
+                ),
             ));
         };
         match (slot, v) {
             (toml::Value::Table(d), toml::Value::Table(s)) => merge_checked(d, s, &path, origin)?,
             (toml::Value::Table(_), _) => {
-                return Err(Error::config(path, format!("in {origin}: expected a [section], found a value")))
+                return Err(Error::config(
+                    path,
+                    format!("in {origin}: expected a [section], found a value"),
+                ))
             }
             (slot, v) => {
                 check_type(slot, v, &path, origin)?;
@@ -573,14 +638,19 @@ fn coerce(slot: &toml::Value, v: toml::Value) -> toml::Value {
 fn check_type(slot: &toml::Value, v: &toml::Value, path: &str, origin: &str) -> Result<()> {
     let ok = matches!(
         (slot, v),
-        (toml::Value::Float(_), toml::Value::Integer(_)) | (toml::Value::Float(_), toml::Value::Float(_))
+        (toml::Value::Float(_), toml::Value::Integer(_))
+            | (toml::Value::Float(_), toml::Value::Float(_))
     ) || std::mem::discriminant(slot) == std::mem::discriminant(v);
     if ok {
         Ok(())
     } else {
         Err(Error::config(
             path,
-            format!("in {origin}: expected a {}, found {} `{v}`", slot.type_str(), v.type_str()),
+            format!(
+                "in {origin}: expected a {}, found {} `{v}`",
+                slot.type_str(),
+                v.type_str()
+            ),
         ))
     }
 }
@@ -631,36 +701,73 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_unknown_keys_fail() {
-        let c = Config::resolve(Some("tiny"), None, &["model.top_k=1".into(), "train.lr=1".into()]).unwrap();
+        let c = Config::resolve(
+            Some("tiny"),
+            None,
+            &["model.top_k=1".into(), "train.lr=1".into()],
+        )
+        .unwrap();
         assert_eq!(c.model.top_k, 1);
         assert_eq!(c.train.lr, 1.0);
-        let e = Config::resolve(Some("tiny"), None, &["model.topk=1".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["model.topk=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.topk") && e.contains("top_k"), "{e}");
-        let e = Config::resolve(Some("tiny"), None, &["model.top_k=9".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["model.top_k=9".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.top_k"), "{e}");
-        let e = Config::resolve(Some("tiny"), None, &["model.n_head=3".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["model.n_head=3".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.n_head"), "{e}");
-        let e = Config::resolve(Some("tiny"), None, &["model.top_k=two".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["model.top_k=two".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected a integer"), "{e}");
-        let e = Config::resolve(Some("tiny"), None, &["model.routing=dense".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["model.routing=dense".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dense"), "{e}");
-        let e = Config::resolve(Some("tiny"), None, &["reg.orth_family=left".into()]).unwrap_err().to_string();
+        let e = Config::resolve(Some("tiny"), None, &["reg.orth_family=left".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("reg.orth_family"), "{e}");
-        let c = Config::resolve(Some("tiny"), None, &["measure.families=[\"down\"]".into(), "reg.orth_lambda=0.1".into()]).unwrap();
-        assert_eq!((c.measure.families.clone(), c.reg.orth_lambda), (vec!["down".to_string()], 0.1));
+        let c = Config::resolve(
+            Some("tiny"),
+            None,
+            &[
+                "measure.families=[\"down\"]".into(),
+                "reg.orth_lambda=0.1".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.measure.families.clone(), c.reg.orth_lambda),
+            (vec!["down".to_string()], 0.1)
+        );
     }
 
     #[test]
     fn file_then_overrides_and_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "preset = \"small\"\n[model]\ntop_k = 1\n[train]\nlr = 0.002\n").unwrap();
+        std::fs::write(
+            &p,
+            "preset = \"small\"\n[model]\ntop_k = 1\n[train]\nlr = 0.002\n",
+        )
+        .unwrap();
         let c = Config::resolve(None, Some(&p), &["train.seed=7".into()]).unwrap();
-        assert_eq!((c.preset.as_str(), c.model.top_k, c.train.lr, c.train.seed), ("small", 1, 0.002, 7));
+        assert_eq!(
+            (c.preset.as_str(), c.model.top_k, c.train.lr, c.train.seed),
+            ("small", 1, 0.002, 7)
+        );
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
         std::fs::write(&p, "[modle]\ntop_k = 1\n").unwrap();
-        let e = Config::resolve(None, Some(&p), &[]).unwrap_err().to_string();
+        let e = Config::resolve(None, Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("modle") && e.contains("c.toml"), "{e}");
     }
 }
@@ -677,7 +784,8 @@ mod shipped_configs {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
-                Config::resolve(None, Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                Config::resolve(None, Some(&p), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
             }
         }

@@ -9,7 +9,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ord: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map_err(|_| Error::config("train.device", format!("bad CUDA ordinal in `{s}`")))?,
+                Some(n) => n.parse().map_err(|_| {
+                    Error::config("train.device", format!("bad CUDA ordinal in `{s}`"))
+                })?,
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
@@ -20,6 +22,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             }
             Ok(Device::new_cuda(ord)?)
         }
-        other => Err(Error::config("train.device", format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"))),
+        other => Err(Error::config(
+            "train.device",
+            format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
+        )),
     }
 }

@@ -45,14 +45,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A configuration error for `field`.
     pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { field: field.into(), msg: msg.into() }
+        Error::Config {
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     /// A malformed file.
     pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::BadFile { path: path.into(), msg: msg.into() }
+        Error::BadFile {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -11,9 +11,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "moescope", version, about = "Train Mixture-of-Experts language models and measure the geometry of their experts.",
+#[command(
+    name = "moescope",
+    version,
+    about = "Train Mixture-of-Experts language models and measure the geometry of their experts.",
     long_about = "Train Mixture-of-Experts language models and measure the geometry of their experts.\n\n\
-Quick start (built-in synthetic corpus, about a minute on 2 cores):\n  moescope train --preset tiny --out runs/tiny")]
+Quick start (built-in synthetic corpus, about a minute on 2 cores):\n  moescope train --preset tiny --out runs/tiny"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -320,7 +324,9 @@ fn set_threads(n: usize) {
     if n > 0 {
         // candle and gemm read RAYON_NUM_THREADS; rayon's global pool is built from it.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 
@@ -349,18 +355,42 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Reproduce(a) => {
-            let data = a.data.as_ref().map(|d| std::fs::canonicalize(d).unwrap_or(d.clone()).display().to_string());
+            let data = a.data.as_ref().map(|d| {
+                std::fs::canonicalize(d)
+                    .unwrap_or(d.clone())
+                    .display()
+                    .to_string()
+            });
             let spec = moescope::experiments::reproduce::spec(&a.scale, data.as_deref())?;
-            let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
+            let dir = a
+                .out
+                .unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
             run_sweep(spec, dir, a.jobs, a.threads, a.slurm, false)
         }
         Cmd::Bench { what } => match what {
-            BenchCmd::Jacobian { d_model, d_ff, experts, swiglu, tokens, naive_tokens, estimate_only, threads } => {
+            BenchCmd::Jacobian {
+                d_model,
+                d_ff,
+                experts,
+                swiglu,
+                tokens,
+                naive_tokens,
+                estimate_only,
+                threads,
+            } => {
                 set_threads(threads);
                 if experts < 2 || tokens == 0 {
                     bail!("need at least 2 experts and 1 token");
                 }
-                let r = moescope::bench::bench_jacobian(d_model, d_ff, experts, swiglu, tokens, naive_tokens, estimate_only)?;
+                let r = moescope::bench::bench_jacobian(
+                    d_model,
+                    d_ff,
+                    experts,
+                    swiglu,
+                    tokens,
+                    naive_tokens,
+                    estimate_only,
+                )?;
                 eprintln!(
                     "bench jacobian d={} f={} E={} {}: {} instances | exact {} | estimate(64) {:.2} s | naive {} | speedup {} | max |ΔA| {} | auto picks {}",
                     r.d_model, r.d_ff, r.experts, r.expert, r.instances,
@@ -374,14 +404,29 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             }
-            BenchCmd::Eval { preset, sets, vocab, eval_tokens, measure_tokens, reps, threads } => {
+            BenchCmd::Eval {
+                preset,
+                sets,
+                vocab,
+                eval_tokens,
+                measure_tokens,
+                reps,
+                threads,
+            } => {
                 set_threads(threads);
                 let mut cfg = Config::resolve(Some(&preset), None, &sets)?;
                 if cfg.model.vocab_size == 0 {
                     cfg.model.vocab_size = vocab;
                 }
                 let mt = measure_tokens.unwrap_or(cfg.measure.tokens);
-                let r = moescope::bench::bench_eval(&preset, &cfg.model, eval_tokens, mt, cfg.train.batch_size, reps.max(1))?;
+                let r = moescope::bench::bench_eval(
+                    &preset,
+                    &cfg.model,
+                    eval_tokens,
+                    mt,
+                    cfg.train.batch_size,
+                    reps.max(1),
+                )?;
                 eprintln!(
                     "bench eval {}: {:.3} s plain, {:.3} s with measures on {} of {} tokens: +{:.1}%",
                     r.preset, r.plain_s, r.measured_s, r.measure_tokens, r.eval_tokens, r.overhead_pct
@@ -389,7 +434,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             }
-            BenchCmd::Train { preset, sets, vocab, batch, steps, warmup, threads } => {
+            BenchCmd::Train {
+                preset,
+                sets,
+                vocab,
+                batch,
+                steps,
+                warmup,
+                threads,
+            } => {
                 set_threads(threads);
                 if steps <= warmup {
                     bail!("--steps ({steps}) must exceed --warmup ({warmup})");
@@ -433,10 +486,15 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         for s in &sets {
             moescope::config::apply_set(&mut table, s)?;
         }
-        let cfg: Config = toml::Value::Table(table).try_into().context("resolving the resumed config")?;
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .context("resolving the resumed config")?;
         cfg.validate()?;
         if cfg.model != saved.model || cfg.data != saved.data {
-            bail!("--resume cannot change [model] or [data] keys of {} (only [train] keys)", saved_path.display());
+            bail!(
+                "--resume cannot change [model] or [data] keys of {} (only [train] keys)",
+                saved_path.display()
+            );
         }
         cfg
     } else {
@@ -447,8 +505,15 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     set_threads(cfg.train.threads);
-    let opts = TrainOptions { out: a.out.clone(), resume: a.resume, progress: std::io::stderr().is_terminal(), quiet: a.quiet, stop_after: a.stop_after };
-    let s = train::train(cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
+    let opts = TrainOptions {
+        out: a.out.clone(),
+        resume: a.resume,
+        progress: std::io::stderr().is_terminal(),
+        quiet: a.quiet,
+        stop_after: a.stop_after,
+    };
+    let s =
+        train::train(cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
     if !a.quiet {
         eprintln!(
             "done: {} steps, {} tokens, {:.0} s | val loss {:.4} (unigram entropy {:.3}), ppl {:.2} over {} tokens",
@@ -472,12 +537,26 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
     if ds.tokenizer.vocab_size() > model.cfg.vocab_size {
-        bail!("the data's tokenizer has {} ids but the model only {}", ds.tokenizer.vocab_size(), model.cfg.vocab_size);
+        bail!(
+            "the data's tokenizer has {} ids but the model only {}",
+            ds.tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
     }
-    let split = if a.split == "test" { Split::Test } else { Split::Valid };
+    let split = if a.split == "test" {
+        Split::Test
+    } else {
+        Split::Valid
+    };
     let r = train::evaluate(&model, ds.split(split)?, a.batch.max(1), a.tokens)?;
-    eprintln!("{} {}: loss {:.4}, ppl {:.3} over {} tokens", ds.source, a.split, r.loss, r.ppl, r.tokens);
-    println!("{}", serde_json::json!({"model": a.model, "data": ds.source, "split": a.split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens}));
+    eprintln!(
+        "{} {}: loss {:.4}, ppl {:.3} over {} tokens",
+        ds.source, a.split, r.loss, r.ppl, r.tokens
+    );
+    println!(
+        "{}",
+        serde_json::json!({"model": a.model, "data": ds.source, "split": a.split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens})
+    );
     Ok(())
 }
 
@@ -485,11 +564,13 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
     use moescope::measures::{analyze, Family};
     // Check the options before any heavy work.
     let geo = analyze::GeometryOptions {
-        jacobian: moescope::measures::jacobian::JacobianMode::parse(&a.jacobian).map_err(|e| anyhow::anyhow!("--jacobian: {e}"))?,
+        jacobian: moescope::measures::jacobian::JacobianMode::parse(&a.jacobian)
+            .map_err(|e| anyhow::anyhow!("--jacobian: {e}"))?,
         jacobian_all_pairs: a.jacobian_pairs == "all",
         jacobian_tokens: a.jacobian_tokens,
         spectra_tokens: a.spectra_tokens,
-        subspace: moescope::measures::subspace::RankRule::parse(&a.subspace).map_err(|e| anyhow::anyhow!("--subspace: {e}"))?,
+        subspace: moescope::measures::subspace::RankRule::parse(&a.subspace)
+            .map_err(|e| anyhow::anyhow!("--subspace: {e}"))?,
         output_space: a.space == "output",
         weighted: a.weighted,
         ..Default::default()
@@ -497,16 +578,31 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
     if model.moe_layers().next().is_none() {
-        bail!("{}: the model has no MoE layer: nothing to analyse", a.model.display());
+        bail!(
+            "{}: the model has no MoE layer: nothing to analyse",
+            a.model.display()
+        );
     }
-    let families: Vec<Family> = a.families.iter().map(|f| Family::parse(f, "--families")).collect::<Result<_, _>>()?;
+    let families: Vec<Family> = a
+        .families
+        .iter()
+        .map(|f| Family::parse(f, "--families"))
+        .collect::<Result<_, _>>()?;
     let (tokens, data_desc) = if let Some(p) = &a.token_ids {
         let ids = analyze::read_token_ids(p)?;
         if ids.is_empty() {
             bail!("{}: the token file is empty", p.display());
         }
-        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= model.cfg.vocab_size) {
-            bail!("{}: element {i} is token id {t}, outside the model's vocabulary of {}", p.display(), model.cfg.vocab_size);
+        if let Some((i, &t)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= model.cfg.vocab_size)
+        {
+            bail!(
+                "{}: element {i} is token id {t}, outside the model's vocabulary of {}",
+                p.display(),
+                model.cfg.vocab_size
+            );
         }
         (ids, p.display().to_string())
     } else {
@@ -523,15 +619,36 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         let mut v = Vec::with_capacity(n);
         ds.valid.extend_into(&mut v, 0, n);
         if a.tokens > ds.valid.len() {
-            bail!("--tokens {} exceeds the {} tokens of {} (validation split)", a.tokens, ds.valid.len(), ds.source);
+            bail!(
+                "--tokens {} exceeds the {} tokens of {} (validation split)",
+                a.tokens,
+                ds.valid.len(),
+                ds.source
+            );
         }
         (v, format!("{} (validation split)", ds.source))
     };
     if a.tokens > tokens.len() {
-        bail!("--tokens {} exceeds the {} tokens of {data_desc}", a.tokens, tokens.len());
+        bail!(
+            "--tokens {} exceeds the {} tokens of {data_desc}",
+            a.tokens,
+            tokens.len()
+        );
     }
-    let source = analyze::Source { checkpoint: a.model.display().to_string(), data: data_desc, seed: 0 };
-    let report = analyze::analyze_with(&model, &tokens, a.tokens, a.batch.max(1), &families, &geo, source)?;
+    let source = analyze::Source {
+        checkpoint: a.model.display().to_string(),
+        data: data_desc,
+        seed: 0,
+    };
+    let report = analyze::analyze_with(
+        &model,
+        &tokens,
+        a.tokens,
+        a.batch.max(1),
+        &families,
+        &geo,
+        source,
+    )?;
     let json = serde_json::to_vec_pretty(&report)?;
     moescope::fsutil::write_atomic(&a.out, &json)?;
     eprint!("{}", analyze::summary_table(&report));
@@ -541,11 +658,16 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
 
 fn cmd_sweep(a: SweepArgs) -> Result<()> {
     let spec = SweepSpec::from_file(&a.spec)?;
-    let dir = a.out.clone().unwrap_or_else(|| PathBuf::from("sweeps").join(&spec.name));
+    let dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("sweeps").join(&spec.name));
     if let Some(i) = a.run_one {
         let dir = SweepDir(dir);
         let cells = spec.cells()?;
-        let cell = cells.get(i).with_context(|| format!("--run-one {i}: the sweep has {} runs", cells.len()))?;
+        let cell = cells
+            .get(i)
+            .with_context(|| format!("--run-one {i}: the sweep has {} runs", cells.len()))?;
         set_threads(a.threads.unwrap_or(0));
         let s = sweep::run_one(&dir, cell, a.threads)?;
         if s.status != "done" {
@@ -556,27 +678,56 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
     run_sweep(spec, dir, a.jobs, a.threads, a.slurm, a.collect)
 }
 
-fn run_sweep(spec: SweepSpec, dir: PathBuf, jobs: Option<usize>, threads: Option<usize>, slurm: bool, collect_only: bool) -> Result<()> {
+fn run_sweep(
+    spec: SweepSpec,
+    dir: PathBuf,
+    jobs: Option<usize>,
+    threads: Option<usize>,
+    slurm: bool,
+    collect_only: bool,
+) -> Result<()> {
     let dir = SweepDir(dir);
     let cells = sweep::plan(&spec, &dir)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let jobs = jobs.unwrap_or_else(|| sweep::default_jobs(&cells)).max(1);
     let threads = threads.unwrap_or((cores / jobs).max(1));
     if slurm {
         let p = sweep::write_slurm(&dir, &spec, &cells, threads)?;
-        eprintln!("wrote {} ({} array tasks, {threads} CPUs each)", p.display(), cells.len());
+        eprintln!(
+            "wrote {} ({} array tasks, {threads} CPUs each)",
+            p.display(),
+            cells.len()
+        );
         eprintln!("submit: sbatch {}", p.display());
-        eprintln!("then:   moescope sweep {} --out {} --collect", dir.spec().display(), dir.0.display());
+        eprintln!(
+            "then:   moescope sweep {} --out {} --collect",
+            dir.spec().display(),
+            dir.0.display()
+        );
         println!("{}", p.display());
         return Ok(());
     }
     if !collect_only {
-        eprintln!("sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)", spec.name, cells.len(), dir.0.display());
+        eprintln!(
+            "sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)",
+            spec.name,
+            cells.len(),
+            dir.0.display()
+        );
         let c = sweep::run_local(&dir, &cells, jobs, threads, std::io::stderr().is_terminal())?;
-        eprintln!("runs: {} done ({} already finished), {} failed", c.done, c.skipped, c.failed);
+        eprintln!(
+            "runs: {} done ({} already finished), {} failed",
+            c.done, c.skipped, c.failed
+        );
     }
     let f = moescope::report::write_report(&dir)?;
-    eprintln!("results: {} and {}", dir.0.join("results.csv").display(), dir.0.join("results.jsonl").display());
+    eprintln!(
+        "results: {} and {}",
+        dir.0.join("results.csv").display(),
+        dir.0.join("results.jsonl").display()
+    );
     eprintln!("report:  {}", f.markdown.display());
     println!("{}", f.html.display());
     Ok(())
@@ -592,7 +743,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if run_tok.is_file() {
         data_cfg.tokenizer = run_tok.display().to_string();
     }
-    let tok = moescope::data::tokenizer::Tokenizer::from_spec(&moescope::data::tokenizer_spec(&data_cfg))?;
+    let tok = moescope::data::tokenizer::Tokenizer::from_spec(&moescope::data::tokenizer_spec(
+        &data_cfg,
+    ))?;
     let mut ids = tok.encode_with_eot(&a.prompt)?;
     if ids.is_empty() {
         ids.extend(tok.eot());
@@ -611,7 +764,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let vocab = tok.vocab_size().min(last.len());
         let last = &last[..vocab];
         let next = if a.temperature <= 0.0 {
-            (0..vocab).max_by(|&i, &j| last[i].total_cmp(&last[j])).unwrap_or(0)
+            (0..vocab)
+                .max_by(|&i, &j| last[i].total_cmp(&last[j]))
+                .unwrap_or(0)
         } else {
             let mut idx: Vec<usize> = (0..vocab).collect();
             idx.sort_by(|&i, &j| last[j].total_cmp(&last[i]));
@@ -619,7 +774,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 idx.truncate(a.top_k);
             }
             let m = last[idx[0]] as f64;
-            let w: Vec<f64> = idx.iter().map(|&i| ((last[i] as f64 - m) / a.temperature).exp()).collect();
+            let w: Vec<f64> = idx
+                .iter()
+                .map(|&i| ((last[i] as f64 - m) / a.temperature).exp())
+                .collect();
             let z: f64 = w.iter().sum();
             let mut u = rng.random::<f64>() * z;
             let mut pick = idx[idx.len() - 1];

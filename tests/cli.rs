@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(common::bin()).args(args).output().expect("run moescope")
+    Command::new(common::bin())
+        .args(args)
+        .output()
+        .expect("run moescope")
 }
 
 fn stderr(o: &Output) -> String {
@@ -17,7 +20,10 @@ fn stderr(o: &Output) -> String {
 /// Fails unless the command exited non-zero with a message containing every `needle`, without a panic.
 fn assert_fails(o: &Output, needles: &[&str]) {
     let e = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {e}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {e}"
+    );
     assert!(!e.contains("panicked"), "panic: {e}");
     for n in needles {
         assert!(e.contains(n), "stderr lacks `{n}`: {e}");
@@ -26,10 +32,30 @@ fn assert_fails(o: &Output, needles: &[&str]) {
 
 fn micro_args<'a>(cache: &'a str, out: &'a str) -> Vec<String> {
     [
-        "train", "--preset", "tiny", "--out", out, "-q",
-        "--set", "data.builtin_bytes=40000", "--set", &format!("data.cache_dir={cache:?}"),
-        "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.d_ff=32", "--set", "model.seq_len=32",
-        "--set", "train.max_steps=3", "--set", "train.eval_tokens=256", "--set", "train.batch_size=2",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        out,
+        "-q",
+        "--set",
+        "data.builtin_bytes=40000",
+        "--set",
+        &format!("data.cache_dir={cache:?}"),
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=32",
+        "--set",
+        "model.seq_len=32",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_tokens=256",
+        "--set",
+        "train.batch_size=2",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -55,11 +81,19 @@ fn train_eval_generate_round_trip() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tokens"], 200);
     assert!(v["ppl"].as_f64().unwrap() > 1.0);
-    let o = run(&["generate", "--model", &r, "--prompt", "The ", "--tokens", "20"]);
+    let o = run(&[
+        "generate", "--model", &r, "--prompt", "The ", "--tokens", "20",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("The "));
     // A checkpoint folder works as a model reference too.
-    let o = run(&["eval", "--model", &format!("{r}/checkpoints/step-0000003"), "--tokens", "100"]);
+    let o = run(&[
+        "eval",
+        "--model",
+        &format!("{r}/checkpoints/step-0000003"),
+        "--tokens",
+        "100",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -75,35 +109,93 @@ fn bad_config_is_refused_with_the_field_named() {
     assert_fails(&o, &["model.topk", "unknown key"]);
     let cfg = d.path().join("c.toml");
     std::fs::write(&cfg, "[train]\nlearning_rate = 0.1\n").unwrap();
-    let o = run(&["train", "--out", &out, "--config", &cfg.display().to_string()]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--config",
+        &cfg.display().to_string(),
+    ]);
     assert_fails(&o, &["train.learning_rate", "c.toml"]);
     std::fs::write(&cfg, "[train\n").unwrap();
-    let o = run(&["train", "--out", &out, "--config", &cfg.display().to_string()]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--config",
+        &cfg.display().to_string(),
+    ]);
     assert_fails(&o, &["c.toml", "TOML"]);
-    assert!(!Path::new(&out).exists(), "a refused config must not create the run");
+    assert!(
+        !Path::new(&out).exists(),
+        "a refused config must not create the run"
+    );
 }
 
 #[test]
 fn bad_data_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run").display().to_string();
-    let cache = format!("data.cache_dir={:?}", d.path().join("cache").display().to_string());
+    let cache = format!(
+        "data.cache_dir={:?}",
+        d.path().join("cache").display().to_string()
+    );
     let empty = d.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let o = run(&["train", "--out", &out, "--data", &empty.display().to_string(), "--set", &cache]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--data",
+        &empty.display().to_string(),
+        "--set",
+        &cache,
+    ]);
     assert_fails(&o, &["empty"]);
-    let o = run(&["train", "--out", &out, "--data", "/no/such/corpus.txt", "--set", &cache]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--data",
+        "/no/such/corpus.txt",
+        "--set",
+        &cache,
+    ]);
     assert_fails(&o, &["/no/such/corpus.txt"]);
     let bin = d.path().join("bin.txt");
     std::fs::write(&bin, [0xffu8, 0xfe, 0x00, 0x41]).unwrap();
-    let o = run(&["train", "--out", &out, "--data", &bin.display().to_string(), "--set", &cache]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--data",
+        &bin.display().to_string(),
+        "--set",
+        &cache,
+    ]);
     assert_fails(&o, &["bin.txt", "UTF-8"]);
     let folder = d.path().join("only-valid");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("x.valid.txt"), "hello").unwrap();
-    let o = run(&["train", "--out", &out, "--data", &folder.display().to_string(), "--set", &cache]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--data",
+        &folder.display().to_string(),
+        "--set",
+        &cache,
+    ]);
     assert_fails(&o, &["no training file"]);
-    let o = run(&["train", "--out", &out, "--set", "data.tokenizer=/no/tokenizer.json", "--set", &cache]);
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--set",
+        "data.tokenizer=/no/tokenizer.json",
+        "--set",
+        &cache,
+    ]);
     assert_fails(&o, &["/no/tokenizer.json"]);
 }
 
@@ -143,14 +235,33 @@ fn bad_checkpoints_are_refused_and_nothing_is_overwritten() {
     let bytes = std::fs::read(&opt).unwrap();
     std::fs::write(&opt, &bytes[..100]).unwrap();
     // Resume takes the run's own config; only [train] keys may change.
-    let args: Vec<String> = vec!["train".into(), "--out".into(), r.clone(), "--resume".into(), "-q".into(), "--set".into(), "train.max_steps=6".into()];
+    let args: Vec<String> = vec![
+        "train".into(),
+        "--out".into(),
+        r.clone(),
+        "--resume".into(),
+        "-q".into(),
+        "--set".into(),
+        "train.max_steps=6".into(),
+    ];
     let o = Command::new(common::bin()).args(&args).output().unwrap();
     assert_fails(&o, &["optimizer.safetensors", "corrupt or truncated"]);
-    assert_eq!(std::fs::read(&w).unwrap(), good, "final weights were overwritten");
+    assert_eq!(
+        std::fs::read(&w).unwrap(),
+        good,
+        "final weights were overwritten"
+    );
 
     // Resume cannot change the model.
     std::fs::write(&opt, &bytes).unwrap();
-    let o = run(&["train", "--out", &r, "--resume", "--set", "model.d_model=64"]);
+    let o = run(&[
+        "train",
+        "--out",
+        &r,
+        "--resume",
+        "--set",
+        "model.d_model=64",
+    ]);
     assert_fails(&o, &["--resume", "[model]"]);
     // A fresh run into an existing run folder is refused.
     let o = run(&["train", "--out", &r]);
@@ -169,7 +280,9 @@ fn help_lists_every_command() {
     }
     let o = run(&["train", "--help"]);
     let s = String::from_utf8_lossy(&o.stdout);
-    for f in ["--config", "--preset", "--data", "--set", "--resume", "--out"] {
+    for f in [
+        "--config", "--preset", "--data", "--set", "--resume", "--out",
+    ] {
         assert!(s.contains(f), "{s}");
     }
 }

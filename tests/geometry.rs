@@ -8,7 +8,9 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use moescope::config::{Activation, ExpertKind, ModelConfig, Routing};
 use moescope::measures::jacobian::{explicit_jacobian, layer_jacobian, JacobianMode};
-use moescope::measures::subspace::{grassmann, layer_subspaces, principal_angles, Moments, RankRule};
+use moescope::measures::subspace::{
+    grassmann, layer_subspaces, principal_angles, Moments, RankRule,
+};
 use moescope::model::moe::{Expert, MoeLayer};
 use moescope::model::params::ParamStore;
 use rand::{Rng, SeedableRng};
@@ -16,7 +18,16 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 fn layer(expert: ExpertKind, activation: Activation, seed: u64) -> MoeLayer {
-    let cfg = ModelConfig { d_model: 6, d_ff: 9, n_experts: 3, top_k: 2, expert, activation, routing: Routing::Topk, ..common::micro_model() };
+    let cfg = ModelConfig {
+        d_model: 6,
+        d_ff: 9,
+        n_experts: 3,
+        top_k: 2,
+        expert,
+        activation,
+        routing: Routing::Topk,
+        ..common::micro_model()
+    };
     let mut ps = ParamStore::new(DType::F64, &Device::Cpu, seed);
     let m = MoeLayer::new(&mut ps, "moe", &cfg, 0.6, 0.6).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 9);
@@ -24,7 +35,8 @@ fn layer(expert: ExpertKind, activation: Activation, seed: u64) -> MoeLayer {
         if name.ends_with("bias") {
             let n = v.elem_count();
             let vals: Vec<f64> = (0..n).map(|_| rng.random::<f64>() - 0.5).collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
     m
@@ -40,10 +52,22 @@ fn autodiff_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
     let d = x.len();
     (0..d)
         .map(|k| {
-            let xv = Var::from_tensor(&Tensor::from_slice(x, (1, d), &Device::Cpu).unwrap()).unwrap();
+            let xv =
+                Var::from_tensor(&Tensor::from_slice(x, (1, d), &Device::Cpu).unwrap()).unwrap();
             let y = e.forward(xv.as_tensor()).unwrap();
-            let g = y.narrow(1, k, 1).unwrap().sum_all().unwrap().backward().unwrap();
-            g.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            let g = y
+                .narrow(1, k, 1)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         })
         .collect()
 }
@@ -51,7 +75,14 @@ fn autodiff_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
 /// J by central finite differences.
 fn fd_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
     let d = x.len();
-    let f = |v: &[f64]| -> Vec<f64> { e.forward(&Tensor::from_slice(v, (1, d), &Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let f = |v: &[f64]| -> Vec<f64> {
+        e.forward(&Tensor::from_slice(v, (1, d), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     let h = 1e-6;
     let mut j = vec![vec![0.0; d]; d];
     for c in 0..d {
@@ -68,7 +99,11 @@ fn fd_jacobian(e: &Expert, x: &[f64]) -> Vec<Vec<f64>> {
 }
 
 fn frob(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| x * y).sum()
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| x * y)
+        .sum()
 }
 
 fn align(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
@@ -77,7 +112,11 @@ fn align(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
 
 #[test]
 fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
-    for (kind, act) in [(ExpertKind::Mlp, Activation::Silu), (ExpertKind::Mlp, Activation::Gelu), (ExpertKind::Swiglu, Activation::Silu)] {
+    for (kind, act) in [
+        (ExpertKind::Mlp, Activation::Silu),
+        (ExpertKind::Mlp, Activation::Gelu),
+        (ExpertKind::Swiglu, Activation::Silu),
+    ] {
         let moe = layer(kind, act, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let n = 7;
@@ -87,18 +126,32 @@ fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
         let mut refm = [[0.0f64; 3]; 3];
         let mut refs = Vec::new();
         for xt in &xs {
-            let js: Vec<Vec<Vec<f64>>> = moe.experts.iter().map(|e| autodiff_jacobian(e, xt)).collect();
+            let js: Vec<Vec<Vec<f64>>> = moe
+                .experts
+                .iter()
+                .map(|e| autodiff_jacobian(e, xt))
+                .collect();
             for (e, j) in moe.experts.iter().zip(&js) {
                 let fd = fd_jacobian(e, xt);
                 for (a, b) in j.iter().flatten().zip(fd.iter().flatten()) {
-                    assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{kind:?}/{act:?}: autodiff {a} vs FD {b}");
+                    assert!(
+                        (a - b).abs() < 1e-6 * (1.0 + b.abs()),
+                        "{kind:?}/{act:?}: autodiff {a} vs FD {b}"
+                    );
                 }
                 // The analytic J used for spectra equals autodiff too.
-                let an: Vec<Vec<f64>> = explicit_jacobian(e, &Tensor::from_slice(xt, (1, 6), &Device::Cpu).unwrap()).unwrap().to_vec2().unwrap();
+                let an: Vec<Vec<f64>> =
+                    explicit_jacobian(e, &Tensor::from_slice(xt, (1, 6), &Device::Cpu).unwrap())
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap();
                 // candle's GELU backward uses 6-digit constants (0.797885, 0.0356774): 1e-6 there.
                 let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
                 for (a, b) in an.iter().flatten().zip(j.iter().flatten()) {
-                    assert!((a - b).abs() < tol * (1.0 + b.abs()), "{kind:?}/{act:?}: analytic {a} vs autodiff {b}");
+                    assert!(
+                        (a - b).abs() < tol * (1.0 + b.abs()),
+                        "{kind:?}/{act:?}: analytic {a} vs autodiff {b}"
+                    );
                 }
             }
             for i in 0..3 {
@@ -111,14 +164,20 @@ fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
         }
         // All pairs on every token, exact mode.
         let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-        let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0).unwrap().unwrap();
+        let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0)
+            .unwrap()
+            .unwrap();
         let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
         assert_eq!(r.mode, "exact");
         assert_eq!(r.instances, 3 * n);
         for i in 0..3 {
             for k in i + 1..3 {
                 let got = r.matrix[i][k].unwrap();
-                assert!((got - refm[i][k]).abs() < tol, "{kind:?}/{act:?} pair ({i},{k}): {got} vs {}", refm[i][k]);
+                assert!(
+                    (got - refm[i][k]).abs() < tol,
+                    "{kind:?}/{act:?} pair ({i},{k}): {got} vs {}",
+                    refm[i][k]
+                );
             }
         }
         let mean = refs.iter().sum::<f64>() / refs.len() as f64;
@@ -135,7 +194,9 @@ fn routed_pairs_follow_the_selection() {
     let x = randn(&mut rng, 4, 6);
     // Tokens 0,1 route to (0,1); tokens 2,3 to (2,1).
     let sel = vec![0u32, 1, 1, 0, 2, 1, 1, 2];
-    let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0).unwrap().unwrap();
+    let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0)
+        .unwrap()
+        .unwrap();
     assert_eq!(r.instances, 4);
     assert!(r.matrix[0][1].is_some() && r.matrix[1][2].is_some() && r.matrix[0][2].is_none());
     // Spectra: every expert that has tokens gets top singular values in non-increasing order.
@@ -143,7 +204,11 @@ fn routed_pairs_follow_the_selection() {
         assert_eq!(s.len(), 3);
         assert!(s.windows(2).all(|w| w[0] >= w[1] - 1e-12));
     }
-    assert!(r.effective_rank.iter().flatten().all(|e| *e >= 1.0 && *e <= 6.0));
+    assert!(r
+        .effective_rank
+        .iter()
+        .flatten()
+        .all(|e| *e >= 1.0 && *e <= 6.0));
 }
 
 #[test]
@@ -153,14 +218,28 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
     let n = 40;
     let x = randn(&mut rng, n, 6);
     let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-    let exact = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0).unwrap().unwrap();
+    let exact = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0)
+        .unwrap()
+        .unwrap();
     let mut errs = Vec::new();
     for m in [16usize, 64, 256, 1024] {
         // Mean absolute error of the per-pair means, averaged over seeds.
         let mut e = 0.0;
         let mut se = 0.0;
         for seed in 0..6 {
-            let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Estimate(m), true, 0, 1, seed).unwrap().unwrap();
+            let r = layer_jacobian(
+                &moe,
+                &x,
+                &sel,
+                2,
+                JacobianMode::Estimate(m),
+                true,
+                0,
+                1,
+                seed,
+            )
+            .unwrap()
+            .unwrap();
             assert_eq!(r.mode, "estimate");
             for i in 0..3 {
                 for k in i + 1..3 {
@@ -174,9 +253,17 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
     // Each 4x more probes halves the error (1/sqrt(m)): allow a generous band.
     for w in errs.windows(2) {
         let ratio = w[1].1 / w[0].1;
-        assert!((0.3..0.8).contains(&ratio), "error ratio {ratio} from m={} to m={}: {errs:?}", w[0].0, w[1].0);
+        assert!(
+            (0.3..0.8).contains(&ratio),
+            "error ratio {ratio} from m={} to m={}: {errs:?}",
+            w[0].0,
+            w[1].0
+        );
         let sratio = w[1].2 / w[0].2;
-        assert!((0.4..0.6).contains(&sratio), "stderr ratio {sratio}: {errs:?}");
+        assert!(
+            (0.4..0.6).contains(&sratio),
+            "stderr ratio {sratio}: {errs:?}"
+        );
     }
 }
 
@@ -207,7 +294,11 @@ fn random_subspaces_overlap_r_over_d() {
         s += grassmann(&principal_angles(&a, &b)).2;
     }
     let mean = s / trials as f64;
-    assert!((mean - r as f64 / d as f64).abs() < 0.01, "{mean} vs {}", r as f64 / d as f64);
+    assert!(
+        (mean - r as f64 / d as f64).abs() < 0.01,
+        "{mean} vs {}",
+        r as f64 / d as f64
+    );
 }
 
 #[test]
@@ -238,7 +329,10 @@ fn pca_recovers_planted_subspaces() {
     ms.push(small);
     let r = layer_subspaces(&ms, RankRule::Fixed(2), "input", false).unwrap();
     assert!(r.overlap[0][1].unwrap() > 0.999, "{:?}", r.overlap[0][1]);
-    assert!(r.overlap[0][2].unwrap() < 1e-3 && (r.geodesic_normalised[0][2].unwrap() - 1.0).abs() < 1e-3);
+    assert!(
+        r.overlap[0][2].unwrap() < 1e-3
+            && (r.geodesic_normalised[0][2].unwrap() - 1.0).abs() < 1e-3
+    );
     assert!((r.random_overlap - 0.2).abs() < 1e-12);
     assert!(r.effective_rank[0].unwrap() > 1.8 && r.effective_rank[0].unwrap() < 2.05);
     assert_eq!(r.skipped.len(), 1);
@@ -254,25 +348,72 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
     let mut c = common::micro_config(&d.path().join("cache"));
     c.train.max_steps = 3;
     let run = d.path().join("run");
-    let o = moescope::train::TrainOptions { out: run.clone(), resume: false, progress: false, quiet: true, stop_after: None };
+    let o = moescope::train::TrainOptions {
+        out: run.clone(),
+        resume: false,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    };
     moescope::train::train(c, &o).unwrap();
     let out = d.path().join("r.json");
-    let args = ["analyze", "--model", run.to_str().unwrap(), "--tokens", "400", "--subspace", "4", "--jacobian", "estimate:32", "--out", out.to_str().unwrap()];
-    let o = std::process::Command::new(common::bin()).args(args).output().unwrap();
+    let args = [
+        "analyze",
+        "--model",
+        run.to_str().unwrap(),
+        "--tokens",
+        "400",
+        "--subspace",
+        "4",
+        "--jacobian",
+        "estimate:32",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(common::bin())
+        .args(args)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     for l in v["layers"].as_array().unwrap() {
         let j = &l["jacobian"];
-        for k in ["mean", "mean_abs", "mean_sq", "matrix", "mode", "stderr", "spectra", "effective_rank"] {
+        for k in [
+            "mean",
+            "mean_abs",
+            "mean_sq",
+            "matrix",
+            "mode",
+            "stderr",
+            "spectra",
+            "effective_rank",
+        ] {
             assert!(j.get(k).is_some(), "jacobian lacks {k}");
         }
         assert_eq!(j["mode"], "estimate");
         let s = &l["subspace"];
-        for k in ["rank", "overlap", "geodesic", "geodesic_normalised", "random_overlap", "effective_rank", "skipped"] {
+        for k in [
+            "rank",
+            "overlap",
+            "geodesic",
+            "geodesic_normalised",
+            "random_overlap",
+            "effective_rank",
+            "skipped",
+        ] {
             assert!(s.get(k).is_some(), "subspace lacks {k}");
         }
         assert!((s["random_overlap"].as_f64().unwrap() - 4.0 / 32.0).abs() < 1e-12);
     }
-    let bad = std::process::Command::new(common::bin()).args(["analyze", "--model", run.to_str().unwrap(), "--jacobian", "fast"]).output().unwrap();
+    let bad = std::process::Command::new(common::bin())
+        .args([
+            "analyze",
+            "--model",
+            run.to_str().unwrap(),
+            "--jacobian",
+            "fast",
+        ])
+        .output()
+        .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--jacobian"));
 }

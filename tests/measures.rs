@@ -21,12 +21,20 @@ fn layer(cfg: &ModelConfig, seed: u64) -> (MoeLayer, ParamStore) {
 }
 
 fn cfg(routing: Routing, top_k: usize) -> ModelConfig {
-    ModelConfig { d_model: 10, d_ff: 14, n_experts: 5, top_k, routing, ..common::micro_model() }
+    ModelConfig {
+        d_model: 10,
+        d_ff: 14,
+        n_experts: 5,
+        top_k,
+        routing,
+        ..common::micro_model()
+    }
 }
 
 fn set_param(ps: &ParamStore, name: &str, v: Vec<f64>) {
     let var = ps.get(name).unwrap();
-    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
 }
 
 /// Independent weight MSO: normalise each flattened matrix, average squared cosines.
@@ -58,7 +66,9 @@ fn weight_mso_known_vectors_and_random_matrices() {
     let p = c.d_ff * c.d_model;
     // Orthonormal (disjoint supports) -> 0.
     for e in 0..c.n_experts {
-        let v: Vec<f64> = (0..p).map(|i| if i % c.n_experts == e { 1.0 } else { 0.0 }).collect();
+        let v: Vec<f64> = (0..p)
+            .map(|i| if i % c.n_experts == e { 1.0 } else { 0.0 })
+            .collect();
         set_param(&ps, &format!("moe.experts.{e}.up.weight"), v);
     }
     let w = measures::weight_overlap(&moe, Family::Up).unwrap().unwrap();
@@ -68,7 +78,11 @@ fn weight_mso_known_vectors_and_random_matrices() {
     let base: Vec<f64> = (0..p).map(|i| (i as f64 * 0.37).sin()).collect();
     for e in 0..c.n_experts {
         let s = if e % 2 == 0 { 1.0 + e as f64 } else { -0.5 };
-        set_param(&ps, &format!("moe.experts.{e}.up.weight"), base.iter().map(|x| x * s).collect());
+        set_param(
+            &ps,
+            &format!("moe.experts.{e}.up.weight"),
+            base.iter().map(|x| x * s).collect(),
+        );
     }
     let w = measures::weight_overlap(&moe, Family::Up).unwrap().unwrap();
     assert!((w.mso - 1.0).abs() < 1e-12, "{}", w.mso);
@@ -76,25 +90,48 @@ fn weight_mso_known_vectors_and_random_matrices() {
     let (moe, _) = layer(&c, 2);
     for fam in [Family::Up, Family::Down, Family::Router] {
         let mats: Vec<Vec<f64>> = match fam {
-            Family::Up => moe.experts.iter().map(|e| rows(&e.up.weight).concat()).collect(),
-            Family::Down => moe.experts.iter().map(|e| rows(&e.down.weight).concat()).collect(),
+            Family::Up => moe
+                .experts
+                .iter()
+                .map(|e| rows(&e.up.weight).concat())
+                .collect(),
+            Family::Down => moe
+                .experts
+                .iter()
+                .map(|e| rows(&e.down.weight).concat())
+                .collect(),
             _ => rows(&moe.router.weight),
         };
         let got = measures::weight_overlap(&moe, fam).unwrap().unwrap().mso;
         let want = mso_ref(&mats);
-        assert!((got - want).abs() < 1e-6 * want.max(1e-12) + 1e-12, "{fam:?}: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-6 * want.max(1e-12) + 1e-12,
+            "{fam:?}: {got} vs {want}"
+        );
     }
-    assert!(measures::weight_overlap(&moe, Family::Gate).unwrap().is_none(), "MLP experts have no gate");
+    assert!(
+        measures::weight_overlap(&moe, Family::Gate)
+            .unwrap()
+            .is_none(),
+        "MLP experts have no gate"
+    );
 }
 
 #[test]
 fn activation_mso_and_telemetry_match_loops() {
-    for (routing, k) in [(Routing::Topk, 2), (Routing::Topk, 3), (Routing::Soft, 2), (Routing::Topk, 1)] {
+    for (routing, k) in [
+        (Routing::Topk, 2),
+        (Routing::Topk, 3),
+        (Routing::Soft, 2),
+        (Routing::Topk, 1),
+    ] {
         let c = cfg(routing, k);
         let (moe, _) = layer(&c, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let n = 41;
-        let xv: Vec<f64> = (0..n * c.d_model).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let xv: Vec<f64> = (0..n * c.d_model)
+            .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+            .collect();
         let x = Tensor::from_vec(xv, (n, c.d_model), &Device::Cpu).unwrap();
         let (_, cap) = moe.forward(&x, true).unwrap();
         let mut acc = LayerAccumulator::new(c.n_experts, cap.as_ref().unwrap().k);
@@ -103,7 +140,11 @@ fn activation_mso_and_telemetry_match_loops() {
         // Reference: every expert on every token, selection from the router, loops.
         let wr = rows(&moe.router.weight);
         let xs = rows(&x);
-        let kk = if routing == Routing::Soft { c.n_experts } else { k };
+        let kk = if routing == Routing::Soft {
+            c.n_experts
+        } else {
+            k
+        };
         let (mut act, mut all, mut ent) = (0.0, 0.0, 0.0);
         let mut load = vec![0u64; c.n_experts];
         for xt in &xs {
@@ -137,7 +178,11 @@ fn activation_mso_and_telemetry_match_loops() {
         }
         let tol = 2e-6; // f32 host copies of f64 outputs
         match acc.act_mso() {
-            Ok(v) => assert!((v - act / n as f64).abs() < tol, "{routing:?} k={k}: {v} vs {}", act / n as f64),
+            Ok(v) => assert!(
+                (v - act / n as f64).abs() < tol,
+                "{routing:?} k={k}: {v} vs {}",
+                act / n as f64
+            ),
             Err(reason) => {
                 assert_eq!(kk, 1, "{reason}");
                 assert!(reason.contains("k = 1"));
@@ -147,7 +192,16 @@ fn activation_mso_and_telemetry_match_loops() {
         let outs: Vec<Vec<f32>> = moe
             .experts
             .iter()
-            .map(|e| e.forward(&x).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .map(|e| {
+                e.forward(&x)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
             .collect();
         acc.add_all_pairs(&outs, c.d_model);
         assert!((acc.act_mso_all().unwrap() - all / n as f64).abs() < tol);
@@ -161,8 +215,15 @@ fn activation_mso_and_telemetry_match_loops() {
         assert!((tel.load_entropy - h).abs() < 1e-12);
         assert!((tel.balance - h.exp() / c.n_experts as f64).abs() < 1e-12);
         let mean = total as f64 / c.n_experts as f64;
-        assert!((tel.max_violation - (*load.iter().max().unwrap() as f64 / mean - 1.0)).abs() < 1e-12);
-        assert_eq!(tel.dead_experts, (0..c.n_experts).filter(|&e| load[e] == 0).collect::<Vec<_>>());
+        assert!(
+            (tel.max_violation - (*load.iter().max().unwrap() as f64 / mean - 1.0)).abs() < 1e-12
+        );
+        assert_eq!(
+            tel.dead_experts,
+            (0..c.n_experts)
+                .filter(|&e| load[e] == 0)
+                .collect::<Vec<_>>()
+        );
     }
 }
 
@@ -171,16 +232,29 @@ fn orth_loss_value_and_gradient_match_finite_differences() {
     let c = cfg(Routing::Topk, 2);
     let (moe, ps) = layer(&c, 4);
     let pen = measures::orth_penalty(&moe, Family::Up).unwrap().unwrap();
-    let mats: Vec<Vec<f64>> = moe.experts.iter().map(|e| rows(&e.up.weight).concat()).collect();
+    let mats: Vec<Vec<f64>> = moe
+        .experts
+        .iter()
+        .map(|e| rows(&e.up.weight).concat())
+        .collect();
     let e = c.n_experts as f64;
     let want = mso_ref(&mats) * e * (e - 1.0) / 2.0; // Σ_{i<j} G²
     let got = pen.to_scalar::<f64>().unwrap();
-    assert!((got - want).abs() < 1e-12 * want.max(1.0), "{got} vs {want}");
+    assert!(
+        (got - want).abs() < 1e-12 * want.max(1.0),
+        "{got} vs {want}"
+    );
     let grads = pen.backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     for name in ["moe.experts.0.up.weight", "moe.experts.3.up.weight"] {
         let var = ps.get(name).unwrap();
-        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         for _ in 0..5 {
             let j = rng.random_range(0..base.len());
@@ -189,18 +263,30 @@ fn orth_loss_value_and_gradient_match_finite_differences() {
                 let mut v = base.clone();
                 v[j] += delta;
                 set_param(&ps, name, v);
-                let l = measures::orth_penalty(&moe, Family::Up).unwrap().unwrap().to_scalar::<f64>().unwrap();
+                let l = measures::orth_penalty(&moe, Family::Up)
+                    .unwrap()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
                 set_param(&ps, name, base.clone());
                 l
             };
             let fd = (f(eps) - f(-eps)) / (2.0 * eps);
-            assert!((fd - g[j]).abs() < 1e-7 * (1.0 + fd.abs()), "{name}[{j}]: {} vs {fd}", g[j]);
+            assert!(
+                (fd - g[j]).abs() < 1e-7 * (1.0 + fd.abs()),
+                "{name}[{j}]: {} vs {fd}",
+                g[j]
+            );
         }
     }
 }
 
 fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -217,20 +303,45 @@ fn orthogonality_loss_lowers_l_orth_in_training_and_measures_are_logged() {
         let mut c = base.clone();
         c.reg.orth_lambda = lambda;
         let run = d.path().join(format!("run-{lambda}"));
-        let o = moescope::train::TrainOptions { out: run.clone(), resume: false, progress: false, quiet: true, stop_after: None };
+        let o = moescope::train::TrainOptions {
+            out: run.clone(),
+            resume: false,
+            progress: false,
+            quiet: true,
+            stop_after: None,
+        };
         moescope::train::train(c, &o).unwrap();
         let rows = metrics(&run);
         let last = rows.iter().rev().find(|r| r["kind"] == "train").unwrap();
         last_orth.push(last["orth_loss"].as_f64().unwrap());
         assert!(last["lm_loss"].as_f64().is_some());
         let ev = rows.iter().rev().find(|r| r["kind"] == "eval").unwrap();
-        for key in ["weight_mso", "weight_mso_mean", "act_mso", "act_mso_mean", "gap_ratio", "gap_ratio_model", "router_entropy", "load_entropy", "balance", "max_violation", "dead_experts", "load", "measure_tokens"] {
+        for key in [
+            "weight_mso",
+            "weight_mso_mean",
+            "act_mso",
+            "act_mso_mean",
+            "gap_ratio",
+            "gap_ratio_model",
+            "router_entropy",
+            "load_entropy",
+            "balance",
+            "max_violation",
+            "dead_experts",
+            "load",
+            "measure_tokens",
+        ] {
             assert!(ev.get(key).is_some(), "eval row lacks {key}: {ev}");
         }
         assert_eq!(ev["act_mso"].as_array().unwrap().len(), 2);
         assert!(ev["measure_tokens"].as_u64().unwrap() >= 256);
     }
-    assert!(last_orth[1] < last_orth[0], "L_orth with λ=0.1 ({}) is not below λ=0 ({})", last_orth[1], last_orth[0]);
+    assert!(
+        last_orth[1] < last_orth[0],
+        "L_orth with λ=0.1 ({}) is not below λ=0 ({})",
+        last_orth[1],
+        last_orth[0]
+    );
 }
 
 #[test]
@@ -241,25 +352,52 @@ fn top1_eval_reports_null_activation_mso_with_reason() {
     c.train.max_steps = 2;
     c.measure.tokens = 64;
     let run = d.path().join("run");
-    let o = moescope::train::TrainOptions { out: run.clone(), resume: false, progress: false, quiet: true, stop_after: None };
+    let o = moescope::train::TrainOptions {
+        out: run.clone(),
+        resume: false,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    };
     moescope::train::train(c, &o).unwrap();
-    let ev = metrics(&run).into_iter().rev().find(|r| r["kind"] == "eval").unwrap();
-    assert!(ev["act_mso"].as_array().unwrap().iter().all(|v| v.is_null()));
+    let ev = metrics(&run)
+        .into_iter()
+        .rev()
+        .find(|r| r["kind"] == "eval")
+        .unwrap();
+    assert!(ev["act_mso"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_null()));
     assert!(ev["act_mso_mean"].is_null());
-    assert!(ev["act_mso_null_reason"].as_str().unwrap().contains("k = 1"));
+    assert!(ev["act_mso_null_reason"]
+        .as_str()
+        .unwrap()
+        .contains("k = 1"));
 }
 
 fn train_micro_run(dir: &std::path::Path) -> std::path::PathBuf {
     let mut c = common::micro_config(&dir.join("cache"));
     c.train.max_steps = 3;
     let run = dir.join("run");
-    let o = moescope::train::TrainOptions { out: run.clone(), resume: false, progress: false, quiet: true, stop_after: None };
+    let o = moescope::train::TrainOptions {
+        out: run.clone(),
+        resume: false,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    };
     moescope::train::train(c, &o).unwrap();
     run
 }
 
 fn analyze(args: &[&str]) -> std::process::Output {
-    Command::new(common::bin()).arg("analyze").args(args).output().unwrap()
+    Command::new(common::bin())
+        .arg("analyze")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -268,7 +406,14 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
     let run = train_micro_run(d.path());
     let r = run.display().to_string();
     let out = d.path().join("report.json");
-    let o = analyze(&["--model", &r, "--tokens", "300", "--out", &out.display().to_string()]);
+    let o = analyze(&[
+        "--model",
+        &r,
+        "--tokens",
+        "300",
+        "--out",
+        &out.display().to_string(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(v["schema"], "moescope.analysis/1");
@@ -279,13 +424,33 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
     let layers = v["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     for l in layers {
-        for key in ["index", "weight_mso", "weight_overlap", "act_mso", "act_mso_all", "gap_ratio", "load", "router_entropy", "load_entropy", "dead_experts", "max_violation"] {
+        for key in [
+            "index",
+            "weight_mso",
+            "weight_overlap",
+            "act_mso",
+            "act_mso_all",
+            "gap_ratio",
+            "load",
+            "router_entropy",
+            "load_entropy",
+            "dead_experts",
+            "max_violation",
+        ] {
             assert!(l.get(key).is_some(), "layer lacks {key}");
         }
         let m = l["weight_overlap"]["up"].as_array().unwrap();
         assert_eq!(m.len(), 4);
         assert!(m[1][1].is_null() && m[0][1].is_f64());
-        assert_eq!(l["load"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum::<u64>(), 600);
+        assert_eq!(
+            l["load"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .sum::<u64>(),
+            600
+        );
     }
     assert!(String::from_utf8_lossy(&o.stderr).contains("gap ratio"));
 
@@ -294,7 +459,10 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
     let js = d.path().join("ids.json");
     std::fs::write(&js, serde_json::to_string(&ids).unwrap()).unwrap();
     let npy = d.path().join("ids.npy");
-    let header = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}", ids.len());
+    let header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
+        ids.len()
+    );
     let mut h = header.into_bytes();
     while (10 + h.len() + 1) % 64 != 0 {
         h.push(b' ');
@@ -309,7 +477,16 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
     std::fs::write(&npy, bytes).unwrap();
     let (oj, on) = (d.path().join("j.json"), d.path().join("n.json"));
     for (src, dst) in [(&js, &oj), (&npy, &on)] {
-        let o = analyze(&["--model", &r, "--token-ids", &src.display().to_string(), "--tokens", "150", "--out", &dst.display().to_string()]);
+        let o = analyze(&[
+            "--model",
+            &r,
+            "--token-ids",
+            &src.display().to_string(),
+            "--tokens",
+            "150",
+            "--out",
+            &dst.display().to_string(),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let a: serde_json::Value = serde_json::from_slice(&std::fs::read(&oj).unwrap()).unwrap();
@@ -327,21 +504,75 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
     };
     let never = d.path().join("never.json").display().to_string();
     std::fs::write(&js, "[1, 2, 99999]").unwrap();
-    bad(&["--model", &r, "--token-ids", &js.display().to_string(), "--tokens", "3", "--out", &never], &["ids.json", "99999", "vocabulary"]);
+    bad(
+        &[
+            "--model",
+            &r,
+            "--token-ids",
+            &js.display().to_string(),
+            "--tokens",
+            "3",
+            "--out",
+            &never,
+        ],
+        &["ids.json", "99999", "vocabulary"],
+    );
     std::fs::write(&js, "[]").unwrap();
-    bad(&["--model", &r, "--token-ids", &js.display().to_string(), "--out", &never], &["ids.json", "empty"]);
+    bad(
+        &[
+            "--model",
+            &r,
+            "--token-ids",
+            &js.display().to_string(),
+            "--out",
+            &never,
+        ],
+        &["ids.json", "empty"],
+    );
     std::fs::write(&js, "[1, 2, 3]").unwrap();
-    bad(&["--model", &r, "--token-ids", &js.display().to_string(), "--tokens", "10", "--out", &never], &["--tokens 10", "3 tokens"]);
+    bad(
+        &[
+            "--model",
+            &r,
+            "--token-ids",
+            &js.display().to_string(),
+            "--tokens",
+            "10",
+            "--out",
+            &never,
+        ],
+        &["--tokens 10", "3 tokens"],
+    );
     std::fs::write(&js, "{\"ids\": [1]}").unwrap();
-    bad(&["--model", &r, "--token-ids", &js.display().to_string(), "--out", &never], &["ids.json", "array"]);
-    bad(&["--model", &r, "--tokens", "100000000", "--out", &never], &["--tokens 100000000"]);
-    bad(&["--model", &r, "--families", "left", "--out", &never], &["left"]);
+    bad(
+        &[
+            "--model",
+            &r,
+            "--token-ids",
+            &js.display().to_string(),
+            "--out",
+            &never,
+        ],
+        &["ids.json", "array"],
+    );
+    bad(
+        &["--model", &r, "--tokens", "100000000", "--out", &never],
+        &["--tokens 100000000"],
+    );
+    bad(
+        &["--model", &r, "--families", "left", "--out", &never],
+        &["left"],
+    );
     assert!(!std::path::Path::new(&never).exists());
 
     // A checkpoint whose config has no MoE layer is refused by the config check.
     let cj = run.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
     v["moescope"]["moe_every"] = serde_json::json!(3);
     std::fs::write(&cj, serde_json::to_string(&v).unwrap()).unwrap();
-    bad(&["--model", &r, "--out", &never], &["config.json", "no MoE layer"]);
+    bad(
+        &["--model", &r, "--out", &never],
+        &["config.json", "no MoE layer"],
+    );
 }

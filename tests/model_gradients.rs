@@ -16,10 +16,11 @@ use rand_chacha::ChaCha8Rng;
 
 fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale).collect();
+    let v: Vec<f64> = (0..n)
+        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
-
 
 /// The MoE layer as SPEC.md defines it: every expert evaluated densely,
 /// softmax router, top-k with ties to the lower index, optional renormalisation.
@@ -38,7 +39,11 @@ fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
                 Routing::Topk => idx[..m.top_k].to_vec(),
                 Routing::Soft => (0..p.len()).collect(),
             };
-            let denom: f64 = if m.routing == Routing::Topk && m.norm_topk { sel.iter().map(|&e| p[e]).sum() } else { 1.0 };
+            let denom: f64 = if m.routing == Routing::Topk && m.norm_topk {
+                sel.iter().map(|&e| p[e]).sum()
+            } else {
+                1.0
+            };
             let mut y = vec![0.0; xt.len()];
             for &e in &sel {
                 for (yi, v) in y.iter_mut().zip(&all[e]) {
@@ -50,10 +55,27 @@ fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn moe_cfg(expert: ExpertKind, activation: Activation, routing: Routing, norm_topk: bool, top_k: usize) -> ModelConfig {
+fn moe_cfg(
+    expert: ExpertKind,
+    activation: Activation,
+    routing: Routing,
+    norm_topk: bool,
+    top_k: usize,
+) -> ModelConfig {
     // A non-unit router temperature for the soft variants, so that it is tested too.
     let router_temperature = if routing == Routing::Soft { 0.7 } else { 1.0 };
-    ModelConfig { d_model: 12, d_ff: 20, n_experts: 5, top_k, expert, activation, routing, norm_topk, router_temperature, ..common::micro_model() }
+    ModelConfig {
+        d_model: 12,
+        d_ff: 20,
+        n_experts: 5,
+        top_k,
+        expert,
+        activation,
+        routing,
+        norm_topk,
+        router_temperature,
+        ..common::micro_model()
+    }
 }
 
 const VARIANTS: &[(ExpertKind, Activation, Routing, bool, usize)] = &[
@@ -62,7 +84,13 @@ const VARIANTS: &[(ExpertKind, Activation, Routing, bool, usize)] = &[
     (ExpertKind::Swiglu, Activation::Silu, Routing::Topk, true, 2),
     (ExpertKind::Mlp, Activation::Silu, Routing::Topk, true, 1),
     (ExpertKind::Mlp, Activation::Silu, Routing::Soft, true, 2),
-    (ExpertKind::Swiglu, Activation::Silu, Routing::Soft, false, 2),
+    (
+        ExpertKind::Swiglu,
+        Activation::Silu,
+        Routing::Soft,
+        false,
+        2,
+    ),
 ];
 
 fn build_moe(cfg: &ModelConfig, seed: u64) -> (MoeLayer, ParamStore) {
@@ -106,17 +134,30 @@ fn moe_gradients_match_finite_differences() {
         let r = rand_tensor(&mut rng, &[9, cfg.d_model], 1.0);
         let loss = |moe: &MoeLayer| -> f64 {
             let (y, _) = moe.forward(x.as_tensor(), false).unwrap();
-            (y * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (y * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let (y, _) = moe.forward(x.as_tensor(), false).unwrap();
         let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let mut checked = 0;
-        let mut targets: Vec<(String, Var)> = ps.names().iter().cloned().zip(ps.vars().iter().cloned()).collect();
+        let mut targets: Vec<(String, Var)> = ps
+            .names()
+            .iter()
+            .cloned()
+            .zip(ps.vars().iter().cloned())
+            .collect();
         targets.push(("x".into(), x.clone()));
         for (name, var) in &targets {
             let Some(g) = grads.get(var.as_tensor()) else {
                 // Only an expert that received no token may lack a gradient.
-                assert!(name.contains("experts"), "variant {i}: no gradient for {name}");
+                assert!(
+                    name.contains("experts"),
+                    "variant {i}: no gradient for {name}"
+                );
                 continue;
             };
             let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
@@ -126,16 +167,23 @@ fn moe_gradients_match_finite_differences() {
                 let eps = 1e-6;
                 let mut plus = base.clone();
                 plus[j] += eps;
-                var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let lp = loss(&moe);
                 let mut minus = base.clone();
                 minus[j] -= eps;
-                var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let lm = loss(&moe);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let fd = (lp - lm) / (2.0 * eps);
                 let tol = 1e-6 * (1.0 + fd.abs().max(g[j].abs()));
-                assert!((fd - g[j]).abs() < tol, "variant {i} {name}[{j}]: autodiff {} vs finite difference {fd}", g[j]);
+                assert!(
+                    (fd - g[j]).abs() < tol,
+                    "variant {i} {name}[{j}]: autodiff {} vs finite difference {fd}",
+                    g[j]
+                );
                 checked += 1;
             }
         }
@@ -151,17 +199,43 @@ fn every_parameter_receives_a_nonzero_gradient() {
         (ExpertKind::Mlp, Activation::Gelu, Routing::Soft, 2),
     ];
     for (ek, act, routing, moe_every) in variants {
-        let cfg = ModelConfig { expert: ek, activation: act, routing, moe_every, ..common::micro_model() };
+        let cfg = ModelConfig {
+            expert: ek,
+            activation: act,
+            routing,
+            moe_every,
+            ..common::micro_model()
+        };
         let model = Gpt::new(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let toks: Vec<u32> = (0..4 * cfg.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+        let toks: Vec<u32> = (0..4 * cfg.seq_len)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect();
         let x = Tensor::from_vec(toks.clone(), (4, cfg.seq_len), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(toks.iter().map(|t| (t * 7 + 1) % cfg.vocab_size as u32).collect::<Vec<_>>(), (4, cfg.seq_len), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(
+            toks.iter()
+                .map(|t| (t * 7 + 1) % cfg.vocab_size as u32)
+                .collect::<Vec<_>>(),
+            (4, cfg.seq_len),
+            &Device::Cpu,
+        )
+        .unwrap();
         let grads = model.loss(&x, &y).unwrap().backward().unwrap();
         for (name, var) in model.params.names().iter().zip(model.params.vars()) {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient ({ek:?}, {routing:?})"));
-            let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s} ({ek:?}, {routing:?})");
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient ({ek:?}, {routing:?})"));
+            let s = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                s > 0.0 && s.is_finite(),
+                "{name}: gradient sum {s} ({ek:?}, {routing:?})"
+            );
         }
     }
 }
@@ -171,20 +245,52 @@ fn attention_is_causal_and_initial_loss_is_ln_vocab() {
     let cfg = common::micro_model();
     let model = Gpt::new(&cfg, DType::F64, &Device::Cpu, 5).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let a: Vec<u32> = (0..cfg.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+    let a: Vec<u32> = (0..cfg.seq_len)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
     let mut b = a.clone();
     for t in b.iter_mut().skip(10) {
         *t = (*t + 1) % cfg.vocab_size as u32;
     }
-    let la = rows(&model.forward(&Tensor::new(a.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), false).unwrap().logits);
-    let lb = rows(&model.forward(&Tensor::new(b.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), false).unwrap().logits);
+    let la = rows(
+        &model
+            .forward(
+                &Tensor::new(a.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                false,
+            )
+            .unwrap()
+            .logits,
+    );
+    let lb = rows(
+        &model
+            .forward(
+                &Tensor::new(b.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                false,
+            )
+            .unwrap()
+            .logits,
+    );
     for t in 0..cfg.seq_len {
         let same = la[t].iter().zip(&lb[t]).all(|(x, y)| (x - y).abs() < 1e-12);
         assert_eq!(same, t < 10, "position {t}");
     }
-    let x = Tensor::new(a.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let targets: Vec<u32> = (0..cfg.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-    let y = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(a.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets: Vec<u32> = (0..cfg.seq_len)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let y = Tensor::new(targets.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let loss = model.loss(&x, &y).unwrap().to_scalar::<f64>().unwrap();
     assert!((loss - (cfg.vocab_size as f64).ln()).abs() < 0.1, "{loss}");
 }

@@ -11,11 +11,18 @@ use std::time::{Duration, Instant};
 
 fn slurm_up() -> Result<(), String> {
     match Command::new("sinfo").args(["-h", "-o", "%T"]).output() {
-        Err(e) => Err(format!("sinfo not found ({e}): install slurm-wlm and run scripts/slurm_local.sh start")),
-        Ok(o) if !o.status.success() => Err(format!("sinfo failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!(
+            "sinfo not found ({e}): install slurm-wlm and run scripts/slurm_local.sh start"
+        )),
+        Ok(o) if !o.status.success() => Err(format!(
+            "sinfo failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
         Ok(o) => {
             let s = String::from_utf8_lossy(&o.stdout);
-            if s.lines().any(|l| ["idle", "mixed", "allocated"].contains(&l.trim())) {
+            if s.lines()
+                .any(|l| ["idle", "mixed", "allocated"].contains(&l.trim()))
+            {
                 Ok(())
             } else {
                 Err(format!("no usable Slurm node (sinfo says: {})", s.trim()))
@@ -40,7 +47,11 @@ fn spec(dir: &Path) -> std::path::PathBuf {
 }
 
 fn rows(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -52,32 +63,88 @@ fn slurm_job_array_gives_the_same_table_as_a_local_run() {
     let d = tempfile::tempdir().unwrap();
     let spec = spec(d.path());
     let out = d.path().join("slurm-out");
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--slurm", "--threads", "1"]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--slurm",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let script = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let sub = Command::new("sbatch").args(["--parsable", &script]).output().unwrap();
-    assert!(sub.status.success(), "sbatch: {}", String::from_utf8_lossy(&sub.stderr));
-    let job = String::from_utf8_lossy(&sub.stdout).trim().split(';').next().unwrap().to_string();
+    let sub = Command::new("sbatch")
+        .args(["--parsable", &script])
+        .output()
+        .unwrap();
+    assert!(
+        sub.status.success(),
+        "sbatch: {}",
+        String::from_utf8_lossy(&sub.stderr)
+    );
+    let job = String::from_utf8_lossy(&sub.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let t0 = Instant::now();
     loop {
-        let q = Command::new("squeue").args(["-h", "-j", &job]).output().unwrap();
+        let q = Command::new("squeue")
+            .args(["-h", "-j", &job])
+            .output()
+            .unwrap();
         if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(600), "Slurm job {job} did not finish");
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "Slurm job {job} did not finish"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--collect"]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--collect",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let local = d.path().join("local-out");
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", local.to_str().unwrap(), "--threads", "1"]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            local.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (rows(&out), rows(&local));
     assert_eq!(a.len(), 2);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x["status"], "done", "{x}");
-        for k in ["id", "lambda", "seed", "steps", "val_loss", "weight_mso", "act_mso"] {
+        for k in [
+            "id",
+            "lambda",
+            "seed",
+            "steps",
+            "val_loss",
+            "weight_mso",
+            "act_mso",
+        ] {
             assert_eq!(x[k], y[k], "{k} differs between Slurm and local runs");
         }
     }

@@ -34,14 +34,34 @@ fn status(run: &Path) -> String {
 #[test]
 fn killed_sweep_resumes_without_redoing_finished_runs_and_reports() {
     let d = tempfile::tempdir().unwrap();
-    let spec = write_spec(d.path(), &d.path().join("cache"), "\"reg.orth_lambda\" = [0.0, 0.1]\n\"train.seed\" = [0, 1]", 40);
+    let spec = write_spec(
+        d.path(),
+        &d.path().join("cache"),
+        "\"reg.orth_lambda\" = [0.0, 0.1]\n\"train.seed\" = [0, 1]",
+        40,
+    );
     let out = d.path().join("out");
-    let args = ["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "1", "--threads", "1"];
-    let mut child = Command::new(common::bin()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let args = [
+        "sweep",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait until one run has finished, then kill the sweep (its worker dies with it).
     let t0 = Instant::now();
     let finished = loop {
-        let runs: Vec<_> = std::fs::read_dir(out.join("runs")).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        let runs: Vec<_> = std::fs::read_dir(out.join("runs"))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
         if let Some(r) = runs.iter().find(|r| status(r) == "done") {
             break r.clone();
         }
@@ -50,23 +70,49 @@ fn killed_sweep_resumes_without_redoing_finished_runs_and_reports() {
     };
     child.kill().unwrap();
     child.wait().unwrap();
-    let stamp = std::fs::metadata(finished.join("summary.json")).unwrap().modified().unwrap();
+    let stamp = std::fs::metadata(finished.join("summary.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     let o = Command::new(common::bin()).args(args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("already finished"), "{err}");
-    assert_eq!(std::fs::metadata(finished.join("summary.json")).unwrap().modified().unwrap(), stamp, "a finished run was redone");
-    let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(
+        std::fs::metadata(finished.join("summary.json"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        stamp,
+        "a finished run was redone"
+    );
+    let runs: Vec<_> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(runs.len(), 4);
     assert!(runs.iter().all(|r| status(r) == "done"));
 
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
-    assert!(csv.lines().next().unwrap().starts_with("id,status,error,dataset,lambda,seed"));
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .starts_with("id,status,error,dataset,lambda,seed"));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for t in ["Table 1", "Table 2", "Table 3", "Table 4", "Figure 1a", "Figure 1b", "Pearson r"] {
+    for t in [
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "Table 4",
+        "Figure 1a",
+        "Figure 1b",
+        "Pearson r",
+    ] {
         assert!(md.contains(t), "report.md lacks {t}");
     }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -79,12 +125,29 @@ fn killed_sweep_resumes_without_redoing_finished_runs_and_reports() {
 #[test]
 fn failing_cell_is_recorded_and_the_others_complete() {
     let d = tempfile::tempdir().unwrap();
-    let spec = write_spec(d.path(), &d.path().join("cache"), "\"train.lr\" = [0.001, -1.0]", 3);
+    let spec = write_spec(
+        d.path(),
+        &d.path().join("cache"),
+        "\"train.lr\" = [0.001, -1.0]",
+        3,
+    );
     let out = d.path().join("out");
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("1 failed"));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let bad = rows.iter().find(|r| r["train.lr"] == -1.0).unwrap();
     assert_eq!(bad["status"], "failed");
     assert!(bad["error"].as_str().unwrap().contains("train.lr"));
@@ -98,23 +161,54 @@ fn failing_cell_is_recorded_and_the_others_complete() {
 #[test]
 fn slurm_script_runs_the_worker_command() {
     let d = tempfile::tempdir().unwrap();
-    let spec = write_spec(d.path(), &d.path().join("cache"), "\"train.seed\" = [0, 1]", 2);
+    let spec = write_spec(
+        d.path(),
+        &d.path().join("cache"),
+        "\"train.seed\" = [0, 1]",
+        2,
+    );
     let out = d.path().join("out");
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--slurm"]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--slurm",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).unwrap();
-    assert!(script.contains("#SBATCH --array=0-1") && script.contains("--run-one $SLURM_ARRAY_TASK_ID"));
+    assert!(
+        script.contains("#SBATCH --array=0-1") && script.contains("--run-one $SLURM_ARRAY_TASK_ID")
+    );
     // Run the array tasks by hand, exactly as Slurm would, then collect.
     let line = script.lines().find(|l| l.starts_with("exec ")).unwrap();
     for task in ["0", "1"] {
-        let cmd = line.trim_start_matches("exec ").replace("$SLURM_ARRAY_TASK_ID", task);
+        let cmd = line
+            .trim_start_matches("exec ")
+            .replace("$SLURM_ARRAY_TASK_ID", task);
         let o = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--collect"]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--collect",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().filter(|l| l.contains(",done,")).count(), 2, "{csv}");
+    assert_eq!(
+        csv.lines().filter(|l| l.contains(",done,")).count(),
+        2,
+        "{csv}"
+    );
 }
 
 #[test]
@@ -134,16 +228,36 @@ fn routing_sweep_runs_into_the_report_routing_section() {
     )
     .unwrap();
     let out = d.path().join("out");
-    let o = Command::new(common::bin()).args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().flatten().map(|e| e.path()).collect();
+    let runs: Vec<_> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(runs.len(), 4);
     for r in &runs {
-        let a: serde_json::Value = serde_json::from_slice(&std::fs::read(r.join("analysis.json")).unwrap()).unwrap();
-        assert!(a["layers"][0]["subspace"]["overlap"].is_array(), "{}", r.display());
+        let a: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.join("analysis.json")).unwrap()).unwrap();
+        assert!(
+            a["layers"][0]["subspace"]["overlap"].is_array(),
+            "{}",
+            r.display()
+        );
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("Routing: function vs representation space"), "{md}");
+    assert!(
+        md.contains("Routing: function vs representation space"),
+        "{md}"
+    );
     for mode in ["| top-1", "| top-2", "| soft", "| soft (T = 0.5)"] {
         assert!(md.contains(mode), "routing table lacks {mode}");
     }

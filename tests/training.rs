@@ -7,7 +7,13 @@ use moescope::train::{train, TrainOptions};
 use std::path::Path;
 
 fn opts(out: &Path) -> TrainOptions {
-    TrainOptions { out: out.to_path_buf(), resume: false, progress: false, quiet: true, stop_after: None }
+    TrainOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    }
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
@@ -30,9 +36,16 @@ fn loss_falls_below_unigram_entropy_on_builtin_corpus() {
     cfg.train.eval_tokens = 2048;
     let s = train(cfg, &opts(&d.path().join("run"))).unwrap();
     let rows = metrics(&d.path().join("run"));
-    let first = rows.iter().find(|r| r["kind"] == "train").unwrap()["loss"].as_f64().unwrap();
+    let first = rows.iter().find(|r| r["kind"] == "train").unwrap()["loss"]
+        .as_f64()
+        .unwrap();
     assert!(first > 4.0, "initial loss {first} should be near ln(vocab)");
-    assert!(s.val_loss < s.unigram_entropy - 0.3, "val loss {} vs unigram entropy {}", s.val_loss, s.unigram_entropy);
+    assert!(
+        s.val_loss < s.unigram_entropy - 0.3,
+        "val loss {} vs unigram entropy {}",
+        s.val_loss,
+        s.unigram_entropy
+    );
     assert!((s.val_ppl - s.val_loss.exp()).abs() < 1e-9);
     // The final model is exported beside the run's checkpoints.
     assert!(d.path().join("run/model.safetensors").is_file());
@@ -64,11 +77,20 @@ fn resume_is_bit_exact() {
     let wa = std::fs::read(a.join("model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("model.safetensors")).unwrap();
     assert!(wa == wb, "resumed weights differ from an uninterrupted run");
-    assert!(!stale.exists(), "stale temporary checkpoint folder left behind");
+    assert!(
+        !stale.exists(),
+        "stale temporary checkpoint folder left behind"
+    );
     // The metrics log reads as if the run had never stopped.
     let strip = |rows: Vec<serde_json::Value>| -> Vec<(String, u64, String)> {
         rows.iter()
-            .map(|r| (r["kind"].to_string(), r["step"].as_u64().unwrap(), format!("{}{}", r["loss"], r["val_loss"])))
+            .map(|r| {
+                (
+                    r["kind"].to_string(),
+                    r["step"].as_u64().unwrap(),
+                    format!("{}{}", r["loss"], r["val_loss"]),
+                )
+            })
             .collect()
     };
     assert_eq!(strip(metrics(&a)), strip(metrics(&b)));
@@ -92,9 +114,19 @@ fn divergence_stops_and_keeps_last_good_checkpoint() {
     let mut o = opts(&run);
     o.resume = true;
     let err = train(bad, &o).unwrap_err().to_string();
-    assert!(err.contains("diverged") && err.contains("step-0000003"), "{err}");
-    assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the good checkpoint was modified");
-    assert_eq!(std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(), "step-0000003");
+    assert!(
+        err.contains("diverged") && err.contains("step-0000003"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        before,
+        "the good checkpoint was modified"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(),
+        "step-0000003"
+    );
 }
 
 #[test]
@@ -107,5 +139,8 @@ fn existing_run_is_not_overwritten_without_resume() {
     let before = std::fs::read(run.join("model.safetensors")).unwrap();
     let err = train(cfg, &opts(&run)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
-    assert_eq!(std::fs::read(run.join("model.safetensors")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(run.join("model.safetensors")).unwrap(),
+        before
+    );
 }

@@ -34,7 +34,13 @@ pub struct TokenFile {
 
 impl TokenFile {
     /// Write `tokens` to `path` atomically.
-    pub fn write(path: &Path, tokens: &[u32], tokenizer: &str, source_hash: &str, split: &str) -> Result<()> {
+    pub fn write(
+        path: &Path,
+        tokens: &[u32],
+        tokenizer: &str,
+        source_hash: &str,
+        split: &str,
+    ) -> Result<()> {
         let wide = tokens.iter().any(|&t| t > u16::MAX as u32);
         let header = TokenHeader {
             tokenizer: tokenizer.into(),
@@ -67,7 +73,12 @@ impl TokenFile {
         // SAFETY: token files are written atomically (temp + rename) and never
         // modified in place, so the mapping cannot change under us.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-        let corrupt = |msg: &str| Error::bad_file(path, format!("{msg}: corrupt or truncated token file; delete it to rebuild"));
+        let corrupt = |msg: &str| {
+            Error::bad_file(
+                path,
+                format!("{msg}: corrupt or truncated token file; delete it to rebuild"),
+            )
+        };
         if map.len() < 12 || &map[..8] != MAGIC {
             return Err(corrupt("bad magic"));
         }
@@ -75,7 +86,8 @@ impl TokenFile {
         if map.len() < 12 + hlen {
             return Err(corrupt("short header"));
         }
-        let header: TokenHeader = serde_json::from_slice(&map[12..12 + hlen]).map_err(|_| corrupt("bad header"))?;
+        let header: TokenHeader =
+            serde_json::from_slice(&map[12..12 + hlen]).map_err(|_| corrupt("bad header"))?;
         let width = match header.dtype.as_str() {
             "u16" => 2,
             "u32" => 4,
@@ -85,7 +97,13 @@ impl TokenFile {
         if (map.len() - offset) as u64 != header.count * width as u64 {
             return Err(corrupt("size does not match the token count"));
         }
-        Ok(TokenFile { path: path.to_path_buf(), header, map, offset, width })
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            header,
+            map,
+            offset,
+            width,
+        })
     }
 
     /// Number of tokens.

@@ -53,16 +53,45 @@ impl CorpusFiles {
 }
 
 fn is_corpus_file(p: &Path) -> bool {
-    let name = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     if name.starts_with('.') {
         return false;
     }
     let stem = name.split('.').next().unwrap_or("");
-    if ["readme", "provenance", "license", "licence", "changelog", "citation"].contains(&stem) {
+    if [
+        "readme",
+        "provenance",
+        "license",
+        "licence",
+        "changelog",
+        "citation",
+    ]
+    .contains(&stem)
+    {
         return false;
     }
-    let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    !matches!(ext.as_str(), "md" | "json" | "py" | "sh" | "toml" | "yaml" | "yml" | "lock" | "zip" | "gz" | "tok" | "tiktoken" | "bpe")
+    let ext = p
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    !matches!(
+        ext.as_str(),
+        "md" | "json"
+            | "py"
+            | "sh"
+            | "toml"
+            | "yaml"
+            | "yml"
+            | "lock"
+            | "zip"
+            | "gz"
+            | "tok"
+            | "tiktoken"
+            | "bpe"
+    )
 }
 
 fn split_of(p: &Path) -> Option<Split> {
@@ -136,7 +165,10 @@ pub fn discover(path: &Path) -> Result<CorpusFiles> {
 /// Read a file as text. `<|endoftext|>` inside the text separates documents;
 /// JSONL and Parquet records are joined per `join`.
 pub fn read_text(path: &Path, join: RecordJoin) -> Result<String> {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let sep = match join {
         RecordJoin::Documents => EOT_TEXT,
         RecordJoin::Concatenate => "",
@@ -147,7 +179,13 @@ pub fn read_text(path: &Path, join: RecordJoin) -> Result<String> {
         _ => {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
             String::from_utf8(bytes).map_err(|e| {
-                Error::bad_file(path, format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+                Error::bad_file(
+                    path,
+                    format!(
+                        "not UTF-8 text (invalid byte at offset {})",
+                        e.utf8_error().valid_up_to()
+                    ),
+                )
             })
         }
     }
@@ -180,7 +218,8 @@ fn read_parquet(path: &Path, sep: &str) -> Result<String> {
     use parquet::record::Field;
     let bad = |msg: String| Error::bad_file(path, msg);
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a Parquet file: {e}")))?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| bad(format!("not a Parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema();
     let text_field = schema
         .get_fields()
@@ -195,7 +234,9 @@ fn read_parquet(path: &Path, sep: &str) -> Result<String> {
         .with_fields(vec![text_field])
         .build()
         .map_err(|e| bad(e.to_string()))?;
-    let rows = reader.get_row_iter(Some(projection)).map_err(|e| bad(e.to_string()))?;
+    let rows = reader
+        .get_row_iter(Some(projection))
+        .map_err(|e| bad(e.to_string()))?;
     let mut out = String::new();
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
@@ -220,7 +261,14 @@ mod tests {
     #[test]
     fn discovers_split_files_and_ignores_notes() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt", "PROVENANCE.md", "README.md", "sample.txt"] {
+        for f in [
+            "ptb.train.txt",
+            "ptb.valid.txt",
+            "ptb.test.txt",
+            "PROVENANCE.md",
+            "README.md",
+            "sample.txt",
+        ] {
             std::fs::write(d.path().join(f), "x").unwrap();
         }
         let c = discover(d.path()).unwrap();
@@ -235,9 +283,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.jsonl");
         std::fs::write(&p, "{\"text\": \"a\"}\n{\"txt\": \"b\"}\n").unwrap();
-        let e = read_text(&p, RecordJoin::Documents).unwrap_err().to_string();
-        assert!(e.contains("a.jsonl") && e.contains("line 2") && e.contains("text"), "{e}");
+        let e = read_text(&p, RecordJoin::Documents)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.jsonl") && e.contains("line 2") && e.contains("text"),
+            "{e}"
+        );
         std::fs::write(&p, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
-        assert_eq!(read_text(&p, RecordJoin::Documents).unwrap(), "a<|endoftext|>b");
+        assert_eq!(
+            read_text(&p, RecordJoin::Documents).unwrap(),
+            "a<|endoftext|>b"
+        );
     }
 }

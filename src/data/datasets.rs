@@ -72,7 +72,10 @@ pub fn named(name: &str) -> Result<&'static NamedDataset> {
         let names: Vec<&str> = NAMED.iter().map(|d| d.name).collect();
         Error::config(
             "data.dataset",
-            format!("unknown dataset `{name}` (known: builtin, {}; or give --data PATH)", names.join(", ")),
+            format!(
+                "unknown dataset `{name}` (known: builtin, {}; or give --data PATH)",
+                names.join(", ")
+            ),
         )
     })
 }
@@ -85,12 +88,20 @@ fn url(u: &str) -> String {
 /// missing. Returns the dataset folder.
 pub fn ensure(ds: &NamedDataset, root: &Path, progress: bool) -> Result<PathBuf> {
     let dir = root.join(ds.name);
-    let missing: Vec<_> = ds.files.iter().filter(|(f, _)| !dir.join(f).is_file()).collect();
+    let missing: Vec<_> = ds
+        .files
+        .iter()
+        .filter(|(f, _)| !dir.join(f).is_file())
+        .collect();
     let offline = std::env::var_os("MOESCOPE_OFFLINE").is_some_and(|v| v != "0" && !v.is_empty());
     let mut failed = Vec::new();
     for (f, u) in &missing {
         let dest = dir.join(f);
-        let res = if offline { Err("MOESCOPE_OFFLINE is set".to_string()) } else { download(&url(u), &dest, progress) };
+        let res = if offline {
+            Err("MOESCOPE_OFFLINE is set".to_string())
+        } else {
+            download(&url(u), &dest, progress)
+        };
         if let Err(e) = res {
             failed.push(format!("  {}  <-  {}  ({e})", dest.display(), url(u)));
         }
@@ -117,14 +128,25 @@ pub fn download(url: &str, dest: &Path, progress: bool) -> std::result::Result<(
         .build()
         .into();
     let resp = agent.get(url).call().map_err(|e| e.to_string())?;
-    let total = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let total = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total.unwrap_or(0));
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template"),
         );
-        b.set_message(dest.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        b.set_message(
+            dest.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
         b
     } else {
         indicatif::ProgressBar::hidden()

@@ -47,7 +47,10 @@ pub fn cache_dir(cfg: &DataConfig) -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(p).join("moescope");
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/moescope")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache/moescope")
 }
 
 /// The tokeniser spec `data.tokenizer` resolves to (`auto`: bytes for the
@@ -70,8 +73,10 @@ fn progress_bar(total: u64, msg: &str, show: bool) -> indicatif::ProgressBar {
     }
     let b = indicatif::ProgressBar::new(total);
     b.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("template"),
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template"),
     );
     b.set_message(msg.to_string());
     b
@@ -80,7 +85,11 @@ fn progress_bar(total: u64, msg: &str, show: bool) -> indicatif::ProgressBar {
 /// Tokenise text in parallel. Documents are split at `<|endoftext|>`; long
 /// documents are cut into chunks at a newline followed by a non-space
 /// character, which GPT-2's pre-tokeniser never merges across.
-pub fn tokenize_parallel(tok: &Tokenizer, text: &str, bar: &indicatif::ProgressBar) -> Result<Vec<u32>> {
+pub fn tokenize_parallel(
+    tok: &Tokenizer,
+    text: &str,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<u32>> {
     const CHUNK: usize = 1 << 20;
     let mut pieces: Vec<(&str, bool)> = Vec::new(); // (text, eot after)
     let docs: Vec<&str> = text.split(tokenizer::EOT_TEXT).collect();
@@ -90,7 +99,10 @@ pub fn tokenize_parallel(tok: &Tokenizer, text: &str, bar: &indicatif::ProgressB
             let mut cut = None;
             let bytes = rest.as_bytes();
             for i in CHUNK..rest.len() - 1 {
-                if bytes[i] == b'\n' && !bytes[i + 1].is_ascii_whitespace() && rest.is_char_boundary(i + 1) {
+                if bytes[i] == b'\n'
+                    && !bytes[i + 1].is_ascii_whitespace()
+                    && rest.is_char_boundary(i + 1)
+                {
                     cut = Some(i + 1);
                     break;
                 }
@@ -120,7 +132,12 @@ fn hash_files(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for f in files {
         let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-        h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
+        h.update(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_bytes(),
+        );
         std::io::copy(&mut file, &mut h).map_err(|e| Error::io(f, e))?;
     }
     Ok(hex(&h.finalize()))
@@ -136,7 +153,13 @@ fn key(parts: &[&str]) -> String {
 }
 
 /// Open a cached token file when it exists and matches, else build it with `make`.
-fn cached(path: &Path, tok_id: &str, hash: &str, make: impl FnOnce() -> Result<Vec<u32>>, split: &str) -> Result<TokenFile> {
+fn cached(
+    path: &Path,
+    tok_id: &str,
+    hash: &str,
+    make: impl FnOnce() -> Result<Vec<u32>>,
+    split: &str,
+) -> Result<TokenFile> {
     if let Ok(f) = TokenFile::open(path) {
         if f.header.tokenizer == tok_id && f.header.source_hash == hash {
             return Ok(f);
@@ -167,17 +190,27 @@ impl Dataset {
 
     fn builtin(cfg: &DataConfig, tok: Tokenizer, cache: &Path) -> Result<Dataset> {
         let tok_id = tok.id();
-        let hash = format!("builtin-v{}-{}-{}", synthetic::GENERATOR_VERSION, cfg.builtin_bytes, cfg.builtin_topics);
+        let hash = format!(
+            "builtin-v{}-{}-{}",
+            synthetic::GENERATOR_VERSION,
+            cfg.builtin_bytes,
+            cfg.builtin_topics
+        );
         let k = key(&[&tok_id, &hash, &cfg.val_fraction.to_string()]);
         let dir = cache.join("tokens");
         let paths: Vec<PathBuf> = ["train", "valid", "train-topics", "valid-topics"]
             .iter()
             .map(|s| dir.join(format!("builtin-{k}-{s}.tok")))
             .collect();
-        let all_ok = paths.iter().all(|p| TokenFile::open(p).map(|f| f.header.source_hash == hash).unwrap_or(false));
+        let all_ok = paths.iter().all(|p| {
+            TokenFile::open(p)
+                .map(|f| f.header.source_hash == hash)
+                .unwrap_or(false)
+        });
         if !all_ok {
             let docs = synthetic::generate(cfg.builtin_bytes, cfg.builtin_topics);
-            let n_val = ((docs.len() as f64 * cfg.val_fraction).ceil() as usize).clamp(1, docs.len().saturating_sub(1).max(1));
+            let n_val = ((docs.len() as f64 * cfg.val_fraction).ceil() as usize)
+                .clamp(1, docs.len().saturating_sub(1).max(1));
             let (train_docs, val_docs) = docs.split_at(docs.len() - n_val);
             for (docs, name, ti) in [(train_docs, "train", 0), (val_docs, "valid", 1)] {
                 let mut toks = Vec::new();
@@ -202,13 +235,23 @@ impl Dataset {
             test: None,
             topics: Some((open(2)?, open(3)?)),
             tokenizer: tok,
-            source: format!("builtin synthetic corpus ({} topics, {} bytes)", cfg.builtin_topics, cfg.builtin_bytes),
+            source: format!(
+                "builtin synthetic corpus ({} topics, {} bytes)",
+                cfg.builtin_topics, cfg.builtin_bytes
+            ),
         };
         ds.check()?;
         Ok(ds)
     }
 
-    fn from_path(path: &Path, join: RecordJoin, cfg: &DataConfig, tok: Tokenizer, cache: &Path, progress: bool) -> Result<Dataset> {
+    fn from_path(
+        path: &Path,
+        join: RecordJoin,
+        cfg: &DataConfig,
+        tok: Tokenizer,
+        cache: &Path,
+        progress: bool,
+    ) -> Result<Dataset> {
         let files = corpus::discover(path)?;
         let tok_id = tok.id();
         let dir = cache.join("tokens");
@@ -222,7 +265,10 @@ impl Dataset {
                 text.push_str(&corpus::read_text(f, join)?);
             }
             if text.trim().is_empty() {
-                return Err(Error::Data(format!("{}: the {what} text is empty", fs[0].display())));
+                return Err(Error::Data(format!(
+                    "{}: the {what} text is empty",
+                    fs[0].display()
+                )));
             }
             let bar = progress_bar(text.len() as u64, &format!("tokenising {what}"), progress);
             let t = tokenize_parallel(&tok, &text, &bar)?;
@@ -232,18 +278,35 @@ impl Dataset {
         let open_split = |fs: &[PathBuf], name: &str| -> Result<TokenFile> {
             let h = hash_files(fs)?;
             let k = key(&[&tok_id, &h, &join_s]);
-            cached(&dir.join(format!("{k}-{name}.tok")), &tok_id, &h, || build(fs, name), name)
+            cached(
+                &dir.join(format!("{k}-{name}.tok")),
+                &tok_id,
+                &h,
+                || build(fs, name),
+                name,
+            )
         };
         let (train, valid) = if !files.train.is_empty() && !files.valid.is_empty() {
-            (open_split(&files.train, "train")?, open_split(&files.valid, "valid")?)
+            (
+                open_split(&files.train, "train")?,
+                open_split(&files.valid, "valid")?,
+            )
         } else {
             // Deterministic holdout: the last `val_fraction` of the tokens.
-            let src = if files.train.is_empty() { &files.unsplit } else { &files.train };
+            let src = if files.train.is_empty() {
+                &files.unsplit
+            } else {
+                &files.train
+            };
             let h = hash_files(src)?;
             let k = key(&[&tok_id, &h, &join_s, &cfg.val_fraction.to_string()]);
             let tp = dir.join(format!("{k}-holdout-train.tok"));
             let vp = dir.join(format!("{k}-holdout-valid.tok"));
-            let ok = |p: &Path| TokenFile::open(p).map(|f| f.header.source_hash == h && f.header.tokenizer == tok_id).unwrap_or(false);
+            let ok = |p: &Path| {
+                TokenFile::open(p)
+                    .map(|f| f.header.source_hash == h && f.header.tokenizer == tok_id)
+                    .unwrap_or(false)
+            };
             if !(ok(&tp) && ok(&vp)) {
                 let all = build(src, "corpus")?;
                 let n_val = ((all.len() as f64) * cfg.val_fraction).round() as usize;
@@ -253,18 +316,37 @@ impl Dataset {
             }
             (TokenFile::open(&tp)?, TokenFile::open(&vp)?)
         };
-        let test = if files.test.is_empty() { None } else { Some(open_split(&files.test, "test")?) };
-        let ds = Dataset { tokenizer: tok, train, valid, test, topics: None, source: path.display().to_string() };
+        let test = if files.test.is_empty() {
+            None
+        } else {
+            Some(open_split(&files.test, "test")?)
+        };
+        let ds = Dataset {
+            tokenizer: tok,
+            train,
+            valid,
+            test,
+            topics: None,
+            source: path.display().to_string(),
+        };
         ds.check()?;
         Ok(ds)
     }
 
     fn check(&self) -> Result<()> {
         if self.train.len() < 2 {
-            return Err(Error::Data(format!("{}: the training split has {} tokens", self.source, self.train.len())));
+            return Err(Error::Data(format!(
+                "{}: the training split has {} tokens",
+                self.source,
+                self.train.len()
+            )));
         }
         if self.valid.len() < 2 {
-            return Err(Error::Data(format!("{}: the validation split has {} tokens", self.source, self.valid.len())));
+            return Err(Error::Data(format!(
+                "{}: the validation split has {} tokens",
+                self.source,
+                self.valid.len()
+            )));
         }
         Ok(())
     }
@@ -274,7 +356,10 @@ impl Dataset {
         match s {
             Split::Train => Ok(&self.train),
             Split::Valid => Ok(&self.valid),
-            Split::Test => self.test.as_ref().ok_or_else(|| Error::Data(format!("{}: no test split", self.source))),
+            Split::Test => self
+                .test
+                .as_ref()
+                .ok_or_else(|| Error::Data(format!("{}: no test split", self.source))),
         }
     }
 }
@@ -291,7 +376,14 @@ pub struct Batch {
 /// The training batch for (`seed`, `step`, `micro`): `b` windows at offsets
 /// drawn uniformly, from an RNG seeded by those three numbers alone. No
 /// sampler state exists, so a resumed run sees exactly the same batches.
-pub fn train_batch(data: &TokenFile, seed: u64, step: usize, micro: usize, b: usize, t: usize) -> Result<Batch> {
+pub fn train_batch(
+    data: &TokenFile,
+    seed: u64,
+    step: usize,
+    micro: usize,
+    b: usize,
+    t: usize,
+) -> Result<Batch> {
     let n = data.len();
     if n < t + 1 {
         return Err(Error::Data(format!(
@@ -312,7 +404,12 @@ pub fn train_batch(data: &TokenFile, seed: u64, step: usize, micro: usize, b: us
         data.extend_into(&mut inputs, o, t);
         data.extend_into(&mut targets, o + 1, t);
     }
-    Ok(Batch { inputs, targets, b, t })
+    Ok(Batch {
+        inputs,
+        targets,
+        b,
+        t,
+    })
 }
 
 /// Evaluation windows over a split: consecutive, non-overlapping (start, len)
@@ -341,10 +438,13 @@ pub fn unigram_entropy(data: &TokenFile) -> f64 {
         *counts.entry(data.get(i)).or_default() += 1;
     }
     let n = data.len() as f64;
-    counts.values().map(|&c| {
-        let p = c as f64 / n;
-        -p * p.ln()
-    }).sum()
+    counts
+        .values()
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -384,7 +484,11 @@ mod tests {
     #[test]
     fn builtin_corpus_has_topics_per_token() {
         let d = tempfile::tempdir().unwrap();
-        let cfg = DataConfig { builtin_bytes: 20_000, cache_dir: d.path().display().to_string(), ..Default::default() };
+        let cfg = DataConfig {
+            builtin_bytes: 20_000,
+            cache_dir: d.path().display().to_string(),
+            ..Default::default()
+        };
         let ds = Dataset::load(&cfg, false).unwrap();
         let (tt, vt) = ds.topics.as_ref().unwrap();
         assert_eq!(tt.len(), ds.train.len());

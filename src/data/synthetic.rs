@@ -22,8 +22,8 @@ pub const GENERATOR_VERSION: u32 = 1;
 pub const NO_TOPIC: u8 = u8::MAX;
 
 const CONSONANTS: &[&str] = &[
-    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "th", "sh", "ch", "qu",
-    "br", "tr", "kl", "st",
+    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "th",
+    "sh", "ch", "qu", "br", "tr", "kl", "st",
 ];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "y", "ai", "ou", "ee", "oa"];
 
@@ -53,10 +53,26 @@ fn make_word(rng: &mut ChaCha8Rng, cons: &[&str], vows: &[&str], syllables: usiz
 
 fn make_topic(rng: &mut ChaCha8Rng, t: usize) -> Topic {
     // A topic-specific subset of the syllable inventory: distinct spelling statistics.
-    let cons: Vec<&str> = CONSONANTS.iter().copied().filter(|_| rng.random_bool(0.45)).collect();
-    let cons = if cons.len() < 4 { CONSONANTS[t % 8..t % 8 + 6].to_vec() } else { cons };
-    let vows: Vec<&str> = VOWELS.iter().copied().filter(|_| rng.random_bool(0.5)).collect();
-    let vows = if vows.len() < 2 { VOWELS[t % 4..t % 4 + 3].to_vec() } else { vows };
+    let cons: Vec<&str> = CONSONANTS
+        .iter()
+        .copied()
+        .filter(|_| rng.random_bool(0.45))
+        .collect();
+    let cons = if cons.len() < 4 {
+        CONSONANTS[t % 8..t % 8 + 6].to_vec()
+    } else {
+        cons
+    };
+    let vows: Vec<&str> = VOWELS
+        .iter()
+        .copied()
+        .filter(|_| rng.random_bool(0.5))
+        .collect();
+    let vows = if vows.len() < 2 {
+        VOWELS[t % 4..t % 4 + 3].to_vec()
+    } else {
+        vows
+    };
     let sizes = [12, 120, 60, 40];
     let classes = std::array::from_fn(|c| {
         (0..sizes[c])
@@ -72,7 +88,11 @@ fn make_topic(rng: &mut ChaCha8Rng, t: usize) -> Topic {
     const V: usize = 2;
     const A: usize = 3;
     let orders: [&[&[usize]]; 3] = [
-        &[&[F, N, V, F, N], &[F, A, N, V, F, N], &[F, N, V, F, A, N, F, N]],
+        &[
+            &[F, N, V, F, N],
+            &[F, A, N, V, F, N],
+            &[F, N, V, F, A, N, F, N],
+        ],
         &[&[F, N, F, N, V], &[F, A, N, F, N, V], &[N, F, A, N, V]],
         &[&[V, F, N, F, N], &[V, F, A, N, F, N], &[V, N, F, N, A]],
     ];
@@ -112,7 +132,10 @@ pub fn generate(bytes: usize, topics: usize) -> Vec<Document> {
         let mut text = String::new();
         for _ in 0..rng.random_range(3..=8) {
             let tpl = &topic.templates[rng.random_range(0..topic.templates.len())];
-            let mut sentence: Vec<&str> = tpl.iter().map(|&c| topic.classes[c][zipf(&mut rng, &cdfs[c])].as_str()).collect();
+            let mut sentence: Vec<&str> = tpl
+                .iter()
+                .map(|&c| topic.classes[c][zipf(&mut rng, &cdfs[c])].as_str())
+                .collect();
             if rng.random_bool(0.3) {
                 // a subordinate clause: function word + noun + verb
                 sentence.push(topic.classes[0][zipf(&mut rng, &cdfs[0])].as_str());
@@ -130,7 +153,10 @@ pub fn generate(bytes: usize, topics: usize) -> Vec<Document> {
             text.push('.');
         }
         total += text.len() + 1;
-        docs.push(Document { topic: t as u8, text });
+        docs.push(Document {
+            topic: t as u8,
+            text,
+        });
     }
     docs
 }
@@ -144,7 +170,10 @@ mod tests {
         let a = generate(50_000, 4);
         let b = generate(50_000, 4);
         assert_eq!(a.len(), b.len());
-        assert!(a.iter().zip(&b).all(|(x, y)| x.text == y.text && x.topic == y.topic));
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(x, y)| x.text == y.text && x.topic == y.topic));
         let total: usize = a.iter().map(|d| d.text.len()).sum();
         assert!((45_000..60_000).contains(&total), "{total}");
         let mut seen = [0usize; 4];
@@ -154,10 +183,24 @@ mod tests {
         assert!(seen.iter().all(|&n| n > 10), "{seen:?}");
         // Topics use different words: the vocabularies of topic 0 and 1 barely overlap.
         let words = |t: u8| -> std::collections::HashSet<String> {
-            a.iter().filter(|d| d.topic == t).flat_map(|d| d.text.to_lowercase().split([' ', '.']).map(str::to_string).collect::<Vec<_>>()).collect()
+            a.iter()
+                .filter(|d| d.topic == t)
+                .flat_map(|d| {
+                    d.text
+                        .to_lowercase()
+                        .split([' ', '.'])
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
         };
         let (w0, w1) = (words(0), words(1));
         let shared = w0.intersection(&w1).count();
-        assert!(shared * 5 < w0.len().min(w1.len()), "shared {shared} of {} / {}", w0.len(), w1.len());
+        assert!(
+            shared * 5 < w0.len().min(w1.len()),
+            "shared {shared} of {} / {}",
+            w0.len(),
+            w1.len()
+        );
     }
 }

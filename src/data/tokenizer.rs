@@ -15,7 +15,12 @@ pub enum Tokenizer {
     /// GPT-2 BPE (r50k_base), end-of-text = 50256.
     Gpt2(&'static tiktoken_rs::CoreBPE),
     /// A Hugging Face tokenizer.json.
-    Hf { tok: Box<tokenizers::Tokenizer>, path: PathBuf, hash: String, eot: Option<u32> },
+    Hf {
+        tok: Box<tokenizers::Tokenizer>,
+        path: PathBuf,
+        hash: String,
+        eot: Option<u32>,
+    },
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -39,16 +44,32 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::config(
                 "data.tokenizer",
-                format!("`{}`: {e} (expected `gpt2`, `bytes` or the path of a tokenizer.json)", path.display()),
+                format!(
+                    "`{}`: {e} (expected `gpt2`, `bytes` or the path of a tokenizer.json)",
+                    path.display()
+                ),
             )
         })?;
-        let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let tok = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}"))
+        })?;
         let hash = hex(&Sha256::digest(&bytes))[..16].to_string();
-        let eot = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]"]
-            .iter()
-            .find_map(|t| tok.token_to_id(t));
-        Ok(Tokenizer::Hf { tok: Box::new(tok), path: path.to_path_buf(), hash, eot })
+        let eot = [
+            "<|endoftext|>",
+            "</s>",
+            "<|end_of_text|>",
+            "<eos>",
+            "<|im_end|>",
+            "[SEP]",
+        ]
+        .iter()
+        .find_map(|t| tok.token_to_id(t));
+        Ok(Tokenizer::Hf {
+            tok: Box::new(tok),
+            path: path.to_path_buf(),
+            hash,
+            eot,
+        })
     }
 
     /// A stable identifier (part of the token cache key).
@@ -169,7 +190,12 @@ mod tests {
 
     #[test]
     fn missing_tokenizer_file_is_a_clear_error() {
-        let e = Tokenizer::from_spec("/nonexistent/tokenizer.json").unwrap_err().to_string();
-        assert!(e.contains("data.tokenizer") && e.contains("/nonexistent/tokenizer.json"), "{e}");
+        let e = Tokenizer::from_spec("/nonexistent/tokenizer.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.tokenizer") && e.contains("/nonexistent/tokenizer.json"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,8 @@ pub const PAPER_LAMBDAS: [f64; 7] = [0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.2];
 pub fn spec(scale: &str, data: Option<&str>) -> Result<SweepSpec> {
     let mut grid = toml::Table::new();
     let mut set = toml::Table::new();
-    let lambdas = |v: &[f64]| toml::Value::Array(v.iter().map(|&x| toml::Value::Float(x)).collect());
+    let lambdas =
+        |v: &[f64]| toml::Value::Array(v.iter().map(|&x| toml::Value::Float(x)).collect());
     let seeds = |n: i64| toml::Value::Array((0..n).map(toml::Value::Integer).collect());
     let preset = match scale {
         "quick" => {
@@ -33,15 +34,31 @@ pub fn spec(scale: &str, data: Option<&str>) -> Result<SweepSpec> {
             if data.is_none() {
                 grid.insert(
                     "data.dataset".into(),
-                    toml::Value::Array(["tinystories", "wikitext-103", "ptb"].iter().map(|s| toml::Value::String(s.to_string())).collect()),
+                    toml::Value::Array(
+                        ["tinystories", "wikitext-103", "ptb"]
+                            .iter()
+                            .map(|s| toml::Value::String(s.to_string()))
+                            .collect(),
+                    ),
                 );
             }
             "paper"
         }
-        other => return Err(Error::config("--scale", format!("unknown scale `{other}` (quick, cpu or paper)"))),
+        other => {
+            return Err(Error::config(
+                "--scale",
+                format!("unknown scale `{other}` (quick, cpu or paper)"),
+            ))
+        }
     };
     if let Some(d) = data {
         set.insert("data.path".into(), toml::Value::String(d.to_string()));
     }
-    Ok(SweepSpec { name: format!("reproduce-{scale}"), preset: Some(preset.into()), base: None, set, grid })
+    Ok(SweepSpec {
+        name: format!("reproduce-{scale}"),
+        preset: Some(preset.into()),
+        base: None,
+        set,
+        grid,
+    })
 }

@@ -8,17 +8,42 @@ use serde_json::{json, Map, Value};
 
 /// Columns written first, in this order (then swept keys, then per-layer columns).
 pub const FIXED_COLUMNS: &[&str] = &[
-    "id", "status", "error", "dataset", "lambda", "seed", "routing", "top_k", "router_temperature", "steps", "tokens", "val_loss", "val_ppl",
-    "weight_mso", "act_mso", "gap_ratio", "router_entropy", "balance", "max_violation", "dead_experts", "wall_s",
+    "id",
+    "status",
+    "error",
+    "dataset",
+    "lambda",
+    "seed",
+    "routing",
+    "top_k",
+    "router_temperature",
+    "steps",
+    "tokens",
+    "val_loss",
+    "val_ppl",
+    "weight_mso",
+    "act_mso",
+    "gap_ratio",
+    "router_entropy",
+    "balance",
+    "max_violation",
+    "dead_experts",
+    "wall_s",
 ];
 
 fn last_eval(run: &std::path::Path) -> Option<Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
-    text.lines().rev().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["kind"] == "eval")
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["kind"] == "eval")
 }
 
 fn mean_of(v: &Value) -> Value {
-    let xs: Vec<f64> = v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+    let xs: Vec<f64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
     if xs.is_empty() {
         Value::Null
     } else {
@@ -34,23 +59,40 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
         let mut r = Map::new();
         r.insert("id".into(), json!(c.id));
         let status = read_status(dir, &c.id);
-        r.insert("status".into(), json!(status.as_ref().map(|s| s.status.clone()).unwrap_or_else(|| "pending".into())));
-        r.insert("error".into(), json!(status.as_ref().and_then(|s| s.error.clone())));
+        r.insert(
+            "status".into(),
+            json!(status
+                .as_ref()
+                .map(|s| s.status.clone())
+                .unwrap_or_else(|| "pending".into())),
+        );
+        r.insert(
+            "error".into(),
+            json!(status.as_ref().and_then(|s| s.error.clone())),
+        );
         r.insert("wall_s".into(), json!(status.as_ref().map(|s| s.wall_s)));
         if let Ok(cfg) = &c.config {
-            let ds = if cfg.data.path.is_empty() { cfg.data.dataset.clone() } else { cfg.data.path.clone() };
+            let ds = if cfg.data.path.is_empty() {
+                cfg.data.dataset.clone()
+            } else {
+                cfg.data.path.clone()
+            };
             r.insert("dataset".into(), json!(ds));
             r.insert("lambda".into(), json!(cfg.reg.orth_lambda));
             r.insert("seed".into(), json!(cfg.train.seed));
             r.insert("routing".into(), json!(cfg.model.routing));
             r.insert("top_k".into(), json!(cfg.model.top_k));
-            r.insert("router_temperature".into(), json!(cfg.model.router_temperature));
+            r.insert(
+                "router_temperature".into(),
+                json!(cfg.model.router_temperature),
+            );
         }
         for (k, v) in &c.values {
             r.insert(k.clone(), v.clone());
         }
         if let Ok(s) = std::fs::read_to_string(run.join("summary.json")) {
-            let s: Value = serde_json::from_str(&s).map_err(|e| Error::bad_file(run.join("summary.json"), e.to_string()))?;
+            let s: Value = serde_json::from_str(&s)
+                .map_err(|e| Error::bad_file(run.join("summary.json"), e.to_string()))?;
             for k in ["steps", "tokens", "val_loss", "val_ppl"] {
                 r.insert(k.into(), s[k].clone());
             }
@@ -63,13 +105,22 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
             r.insert("balance".into(), mean_of(&ev["balance"]));
             r.insert(
                 "max_violation".into(),
-                json!(ev["max_violation"].as_array().map(|a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max))),
+                json!(ev["max_violation"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max))),
             );
             r.insert(
                 "dead_experts".into(),
-                json!(ev["dead_experts"].as_array().map(|a| a.iter().map(|l| l.as_array().map_or(0, Vec::len)).sum::<usize>())),
+                json!(ev["dead_experts"].as_array().map(|a| a
+                    .iter()
+                    .map(|l| l.as_array().map_or(0, Vec::len))
+                    .sum::<usize>())),
             );
-            for (name, key) in [("weight_mso_l", &ev["weight_mso"]["up"]), ("act_mso_l", &ev["act_mso"]), ("gap_ratio_l", &ev["gap_ratio"])] {
+            for (name, key) in [
+                ("weight_mso_l", &ev["weight_mso"]["up"]),
+                ("act_mso_l", &ev["act_mso"]),
+                ("gap_ratio_l", &ev["gap_ratio"]),
+            ] {
                 if let Some(a) = key.as_array() {
                     for (l, v) in a.iter().enumerate() {
                         r.insert(format!("{name}{l}"), v.clone());
@@ -90,7 +141,11 @@ pub fn columns(rows: &[Map<String, Value>], swept: &[String]) -> Vec<String> {
             cols.push(k.clone());
         }
     }
-    let mut rest: Vec<String> = rows.iter().flat_map(|r| r.keys().cloned()).filter(|k| !cols.contains(k)).collect();
+    let mut rest: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.keys().cloned())
+        .filter(|k| !cols.contains(k))
+        .collect();
     rest.sort_by_key(|a| natural_key(a));
     rest.dedup();
     cols.extend(rest);
@@ -98,8 +153,18 @@ pub fn columns(rows: &[Map<String, Value>], swept: &[String]) -> Vec<String> {
 }
 
 fn natural_key(s: &str) -> (String, usize) {
-    let digits: String = s.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
-    (s[..s.len() - digits.len()].to_string(), digits.parse().unwrap_or(0))
+    let digits: String = s
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (
+        s[..s.len() - digits.len()].to_string(),
+        digits.parse().unwrap_or(0),
+    )
 }
 
 /// Write `results.jsonl` and `results.csv` into the sweep folder.
@@ -112,7 +177,8 @@ pub fn write(dir: &SweepDir, rows: &[Map<String, Value>], swept: &[String]) -> R
     write_atomic(&dir.0.join("results.jsonl"), &jl)?;
     let cols = columns(rows, swept);
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(&cols).map_err(|e| Error::Data(e.to_string()))?;
+    w.write_record(&cols)
+        .map_err(|e| Error::Data(e.to_string()))?;
     for r in rows {
         let rec: Vec<String> = cols
             .iter()
@@ -122,7 +188,8 @@ pub fn write(dir: &SweepDir, rows: &[Map<String, Value>], swept: &[String]) -> R
                 Some(v) => v.to_string(),
             })
             .collect();
-        w.write_record(&rec).map_err(|e| Error::Data(e.to_string()))?;
+        w.write_record(&rec)
+            .map_err(|e| Error::Data(e.to_string()))?;
     }
     let bytes = w.into_inner().map_err(|e| Error::Data(e.to_string()))?;
     write_atomic(&dir.0.join("results.csv"), &bytes)
@@ -134,6 +201,8 @@ pub fn read(dir: &SweepDir) -> Result<Vec<Map<String, Value>>> {
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     text.lines()
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1))))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1)))
+        })
         .collect()
 }

@@ -51,7 +51,12 @@ pub fn paired_t(base: &[f64], treated: &[f64]) -> Option<TTest> {
     let n = d.len() as f64;
     let t = mean(&d) / (sd(&d) / n.sqrt());
     let df = n - 1.0;
-    Some(TTest { t, df, p: t_two_sided_p(t, df), n: d.len() })
+    Some(TTest {
+        t,
+        df,
+        p: t_two_sided_p(t, df),
+        n: d.len(),
+    })
 }
 
 /// Welch's unequal-variance t-test (two-sided). None when a group has fewer than two values.
@@ -63,7 +68,12 @@ pub fn welch_t(a: &[f64], b: &[f64]) -> Option<TTest> {
     let (va, vb) = (sd(a).powi(2) / na, sd(b).powi(2) / nb);
     let t = (mean(b) - mean(a)) / (va + vb).sqrt();
     let df = (va + vb).powi(2) / (va * va / (na - 1.0) + vb * vb / (nb - 1.0));
-    Some(TTest { t, df, p: t_two_sided_p(t, df), n: a.len() + b.len() })
+    Some(TTest {
+        t,
+        df,
+        p: t_two_sided_p(t, df),
+        n: a.len() + b.len(),
+    })
 }
 
 /// Pearson correlation with p (t = r·√((n−2)/(1−r²)), df = n−2) and the Fisher-z 95% CI.
@@ -96,7 +106,11 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<Pearson> {
 /// p-value and Fisher-z CI of a given r over n pairs.
 pub fn pearson_from_r(r: f64, n: usize) -> Pearson {
     let nf = n as f64;
-    let p = if r.abs() >= 1.0 { 0.0 } else { t_two_sided_p(r * ((nf - 2.0) / (1.0 - r * r)).sqrt(), nf - 2.0) };
+    let p = if r.abs() >= 1.0 {
+        0.0
+    } else {
+        t_two_sided_p(r * ((nf - 2.0) / (1.0 - r * r)).sqrt(), nf - 2.0)
+    };
     let (lo, hi) = if n > 3 && r.abs() < 1.0 {
         let z = r.atanh();
         let h = 1.959964 / (nf - 3.0).sqrt();
@@ -104,7 +118,13 @@ pub fn pearson_from_r(r: f64, n: usize) -> Pearson {
     } else {
         (f64::NAN, f64::NAN)
     };
-    Pearson { r, p, ci_low: lo, ci_high: hi, n }
+    Pearson {
+        r,
+        p,
+        ci_low: lo,
+        ci_high: hi,
+        n,
+    }
 }
 
 /// Δ% = 100 · (treated − base) / base.
@@ -121,7 +141,10 @@ mod tests {
         // SPEC.md: r = −0.293, n = 7 -> p = 0.5237, CI [−0.857, 0.590].
         let p = pearson_from_r(-0.293, 7);
         assert!((p.p - 0.5237).abs() < 5e-5, "{}", p.p);
-        assert!((p.ci_low + 0.857).abs() < 5e-4 && (p.ci_high - 0.590).abs() < 5e-4, "{p:?}");
+        assert!(
+            (p.ci_low + 0.857).abs() < 5e-4 && (p.ci_high - 0.590).abs() < 5e-4,
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -131,10 +154,18 @@ mod tests {
         let g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0];
         let g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4];
         let t = paired_t(&g2, &g1).unwrap();
-        assert!((t.t + 4.0621).abs() < 1e-4 && t.df == 9.0 && (t.p - 0.002833).abs() < 1e-6, "{t:?}");
+        assert!(
+            (t.t + 4.0621).abs() < 1e-4 && t.df == 9.0 && (t.p - 0.002833).abs() < 1e-6,
+            "{t:?}"
+        );
         // Welch on the same groups (R: t = -1.8608, df = 17.776, p = 0.07939).
         let w = welch_t(&g2, &g1).unwrap();
-        assert!((w.t + 1.8608).abs() < 1e-4 && (w.df - 17.776).abs() < 1e-3 && (w.p - 0.07939).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w.t + 1.8608).abs() < 1e-4
+                && (w.df - 17.776).abs() < 1e-3
+                && (w.p - 0.07939).abs() < 1e-5,
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -144,7 +175,12 @@ mod tests {
         let p = pearson(&x, &y).unwrap();
         // Independent formula: r = cov / (sx sy) with sample moments.
         let (mx, my) = (3.0, 6.0);
-        let cov: f64 = x.iter().zip(&y).map(|(a, b)| (a - mx) * (b - my)).sum::<f64>() / 4.0;
+        let cov: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - mx) * (b - my))
+            .sum::<f64>()
+            / 4.0;
         assert!((p.r - cov / (sd(&x) * sd(&y))).abs() < 1e-12);
         assert!((sd(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]) - 2.138089935).abs() < 1e-9);
         assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_none());

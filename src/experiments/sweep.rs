@@ -80,7 +80,11 @@ pub struct RunStatus {
 /// Flatten nested tables into dotted keys.
 fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
     for (k, v) in t {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             toml::Value::Table(sub) => flatten(&key, sub, out),
             v => out.push((key, v.clone())),
@@ -93,7 +97,16 @@ fn value_label(v: &toml::Value) -> String {
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' }).collect();
+    let s: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let s = s.trim_matches('-').to_string();
     if s.len() > 40 {
         s[s.len() - 40..].to_string()
@@ -110,7 +123,8 @@ impl SweepSpec {
     /// Read a sweep file; `base` is made absolute.
     pub fn from_file(path: &Path) -> Result<SweepSpec> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut spec: SweepSpec = toml::from_str(&text).map_err(|e| Error::bad_file(path, format!("not a valid sweep file: {e}")))?;
+        let mut spec: SweepSpec = toml::from_str(&text)
+            .map_err(|e| Error::bad_file(path, format!("not a valid sweep file: {e}")))?;
         if let Some(b) = &spec.base {
             let p = Path::new(b);
             if p.is_relative() {
@@ -131,14 +145,24 @@ impl SweepSpec {
         for (k, v) in grid {
             match v {
                 toml::Value::Array(a) if !a.is_empty() => axes.push((k, a)),
-                _ => return Err(Error::config(format!("grid.{k}"), "must be a non-empty list of values")),
+                _ => {
+                    return Err(Error::config(
+                        format!("grid.{k}"),
+                        "must be a non-empty list of values",
+                    ))
+                }
             }
         }
         let shorts: Vec<String> = axes
             .iter()
             .map(|(k, _)| {
                 let last = k.rsplit('.').next().unwrap_or(k).to_string();
-                if axes.iter().filter(|(o, _)| o.rsplit('.').next() == Some(&last)).count() > 1 {
+                if axes
+                    .iter()
+                    .filter(|(o, _)| o.rsplit('.').next() == Some(&last))
+                    .count()
+                    > 1
+                {
                     k.replace('.', "-")
                 } else {
                     last
@@ -166,7 +190,15 @@ impl SweepSpec {
                     toml::Value::Table(t) => {
                         let mut inner = Vec::new();
                         flatten(k, t, &mut inner);
-                        labels.push(format!("{}={}", shorts[a], inner.iter().map(|(_, v)| value_label(v)).collect::<Vec<_>>().join("-")));
+                        labels.push(format!(
+                            "{}={}",
+                            shorts[a],
+                            inner
+                                .iter()
+                                .map(|(_, v)| value_label(v))
+                                .collect::<Vec<_>>()
+                                .join("-")
+                        ));
                         all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
                     }
                     v => {
@@ -175,9 +207,19 @@ impl SweepSpec {
                     }
                 }
             }
-            let id = if labels.is_empty() { "run".to_string() } else { labels.join("_") };
-            let config = Config::resolve(self.preset.as_deref(), base.as_deref(), &all_sets).map_err(|e| e.to_string());
-            cells.push(Cell { index, id, values, config });
+            let id = if labels.is_empty() {
+                "run".to_string()
+            } else {
+                labels.join("_")
+            };
+            let config = Config::resolve(self.preset.as_deref(), base.as_deref(), &all_sets)
+                .map_err(|e| e.to_string());
+            cells.push(Cell {
+                index,
+                id,
+                values,
+                config,
+            });
         }
         Ok(cells)
     }
@@ -206,7 +248,10 @@ pub fn read_status(dir: &SweepDir, id: &str) -> Option<RunStatus> {
 }
 
 fn write_status(dir: &SweepDir, id: &str, s: &RunStatus) -> Result<()> {
-    write_atomic(&dir.status(id), &serde_json::to_vec_pretty(s).expect("json"))
+    write_atomic(
+        &dir.status(id),
+        &serde_json::to_vec_pretty(s).expect("json"),
+    )
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -222,7 +267,9 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
     let text = toml::to_string_pretty(spec).expect("spec serialises");
     if let Ok(old) = std::fs::read_to_string(dir.spec()) {
         let old_spec: Option<SweepSpec> = toml::from_str(&old).ok();
-        let same = old_spec.map(|o| toml::to_string_pretty(&o).ok() == Some(text.clone())).unwrap_or(false);
+        let same = old_spec
+            .map(|o| toml::to_string_pretty(&o).ok() == Some(text.clone()))
+            .unwrap_or(false);
         if !same {
             return Err(Error::Data(format!(
                 "{} holds a different sweep; use another --out, or delete that folder to start over",
@@ -232,9 +279,14 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
     } else {
         write_atomic(&dir.spec(), text.as_bytes())?;
     }
-    let plan: Vec<serde_json::Value> =
-        cells.iter().map(|c| serde_json::json!({"index": c.index, "id": c.id, "values": c.values})).collect();
-    write_atomic(&dir.0.join("plan.json"), &serde_json::to_vec_pretty(&plan).expect("json"))?;
+    let plan: Vec<serde_json::Value> = cells
+        .iter()
+        .map(|c| serde_json::json!({"index": c.index, "id": c.id, "values": c.values}))
+        .collect();
+    write_atomic(
+        &dir.0.join("plan.json"),
+        &serde_json::to_vec_pretty(&plan).expect("json"),
+    )?;
     Ok(cells)
 }
 
@@ -248,15 +300,27 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
         if s.status == "done" {
             return Ok(s);
         }
-        if s.status == "running" && s.pid.is_some_and(|p| p != std::process::id() && pid_alive(p)) {
-            return Err(Error::Data(format!("run {} is being run by process {}", cell.id, s.pid.unwrap_or(0))));
+        if s.status == "running"
+            && s.pid
+                .is_some_and(|p| p != std::process::id() && pid_alive(p))
+        {
+            return Err(Error::Data(format!(
+                "run {} is being run by process {}",
+                cell.id,
+                s.pid.unwrap_or(0)
+            )));
         }
     }
     let start = std::time::Instant::now();
     let mut cfg = match &cell.config {
         Ok(c) => c.clone(),
         Err(e) => {
-            let s = RunStatus { status: "failed".into(), error: Some(format!("config: {e}")), wall_s: 0.0, pid: None };
+            let s = RunStatus {
+                status: "failed".into(),
+                error: Some(format!("config: {e}")),
+                wall_s: 0.0,
+                pid: None,
+            };
             write_status(dir, &cell.id, &s)?;
             return Ok(s);
         }
@@ -265,12 +329,37 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
         cfg.train.threads = t;
     }
     write_atomic(&run.join("cell.toml"), cfg.to_toml().as_bytes())?;
-    write_status(dir, &cell.id, &RunStatus { status: "running".into(), error: None, wall_s: 0.0, pid: Some(std::process::id()) })?;
+    write_status(
+        dir,
+        &cell.id,
+        &RunStatus {
+            status: "running".into(),
+            error: None,
+            wall_s: 0.0,
+            pid: Some(std::process::id()),
+        },
+    )?;
     let resume = run.join("config.toml").is_file();
-    let opts = TrainOptions { out: run.clone(), resume, progress: false, quiet: true, stop_after: None };
+    let opts = TrainOptions {
+        out: run.clone(),
+        resume,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    };
     let s = match train(cfg, &opts) {
-        Ok(_) => RunStatus { status: "done".into(), error: None, wall_s: start.elapsed().as_secs_f64(), pid: None },
-        Err(e) => RunStatus { status: "failed".into(), error: Some(e.to_string()), wall_s: start.elapsed().as_secs_f64(), pid: None },
+        Ok(_) => RunStatus {
+            status: "done".into(),
+            error: None,
+            wall_s: start.elapsed().as_secs_f64(),
+            pid: None,
+        },
+        Err(e) => RunStatus {
+            status: "failed".into(),
+            error: Some(e.to_string()),
+            wall_s: start.elapsed().as_secs_f64(),
+            pid: None,
+        },
     };
     write_status(dir, &cell.id, &s)?;
     Ok(s)
@@ -279,7 +368,9 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
 /// Default number of parallel jobs: cores, limited by memory (a run's
 /// footprint estimated from its parameter count), at least 1.
 pub fn default_jobs(cells: &[Cell]) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let need = cells
         .iter()
         .filter_map(|c| c.config.as_ref().ok())
@@ -289,7 +380,8 @@ pub fn default_jobs(cells: &[Cell]) -> usize {
                 m.vocab_size = 50304;
             }
             // weights + grads + 2 moments, plus activations; 2x margin.
-            (m.param_counts().0 * 4 * 4 * 2 + (c.train.batch_size * m.seq_len * m.d_model * m.n_layer * 64)) as u64
+            (m.param_counts().0 * 4 * 4 * 2
+                + (c.train.batch_size * m.seq_len * m.d_model * m.n_layer * 64)) as u64
         })
         .max()
         .unwrap_or(1 << 30);
@@ -329,10 +421,20 @@ pub struct SweepCounts {
 
 /// Run every unfinished cell in worker processes, `jobs` at a time, each
 /// with `threads` CPU threads. Workers die with this process.
-pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, progress: bool) -> Result<SweepCounts> {
+pub fn run_local(
+    dir: &SweepDir,
+    cells: &[Cell],
+    jobs: usize,
+    threads: usize,
+    progress: bool,
+) -> Result<SweepCounts> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| Error::Data(format!("cannot find the moescope executable: {e}")))?;
-    let mut counts = SweepCounts { total: cells.len(), ..Default::default() };
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Data(format!("cannot find the moescope executable: {e}")))?;
+    let mut counts = SweepCounts {
+        total: cells.len(),
+        ..Default::default()
+    };
     let mut queue: std::collections::VecDeque<&Cell> = std::collections::VecDeque::new();
     for c in cells {
         match read_status(dir, &c.id) {
@@ -345,7 +447,12 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
     }
     let bar = if progress {
         let b = indicatif::ProgressBar::new(cells.len() as u64);
-        b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg} [{elapsed_precise} < {eta_precise}]").expect("template"));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} runs {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("template"),
+        );
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -357,9 +464,14 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
             let Some(c) = queue.pop_front() else { break };
             let cmd = worker_command(&exe, dir, &c.index.to_string(), threads);
             std::fs::create_dir_all(dir.run(&c.id)).map_err(|e| Error::io(dir.run(&c.id), e))?;
-            let log = std::fs::File::create(dir.run(&c.id).join("worker.log")).map_err(|e| Error::io(dir.run(&c.id), e))?;
+            let log = std::fs::File::create(dir.run(&c.id).join("worker.log"))
+                .map_err(|e| Error::io(dir.run(&c.id), e))?;
             let mut command = std::process::Command::new(&cmd[0]);
-            command.args(&cmd[1..]).stdin(std::process::Stdio::null()).stdout(log.try_clone().map_err(|e| Error::io(dir.run(&c.id), e))?).stderr(log);
+            command
+                .args(&cmd[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().map_err(|e| Error::io(dir.run(&c.id), e))?)
+                .stderr(log);
             // SAFETY: prctl is async-signal-safe; the child is killed when this process dies.
             unsafe {
                 command.pre_exec(|| {
@@ -367,7 +479,9 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
                     Ok(())
                 });
             }
-            let child = command.spawn().map_err(|e| Error::Data(format!("cannot start a worker: {e}")))?;
+            let child = command
+                .spawn()
+                .map_err(|e| Error::Data(format!("cannot start a worker: {e}")))?;
             running.push((c, child));
         }
         if running.is_empty() {
@@ -376,7 +490,11 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
         std::thread::sleep(std::time::Duration::from_millis(100));
         let mut i = 0;
         while i < running.len() {
-            match running[i].1.try_wait().map_err(|e| Error::Data(e.to_string()))? {
+            match running[i]
+                .1
+                .try_wait()
+                .map_err(|e| Error::Data(e.to_string()))?
+            {
                 Some(_) => {
                     let (c, _) = running.remove(i);
                     let st = read_status(dir, &c.id);
@@ -387,11 +505,12 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
                             counts.done + counts.failed + 1,
                             counts.total,
                             c.id,
-                            st.as_ref().map(|s| match &s.error {
-                                Some(e) => format!("{} ({e})", s.status),
-                                None => format!("{} in {:.0} s", s.status, s.wall_s),
-                            })
-                            .unwrap_or_else(|| "no result".into())
+                            st.as_ref()
+                                .map(|s| match &s.error {
+                                    Some(e) => format!("{} ({e})", s.status),
+                                    None => format!("{} in {:.0} s", s.status, s.wall_s),
+                                })
+                                .unwrap_or_else(|| "no result".into())
                         );
                     }
                     match st {
@@ -399,9 +518,23 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
                         Some(s) if s.status == "failed" => counts.failed += 1,
                         _ => {
                             // The worker died without recording an outcome.
-                            let log = std::fs::read_to_string(dir.run(&c.id).join("worker.log")).unwrap_or_default();
-                            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                            let s = RunStatus { status: "failed".into(), error: Some(format!("worker exited without a result: {tail}")), wall_s: 0.0, pid: None };
+                            let log = std::fs::read_to_string(dir.run(&c.id).join("worker.log"))
+                                .unwrap_or_default();
+                            let tail: String = log
+                                .lines()
+                                .rev()
+                                .take(5)
+                                .collect::<Vec<_>>()
+                                .into_iter()
+                                .rev()
+                                .collect::<Vec<_>>()
+                                .join("\n");
+                            let s = RunStatus {
+                                status: "failed".into(),
+                                error: Some(format!("worker exited without a result: {tail}")),
+                                wall_s: 0.0,
+                                pid: None,
+                            };
                             write_status(dir, &c.id, &s)?;
                             counts.failed += 1;
                         }
@@ -411,15 +544,26 @@ pub fn run_local(dir: &SweepDir, cells: &[Cell], jobs: usize, threads: usize, pr
                 None => i += 1,
             }
         }
-        bar.set_message(format!("done {} · running {} · failed {}", counts.done, running.len(), counts.failed));
+        bar.set_message(format!(
+            "done {} · running {} · failed {}",
+            counts.done,
+            running.len(),
+            counts.failed
+        ));
     }
     bar.finish_and_clear();
     Ok(counts)
 }
 
 /// Write a Slurm job-array script running the same worker command per cell.
-pub fn write_slurm(dir: &SweepDir, spec: &SweepSpec, cells: &[Cell], threads: usize) -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| Error::Data(format!("cannot find the moescope executable: {e}")))?;
+pub fn write_slurm(
+    dir: &SweepDir,
+    spec: &SweepSpec,
+    cells: &[Cell],
+    threads: usize,
+) -> Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Data(format!("cannot find the moescope executable: {e}")))?;
     let dir_abs = SweepDir(std::fs::canonicalize(&dir.0).map_err(|e| Error::io(&dir.0, e))?);
     let cmd = worker_command(&exe, &dir_abs, "$SLURM_ARRAY_TASK_ID", threads);
     let slurm = dir_abs.0.join("slurm");
@@ -464,7 +608,10 @@ mod tests {
         let ids: std::collections::HashSet<_> = cells.iter().map(|c| c.id.clone()).collect();
         assert_eq!(ids.len(), 12);
         assert_eq!(cells[0].id, "top_k=2_orth_lambda=0.0_seed=0");
-        assert!(cells.iter().filter(|c| c.config.is_err()).all(|c| c.values["model.top_k"] == 99));
+        assert!(cells
+            .iter()
+            .filter(|c| c.config.is_err())
+            .all(|c| c.values["model.top_k"] == 99));
         assert_eq!(cells.iter().filter(|c| c.config.is_err()).count(), 6);
         let ok = cells.iter().find(|c| c.config.is_ok()).unwrap();
         assert_eq!(ok.config.as_ref().unwrap().train.max_steps, 3);
@@ -481,7 +628,9 @@ mod tests {
             let p = e.unwrap().path();
             let spec = SweepSpec::from_file(&p).unwrap();
             for c in spec.cells().unwrap() {
-                c.config.as_ref().unwrap_or_else(|e| panic!("{} {}: {e}", p.display(), c.id));
+                c.config
+                    .as_ref()
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", p.display(), c.id));
             }
             n += 1;
         }

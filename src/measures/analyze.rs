@@ -147,17 +147,25 @@ pub fn read_token_ids(path: &Path) -> Result<Vec<u32>> {
     let ids: Vec<i128> = if bytes.starts_with(b"\x93NUMPY") {
         read_npy(&bytes).map_err(bad)?
     } else {
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("neither .npy nor JSON: {e}")))?;
-        let arr = v.as_array().ok_or_else(|| bad("expected a JSON array of integers".into()))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("neither .npy nor JSON: {e}")))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| bad("expected a JSON array of integers".into()))?;
         arr.iter()
             .enumerate()
-            .map(|(i, x)| x.as_i64().map(i128::from).ok_or_else(|| bad(format!("element {i} is not an integer: {x}"))))
+            .map(|(i, x)| {
+                x.as_i64()
+                    .map(i128::from)
+                    .ok_or_else(|| bad(format!("element {i} is not an integer: {x}")))
+            })
             .collect::<Result<_>>()?
     };
     ids.iter()
         .enumerate()
-        .map(|(i, &x)| u32::try_from(x).map_err(|_| bad(format!("element {i} = {x} is not a valid token id"))))
+        .map(|(i, &x)| {
+            u32::try_from(x).map_err(|_| bad(format!("element {i} = {x} is not a valid token id")))
+        })
         .collect()
 }
 
@@ -175,7 +183,8 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
         }
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = std::str::from_utf8(b.get(start..start + hlen).ok_or("truncated .npy header")?).map_err(|e| e.to_string())?;
+    let header = std::str::from_utf8(b.get(start..start + hlen).ok_or("truncated .npy header")?)
+        .map_err(|e| e.to_string())?;
     let field = |k: &str| -> Option<String> {
         let i = header.find(&format!("'{k}'"))?;
         let rest = &header[i + k.len() + 2..];
@@ -208,13 +217,21 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
         "<u8" => (8, false, false),
         "<i8" => (8, true, false),
         ">i8" | ">i4" | ">u4" | ">u8" => (0, false, true),
-        other => return Err(format!("dtype {other} is not an integer type (expected int8..int64 or uint8..uint64)")),
+        other => {
+            return Err(format!(
+                "dtype {other} is not an integer type (expected int8..int64 or uint8..uint64)"
+            ))
+        }
     };
     if big {
         return Err("big-endian arrays are not supported".into());
     }
     if data.len() != dims[0] * width {
-        return Err(format!("data holds {} bytes, shape needs {}: truncated file?", data.len(), dims[0] * width));
+        return Err(format!(
+            "data holds {} bytes, shape needs {}: truncated file?",
+            data.len(),
+            dims[0] * width
+        ));
     }
     Ok(data
         .chunks_exact(width)
@@ -234,8 +251,23 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
 
 /// Run every measure on `tokens` (the first `n` are used, in windows of the
 /// model's context, `batch` windows per forward pass).
-pub fn analyze(model: &Gpt, tokens: &[u32], n: usize, batch: usize, families: &[Family], source: Source) -> Result<Report> {
-    analyze_with(model, tokens, n, batch, families, &GeometryOptions::default(), source)
+pub fn analyze(
+    model: &Gpt,
+    tokens: &[u32],
+    n: usize,
+    batch: usize,
+    families: &[Family],
+    source: Source,
+) -> Result<Report> {
+    analyze_with(
+        model,
+        tokens,
+        n,
+        batch,
+        families,
+        &GeometryOptions::default(),
+        source,
+    )
 }
 
 /// [`analyze`] with function- and representation-space measures.
@@ -250,24 +282,43 @@ pub fn analyze_with(
 ) -> Result<Report> {
     let moe_layers: Vec<usize> = model.moe_layers().map(|(l, _)| l).collect();
     if moe_layers.is_empty() {
-        return Err(Error::Data("the model has no MoE layer: nothing to analyse".into()));
+        return Err(Error::Data(
+            "the model has no MoE layer: nothing to analyse".into(),
+        ));
     }
     if tokens.is_empty() {
-        return Err(Error::Data("no tokens to analyse (the token input is empty)".into()));
+        return Err(Error::Data(
+            "no tokens to analyse (the token input is empty)".into(),
+        ));
     }
     if n == 0 || n > tokens.len() {
-        return Err(Error::Data(format!("--tokens {n} is not between 1 and the {} tokens available", tokens.len())));
+        return Err(Error::Data(format!(
+            "--tokens {n} is not between 1 and the {} tokens available",
+            tokens.len()
+        )));
     }
     let vocab = model.cfg.vocab_size;
-    if let Some((i, &t)) = tokens[..n].iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-        return Err(Error::Data(format!("token {i} has id {t}, outside the model's vocabulary of {vocab}")));
+    if let Some((i, &t)) = tokens[..n]
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(Error::Data(format!(
+            "token {i} has id {t}, outside the model's vocabulary of {vocab}"
+        )));
     }
     let dev = model.params.device().clone();
     let t = model.cfg.seq_len;
     let k = model.cfg.active_experts();
-    let mut accs: Vec<LayerAccumulator> = moe_layers.iter().map(|_| LayerAccumulator::new(model.cfg.n_experts, k)).collect();
+    let mut accs: Vec<LayerAccumulator> = moe_layers
+        .iter()
+        .map(|_| LayerAccumulator::new(model.cfg.n_experts, k))
+        .collect();
     let d = model.cfg.d_model;
-    let mut moments: Vec<Vec<Moments>> = moe_layers.iter().map(|_| (0..model.cfg.n_experts).map(|_| Moments::new(d)).collect()).collect();
+    let mut moments: Vec<Vec<Moments>> = moe_layers
+        .iter()
+        .map(|_| (0..model.cfg.n_experts).map(|_| Moments::new(d)).collect())
+        .collect();
     // Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
     let mut jac_inputs: Vec<Vec<Tensor>> = vec![Vec::new(); moe_layers.len()];
     let mut jac_sel: Vec<Vec<u32>> = vec![Vec::new(); moe_layers.len()];
@@ -288,21 +339,37 @@ pub fn analyze_with(
         let out = model.forward(&x, true)?;
         let batch_n = (j - i) * len;
         let take = geo.jacobian_tokens.saturating_sub(jac_n).min(batch_n);
-        for (li, ((acc, cap), (_, moe))) in accs.iter_mut().zip(&out.captures).zip(model.moe_layers()).enumerate() {
+        for (li, ((acc, cap), (_, moe))) in accs
+            .iter_mut()
+            .zip(&out.captures)
+            .zip(model.moe_layers())
+            .enumerate()
+        {
             acc.add(&cap.moe)?;
             if geo.jacobian != JacobianMode::Off && take > 0 {
                 jac_inputs[li].push(cap.input.narrow(0, 0, take)?);
                 jac_sel[li].extend_from_slice(&cap.moe.selected[..take * cap.moe.k]);
             }
             if geo.subspace != RankRule::Off {
-                add_moments(&mut moments[li], cap, geo, model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk)?;
+                add_moments(
+                    &mut moments[li],
+                    cap,
+                    geo,
+                    model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk,
+                )?;
             }
             // All pairs: every expert on every token of this layer's input.
             let d = cap.input.dim(1)?;
             let outs: Vec<Vec<f32>> = moe
                 .experts
                 .iter()
-                .map(|e| e.forward(&cap.input)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>().map_err(Into::into))
+                .map(|e| {
+                    e.forward(&cap.input)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                        .map_err(Into::into)
+                })
                 .collect::<Result<_>>()?;
             acc.add_all_pairs(&outs, d);
         }
@@ -325,11 +392,26 @@ pub fn analyze_with(
         let li = layers.len();
         let jacobian = if geo.jacobian != JacobianMode::Off && !jac_inputs[li].is_empty() {
             let x = Tensor::cat(&jac_inputs[li], 0)?;
-            layer_jacobian(moe, &x, &jac_sel[li], k, geo.jacobian, geo.jacobian_all_pairs, geo.spectra_tokens, geo.top_singular_values, geo.seed + index as u64)?
+            layer_jacobian(
+                moe,
+                &x,
+                &jac_sel[li],
+                k,
+                geo.jacobian,
+                geo.jacobian_all_pairs,
+                geo.spectra_tokens,
+                geo.top_singular_values,
+                geo.seed + index as u64,
+            )?
         } else {
             None
         };
-        let subspace = layer_subspaces(&moments[li], geo.subspace, if geo.output_space { "output" } else { "input" }, geo.weighted);
+        let subspace = layer_subspaces(
+            &moments[li],
+            geo.subspace,
+            if geo.output_space { "output" } else { "input" },
+            geo.weighted,
+        );
         let (act, reason) = match acc.act_mso() {
             Ok(v) => (Some(v), None),
             Err(r) => (None, Some(r)),
@@ -357,15 +439,24 @@ pub fn analyze_with(
             subspace,
         });
     }
-    let mean = |f: &dyn Fn(&LayerReport) -> f64| layers.iter().map(f).sum::<f64>() / layers.len() as f64;
+    let mean =
+        |f: &dyn Fn(&LayerReport) -> f64| layers.iter().map(f).sum::<f64>() / layers.len() as f64;
     let mut weight_mso = BTreeMap::new();
     for &f in families {
-        let per: Vec<Option<f64>> = layers.iter().map(|l| l.weight_mso.get(f.name()).copied()).collect();
+        let per: Vec<Option<f64>> = layers
+            .iter()
+            .map(|l| l.weight_mso.get(f.name()).copied())
+            .collect();
         if let Some(m) = mean_present(&per) {
             weight_mso.insert(f.name(), m);
         }
     }
-    let up_mean = mean_present(&model.moe_layers().map(|(_, m)| weight_overlap(m, Family::Up).map(|w| w.map(|w| w.mso))).collect::<Result<Vec<_>>>()?);
+    let up_mean = mean_present(
+        &model
+            .moe_layers()
+            .map(|(_, m)| weight_overlap(m, Family::Up).map(|w| w.map(|w| w.mso)))
+            .collect::<Result<Vec<_>>>()?,
+    );
     let act_mean = mean_present(&layers.iter().map(|l| l.act_mso).collect::<Vec<_>>());
     let summary = Summary {
         weight_mso,
@@ -399,7 +490,11 @@ pub fn analyze_with(
                 JacobianMode::Auto => "auto".into(),
                 JacobianMode::Off => "off".into(),
             },
-            jacobian_pairs: if geo.jacobian_all_pairs { "all" } else { "routed" },
+            jacobian_pairs: if geo.jacobian_all_pairs {
+                "all"
+            } else {
+                "routed"
+            },
             jacobian_tokens: geo.jacobian_tokens.min(n),
             subspace: match geo.subspace {
                 RankRule::Fixed(r) => r.to_string(),
@@ -416,7 +511,12 @@ pub fn analyze_with(
 }
 
 /// Add each expert's routed rows (inputs, or outputs with `output_space`) to its moments.
-fn add_moments(m: &mut [Moments], cap: &crate::model::LayerCapture, geo: &GeometryOptions, renorm: bool) -> Result<()> {
+fn add_moments(
+    m: &mut [Moments],
+    cap: &crate::model::LayerCapture,
+    geo: &GeometryOptions,
+    renorm: bool,
+) -> Result<()> {
     let e_n = m.len();
     let k = cap.moe.k;
     for (e, (toks, h)) in cap.moe.expert_outputs.iter().enumerate() {
@@ -429,14 +529,22 @@ fn add_moments(m: &mut [Moments], cap: &crate::model::LayerCapture, geo: &Geomet
                 None => continue,
             }
         } else {
-            cap.input.index_select(&Tensor::new(toks.as_slice(), cap.input.device())?, 0)?
+            cap.input
+                .index_select(&Tensor::new(toks.as_slice(), cap.input.device())?, 0)?
         };
         let w: Option<Vec<f64>> = geo.weighted.then(|| {
             toks.iter()
                 .map(|&t| {
                     let t = t as usize;
                     let p = &cap.moe.probs[t * e_n..(t + 1) * e_n];
-                    let denom: f64 = if renorm { cap.moe.selected[t * k..(t + 1) * k].iter().map(|&s| p[s as usize] as f64).sum() } else { 1.0 };
+                    let denom: f64 = if renorm {
+                        cap.moe.selected[t * k..(t + 1) * k]
+                            .iter()
+                            .map(|&s| p[s as usize] as f64)
+                            .sum()
+                    } else {
+                        1.0
+                    };
                     p[e] as f64 / denom
                 })
                 .collect()
@@ -448,9 +556,26 @@ fn add_moments(m: &mut [Moments], cap: &crate::model::LayerCapture, geo: &Geomet
 
 /// A short human-readable table of a report.
 pub fn summary_table(r: &Report) -> String {
-    let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "null".into());
-    let e = |v: Option<f64>| v.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "null".into());
-    let mut s = format!("{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>5} {:>8}\n", "layer", "w_mso(up)", "act_mso", "act_all", "gap", "H_router", "balance", "dead", "max_viol");
+    let f = |v: Option<f64>| {
+        v.map(|x| format!("{x:.4}"))
+            .unwrap_or_else(|| "null".into())
+    };
+    let e = |v: Option<f64>| {
+        v.map(|x| format!("{x:.3e}"))
+            .unwrap_or_else(|| "null".into())
+    };
+    let mut s = format!(
+        "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>5} {:>8}\n",
+        "layer",
+        "w_mso(up)",
+        "act_mso",
+        "act_all",
+        "gap",
+        "H_router",
+        "balance",
+        "dead",
+        "max_viol"
+    );
     for l in &r.layers {
         s += &format!(
             "{:>5} {:>10} {:>10} {:>10} {:>9} {:>9.4} {:>8.4} {:>5} {:>8.3}\n",
@@ -458,7 +583,9 @@ pub fn summary_table(r: &Report) -> String {
             e(l.weight_mso.get("up").copied()),
             f(l.act_mso),
             f(l.act_mso_all),
-            l.gap_ratio.map(|x| format!("{x:.1}")).unwrap_or_else(|| "null".into()),
+            l.gap_ratio
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "null".into()),
             l.router_entropy,
             l.balance,
             l.dead_experts.len(),
@@ -508,7 +635,8 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
+        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+            .into_bytes();
         while (10 + h.len() + 1) % 64 != 0 {
             h.push(b' ');
         }
@@ -522,14 +650,26 @@ mod tests {
 
     #[test]
     fn npy_integer_dtypes_and_errors() {
-        let u16s: Vec<u8> = [1u16, 65535, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(read_npy(&npy("<u2", "(3,)", &u16s)).unwrap(), vec![1, 65535, 7]);
+        let u16s: Vec<u8> = [1u16, 65535, 7]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            read_npy(&npy("<u2", "(3,)", &u16s)).unwrap(),
+            vec![1, 65535, 7]
+        );
         let i32s: Vec<u8> = [5i32, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(read_npy(&npy("<i4", "(2,)", &i32s)).unwrap(), vec![5, -1]);
         assert_eq!(read_npy(&npy("|u1", "(2,)", &[3, 4])).unwrap(), vec![3, 4]);
-        assert!(read_npy(&npy("<f4", "(1,)", &[0, 0, 0, 0])).unwrap_err().contains("not an integer"));
-        assert!(read_npy(&npy("<i4", "(1, 2)", &i32s)).unwrap_err().contains("1-D"));
-        assert!(read_npy(&npy("<i4", "(3,)", &i32s)).unwrap_err().contains("truncated"));
+        assert!(read_npy(&npy("<f4", "(1,)", &[0, 0, 0, 0]))
+            .unwrap_err()
+            .contains("not an integer"));
+        assert!(read_npy(&npy("<i4", "(1, 2)", &i32s))
+            .unwrap_err()
+            .contains("1-D"));
+        assert!(read_npy(&npy("<i4", "(3,)", &i32s))
+            .unwrap_err()
+            .contains("truncated"));
         // Negative ids are refused by the caller with the element index.
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("neg.npy");

@@ -52,7 +52,9 @@ impl JacobianMode {
                 .filter(|m| *m >= 8)
                 .map(JacobianMode::Estimate)
                 .ok_or_else(|| format!("bad `{s}`: expected estimate:M with M ≥ 8 probe vectors")),
-            other => Err(format!("unknown Jacobian mode `{other}` (exact, estimate, estimate:M, auto, off)")),
+            other => Err(format!(
+                "unknown Jacobian mode `{other}` (exact, estimate, estimate:M, auto, off)"
+            )),
         }
     }
 }
@@ -99,7 +101,11 @@ pub fn explicit_jacobian(e: &Expert, x: &Tensor) -> Result<Tensor> {
     let mut j: Option<Tensor> = None;
     for (c, m) in &terms {
         // W_down diag(c) M: (d×f) scaled by columns, times (f×d)
-        let t = e.down.weight.broadcast_mul(&c.reshape((1, c.elem_count()))?)?.matmul(m)?;
+        let t = e
+            .down
+            .weight
+            .broadcast_mul(&c.reshape((1, c.elem_count()))?)?
+            .matmul(m)?;
         j = Some(match j {
             Some(a) => (a + t)?,
             None => t,
@@ -176,7 +182,12 @@ fn rows(t: &Tensor, idx: &Tensor) -> Result<Tensor> {
 }
 
 /// Σ_{t,t'} c_{i,t}ᵀ K_{ij,tt'} c_{j,t'} for each row: exact inner products (n,).
-fn exact_inner(ei: &Expert, ej: &Expert, ci: &[(Tensor, Tensor)], cj: &[(Tensor, Tensor)]) -> Result<Tensor> {
+fn exact_inner(
+    ei: &Expert,
+    ej: &Expert,
+    ci: &[(Tensor, Tensor)],
+    cj: &[(Tensor, Tensor)],
+) -> Result<Tensor> {
     let dd = ei.down.weight.t()?.matmul(&ej.down.weight)?; // (f×f) W_down,iᵀ W_down,j
     let mut total: Option<Tensor> = None;
     for (a, ma) in ci {
@@ -206,18 +217,29 @@ fn jv(e: &Expert, c: &[(Tensor, Tensor)], probes: &Tensor) -> Result<Tensor> {
             None => prod,
         });
     }
-    Ok(h.expect("terms").reshape((n * m, f))?.matmul(&e.down.weight.t()?)?) // (n·m, d)
+    Ok(h.expect("terms")
+        .reshape((n * m, f))?
+        .matmul(&e.down.weight.t()?)?) // (n·m, d)
 }
 
 /// Whether `auto` picks exact mode for this workload (see the module docs for the cost model).
-pub fn auto_picks_exact(d: usize, f: usize, e: usize, t: usize, instances: usize, tokens: usize, k: usize) -> bool {
+pub fn auto_picks_exact(
+    d: usize,
+    f: usize,
+    e: usize,
+    t: usize,
+    instances: usize,
+    tokens: usize,
+    k: usize,
+) -> bool {
     let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
     fits && cost_exact(d, f, e, t, instances, tokens, k) <= cost_estimate(d, f, t, tokens, k, 64)
 }
 
 fn cost_exact(d: usize, f: usize, e: usize, t: usize, inst: usize, tokens: usize, k: usize) -> f64 {
     let (d, f, e, t) = (d as f64, f as f64, e as f64, t as f64);
-    e * (e + 1.0) / 2.0 * (2.0 + 2.0 * t * t) * f * f * d + (inst as f64 * 3.0 + (tokens * k) as f64) * 2.0 * t * t * f * f
+    e * (e + 1.0) / 2.0 * (2.0 + 2.0 * t * t) * f * f * d
+        + (inst as f64 * 3.0 + (tokens * k) as f64) * 2.0 * t * t * f * f
 }
 
 fn cost_estimate(d: usize, f: usize, t: usize, tokens: usize, k: usize, m: usize) -> f64 {
@@ -268,14 +290,21 @@ pub fn layer_jacobian(
     let probes = if exact {
         None
     } else {
-        let v: Vec<f64> = (0..m * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let v: Vec<f64> = (0..m * d)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
         Some(Tensor::from_vec(v, (m, d), &Device::Cpu)?)
     };
     // Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     if exact {
         for (ei, ex) in experts.iter().enumerate() {
-            let mut toks: Vec<u32> = inst.by_pair.iter().filter(|((i, j), _)| *i == ei || *j == ei).flat_map(|(_, t)| t.iter().copied()).collect();
+            let mut toks: Vec<u32> = inst
+                .by_pair
+                .iter()
+                .filter(|((i, j), _)| *i == ei || *j == ei)
+                .flat_map(|(_, t)| t.iter().copied())
+                .collect();
             toks.sort_unstable();
             toks.dedup();
             if toks.is_empty() {
@@ -297,7 +326,13 @@ pub fn layer_jacobian(
         let cj = jacobian_terms(&experts[*j], &xs)?;
         let (a, se): (Vec<f64>, Option<Vec<f64>>) = if exact {
             let ij = exact_inner(&experts[*i], &experts[*j], &ci, &cj)?.to_vec1::<f64>()?;
-            (ij.iter().zip(toks).map(|(p, t)| align(*p, norms[*i][t], norms[*j][t])).collect(), None)
+            (
+                ij.iter()
+                    .zip(toks)
+                    .map(|(p, t)| align(*p, norms[*i][t], norms[*j][t]))
+                    .collect(),
+                None,
+            )
         } else {
             let v = probes.as_ref().expect("probes");
             let nt = toks.len();
@@ -317,11 +352,16 @@ pub fn layer_jacobian(
                 let est: Vec<f64> = (0..b)
                     .map(|q| {
                         let s = q * per..(q + 1) * per;
-                        align(mean(&pij[r][s.clone()]), mean(&pii[r][s.clone()]), mean(&pjj[r][s]))
+                        align(
+                            mean(&pij[r][s.clone()]),
+                            mean(&pii[r][s.clone()]),
+                            mean(&pjj[r][s]),
+                        )
                     })
                     .collect();
                 let mu = mean(&est);
-                let sd = (est.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (b - 1) as f64).sqrt();
+                let sd =
+                    (est.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (b - 1) as f64).sqrt();
                 sev.push(sd / (b as f64).sqrt());
             }
             (av, Some(sev))
@@ -344,7 +384,10 @@ pub fn layer_jacobian(
     let mut eff = vec![None; e_n];
     if spectra_tokens > 0 {
         for (ei, ex) in experts.iter().enumerate() {
-            let toks: Vec<usize> = (0..n).filter(|&r| selected[r * k..(r + 1) * k].contains(&(ei as u32))).take(spectra_tokens).collect();
+            let toks: Vec<usize> = (0..n)
+                .filter(|&r| selected[r * k..(r + 1) * k].contains(&(ei as u32)))
+                .take(spectra_tokens)
+                .collect();
             if toks.is_empty() {
                 continue;
             }
@@ -365,9 +408,17 @@ pub fn layer_jacobian(
     }
     let c = count as f64;
     Ok(Some(JacobianReport {
-        mode: if exact { "exact".into() } else { "estimate".into() },
+        mode: if exact {
+            "exact".into()
+        } else {
+            "estimate".into()
+        },
         samples: (!exact).then_some(m),
-        pairs: if all_pairs { "all".into() } else { "routed".into() },
+        pairs: if all_pairs {
+            "all".into()
+        } else {
+            "routed".into()
+        },
         instances: count,
         mean: (count > 0).then(|| sum / c),
         mean_abs: (count > 0).then(|| sum_abs / c),
@@ -394,7 +445,12 @@ pub fn effective_rank(w: &[f64]) -> f64 {
     if s <= 0.0 {
         return 0.0;
     }
-    let h: f64 = w.iter().filter(|v| **v > 0.0).map(|v| v / s).map(|p| -p * p.ln()).sum();
+    let h: f64 = w
+        .iter()
+        .filter(|v| **v > 0.0)
+        .map(|v| v / s)
+        .map(|p| -p * p.ln())
+        .sum();
     h.exp()
 }
 
@@ -410,10 +466,19 @@ pub fn to_f64(e: &Expert) -> Result<Expert> {
     let lin = |l: &crate::model::layers::Linear| -> Result<crate::model::layers::Linear> {
         Ok(crate::model::layers::Linear {
             weight: l.weight.to_dtype(DType::F64)?.to_device(&Device::Cpu)?,
-            bias: l.bias.as_ref().map(|b| b.to_dtype(DType::F64)?.to_device(&Device::Cpu)).transpose()?,
+            bias: l
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F64)?.to_device(&Device::Cpu))
+                .transpose()?,
         })
     };
-    Ok(Expert { up: lin(&e.up)?, gate: e.gate.as_ref().map(lin).transpose()?, down: lin(&e.down)?, activation: e.activation })
+    Ok(Expert {
+        up: lin(&e.up)?,
+        gate: e.gate.as_ref().map(lin).transpose()?,
+        down: lin(&e.down)?,
+        activation: e.activation,
+    })
 }
 
 #[cfg(test)]
@@ -422,7 +487,10 @@ mod tests {
 
     #[test]
     fn modes_parse() {
-        assert_eq!(JacobianMode::parse("estimate:128").unwrap(), JacobianMode::Estimate(128));
+        assert_eq!(
+            JacobianMode::parse("estimate:128").unwrap(),
+            JacobianMode::Estimate(128)
+        );
         assert!(JacobianMode::parse("estimate:2").is_err());
         assert!(JacobianMode::parse("fast").is_err());
     }

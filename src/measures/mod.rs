@@ -46,7 +46,12 @@ impl Family {
         Family::ALL
             .into_iter()
             .find(|f| f.name() == s)
-            .ok_or_else(|| Error::config(field, format!("unknown family `{s}` (expected up, gate, down or router)")))
+            .ok_or_else(|| {
+                Error::config(
+                    field,
+                    format!("unknown family `{s}` (expected up, gate, down or router)"),
+                )
+            })
     }
 
     /// The per-expert tensors of this family in `moe` (None when the layer has
@@ -56,11 +61,17 @@ impl Family {
             Family::Up => Some(moe.experts.iter().map(|e| e.up.weight.clone()).collect()),
             Family::Down => Some(moe.experts.iter().map(|e| e.down.weight.clone()).collect()),
             Family::Gate => {
-                let g: Option<Vec<Tensor>> = moe.experts.iter().map(|e| e.gate.as_ref().map(|g| g.weight.clone())).collect();
+                let g: Option<Vec<Tensor>> = moe
+                    .experts
+                    .iter()
+                    .map(|e| e.gate.as_ref().map(|g| g.weight.clone()))
+                    .collect();
                 g
             }
             Family::Router => Some(
-                (0..moe.n_experts()).map(|e| moe.router.weight.narrow(0, e, 1)).collect::<candle_core::Result<_>>()?,
+                (0..moe.n_experts())
+                    .map(|e| moe.router.weight.narrow(0, e, 1))
+                    .collect::<candle_core::Result<_>>()?,
             ),
         })
     }
@@ -72,7 +83,11 @@ pub fn cosine_gram(vecs: &[Vec<f32>]) -> Vec<Vec<f64>> {
     let mut g = vec![vec![0.0f64; e]; e];
     for i in 0..e {
         for j in i..e {
-            let dot: f64 = vecs[i].iter().zip(&vecs[j]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let dot: f64 = vecs[i]
+                .iter()
+                .zip(&vecs[j])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             g[i][j] = dot;
             g[j][i] = dot;
         }
@@ -93,13 +108,25 @@ pub fn mso(g: &[Vec<f64>]) -> f64 {
     if e < 2 {
         return 0.0;
     }
-    let s: f64 = g.iter().enumerate().map(|(i, row)| row[i + 1..].iter().map(|v| v * v).sum::<f64>()).sum();
+    let s: f64 = g
+        .iter()
+        .enumerate()
+        .map(|(i, row)| row[i + 1..].iter().map(|v| v * v).sum::<f64>())
+        .sum();
     2.0 * s / (e * (e - 1)) as f64
 }
 
 /// An E×E matrix with a null diagonal, for JSON.
 pub fn null_diagonal(g: &[Vec<f64>]) -> Vec<Vec<Option<f64>>> {
-    g.iter().enumerate().map(|(i, r)| r.iter().enumerate().map(|(j, v)| (i != j).then_some(*v)).collect()).collect()
+    g.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.iter()
+                .enumerate()
+                .map(|(j, v)| (i != j).then_some(*v))
+                .collect()
+        })
+        .collect()
 }
 
 /// Weight overlap of one layer and family.
@@ -113,23 +140,38 @@ pub struct WeightOverlap {
 
 /// Weight overlap of `moe` for `family` (None when the layer lacks the family).
 pub fn weight_overlap(moe: &MoeLayer, family: Family) -> Result<Option<WeightOverlap>> {
-    let Some(ts) = family.tensors(moe)? else { return Ok(None) };
-    let vecs: Vec<Vec<f32>> =
-        ts.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+    let Some(ts) = family.tensors(moe)? else {
+        return Ok(None);
+    };
+    let vecs: Vec<Vec<f32>> = ts
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?;
     let g = cosine_gram(&vecs);
-    Ok(Some(WeightOverlap { family, mso: mso(&g), matrix: null_diagonal(&g) }))
+    Ok(Some(WeightOverlap {
+        family,
+        mso: mso(&g),
+        matrix: null_diagonal(&g),
+    }))
 }
 
 /// The differentiable L_orth of one layer: Σ_{i<j} G_ij², gradients through the normalisation.
 pub fn orth_penalty(moe: &MoeLayer, family: Family) -> Result<Option<Tensor>> {
-    let Some(ts) = family.tensors(moe)? else { return Ok(None) };
+    let Some(ts) = family.tensors(moe)? else {
+        return Ok(None);
+    };
     let e = ts.len();
-    let flat: Vec<Tensor> = ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let flat: Vec<Tensor> = ts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
     let w = Tensor::stack(&flat, 0)?; // (E, P)
     let g = w.matmul(&w.t()?)?; // (E, E) raw Gram
     let inv = w.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?; // (E, 1) = 1/‖w_e‖
     let gn = g.broadcast_mul(&inv)?.broadcast_mul(&inv.t()?)?;
-    let mask: Vec<f32> = (0..e * e).map(|k| if k % e > k / e { 1.0 } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..e * e)
+        .map(|k| if k % e > k / e { 1.0 } else { 0.0 })
+        .collect();
     let mask = Tensor::from_vec(mask, (e, e), w.device())?.to_dtype(w.dtype())?;
     Ok(Some((gn.sqr()? * mask)?.sum_all()?))
 }
@@ -140,7 +182,13 @@ pub fn orth_loss(model: &Gpt, family: Family) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for (_, moe) in model.moe_layers() {
         let p = orth_penalty(moe, family)?.ok_or_else(|| {
-            Error::config("reg.orth_family", format!("the experts have no `{}` matrices (MLP experts have no gate)", family.name()))
+            Error::config(
+                "reg.orth_family",
+                format!(
+                    "the experts have no `{}` matrices (MLP experts have no gate)",
+                    family.name()
+                ),
+            )
         })?;
         total = Some(match total {
             Some(t) => (t + p)?,
@@ -217,7 +265,10 @@ impl LayerAccumulator {
             .map(|(_, h)| match h {
                 Some(h) => {
                     let d = h.dim(1)?;
-                    Ok(Some((h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, d)))
+                    Ok(Some((
+                        h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                        d,
+                    )))
                 }
                 None => Ok(None),
             })
@@ -274,7 +325,10 @@ impl LayerAccumulator {
             let mut sum = 0.0;
             for a in 0..e_n {
                 for b in a + 1..e_n {
-                    sum += cos2(&outputs[a][t * d..(t + 1) * d], &outputs[b][t * d..(t + 1) * d]);
+                    sum += cos2(
+                        &outputs[a][t * d..(t + 1) * d],
+                        &outputs[b][t * d..(t + 1) * d],
+                    );
                 }
             }
             self.act_all_sum += sum * 2.0 / (e_n * (e_n - 1)) as f64;
@@ -317,17 +371,37 @@ impl LayerAccumulator {
     /// Routing telemetry over the accumulated tokens.
     pub fn telemetry(&self) -> Telemetry {
         let total: u64 = self.load.iter().sum();
-        let fraction: Vec<f64> = self.load.iter().map(|&l| if total > 0 { l as f64 / total as f64 } else { 0.0 }).collect();
+        let fraction: Vec<f64> = self
+            .load
+            .iter()
+            .map(|&l| {
+                if total > 0 {
+                    l as f64 / total as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let load_entropy = entropy(fraction.iter().copied());
         let mean = total as f64 / self.n_experts as f64;
         let max = self.load.iter().copied().max().unwrap_or(0) as f64;
         Telemetry {
             load: self.load.clone(),
             fraction,
-            router_entropy: if self.tokens > 0 { self.router_entropy_sum / self.tokens as f64 } else { 0.0 },
+            router_entropy: if self.tokens > 0 {
+                self.router_entropy_sum / self.tokens as f64
+            } else {
+                0.0
+            },
             load_entropy,
             balance: load_entropy.exp() / self.n_experts as f64,
-            dead_experts: self.load.iter().enumerate().filter(|(_, &l)| l == 0).map(|(e, _)| e).collect(),
+            dead_experts: self
+                .load
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l == 0)
+                .map(|(e, _)| e)
+                .collect(),
             max_violation: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
         }
     }
@@ -354,7 +428,10 @@ pub struct Telemetry {
 
 /// Per-layer weight MSO of the model for `family` (None for layers lacking it).
 pub fn model_weight_mso(model: &Gpt, family: Family) -> Result<Vec<Option<f64>>> {
-    model.moe_layers().map(|(_, m)| Ok(weight_overlap(m, family)?.map(|w| w.mso))).collect()
+    model
+        .moe_layers()
+        .map(|(_, m)| Ok(weight_overlap(m, family)?.map(|w| w.mso)))
+        .collect()
 }
 
 /// Mean of the present values (None when none is present).
@@ -369,9 +446,17 @@ mod tests {
 
     #[test]
     fn mso_of_orthonormal_is_zero_and_identical_is_one() {
-        let ortho = vec![vec![1.0, 0.0, 0.0], vec![0.0, 2.0, 0.0], vec![0.0, 0.0, -3.0]];
+        let ortho = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 2.0, 0.0],
+            vec![0.0, 0.0, -3.0],
+        ];
         assert!(mso(&cosine_gram(&ortho)).abs() < 1e-15);
-        let same = vec![vec![1.0, 2.0, 3.0], vec![2.0, 4.0, 6.0], vec![-1.0, -2.0, -3.0]];
+        let same = vec![
+            vec![1.0, 2.0, 3.0],
+            vec![2.0, 4.0, 6.0],
+            vec![-1.0, -2.0, -3.0],
+        ];
         assert!((mso(&cosine_gram(&same)) - 1.0).abs() < 1e-12);
     }
 }

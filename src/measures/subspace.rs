@@ -29,14 +29,22 @@ impl RankRule {
         }
         if let Some(rest) = s.strip_prefix("var:") {
             let mut it = rest.split(':');
-            let tau: f64 = it.next().and_then(|v| v.parse().ok()).filter(|t: &f64| *t > 0.0 && *t <= 1.0).ok_or_else(|| format!("bad `{s}`: τ must lie in (0, 1]"))?;
+            let tau: f64 = it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|t: &f64| *t > 0.0 && *t <= 1.0)
+                .ok_or_else(|| format!("bad `{s}`: τ must lie in (0, 1]"))?;
             let cap = match it.next() {
                 Some(c) => c.parse().map_err(|_| format!("bad cap in `{s}`"))?,
                 None => 16,
             };
             return Ok(RankRule::Variance(tau, cap));
         }
-        s.parse::<usize>().ok().filter(|r| *r > 0).map(RankRule::Fixed).ok_or_else(|| format!("bad subspace option `{s}` (RANK, var:τ, var:τ:CAP or off)"))
+        s.parse::<usize>()
+            .ok()
+            .filter(|r| *r > 0)
+            .map(RankRule::Fixed)
+            .ok_or_else(|| format!("bad subspace option `{s}` (RANK, var:τ, var:τ:CAP or off)"))
     }
 
     /// The rank cap (the number of rows an expert needs is more than this).
@@ -62,7 +70,13 @@ pub struct Moments {
 
 impl Moments {
     pub fn new(d: usize) -> Self {
-        Moments { d, n: 0, w: 0.0, sum: vec![0.0; d], outer: vec![0.0; d * d] }
+        Moments {
+            d,
+            n: 0,
+            w: 0.0,
+            sum: vec![0.0; d],
+            outer: vec![0.0; d * d],
+        }
     }
 
     /// Add rows x (n×d) with weights (None = 1).
@@ -94,25 +108,37 @@ impl Moments {
     pub fn covariance(&self) -> Vec<f64> {
         let d = self.d;
         let mu: Vec<f64> = self.sum.iter().map(|s| s / self.w).collect();
-        (0..d * d).map(|k| self.outer[k] / self.w - mu[k / d] * mu[k % d]).collect()
+        (0..d * d)
+            .map(|k| self.outer[k] / self.w - mu[k / d] * mu[k % d])
+            .collect()
     }
 }
 
 /// Eigenvalues (descending) and eigenvectors (columns, same order) of a symmetric row-major matrix.
 pub fn eigh_desc(a: &[f64], d: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
     let m = faer::Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (a[i * d + j] + a[j * d + i]));
-    let Ok(evd) = m.self_adjoint_eigen(faer::Side::Lower) else { return (vec![], vec![]) };
+    let Ok(evd) = m.self_adjoint_eigen(faer::Side::Lower) else {
+        return (vec![], vec![]);
+    };
     let s: Vec<f64> = evd.S().column_vector().iter().copied().collect();
     let u = evd.U();
     let mut order: Vec<usize> = (0..d).collect();
     order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
-    (order.iter().map(|&i| s[i]).collect(), order.iter().map(|&i| (0..d).map(|r| u[(r, i)]).collect()).collect())
+    (
+        order.iter().map(|&i| s[i]).collect(),
+        order
+            .iter()
+            .map(|&i| (0..d).map(|r| u[(r, i)]).collect())
+            .collect(),
+    )
 }
 
 /// Principal angles (radians, ascending) between span(A) and span(B), given
 /// orthonormal bases as lists of d-vectors: cos θ_k = σ_k(Aᵀ B), clamped to [0, 1].
 pub fn principal_angles(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<f64> {
-    let m = faer::Mat::<f64>::from_fn(a.len(), b.len(), |i, j| a[i].iter().zip(&b[j]).map(|(x, y)| x * y).sum());
+    let m = faer::Mat::<f64>::from_fn(a.len(), b.len(), |i, j| {
+        a[i].iter().zip(&b[j]).map(|(x, y)| x * y).sum()
+    });
     let sv = m.singular_values().unwrap_or_default();
     sv.iter().map(|s| s.clamp(0.0, 1.0).acos()).collect()
 }
@@ -154,7 +180,12 @@ pub struct SubspaceReport {
 }
 
 /// Subspaces and pairwise distances from per-expert moments.
-pub fn layer_subspaces(moments: &[Moments], rule: RankRule, space: &str, weighted: bool) -> Option<SubspaceReport> {
+pub fn layer_subspaces(
+    moments: &[Moments],
+    rule: RankRule,
+    space: &str,
+    weighted: bool,
+) -> Option<SubspaceReport> {
     if rule == RankRule::Off {
         return None;
     }
@@ -198,7 +229,9 @@ pub fn layer_subspaces(moments: &[Moments], rule: RankRule, space: &str, weighte
     let (mut so, mut sg, mut np) = (0.0, 0.0, 0usize);
     for i in 0..e {
         for j in i + 1..e {
-            let (Some(a), Some(b)) = (&bases[i], &bases[j]) else { continue };
+            let (Some(a), Some(b)) = (&bases[i], &bases[j]) else {
+                continue;
+            };
             let r = a.len().min(b.len());
             let ang = principal_angles(&a[..r], &b[..r]);
             let (g, gn, o) = grassmann(&ang);
@@ -241,7 +274,9 @@ mod tests {
         let a = vec![unit(d, 0), unit(d, 1)];
         assert!(principal_angles(&a, &a).iter().all(|t| t.abs() < 1e-7));
         let b = vec![unit(d, 2), unit(d, 3)];
-        assert!(principal_angles(&a, &b).iter().all(|t| (t - std::f64::consts::FRAC_PI_2).abs() < 1e-7));
+        assert!(principal_angles(&a, &b)
+            .iter()
+            .all(|t| (t - std::f64::consts::FRAC_PI_2).abs() < 1e-7));
         // Rotate e1 by 0.3 rad towards e3 inside span{e1, e3}: angles {0, 0.3}.
         let th: f64 = 0.3;
         let mut r = unit(d, 1);
@@ -252,14 +287,20 @@ mod tests {
         ang.sort_by(f64::total_cmp);
         assert!(ang[0].abs() < 1e-7 && (ang[1] - th).abs() < 1e-7, "{ang:?}");
         let (g, gn, o) = grassmann(&ang);
-        assert!((g - th).abs() < 1e-7 && (gn - th / (std::f64::consts::FRAC_PI_2 * 2f64.sqrt())).abs() < 1e-7);
+        assert!(
+            (g - th).abs() < 1e-7
+                && (gn - th / (std::f64::consts::FRAC_PI_2 * 2f64.sqrt())).abs() < 1e-7
+        );
         assert!((o - (1.0 + th.cos().powi(2)) / 2.0).abs() < 1e-7);
     }
 
     #[test]
     fn rank_rules_parse() {
         assert_eq!(RankRule::parse("8").unwrap(), RankRule::Fixed(8));
-        assert_eq!(RankRule::parse("var:0.9").unwrap(), RankRule::Variance(0.9, 16));
+        assert_eq!(
+            RankRule::parse("var:0.9").unwrap(),
+            RankRule::Variance(0.9, 16)
+        );
         assert_eq!(RankRule::parse("off").unwrap(), RankRule::Off);
         assert!(RankRule::parse("var:1.5").is_err() && RankRule::parse("0").is_err());
     }

@@ -54,11 +54,20 @@ impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let t = targets(s2, l2)?;
         if t.len() != n || t.iter().any(|&t| t >= v) {
-            candle_core::bail!("cross-entropy: {} targets for {n} rows, or a target id ≥ vocabulary {v}", t.len());
+            candle_core::bail!(
+                "cross-entropy: {} targets for {n} rows, or a target id ≥ vocabulary {v}",
+                t.len()
+            );
         }
         let out = match s1 {
             CpuStorage::F32(x) => CpuStorage::F32(ce_rows!(contiguous(x, l1)?, t, v, f32)),
@@ -67,7 +76,13 @@ impl CustomOp2 for CrossEntropy {
         };
         Ok((out, Shape::from(n)))
     }
-    fn bwd(&self, logits: &Tensor, tgt: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        tgt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = logits.apply_op3_no_bwd(tgt, &grad.contiguous()?, &CrossEntropyGrad)?;
         Ok((Some(g), None))
     }
@@ -79,8 +94,10 @@ struct CrossEntropyGrad;
 macro_rules! ce_grad {
     ($x:expr, $t:expr, $g:expr, $v:expr, $ty:ty) => {{
         let mut out: Vec<$ty> = vec![0.0; $x.len()];
-        out.par_chunks_mut($v).zip($x.par_chunks($v)).zip($t.par_iter().zip($g.par_iter())).for_each(
-            |((o, row), (&t, &g))| {
+        out.par_chunks_mut($v)
+            .zip($x.par_chunks($v))
+            .zip($t.par_iter().zip($g.par_iter()))
+            .for_each(|((o, row), (&t, &g))| {
                 let m = row.iter().copied().fold(<$ty>::NEG_INFINITY, <$ty>::max);
                 let mut s: $ty = 0.0;
                 for (o, &x) in o.iter_mut().zip(row) {
@@ -90,8 +107,7 @@ macro_rules! ce_grad {
                 let k = g / s;
                 o.iter_mut().for_each(|o| *o *= k);
                 o[t] -= g;
-            },
-        );
+            });
         out
     }};
 }
@@ -112,8 +128,12 @@ impl CustomOp3 for CrossEntropyGrad {
         let (_, v) = l1.shape().dims2()?;
         let t = targets(s2, l2)?;
         let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f32)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f64)),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f64))
+            }
             _ => candle_core::bail!("cross-entropy grad: dtype mismatch"),
         };
         Ok((out, l1.shape().clone()))
@@ -149,15 +169,17 @@ macro_rules! ln_fwd {
     ($x:expr, $w:expr, $b:expr, $d:expr, $eps:expr, $ty:ty) => {{
         let (x, w, b) = ($x, $w, $b);
         let mut out: Vec<$ty> = vec![0.0; x.len()];
-        out.par_chunks_mut($d).zip(x.par_chunks($d)).for_each(|(o, row)| {
-            let n = $d as $ty;
-            let mu = row.iter().sum::<$ty>() / n;
-            let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<$ty>() / n;
-            let rstd = 1.0 / (var + $eps as $ty).sqrt();
-            for i in 0..$d {
-                o[i] = (row[i] - mu) * rstd * w[i] + b[i];
-            }
-        });
+        out.par_chunks_mut($d)
+            .zip(x.par_chunks($d))
+            .for_each(|(o, row)| {
+                let n = $d as $ty;
+                let mu = row.iter().sum::<$ty>() / n;
+                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<$ty>() / n;
+                let rstd = 1.0 / (var + $eps as $ty).sqrt();
+                for i in 0..$d {
+                    o[i] = (row[i] - mu) * rstd * w[i] + b[i];
+                }
+            });
         out
     }};
 }
@@ -166,16 +188,45 @@ impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *l1.shape().dims().last().unwrap_or(&1);
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(ln_fwd!(f_slice(s1, l1)?, f_slice(s2, l2)?, f_slice(s3, l3)?, d, self.eps, f32)),
-            CpuStorage::F64(_) => CpuStorage::F64(ln_fwd!(d_slice(s1, l1)?, d_slice(s2, l2)?, d_slice(s3, l3)?, d, self.eps, f64)),
+            CpuStorage::F32(_) => CpuStorage::F32(ln_fwd!(
+                f_slice(s1, l1)?,
+                f_slice(s2, l2)?,
+                f_slice(s3, l3)?,
+                d,
+                self.eps,
+                f32
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(ln_fwd!(
+                d_slice(s1, l1)?,
+                d_slice(s2, l2)?,
+                d_slice(s3, l3)?,
+                d,
+                self.eps,
+                f64
+            )),
             _ => candle_core::bail!("layer norm: f32 or f64 only"),
         };
         Ok((out, l1.shape().clone()))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(candle_core::D::Minus1)?;
         // One op computes dx (rows 0..n), dw (row n) and db (row n+1).
         let all = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormGrad { eps: self.eps })?;
@@ -238,15 +289,37 @@ impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "fused-layer-norm-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *l1.shape().dims().last().unwrap_or(&1);
         let (out, rows) = match s1 {
             CpuStorage::F32(_) => {
-                let (o, r) = ln_bwd!(f_slice(s1, l1)?, f_slice(s2, l2)?, f_slice(s3, l3)?, d, self.eps, f32);
+                let (o, r) = ln_bwd!(
+                    f_slice(s1, l1)?,
+                    f_slice(s2, l2)?,
+                    f_slice(s3, l3)?,
+                    d,
+                    self.eps,
+                    f32
+                );
                 (CpuStorage::F32(o), r)
             }
             CpuStorage::F64(_) => {
-                let (o, r) = ln_bwd!(d_slice(s1, l1)?, d_slice(s2, l2)?, d_slice(s3, l3)?, d, self.eps, f64);
+                let (o, r) = ln_bwd!(
+                    d_slice(s1, l1)?,
+                    d_slice(s2, l2)?,
+                    d_slice(s3, l3)?,
+                    d,
+                    self.eps,
+                    f64
+                );
                 (CpuStorage::F64(o), r)
             }
             _ => candle_core::bail!("layer norm: f32 or f64 only"),
@@ -257,7 +330,8 @@ impl CustomOp3 for LayerNormGrad {
 
 /// LayerNorm over the last dimension (fused, CPU). x: (…, d), w, b: (d).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })?)
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })?)
 }
 
 /// softmax(scale · s + causal mask) over the last dimension of (…, t, t) scores.
@@ -269,18 +343,24 @@ macro_rules! csm_fwd {
     ($s:expr, $t:expr, $scale:expr, $ty:ty) => {{
         let s = $s;
         let mut out: Vec<$ty> = vec![0.0; s.len()];
-        out.par_chunks_mut($t).zip(s.par_chunks($t)).enumerate().for_each(|(r, (o, row))| {
-            let q = r % $t; // query position: keys 0..=q are visible
-            let sc = $scale as $ty;
-            let m = row[..=q].iter().map(|v| v * sc).fold(<$ty>::NEG_INFINITY, <$ty>::max);
-            let mut z: $ty = 0.0;
-            for k in 0..=q {
-                o[k] = (row[k] * sc - m).exp();
-                z += o[k];
-            }
-            let iz = 1.0 / z;
-            o[..=q].iter_mut().for_each(|v| *v *= iz);
-        });
+        out.par_chunks_mut($t)
+            .zip(s.par_chunks($t))
+            .enumerate()
+            .for_each(|(r, (o, row))| {
+                let q = r % $t; // query position: keys 0..=q are visible
+                let sc = $scale as $ty;
+                let m = row[..=q]
+                    .iter()
+                    .map(|v| v * sc)
+                    .fold(<$ty>::NEG_INFINITY, <$ty>::max);
+                let mut z: $ty = 0.0;
+                for k in 0..=q {
+                    o[k] = (row[k] * sc - m).exp();
+                    z += o[k];
+                }
+                let iz = 1.0 / z;
+                o[..=q].iter_mut().for_each(|v| *v *= iz);
+            });
         out
     }};
 }
@@ -299,7 +379,10 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale: self.scale })?))
+        Ok(Some(res.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
     }
 }
 
@@ -312,13 +395,15 @@ macro_rules! sm_bwd {
     ($y:expr, $g:expr, $t:expr, $scale:expr, $ty:ty) => {{
         let (y, g) = ($y, $g);
         let mut out: Vec<$ty> = vec![0.0; y.len()];
-        out.par_chunks_mut($t).zip(y.par_chunks($t).zip(g.par_chunks($t))).for_each(|(o, (y, g))| {
-            let dot: $ty = y.iter().zip(g).map(|(a, b)| a * b).sum();
-            let sc = $scale as $ty;
-            for i in 0..$t {
-                o[i] = sc * y[i] * (g[i] - dot);
-            }
-        });
+        out.par_chunks_mut($t)
+            .zip(y.par_chunks($t).zip(g.par_chunks($t)))
+            .for_each(|(o, (y, g))| {
+                let dot: $ty = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                let sc = $scale as $ty;
+                for i in 0..$t {
+                    o[i] = sc * y[i] * (g[i] - dot);
+                }
+            });
         out
     }};
 }
@@ -327,11 +412,29 @@ impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "fused-softmax-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let t = *l1.shape().dims().last().unwrap_or(&1);
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(sm_bwd!(f_slice(s1, l1)?, f_slice(s2, l2)?, t, self.scale, f32)),
-            CpuStorage::F64(_) => CpuStorage::F64(sm_bwd!(d_slice(s1, l1)?, d_slice(s2, l2)?, t, self.scale, f64)),
+            CpuStorage::F32(_) => CpuStorage::F32(sm_bwd!(
+                f_slice(s1, l1)?,
+                f_slice(s2, l2)?,
+                t,
+                self.scale,
+                f32
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(sm_bwd!(
+                d_slice(s1, l1)?,
+                d_slice(s2, l2)?,
+                t,
+                self.scale,
+                f64
+            )),
             _ => candle_core::bail!("softmax grad: f32 or f64 only"),
         };
         Ok((out, l1.shape().clone()))
@@ -354,7 +457,9 @@ mod tests {
     fn fused_cross_entropy_matches_composed_values_and_gradients() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let (n, v) = (13, 37);
-        let x: Vec<f64> = (0..n * v).map(|_| rng.random::<f64>() * 8.0 - 4.0).collect();
+        let x: Vec<f64> = (0..n * v)
+            .map(|_| rng.random::<f64>() * 8.0 - 4.0)
+            .collect();
         let t: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
         let w: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
         let dev = Device::Cpu;
@@ -370,8 +475,20 @@ mod tests {
         }
         let ga = (a * &wt).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &wt).unwrap().sum_all().unwrap().backward().unwrap();
-        let ga: Vec<f64> = ga.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let gb: Vec<f64> = gb.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ga: Vec<f64> = ga
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let gb: Vec<f64> = gb
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (p, q) in ga.iter().zip(&gb) {
             assert!((p - q).abs() < 1e-12, "{p} vs {q}");
         }
@@ -379,7 +496,9 @@ mod tests {
 
     fn rand_var(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], scale: f64) -> Var {
         let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale).collect();
+        let v: Vec<f64> = (0..n)
+            .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale)
+            .collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
@@ -388,7 +507,10 @@ mod tests {
         let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a.len(), b.len());
         for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() < 1e-10 * (1.0 + q.abs()), "{what}: {p} vs {q}");
+            assert!(
+                (p - q).abs() < 1e-10 * (1.0 + q.abs()),
+                "{what}: {p} vs {q}"
+            );
         }
     }
 
@@ -400,14 +522,31 @@ mod tests {
         let w = rand_var(&mut rng, &[7], 1.0);
         let b = rand_var(&mut rng, &[7], 1.0);
         let r = rand_var(&mut rng, &[3, 5, 7], 1.0);
-        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: Some(b.as_tensor().clone()) };
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: Some(b.as_tensor().clone()),
+        };
         let a = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         let c = ln.forward_composed(x.as_tensor()).unwrap();
         assert_close(&a, &c, "values");
-        let ga = (a * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (c * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga = (a * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (c * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (v, name) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
-            assert_close(ga.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap(), name);
+            assert_close(
+                ga.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+                name,
+            );
         }
     }
 
@@ -418,14 +557,37 @@ mod tests {
         let t = 6;
         let s = rand_var(&mut rng, &[2, 3, t, t], 3.0);
         let r = rand_var(&mut rng, &[2, 3, t, t], 1.0);
-        let mask: Vec<f64> = (0..t * t).map(|i| if i % t > i / t { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let mask: Vec<f64> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
         let a = causal_softmax(s.as_tensor(), 0.7).unwrap();
-        let c = softmax_last(&(s.as_tensor() * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+        let c =
+            softmax_last(&(s.as_tensor() * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
         assert_close(&a, &c, "values");
-        let ga = (a * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (c * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(ga.get(s.as_tensor()).unwrap(), gc.get(s.as_tensor()).unwrap(), "ds");
+        let ga = (a * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (c * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            ga.get(s.as_tensor()).unwrap(),
+            gc.get(s.as_tensor()).unwrap(),
+            "ds",
+        );
     }
 
     #[test]

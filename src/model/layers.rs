@@ -17,9 +17,20 @@ pub struct Linear {
 
 impl Linear {
     /// A linear layer with N(0, std²) weights and zero bias.
-    pub fn new(ps: &mut ParamStore, name: &str, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        std: f64,
+    ) -> Result<Self> {
         let weight = ps.normal(&format!("{name}.weight"), &[d_out, d_in], std)?;
-        let bias = if bias { Some(ps.constant(&format!("{name}.bias"), &[d_out], 0.0)?) } else { None };
+        let bias = if bias {
+            Some(ps.constant(&format!("{name}.bias"), &[d_out], 0.0)?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -43,7 +54,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(ps: &mut ParamStore, name: &str, d: usize, bias: bool) -> Result<Self> {
         let weight = ps.constant(&format!("{name}.weight"), &[d], 1.0)?;
-        let bias = if bias { Some(ps.constant(&format!("{name}.bias"), &[d], 0.0)?) } else { None };
+        let bias = if bias {
+            Some(ps.constant(&format!("{name}.bias"), &[d], 0.0)?)
+        } else {
+            None
+        };
         Ok(LayerNorm { weight, bias })
     }
 
@@ -64,7 +79,9 @@ impl LayerNorm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&self.weight)?;
+        let y = xc
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -93,7 +110,12 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// [`cross_entropy_rows`] composed from elementary ops (any device).
 pub fn cross_entropy_rows_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let m = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&m)?;
+    let lse = logits
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .add(&m)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
     Ok((lse - picked)?.squeeze(1)?)
 }
@@ -114,14 +136,22 @@ mod tests {
         let rows: Vec<Vec<f64>> = vec![vec![0.3, -1.2, 2.5, 0.0], vec![100.0, 99.0, -50.0, 3.0]];
         let x = Tensor::new(rows.clone(), &dev).unwrap();
         let sm = softmax_last(&x).unwrap().to_vec2::<f64>().unwrap();
-        let ce = cross_entropy_rows(&x, &Tensor::new(&[2u32, 1], &dev).unwrap()).unwrap().to_vec1::<f64>().unwrap();
+        let ce = cross_entropy_rows(&x, &Tensor::new(&[2u32, 1], &dev).unwrap())
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for (r, row) in rows.iter().enumerate() {
             let z: f64 = row.iter().map(|v| v.exp()).sum();
             for (c, v) in row.iter().enumerate() {
                 assert!((sm[r][c] - v.exp() / z).abs() < 1e-12);
             }
             let t = [2, 1][r];
-            assert!((ce[r] - (z.ln() - row[t])).abs() < 1e-9, "{} vs {}", ce[r], z.ln() - row[t]);
+            assert!(
+                (ce[r] - (z.ln() - row[t])).abs() < 1e-9,
+                "{} vs {}",
+                ce[r],
+                z.ln() - row[t]
+            );
         }
     }
 
@@ -131,7 +161,11 @@ mod tests {
         let mut ps = ParamStore::new(DType::F64, &dev, 0);
         let ln = LayerNorm::new(&mut ps, "ln", 5, true).unwrap();
         let v = [1.0, 2.0, -3.0, 0.5, 4.0];
-        let y = ln.forward(&Tensor::new(&[v], &dev).unwrap()).unwrap().to_vec2::<f64>().unwrap();
+        let y = ln
+            .forward(&Tensor::new(&[v], &dev).unwrap())
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         let mean = v.iter().sum::<f64>() / 5.0;
         let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 5.0;
         for i in 0..5 {

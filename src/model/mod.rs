@@ -45,24 +45,56 @@ impl Block {
         let res_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         let p = format!("layers.{l}");
         let ln1 = LayerNorm::new(ps, &format!("{p}.ln1"), d, cfg.bias)?;
-        let attn = CausalSelfAttention::new(ps, &format!("{p}.attn"), d, cfg.n_head, cfg.bias, std, res_std)?;
+        let attn = CausalSelfAttention::new(
+            ps,
+            &format!("{p}.attn"),
+            d,
+            cfg.n_head,
+            cfg.bias,
+            std,
+            res_std,
+        )?;
         let ln2 = LayerNorm::new(ps, &format!("{p}.ln2"), d, cfg.bias)?;
         let ffn = if cfg.is_moe_layer(l) {
             Ffn::Moe(MoeLayer::new(ps, &format!("{p}.moe"), cfg, std, res_std)?)
         } else {
-            Ffn::Dense(Expert::new(ps, &format!("{p}.mlp"), cfg, ExpertKind::Mlp, std, res_std)?)
+            Ffn::Dense(Expert::new(
+                ps,
+                &format!("{p}.mlp"),
+                cfg,
+                ExpertKind::Mlp,
+                std,
+                res_std,
+            )?)
         };
-        Ok(Block { ln1, attn, ln2, ffn })
+        Ok(Block {
+            ln1,
+            attn,
+            ln2,
+            ffn,
+        })
     }
 
     /// x: (b·t, d) -> (b·t, d), and the MoE capture when asked and present.
-    fn forward(&self, x: &Tensor, b: usize, t: usize, capture: bool) -> Result<(Tensor, Option<LayerCapture>)> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        capture: bool,
+    ) -> Result<(Tensor, Option<LayerCapture>)> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, b, t)?)?;
         let h = self.ln2.forward(&x)?;
         let (y, cap) = match &self.ffn {
             Ffn::Moe(moe) => {
                 let (y, c) = moe.forward(&h, capture)?;
-                (y, c.map(|moe| LayerCapture { input: h.detach(), moe }))
+                (
+                    y,
+                    c.map(|moe| LayerCapture {
+                        input: h.detach(),
+                        moe,
+                    }),
+                )
             }
             Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
         };
@@ -105,34 +137,57 @@ impl Gpt {
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate()?;
         if cfg.vocab_size == 0 {
-            return Err(Error::config("model.vocab_size", "must be resolved from the tokeniser before building the model"));
+            return Err(Error::config(
+                "model.vocab_size",
+                "must be resolved from the tokeniser before building the model",
+            ));
         }
         let mut ps = ParamStore::new(dtype, device, seed);
         let d = cfg.d_model;
         let wte = ps.normal("wte.weight", &[cfg.vocab_size, d], cfg.init_std)?;
         let wpe = ps.normal("wpe.weight", &[cfg.seq_len, d], cfg.init_std)?;
-        let blocks = (0..cfg.n_layer).map(|l| Block::new(&mut ps, l, cfg)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.n_layer)
+            .map(|l| Block::new(&mut ps, l, cfg))
+            .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&mut ps, "ln_f", d, cfg.bias)?;
-        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params: ps })
+        Ok(Gpt {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            params: ps,
+        })
     }
 
     /// The MoE layers, in order, with their block index.
     pub fn moe_layers(&self) -> impl Iterator<Item = (usize, &MoeLayer)> {
-        self.blocks.iter().enumerate().filter_map(|(l, b)| match &b.ffn {
-            Ffn::Moe(m) => Some((l, m)),
-            Ffn::Dense(_) => None,
-        })
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(l, b)| match &b.ffn {
+                Ffn::Moe(m) => Some((l, m)),
+                Ffn::Dense(_) => None,
+            })
     }
 
     /// tokens: (b, t) u32, t ≤ seq_len -> logits (b·t, V).
     pub fn forward(&self, tokens: &Tensor, capture: bool) -> Result<ForwardOutput> {
         let (b, t) = tokens.dims2()?;
         if t > self.cfg.seq_len {
-            return Err(Error::Data(format!("sequence of {t} tokens exceeds model.seq_len = {}", self.cfg.seq_len)));
+            return Err(Error::Data(format!(
+                "sequence of {t} tokens exceeds model.seq_len = {}",
+                self.cfg.seq_len
+            )));
         }
         let d = self.cfg.d_model;
-        let tok = self.wte.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))?;
-        let mut x = tok.broadcast_add(&self.wpe.narrow(0, 0, t)?)?.reshape((b * t, d))?;
+        let tok = self
+            .wte
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
+        let mut x = tok
+            .broadcast_add(&self.wpe.narrow(0, 0, t)?)?
+            .reshape((b * t, d))?;
         let mut captures = Vec::new();
         for block in &self.blocks {
             let (y, cap) = block.forward(&x, b, t, capture)?;

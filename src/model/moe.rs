@@ -26,7 +26,14 @@ pub struct Expert {
 
 impl Expert {
     /// Build the expert (or a dense FFN) named `name`.
-    pub fn new(ps: &mut ParamStore, name: &str, cfg: &ModelConfig, kind: ExpertKind, std: f64, res_std: f64) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        cfg: &ModelConfig,
+        kind: ExpertKind,
+        std: f64,
+        res_std: f64,
+    ) -> Result<Self> {
         let (d, f) = (cfg.d_model, cfg.d_ff);
         let bias = cfg.bias && kind == ExpertKind::Mlp;
         let gate = match kind {
@@ -35,7 +42,12 @@ impl Expert {
         };
         let up = Linear::new(ps, &format!("{name}.up"), d, f, bias, std)?;
         let down = Linear::new(ps, &format!("{name}.down"), f, d, bias, res_std)?;
-        Ok(Expert { up, gate, down, activation: cfg.activation })
+        Ok(Expert {
+            up,
+            gate,
+            down,
+            activation: cfg.activation,
+        })
     }
 
     /// x: (n, d) -> (n, d).
@@ -80,12 +92,41 @@ pub struct MoeLayer {
 }
 
 impl MoeLayer {
-    pub fn new(ps: &mut ParamStore, name: &str, cfg: &ModelConfig, std: f64, res_std: f64) -> Result<Self> {
-        let router = Linear::new(ps, &format!("{name}.router"), cfg.d_model, cfg.n_experts, false, std)?;
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        cfg: &ModelConfig,
+        std: f64,
+        res_std: f64,
+    ) -> Result<Self> {
+        let router = Linear::new(
+            ps,
+            &format!("{name}.router"),
+            cfg.d_model,
+            cfg.n_experts,
+            false,
+            std,
+        )?;
         let experts = (0..cfg.n_experts)
-            .map(|e| Expert::new(ps, &format!("{name}.experts.{e}"), cfg, cfg.expert, std, res_std))
+            .map(|e| {
+                Expert::new(
+                    ps,
+                    &format!("{name}.experts.{e}"),
+                    cfg,
+                    cfg.expert,
+                    std,
+                    res_std,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(MoeLayer { router, experts, routing: cfg.routing, top_k: cfg.top_k, norm_topk: cfg.norm_topk, temperature: cfg.router_temperature })
+        Ok(MoeLayer {
+            router,
+            experts,
+            routing: cfg.routing,
+            top_k: cfg.top_k,
+            norm_topk: cfg.norm_topk,
+            temperature: cfg.router_temperature,
+        })
     }
 
     pub fn n_experts(&self) -> usize {
@@ -111,10 +152,19 @@ impl MoeLayer {
         }
     }
 
-    fn forward_topk(&self, x: &Tensor, probs: &Tensor, capture: bool) -> Result<(Tensor, Option<MoeCapture>)> {
+    fn forward_topk(
+        &self,
+        x: &Tensor,
+        probs: &Tensor,
+        capture: bool,
+    ) -> Result<(Tensor, Option<MoeCapture>)> {
         let (n, d) = x.dims2()?;
         let (e_count, k) = (self.n_experts(), self.top_k);
-        let p_host: Vec<f32> = probs.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let p_host: Vec<f32> = probs
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let selected = top_k_rows(&p_host, e_count, k);
 
         // Gates g (n, k): the selected probabilities, renormalised if asked.
@@ -155,15 +205,30 @@ impl MoeLayer {
             slot_order.extend_from_slice(&slots[e]);
         }
         let h = Tensor::cat(&outs, 0)?; // (n·k, d), expert-major
-        let g = gates.index_select(&Tensor::new(slot_order.as_slice(), x.device())?, 0)?.unsqueeze(1)?;
+        let g = gates
+            .index_select(&Tensor::new(slot_order.as_slice(), x.device())?, 0)?
+            .unsqueeze(1)?;
         let y = h.broadcast_mul(&g)?;
-        let out = Tensor::zeros((n, d), x.dtype(), x.device())?
-            .index_add(&Tensor::new(order.as_slice(), x.device())?, &y, 0)?;
-        let cap = capture.then(|| MoeCapture { probs: p_host, selected, k, expert_outputs: captured });
+        let out = Tensor::zeros((n, d), x.dtype(), x.device())?.index_add(
+            &Tensor::new(order.as_slice(), x.device())?,
+            &y,
+            0,
+        )?;
+        let cap = capture.then(|| MoeCapture {
+            probs: p_host,
+            selected,
+            k,
+            expert_outputs: captured,
+        });
         Ok((out, cap))
     }
 
-    fn forward_soft(&self, x: &Tensor, probs: &Tensor, capture: bool) -> Result<(Tensor, Option<MoeCapture>)> {
+    fn forward_soft(
+        &self,
+        x: &Tensor,
+        probs: &Tensor,
+        capture: bool,
+    ) -> Result<(Tensor, Option<MoeCapture>)> {
         let (n, _) = x.dims2()?;
         let e_count = self.n_experts();
         let mut out: Option<Tensor> = None;
@@ -181,9 +246,18 @@ impl MoeLayer {
             }
         }
         let cap = if capture {
-            let p_host: Vec<f32> = probs.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let p_host: Vec<f32> = probs
+                .detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
             let selected = top_k_rows(&p_host, e_count, e_count);
-            Some(MoeCapture { probs: p_host, selected, k: e_count, expert_outputs: captured })
+            Some(MoeCapture {
+                probs: p_host,
+                selected,
+                k: e_count,
+                expert_outputs: captured,
+            })
         } else {
             None
         };

@@ -40,7 +40,10 @@ impl ParamStore {
     }
 
     fn push(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
-        assert!(!self.index.contains_key(name), "parameter {name} created twice");
+        assert!(
+            !self.index.contains_key(name),
+            "parameter {name} created twice"
+        );
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         self.index.insert(name.to_string(), self.vars.len());
@@ -83,7 +86,11 @@ impl ParamStore {
 
     /// Named tensors, for saving.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().clone())).collect()
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.vars.iter().map(|v| v.as_tensor().clone()))
+            .collect()
     }
 
     /// Overwrite every parameter from `tensors`. Every name must be present

@@ -39,11 +39,23 @@ fn run_from_row(r: &Map<String, Value>) -> Run {
         gap_layers.push(v.as_f64());
     }
     Run {
-        id: r.get("id").and_then(Value::as_str).unwrap_or("?").to_string(),
-        dataset: r.get("dataset").and_then(Value::as_str).unwrap_or("?").to_string(),
+        id: r
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string(),
+        dataset: r
+            .get("dataset")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string(),
         lambda: f("lambda").unwrap_or(f64::NAN),
         seed: r.get("seed").and_then(Value::as_i64).unwrap_or(0),
-        status: r.get("status").and_then(Value::as_str).unwrap_or("?").to_string(),
+        status: r
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string(),
         error: r.get("error").and_then(Value::as_str).map(str::to_string),
         ppl: f("val_ppl"),
         wmso: f("weight_mso"),
@@ -52,7 +64,10 @@ fn run_from_row(r: &Map<String, Value>) -> Run {
         mode: {
             let base = match r.get("routing").and_then(Value::as_str) {
                 Some("soft") => "soft".to_string(),
-                _ => format!("top-{}", r.get("top_k").and_then(Value::as_u64).unwrap_or(0)),
+                _ => format!(
+                    "top-{}",
+                    r.get("top_k").and_then(Value::as_u64).unwrap_or(0)
+                ),
             };
             match r.get("router_temperature").and_then(Value::as_f64) {
                 Some(t) if t != 1.0 => format!("{base} (T = {t})"),
@@ -82,15 +97,34 @@ fn analysis_means(a: &Value) -> [Option<f64>; 8] {
 }
 
 fn matrix(v: &Value) -> Vec<Vec<Option<f64>>> {
-    v.as_array().map(|rows| rows.iter().map(|r| r.as_array().map(|c| c.iter().map(Value::as_f64).collect()).unwrap_or_default()).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    r.as_array()
+                        .map(|c| c.iter().map(Value::as_f64).collect())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The routing section: modes side by side (needs runs with analysis.json).
-fn routing_section(dir: &SweepDir, done: &[&Run], tables: &mut Vec<Table>, figures: &mut Vec<(String, String, String)>) {
+fn routing_section(
+    dir: &SweepDir,
+    done: &[&Run],
+    tables: &mut Vec<Table>,
+    figures: &mut Vec<(String, String, String)>,
+) {
     let mut by_mode: Vec<(String, Vec<(&Run, Value)>)> = Vec::new();
     for r in done {
-        let Ok(text) = std::fs::read_to_string(dir.run(&r.id).join("analysis.json")) else { continue };
-        let Ok(a) = serde_json::from_str::<Value>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.run(&r.id).join("analysis.json")) else {
+            continue;
+        };
+        let Ok(a) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
         match by_mode.iter_mut().find(|(m, _)| *m == r.mode) {
             Some((_, v)) => v.push((r, a)),
             None => by_mode.push((r.mode.clone(), vec![(r, a)])),
@@ -106,11 +140,36 @@ fn routing_section(dir: &SweepDir, done: &[&Run], tables: &mut Vec<Table>, figur
         let refs: Vec<&Run> = runs.iter().map(|(r, _)| *r).collect();
         let col = |k: usize| -> Cell {
             let v: Vec<f64> = means.iter().filter_map(|m| m[k]).collect();
-            Cell { text: if v.is_empty() { "null".into() } else { mean_sd(&v) }, links: vec![] }
+            Cell {
+                text: if v.is_empty() {
+                    "null".into()
+                } else {
+                    mean_sd(&v)
+                },
+                links: vec![],
+            }
         };
         let mut first = Cell::from(mode.clone());
-        first.links = refs.iter().map(|r| (format!("s{}", r.seed), format!("runs/{}/analysis.json", r.id))).collect();
-        rows.push(vec![first, col(0), col(1), col(2), col(3), col(4), col(5), col(6), col(7)]);
+        first.links = refs
+            .iter()
+            .map(|r| {
+                (
+                    format!("s{}", r.seed),
+                    format!("runs/{}/analysis.json", r.id),
+                )
+            })
+            .collect();
+        rows.push(vec![
+            first,
+            col(0),
+            col(1),
+            col(2),
+            col(3),
+            col(4),
+            col(5),
+            col(6),
+            col(7),
+        ]);
         // Heatmaps of the lowest-seed run of this mode, per layer.
         let (r0, a0) = runs.iter().min_by_key(|(r, _)| r.seed).expect("non-empty");
         for l in a0["layers"].as_array().cloned().unwrap_or_default() {
@@ -140,12 +199,19 @@ fn routing_section(dir: &SweepDir, done: &[&Run], tables: &mut Vec<Table>, figur
         note: "Layer means of each run's analysis.json (mean ± sd over seeds). Jacobian alignment over routed pairs (all pairs for top-1 have none: null); subspaces of routed inputs; random r/d is the expected overlap of random subspaces.".into(),
     });
     // Scatter: functional vs representational overlap per expert pair (all layers, all runs).
-    let mut sc = Chart::new("Functional vs representational overlap per expert pair", "Jacobian alignment A_ij", "subspace overlap O_ij");
+    let mut sc = Chart::new(
+        "Functional vs representational overlap per expert pair",
+        "Jacobian alignment A_ij",
+        "subspace overlap O_ij",
+    );
     for (mode, runs) in &by_mode {
         let mut pts = Vec::new();
         for (_, a) in runs {
             for l in a["layers"].as_array().cloned().unwrap_or_default() {
-                let (jm, om) = (matrix(&l["jacobian"]["matrix"]), matrix(&l["subspace"]["overlap"]));
+                let (jm, om) = (
+                    matrix(&l["jacobian"]["matrix"]),
+                    matrix(&l["subspace"]["overlap"]),
+                );
                 for i in 0..jm.len().min(om.len()) {
                     for j in i + 1..jm[i].len().min(om[i].len()) {
                         if let (Some(x), Some(y)) = (jm[i][j], om[i][j]) {
@@ -155,7 +221,11 @@ fn routing_section(dir: &SweepDir, done: &[&Run], tables: &mut Vec<Table>, figur
                 }
             }
         }
-        sc.series.push(Series { name: mode.clone(), points: pts, line: false });
+        sc.series.push(Series {
+            name: mode.clone(),
+            points: pts,
+            line: false,
+        });
     }
     figures.push(("routing-scatter".into(), "Functional (Jacobian) vs representational (subspace) overlap per expert pair, by routing mode".into(), sc.svg()));
 }
@@ -169,7 +239,10 @@ struct Cell {
 
 impl From<String> for Cell {
     fn from(text: String) -> Self {
-        Cell { text, links: vec![] }
+        Cell {
+            text,
+            links: vec![],
+        }
     }
 }
 
@@ -181,7 +254,14 @@ struct Table {
 }
 
 fn links(runs: &[&Run]) -> Vec<(String, String)> {
-    runs.iter().map(|r| (format!("s{}", r.seed), format!("runs/{}/summary.json", r.id))).collect()
+    runs.iter()
+        .map(|r| {
+            (
+                format!("s{}", r.seed),
+                format!("runs/{}/summary.json", r.id),
+            )
+        })
+        .collect()
 }
 
 fn num(v: f64) -> String {
@@ -225,7 +305,11 @@ fn by_lambda<'a>(runs: &[&'a Run]) -> Vec<(f64, Vec<&'a Run>)> {
 }
 
 /// Paired t by seed when both groups have the same seeds, else Welch.
-fn compare(base: &[&Run], treated: &[&Run], f: impl Fn(&Run) -> Option<f64>) -> Option<(stats::TTest, &'static str)> {
+fn compare(
+    base: &[&Run],
+    treated: &[&Run],
+    f: impl Fn(&Run) -> Option<f64>,
+) -> Option<(stats::TTest, &'static str)> {
     let bs: Vec<i64> = base.iter().map(|r| r.seed).collect();
     let ts: Vec<i64> = treated.iter().map(|r| r.seed).collect();
     let bv: Vec<f64> = base.iter().filter_map(|r| f(r)).collect();
@@ -262,8 +346,15 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
     for ds in &datasets {
         let runs: Vec<&Run> = done.iter().copied().filter(|r| &r.dataset == ds).collect();
         let groups = by_lambda(&runs);
-        let base = groups.iter().find(|(l, _)| *l == 0.0).map(|(_, v)| v.clone());
-        let suffix = if datasets.len() > 1 { format!(" — {ds}") } else { String::new() };
+        let base = groups
+            .iter()
+            .find(|(l, _)| *l == 0.0)
+            .map(|(_, v)| v.clone());
+        let suffix = if datasets.len() > 1 {
+            format!(" — {ds}")
+        } else {
+            String::new()
+        };
         let base_w = base.as_ref().map(|b| stats::mean(&vals(b, |r| r.wmso)));
         let base_p = base.as_ref().map(|b| stats::mean(&vals(b, |r| r.ppl)));
 
@@ -282,8 +373,15 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
             let dp = base_p.map(|b| stats::delta_pct(b, stats::mean(&p)));
             t1.push(vec![
                 Cell::from(lam(*l)),
-                Cell { text: mean_sd(&w), links: links(g) },
-                Cell::from(if *l == 0.0 { "—".into() } else { dw.map(|d| format!("{d:+.1}%")).unwrap_or("n/a".into()) }),
+                Cell {
+                    text: mean_sd(&w),
+                    links: links(g),
+                },
+                Cell::from(if *l == 0.0 {
+                    "—".into()
+                } else {
+                    dw.map(|d| format!("{d:+.1}%")).unwrap_or("n/a".into())
+                }),
             ]);
             let test = match (&base, *l == 0.0) {
                 (Some(b), false) => compare(b, g, |r| r.ppl),
@@ -291,9 +389,21 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
             };
             t2.push(vec![
                 Cell::from(lam(*l)),
-                Cell { text: mean_sd(&p), links: links(g) },
-                Cell::from(if *l == 0.0 { "—".into() } else { dp.map(|d| format!("{d:+.2}%")).unwrap_or("n/a".into()) }),
-                Cell::from(test.map(|(t, name)| format!("{:.4} ({name}, t = {:.2}, df = {:.1})", t.p, t.t, t.df)).unwrap_or_else(|| "—".into())),
+                Cell {
+                    text: mean_sd(&p),
+                    links: links(g),
+                },
+                Cell::from(if *l == 0.0 {
+                    "—".into()
+                } else {
+                    dp.map(|d| format!("{d:+.2}%")).unwrap_or("n/a".into())
+                }),
+                Cell::from(
+                    test.map(|(t, name)| {
+                        format!("{:.4} ({name}, t = {:.2}, df = {:.1})", t.p, t.t, t.df)
+                    })
+                    .unwrap_or_else(|| "—".into()),
+                ),
             ]);
             let (mw, ma) = (stats::mean(&w), stats::mean(&a));
             if mw.is_finite() && ma.is_finite() {
@@ -302,9 +412,23 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
             }
             t3.push(vec![
                 Cell::from(lam(*l)),
-                Cell { text: num(mw), links: links(g) },
-                Cell { text: if a.is_empty() { "null (k = 1)".into() } else { num(ma) }, links: links(g) },
-                Cell::from(if a.is_empty() || mw == 0.0 { "n/a".into() } else { format!("{:.1}", ma / mw) }),
+                Cell {
+                    text: num(mw),
+                    links: links(g),
+                },
+                Cell {
+                    text: if a.is_empty() {
+                        "null (k = 1)".into()
+                    } else {
+                        num(ma)
+                    },
+                    links: links(g),
+                },
+                Cell::from(if a.is_empty() || mw == 0.0 {
+                    "n/a".into()
+                } else {
+                    format!("{:.1}", ma / mw)
+                }),
             ]);
         }
         let pear = stats::pearson(&px, &py);
@@ -348,19 +472,36 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                 let test = compare(b, g, |r| r.ppl);
                 t4_rows.push(vec![
                     Cell::from(ds.clone()),
-                    Cell { text: mean_sd(&vals(b, |r| r.ppl)), links: links(b) },
+                    Cell {
+                        text: mean_sd(&vals(b, |r| r.ppl)),
+                        links: links(b),
+                    },
                     Cell::from(lam(l)),
-                    Cell { text: mean_sd(&vals(g, |r| r.ppl)), links: links(g) },
+                    Cell {
+                        text: mean_sd(&vals(g, |r| r.ppl)),
+                        links: links(g),
+                    },
                     Cell::from(format!("{:+.2}%", stats::delta_pct(bp, m))),
-                    Cell::from(test.map(|(t, _)| format!("{:.4}", t.p)).unwrap_or_else(|| "—".into())),
+                    Cell::from(
+                        test.map(|(t, _)| format!("{:.4}", t.p))
+                            .unwrap_or_else(|| "—".into()),
+                    ),
                 ]);
             }
         }
 
         // Figure 1: weight and activation MSO against λ (categorical axis), error bars over seeds.
-        let ticks: Vec<(f64, String)> = groups.iter().enumerate().map(|(i, (l, _))| (i as f64, lam(*l))).collect();
+        let ticks: Vec<(f64, String)> = groups
+            .iter()
+            .enumerate()
+            .map(|(i, (l, _))| (i as f64, lam(*l)))
+            .collect();
         let mut fw = Chart::new(&format!("Weight MSO vs λ{suffix}"), "λ", "weight MSO (up)");
-        let mut fa = Chart::new(&format!("Activation MSO vs λ{suffix}"), "λ", "activation MSO (routed pairs)");
+        let mut fa = Chart::new(
+            &format!("Activation MSO vs λ{suffix}"),
+            "λ",
+            "activation MSO (routed pairs)",
+        );
         fw.x_ticks = Some(ticks.clone());
         fa.x_ticks = Some(ticks);
         let pts = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<(f64, f64, Option<f64>)> {
@@ -369,30 +510,75 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                 .enumerate()
                 .filter_map(|(i, (_, g))| {
                     let v = vals(g, f);
-                    (!v.is_empty()).then(|| (i as f64, stats::mean(&v), Some(stats::sd(&v)).filter(|s| s.is_finite())))
+                    (!v.is_empty()).then(|| {
+                        (
+                            i as f64,
+                            stats::mean(&v),
+                            Some(stats::sd(&v)).filter(|s| s.is_finite()),
+                        )
+                    })
                 })
                 .collect()
         };
-        fw.series.push(Series { name: "weight MSO".into(), points: pts(&|r| r.wmso), line: true });
-        fa.series.push(Series { name: "activation MSO".into(), points: pts(&|r| r.amso), line: true });
+        fw.series.push(Series {
+            name: "weight MSO".into(),
+            points: pts(&|r| r.wmso),
+            line: true,
+        });
+        fa.series.push(Series {
+            name: "activation MSO".into(),
+            points: pts(&|r| r.amso),
+            line: true,
+        });
         let stem = sanitize(ds);
-        figures.push((format!("figure1-weight-{stem}"), format!("Figure 1a: weight MSO against λ{suffix} (mean ± sd over seeds)"), fw.svg()));
-        figures.push((format!("figure1-activation-{stem}"), format!("Figure 1b: activation MSO against λ{suffix} (mean ± sd over seeds)"), fa.svg()));
+        figures.push((
+            format!("figure1-weight-{stem}"),
+            format!("Figure 1a: weight MSO against λ{suffix} (mean ± sd over seeds)"),
+            fw.svg(),
+        ));
+        figures.push((
+            format!("figure1-activation-{stem}"),
+            format!("Figure 1b: activation MSO against λ{suffix} (mean ± sd over seeds)"),
+            fa.svg(),
+        ));
 
         // Per-layer gap ratio.
-        let mut fg = Chart::new(&format!("Gap ratio per layer{suffix}"), "MoE layer", "activation MSO / weight MSO");
+        let mut fg = Chart::new(
+            &format!("Gap ratio per layer{suffix}"),
+            "MoE layer",
+            "activation MSO / weight MSO",
+        );
         for (l, g) in &groups {
             let layers = g.iter().map(|r| r.gap_layers.len()).max().unwrap_or(0);
             let points = (0..layers)
                 .filter_map(|i| {
-                    let v: Vec<f64> = g.iter().filter_map(|r| r.gap_layers.get(i).copied().flatten()).collect();
+                    let v: Vec<f64> = g
+                        .iter()
+                        .filter_map(|r| r.gap_layers.get(i).copied().flatten())
+                        .collect();
                     (!v.is_empty()).then(|| (i as f64, stats::mean(&v), None))
                 })
                 .collect();
-            fg.series.push(Series { name: format!("λ = {}", lam(*l)), points, line: true });
+            fg.series.push(Series {
+                name: format!("λ = {}", lam(*l)),
+                points,
+                line: true,
+            });
         }
-        fg.x_ticks = Some((0..groups.iter().flat_map(|(_, g)| g.iter().map(|r| r.gap_layers.len())).max().unwrap_or(0)).map(|i| (i as f64, i.to_string())).collect());
-        figures.push((format!("gap-ratio-{stem}"), format!("Per-layer gap ratio{suffix} (mean over seeds)"), fg.svg()));
+        fg.x_ticks = Some(
+            (0..groups
+                .iter()
+                .flat_map(|(_, g)| g.iter().map(|r| r.gap_layers.len()))
+                .max()
+                .unwrap_or(0))
+                .map(|i| (i as f64, i.to_string()))
+                .collect(),
+        );
+        figures.push((
+            format!("gap-ratio-{stem}"),
+            format!("Per-layer gap ratio{suffix} (mean over seeds)"),
+            fg.svg(),
+        ));
 
         // Training curves: LM loss against step, mean over seeds per λ.
         let mut fc = Chart::new(&format!("Training loss{suffix}"), "step", "LM loss (nats)");
@@ -403,16 +589,35 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                     acc.entry(s).or_default().push(v);
                 }
             }
-            let points = acc.iter().map(|(s, v)| (*s as f64, stats::mean(v), None)).collect();
-            fc.series.push(Series { name: format!("λ = {}", lam(*l)), points, line: true });
+            let points = acc
+                .iter()
+                .map(|(s, v)| (*s as f64, stats::mean(v), None))
+                .collect();
+            fc.series.push(Series {
+                name: format!("λ = {}", lam(*l)),
+                points,
+                line: true,
+            });
         }
-        figures.push((format!("training-{stem}"), format!("Training curves{suffix} (mean over seeds)"), fc.svg()));
+        figures.push((
+            format!("training-{stem}"),
+            format!("Training curves{suffix} (mean over seeds)"),
+            fc.svg(),
+        ));
     }
     tables.push(Table {
         title: "Table 4: Baseline vs chosen λ per dataset".into(),
-        header: vec!["dataset", "PPL at λ = 0", "chosen λ", "PPL at chosen λ", "Δ%", "p"],
+        header: vec![
+            "dataset",
+            "PPL at λ = 0",
+            "chosen λ",
+            "PPL at chosen λ",
+            "Δ%",
+            "p",
+        ],
         rows: t4_rows,
-        note: "Chosen λ: the λ > 0 with the lowest mean validation perplexity on that dataset.".into(),
+        note: "Chosen λ: the λ > 0 with the lowest mean validation perplexity on that dataset."
+            .into(),
     });
     routing_section(dir, &done, &mut tables, &mut figures);
     let runs_table = Table {
@@ -422,7 +627,10 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
             .iter()
             .map(|r| {
                 vec![
-                    Cell { text: r.id.clone(), links: vec![("metrics".into(), format!("runs/{}/metrics.jsonl", r.id))] },
+                    Cell {
+                        text: r.id.clone(),
+                        links: vec![("metrics".into(), format!("runs/{}/metrics.jsonl", r.id))],
+                    },
                     Cell::from(r.status.clone()),
                     Cell::from(r.dataset.clone()),
                     Cell::from(lam(r.lambda)),
@@ -437,24 +645,56 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
             all.len(),
             all.iter().filter(|r| r.status == "done").count(),
             all.iter().filter(|r| r.status == "failed").count(),
-            all.iter().filter(|r| r.status != "done" && r.status != "failed").count()
+            all.iter()
+                .filter(|r| r.status != "done" && r.status != "failed")
+                .count()
         ),
     };
-    let title = format!("moescope report: {}", dir.0.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    Content { title, tables, figures, runs_table }
+    let title = format!(
+        "moescope report: {}",
+        dir.0
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    Content {
+        title,
+        tables,
+        figures,
+        runs_table,
+    }
 }
 
 fn sanitize(s: &str) -> String {
-    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    s.trim_matches('-').chars().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect()
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    s.trim_matches('-')
+        .chars()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
 }
 
 fn train_curve(dir: &SweepDir, id: &str) -> Vec<(u64, f64)> {
-    let Ok(text) = std::fs::read_to_string(dir.run(id).join("metrics.jsonl")) else { return vec![] };
+    let Ok(text) = std::fs::read_to_string(dir.run(id).join("metrics.jsonl")) else {
+        return vec![];
+    };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["kind"] == "train")
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("lm_loss").and_then(Value::as_f64).or_else(|| v["loss"].as_f64())?)))
+        .filter_map(|v| {
+            Some((
+                v["step"].as_u64()?,
+                v.get("lm_loss")
+                    .and_then(Value::as_f64)
+                    .or_else(|| v["loss"].as_f64())?,
+            ))
+        })
         .collect()
 }
 
@@ -470,16 +710,28 @@ fn md_cell(c: &Cell) -> String {
 fn html_cell(c: &Cell) -> String {
     let mut s = esc(&c.text);
     if !c.links.is_empty() {
-        let l: Vec<String> = c.links.iter().map(|(t, h)| format!(r#"<a href="{}">{}</a>"#, esc(h), esc(t))).collect();
+        let l: Vec<String> = c
+            .links
+            .iter()
+            .map(|(t, h)| format!(r#"<a href="{}">{}</a>"#, esc(h), esc(t)))
+            .collect();
         s += &format!(" <sup>{}</sup>", l.join(" "));
     }
     s
 }
 
 fn md_table(t: &Table) -> String {
-    let mut s = format!("## {}\n\n| {} |\n|{}|\n", t.title, t.header.join(" | "), t.header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    let mut s = format!(
+        "## {}\n\n| {} |\n|{}|\n",
+        t.title,
+        t.header.join(" | "),
+        t.header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
     for r in &t.rows {
-        s += &format!("| {} |\n", r.iter().map(md_cell).collect::<Vec<_>>().join(" | "));
+        s += &format!(
+            "| {} |\n",
+            r.iter().map(md_cell).collect::<Vec<_>>().join(" | ")
+        );
     }
     if t.rows.is_empty() {
         s += "\n(no finished runs for this table)\n";
@@ -489,9 +741,21 @@ fn md_table(t: &Table) -> String {
 }
 
 fn html_table(t: &Table) -> String {
-    let mut s = format!("<h2>{}</h2>\n<table><tr>{}</tr>\n", esc(&t.title), t.header.iter().map(|h| format!("<th>{}</th>", esc(h))).collect::<String>());
+    let mut s = format!(
+        "<h2>{}</h2>\n<table><tr>{}</tr>\n",
+        esc(&t.title),
+        t.header
+            .iter()
+            .map(|h| format!("<th>{}</th>", esc(h)))
+            .collect::<String>()
+    );
     for r in &t.rows {
-        s += &format!("<tr>{}</tr>\n", r.iter().map(|c| format!("<td>{}</td>", html_cell(c))).collect::<String>());
+        s += &format!(
+            "<tr>{}</tr>\n",
+            r.iter()
+                .map(|c| format!("<td>{}</td>", html_cell(c)))
+                .collect::<String>()
+        );
     }
     s += "</table>\n";
     if t.rows.is_empty() {
@@ -513,7 +777,10 @@ pub fn write_report(dir: &SweepDir) -> Result<ReportFiles> {
     let spec = crate::experiments::sweep::SweepSpec::from_file(&dir.spec())?;
     let cells = spec.cells()?;
     let rows = results::collect(dir, &cells)?;
-    let swept: Vec<String> = cells.first().map(|c| c.values.keys().cloned().collect()).unwrap_or_default();
+    let swept: Vec<String> = cells
+        .first()
+        .map(|c| c.values.keys().cloned().collect())
+        .unwrap_or_default();
     results::write(dir, &rows, &swept)?;
     let c = build(dir, &rows);
     let mut md = format!("# {}\n\nSweep `{}`: {} runs. Results table: `results.csv` / `results.jsonl`. Definitions: SPEC.md.\n\n", c.title, spec.name, rows.len());
@@ -540,12 +807,19 @@ pub fn write_report(dir: &SweepDir) -> Result<ReportFiles> {
         let file = format!("figures/{stem}.svg");
         write_atomic(&dir.0.join(&file), svg.as_bytes())?;
         let _ = write!(md, "![{caption}]({file})\n\n*{caption}*\n\n");
-        let _ = writeln!(html, "<figure>{svg}<figcaption>{}</figcaption></figure>", esc(caption));
+        let _ = writeln!(
+            html,
+            "<figure>{svg}<figcaption>{}</figcaption></figure>",
+            esc(caption)
+        );
     }
     md += &md_table(&c.runs_table);
     html += &html_table(&c.runs_table);
     html += "</body></html>\n";
-    let files = ReportFiles { markdown: dir.0.join("report.md"), html: dir.0.join("report.html") };
+    let files = ReportFiles {
+        markdown: dir.0.join("report.md"),
+        html: dir.0.join("report.html"),
+    };
     write_atomic(&files.markdown, md.as_bytes())?;
     write_atomic(&files.html, html.as_bytes())?;
     Ok(files)

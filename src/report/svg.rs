@@ -28,11 +28,16 @@ pub struct Chart {
     pub height: f64,
 }
 
-const PALETTE: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const PALETTE: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 /// Escape text for SVG/HTML.
 pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
@@ -41,7 +46,11 @@ fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     }
     let raw = (hi - lo) / n as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
     let start = (lo / step).ceil() * step;
     let mut t = Vec::new();
     let mut v = start;
@@ -92,13 +101,27 @@ impl Chart {
             out,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
         );
-        let _ = write!(out, r#"<text x="{}" y="18" font-size="13" font-weight="bold">{}</text>"#, ml, esc(&self.title));
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="18" font-size="13" font-weight="bold">{}</text>"#,
+            ml,
+            esc(&self.title)
+        );
         if pts.is_empty() {
-            let _ = write!(out, r#"<text x="{}" y="{}">no data</text></svg>"#, ml + 10.0, mt + ph / 2.0);
+            let _ = write!(
+                out,
+                r#"<text x="{}" y="{}">no data</text></svg>"#,
+                ml + 10.0,
+                mt + ph / 2.0
+            );
             return out;
         }
-        let (mut x0, mut x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-        let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.1 - p.2), a.1.max(p.1 + p.2)));
+        let (mut x0, mut x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.0), a.1.max(p.0))
+        });
+        let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.1 - p.2), a.1.max(p.1 + p.2))
+        });
         if x1 <= x0 {
             x0 -= 0.5;
             x1 += 0.5;
@@ -114,7 +137,10 @@ impl Chart {
         let (x0, x1) = (x0 - xpad, x1 + xpad);
         let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
         let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
-        let _ = write!(out, r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
+        let _ = write!(
+            out,
+            r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
+        );
         for t in nice_ticks(y0, y1, 5) {
             let y = sy(t);
             let _ = write!(
@@ -128,7 +154,10 @@ impl Chart {
         }
         let xt: Vec<(f64, String)> = match &self.x_ticks {
             Some(t) => t.clone(),
-            None => nice_ticks(x0, x1, 6).into_iter().map(|v| (v, fmt_tick(v))).collect(),
+            None => nice_ticks(x0, x1, 6)
+                .into_iter()
+                .map(|v| (v, fmt_tick(v)))
+                .collect(),
         };
         for (v, label) in xt {
             let x = sx(v);
@@ -141,7 +170,13 @@ impl Chart {
                 esc(&label)
             );
         }
-        let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, ml + pw / 2.0, h - 8.0, esc(&self.x_label));
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            ml + pw / 2.0,
+            h - 8.0,
+            esc(&self.x_label)
+        );
         let _ = write!(
             out,
             r#"<text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"#,
@@ -151,10 +186,21 @@ impl Chart {
         );
         for (i, s) in self.series.iter().enumerate() {
             let c = PALETTE[i % PALETTE.len()];
-            let ps: Vec<&(f64, f64, Option<f64>)> = s.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+            let ps: Vec<&(f64, f64, Option<f64>)> = s
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect();
             if ps.len() > 1 && s.line {
-                let d: Vec<String> = ps.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
-                let _ = write!(out, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, d.join(" "));
+                let d: Vec<String> = ps
+                    .iter()
+                    .map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1)))
+                    .collect();
+                let _ = write!(
+                    out,
+                    r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#,
+                    d.join(" ")
+                );
             }
             for p in &ps {
                 let (x, y) = (sx(p.0), sy(p.1));
@@ -170,7 +216,10 @@ impl Chart {
                     );
                 }
                 if ps.len() <= 40 || !s.line {
-                    let _ = write!(out, r#"<circle cx="{x:.1}" cy="{y:.1}" r="2.6" fill="{c}"/>"#);
+                    let _ = write!(
+                        out,
+                        r#"<circle cx="{x:.1}" cy="{y:.1}" r="2.6" fill="{c}"/>"#
+                    );
                 }
             }
             let ly = mt + 12.0 + 16.0 * i as f64;
@@ -201,8 +250,18 @@ pub fn heatmap(title: &str, m: &[Vec<Option<f64>>], lo: f64, hi: f64) -> String 
         esc(title)
     );
     for i in 0..e {
-        let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="middle">{i}</text>"#, ml + cell * (i as f64 + 0.5), mt - 4.0);
-        let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="end">{i}</text>"#, ml - 4.0, mt + cell * (i as f64 + 0.6));
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle">{i}</text>"#,
+            ml + cell * (i as f64 + 0.5),
+            mt - 4.0
+        );
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{i}</text>"#,
+            ml - 4.0,
+            mt + cell * (i as f64 + 0.6)
+        );
         for j in 0..e {
             let (x, y) = (ml + cell * j as f64, mt + cell * i as f64);
             let (fill, label) = match m[i].get(j).copied().flatten() {
@@ -234,7 +293,11 @@ mod tests {
     #[test]
     fn chart_renders_points_error_bars_and_escapes() {
         let mut c = Chart::new("a < b", "x", "y");
-        c.series.push(Series { name: "s&1".into(), points: vec![(0.0, 1.0, Some(0.1)), (1.0, 2.0, None)], line: true });
+        c.series.push(Series {
+            name: "s&1".into(),
+            points: vec![(0.0, 1.0, Some(0.1)), (1.0, 2.0, None)],
+            line: true,
+        });
         let s = c.svg();
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         assert!(s.contains("a &lt; b") && s.contains("s&amp;1") && s.contains("<polyline"));

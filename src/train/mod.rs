@@ -62,7 +62,12 @@ pub struct EvalResult {
 
 /// Validation loss over `data`: every target token once (or the first
 /// `max_tokens`), in windows of the model's context, `batch` windows at a time.
-pub fn evaluate(model: &Gpt, data: &TokenFile, batch: usize, max_tokens: usize) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Gpt,
+    data: &TokenFile,
+    batch: usize,
+    max_tokens: usize,
+) -> Result<EvalResult> {
     Ok(evaluate_measured(model, data, batch, max_tokens, None)?.0)
 }
 
@@ -89,7 +94,8 @@ pub fn evaluate_measured(
     let t = model.cfg.seq_len;
     let windows = data::eval_windows(data.len(), t, max_tokens);
     // Measured windows first (captured), then the rest.
-    let mut order: Vec<(usize, usize, bool)> = windows.iter().map(|&(s, l)| (s, l, false)).collect();
+    let mut order: Vec<(usize, usize, bool)> =
+        windows.iter().map(|&(s, l)| (s, l, false)).collect();
     if let Some(m) = measure.filter(|m| m.tokens > 0) {
         let mut full: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == t).collect();
         if full.is_empty() {
@@ -103,8 +109,12 @@ pub fn evaluate_measured(
         order.sort_by_key(|w| (!w.2, w.1 != t, w.0));
     }
     let k = model.cfg.active_experts();
-    let mut accs: Option<Vec<LayerAccumulator>> =
-        measure.filter(|m| m.tokens > 0).map(|_| model.moe_layers().map(|_| LayerAccumulator::new(model.cfg.n_experts, k)).collect());
+    let mut accs: Option<Vec<LayerAccumulator>> = measure.filter(|m| m.tokens > 0).map(|_| {
+        model
+            .moe_layers()
+            .map(|_| LayerAccumulator::new(model.cfg.n_experts, k))
+            .collect()
+    });
     let dev = model.params.device().clone();
     let mut sum = 0.0f64;
     let mut count = 0usize;
@@ -131,21 +141,37 @@ pub fn evaluate_measured(
                 acc.add(&c.moe)?;
             }
         }
-        let ce = cross_entropy_rows(&out.logits, &y)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let ce = cross_entropy_rows(&out.logits, &y)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         sum += ce;
         count += b * len;
         i = j;
     }
     if count == 0 {
-        return Err(Error::Data("nothing to evaluate: the validation split has fewer than 2 tokens".into()));
+        return Err(Error::Data(
+            "nothing to evaluate: the validation split has fewer than 2 tokens".into(),
+        ));
     }
     let loss = sum / count as f64;
-    Ok((EvalResult { loss, ppl: loss.exp(), tokens: count }, accs))
+    Ok((
+        EvalResult {
+            loss,
+            ppl: loss.exp(),
+            tokens: count,
+        },
+        accs,
+    ))
 }
 
 /// The measures logged with an evaluation: per-layer weight MSO per family,
 /// activation MSO, gap ratio and telemetry, plus model-level means.
-pub fn measures_json(model: &Gpt, families: &[Family], accs: Option<&[LayerAccumulator]>) -> Result<serde_json::Value> {
+pub fn measures_json(
+    model: &Gpt,
+    families: &[Family],
+    accs: Option<&[LayerAccumulator]>,
+) -> Result<serde_json::Value> {
     let mut m = serde_json::Map::new();
     let mut wmso = serde_json::Map::new();
     let mut wmean = serde_json::Map::new();
@@ -173,7 +199,10 @@ pub fn measures_json(model: &Gpt, families: &[Family], accs: Option<&[LayerAccum
         let act_mean = measures::mean_present(&act);
         let up_mean = measures::mean_present(&up);
         let tel: Vec<measures::Telemetry> = accs.iter().map(|a| a.telemetry()).collect();
-        m.insert("measure_tokens".into(), json!(accs.first().map(|a| a.tokens).unwrap_or(0)));
+        m.insert(
+            "measure_tokens".into(),
+            json!(accs.first().map(|a| a.tokens).unwrap_or(0)),
+        );
         m.insert("act_mso".into(), json!(act));
         if act_mean.is_none() {
             if let Some(Err(reason)) = accs.first().map(|a| a.act_mso()) {
@@ -189,12 +218,33 @@ pub fn measures_json(model: &Gpt, families: &[Family], accs: Option<&[LayerAccum
                 _ => None,
             }),
         );
-        m.insert("router_entropy".into(), json!(tel.iter().map(|t| t.router_entropy).collect::<Vec<_>>()));
-        m.insert("load_entropy".into(), json!(tel.iter().map(|t| t.load_entropy).collect::<Vec<_>>()));
-        m.insert("balance".into(), json!(tel.iter().map(|t| t.balance).collect::<Vec<_>>()));
-        m.insert("max_violation".into(), json!(tel.iter().map(|t| t.max_violation).collect::<Vec<_>>()));
-        m.insert("dead_experts".into(), json!(tel.iter().map(|t| t.dead_experts.clone()).collect::<Vec<_>>()));
-        m.insert("load".into(), json!(tel.iter().map(|t| t.load.clone()).collect::<Vec<_>>()));
+        m.insert(
+            "router_entropy".into(),
+            json!(tel.iter().map(|t| t.router_entropy).collect::<Vec<_>>()),
+        );
+        m.insert(
+            "load_entropy".into(),
+            json!(tel.iter().map(|t| t.load_entropy).collect::<Vec<_>>()),
+        );
+        m.insert(
+            "balance".into(),
+            json!(tel.iter().map(|t| t.balance).collect::<Vec<_>>()),
+        );
+        m.insert(
+            "max_violation".into(),
+            json!(tel.iter().map(|t| t.max_violation).collect::<Vec<_>>()),
+        );
+        m.insert(
+            "dead_experts".into(),
+            json!(tel
+                .iter()
+                .map(|t| t.dead_experts.clone())
+                .collect::<Vec<_>>()),
+        );
+        m.insert(
+            "load".into(),
+            json!(tel.iter().map(|t| t.load.clone()).collect::<Vec<_>>()),
+        );
     }
     Ok(serde_json::Value::Object(m))
 }
@@ -204,7 +254,10 @@ pub fn measures_json(model: &Gpt, families: &[Family], accs: Option<&[LayerAccum
 fn prepare_run_dir(out: &Path, resume: bool) -> Result<()> {
     let has_run = out.join("config.toml").is_file() || checkpoint::checkpoints_dir(out).is_dir();
     if resume && !has_run {
-        return Err(Error::Data(format!("{}: nothing to resume (no run there); drop --resume to start one", out.display())));
+        return Err(Error::Data(format!(
+            "{}: nothing to resume (no run there); drop --resume to start one",
+            out.display()
+        )));
     }
     if !resume && has_run {
         return Err(Error::Data(format!(
@@ -226,7 +279,11 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let mut keep = String::new();
     for line in text.lines() {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if v.get("step").and_then(|s| s.as_u64()).map(|s| s as usize <= step).unwrap_or(false) {
+            if v.get("step")
+                .and_then(|s| s.as_u64())
+                .map(|s| s as usize <= step)
+                .unwrap_or(false)
+            {
                 keep.push_str(line);
                 keep.push('\n');
             }
@@ -243,18 +300,31 @@ struct Metrics {
 
 impl Metrics {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-        Ok(Metrics { file, path: path.to_path_buf() })
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
     }
     fn log(&mut self, row: serde_json::Value) -> Result<()> {
         let mut line = serde_json::to_vec(&row).expect("json");
         line.push(b'\n');
-        self.file.write_all(&line).map_err(|e| Error::io(&self.path, e))
+        self.file
+            .write_all(&line)
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 
 /// Sum gradients across micro-batches.
-fn accumulate(acc: &mut [Option<Tensor>], model: &Gpt, grads: &candle_core::backprop::GradStore) -> Result<()> {
+fn accumulate(
+    acc: &mut [Option<Tensor>],
+    model: &Gpt,
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
     for (slot, var) in acc.iter_mut().zip(model.params.vars()) {
         if let Some(g) = grads.get(var.as_tensor()) {
             *slot = Some(match slot.take() {
@@ -295,14 +365,27 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len) as u64;
 
     let metrics_path = out.join("metrics.jsonl");
-    let mut state = TrainState { step: 0, tokens: 0, elapsed_s: 0.0, seed: cfg.train.seed };
+    let mut state = TrainState {
+        step: 0,
+        tokens: 0,
+        elapsed_s: 0.0,
+        seed: cfg.train.seed,
+    };
     if opts.resume {
         if let Some(ckpt) = checkpoint::latest_checkpoint(out)? {
             checkpoint::load_weights(&model, &ckpt.join("model.safetensors"))?;
             let (st, opt_state) = checkpoint::load_checkpoint_state(&ckpt, &device)?;
-            opt.load_state(&model.params, &opt_state, &ckpt.join("optimizer.safetensors"))?;
+            opt.load_state(
+                &model.params,
+                &opt_state,
+                &ckpt.join("optimizer.safetensors"),
+            )?;
             state = st;
-            say(&format!("resuming {} from step {}", out.display(), state.step));
+            say(&format!(
+                "resuming {} from step {}",
+                out.display(),
+                state.step
+            ));
         }
         truncate_metrics(&metrics_path, state.step)?;
     } else {
@@ -320,7 +403,11 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         cfg.model.n_layer,
         cfg.model.n_experts,
         cfg.model.routing,
-        if cfg.model.routing == crate::config::Routing::Topk { format!(" top-{}", cfg.model.top_k) } else { String::new() },
+        if cfg.model.routing == crate::config::Routing::Topk {
+            format!(" top-{}", cfg.model.top_k)
+        } else {
+            String::new()
+        },
     ));
     say(&format!(
         "data: {} | tokenizer {} | train {} tokens, valid {} tokens | unigram entropy {:.3} nats",
@@ -340,8 +427,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let bar = if opts.progress && !opts.quiet {
         let b = indicatif::ProgressBar::new(total_steps as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("template"),
         );
         b.set_position(state.step as u64);
         b
@@ -351,9 +440,16 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
 
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
     let orth_family = Family::parse(&cfg.reg.orth_family, "reg.orth_family")?;
-    let measure_families: Vec<Family> =
-        cfg.measure.families.iter().map(|f| Family::parse(f, "measure.families")).collect::<Result<_>>()?;
-    let measure_spec = Some(MeasureSpec { tokens: cfg.measure.tokens, seed: cfg.measure.seed });
+    let measure_families: Vec<Family> = cfg
+        .measure
+        .families
+        .iter()
+        .map(|f| Family::parse(f, "measure.families"))
+        .collect::<Result<_>>()?;
+    let measure_spec = Some(MeasureSpec {
+        tokens: cfg.measure.tokens,
+        seed: cfg.measure.seed,
+    });
     let mut last_eval: Option<EvalResult> = None;
     let run_start = Instant::now();
     let elapsed0 = state.elapsed_s;
@@ -374,7 +470,11 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 return Err(diverged(out, step + 1, "loss", lv));
             }
             loss_sum += lv;
-            let scaled = if cfg.train.grad_accum > 1 { (loss / cfg.train.grad_accum as f64)? } else { loss };
+            let scaled = if cfg.train.grad_accum > 1 {
+                (loss / cfg.train.grad_accum as f64)?
+            } else {
+                loss
+            };
             accumulate(&mut grads, &model, &scaled.backward()?)?;
         }
         let lm_loss = loss_sum / cfg.train.grad_accum as f64;
@@ -385,7 +485,11 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             if !v.is_finite() {
                 return Err(diverged(out, step + 1, "orthogonality loss", v));
             }
-            accumulate(&mut grads, &model, &(orth * cfg.reg.orth_lambda)?.backward()?)?;
+            accumulate(
+                &mut grads,
+                &model,
+                &(orth * cfg.reg.orth_lambda)?.backward()?,
+            )?;
             Some(v)
         } else {
             None
@@ -394,7 +498,11 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         // Global gradient norm, then clipping.
         let mut sq = 0.0f64;
         for g in grads.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         let gnorm = sq.sqrt();
         if !gnorm.is_finite() {
@@ -435,25 +543,39 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         if (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last {
             let t0 = Instant::now();
-            let (ev, accs) = evaluate_measured(&model, &ds.valid, b, cfg.train.eval_tokens, measure_spec)?;
+            let (ev, accs) =
+                evaluate_measured(&model, &ds.valid, b, cfg.train.eval_tokens, measure_spec)?;
             let eval_s = t0.elapsed().as_secs_f64();
             let mut row = json!({"kind": "eval", "step": s, "tokens": state.tokens, "val_loss": ev.loss,
                 "val_ppl": ev.ppl, "eval_tokens": ev.tokens, "eval_s": eval_s});
-            if let serde_json::Value::Object(m) = measures_json(&model, &measure_families, accs.as_deref())? {
+            if let serde_json::Value::Object(m) =
+                measures_json(&model, &measure_families, accs.as_deref())?
+            {
                 row.as_object_mut().expect("object").extend(m);
             }
             metrics.log(row)?;
-            bar.println(format!("step {s}: val loss {:.4}, ppl {:.2} ({} tokens)", ev.loss, ev.ppl, ev.tokens));
+            bar.println(format!(
+                "step {s}: val loss {:.4}, ppl {:.2} ({} tokens)",
+                ev.loss, ev.ppl, ev.tokens
+            ));
             last_eval = Some(ev);
         }
         if (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last {
             let opt_state = opt.state(&model.params)?;
-            checkpoint::save_checkpoint(out, &model, &opt_state, &state, cfg.train.keep_checkpoints)?;
+            checkpoint::save_checkpoint(
+                out,
+                &model,
+                &opt_state,
+                &state,
+                cfg.train.keep_checkpoints,
+            )?;
         }
         bar.set_position(s as u64);
         if opts.stop_after == Some(s) {
             bar.finish_and_clear();
-            return Err(Error::Data(format!("stopped after step {s} (--stop-after)")));
+            return Err(Error::Data(format!(
+                "stopped after step {s} (--stop-after)"
+            )));
         }
     }
     bar.finish_and_clear();
@@ -477,7 +599,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         params_active: p_active,
         wall_s: state.elapsed_s,
     };
-    write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary).expect("json"))?;
+    write_atomic(
+        &out.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary).expect("json"),
+    )?;
     Ok(summary)
 }
 
@@ -491,15 +616,32 @@ fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result
     let mut toks = Vec::with_capacity(n);
     ds.valid.extend_into(&mut toks, 0, n);
     let geo = GeometryOptions {
-        jacobian: JacobianMode::parse(&cfg.measure.jacobian).map_err(|e| Error::config("measure.jacobian", e))?,
-        subspace: RankRule::parse(&cfg.measure.subspace).map_err(|e| Error::config("measure.subspace", e))?,
+        jacobian: JacobianMode::parse(&cfg.measure.jacobian)
+            .map_err(|e| Error::config("measure.jacobian", e))?,
+        subspace: RankRule::parse(&cfg.measure.subspace)
+            .map_err(|e| Error::config("measure.subspace", e))?,
         seed: cfg.measure.seed,
         ..Default::default()
     };
     let families: Vec<Family> = Family::ALL.to_vec();
-    let source = Source { checkpoint: out.display().to_string(), data: format!("{} (validation split)", ds.source), seed: cfg.train.seed };
-    let report = analyze_with(model, &toks, n, cfg.train.batch_size, &families, &geo, source)?;
-    write_atomic(&out.join("analysis.json"), &serde_json::to_vec_pretty(&report).expect("json"))
+    let source = Source {
+        checkpoint: out.display().to_string(),
+        data: format!("{} (validation split)", ds.source),
+        seed: cfg.train.seed,
+    };
+    let report = analyze_with(
+        model,
+        &toks,
+        n,
+        cfg.train.batch_size,
+        &families,
+        &geo,
+        source,
+    )?;
+    write_atomic(
+        &out.join("analysis.json"),
+        &serde_json::to_vec_pretty(&report).expect("json"),
+    )
 }
 
 fn diverged(out: &Path, step: usize, what: &str, v: f64) -> Error {

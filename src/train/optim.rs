@@ -36,8 +36,16 @@ impl AdamW {
     pub fn new(params: &ParamStore, cfg: &TrainConfig) -> Result<Self> {
         let zeros = |v: &candle_core::Var| Tensor::zeros(v.shape(), v.dtype(), v.device());
         Ok(AdamW {
-            m: params.vars().iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: params.vars().iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            m: params
+                .vars()
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .vars()
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
             decay: params.vars().iter().map(|v| v.rank() >= 2).collect(),
             t: 0,
             beta1: cfg.beta1,
@@ -54,14 +62,39 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, var) in params.vars().iter().enumerate() {
-            let wd = if self.decay[i] { 1.0 - lr * self.weight_decay } else { 1.0 };
+            let wd = if self.decay[i] {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            };
             if let (Some(g), true) = (&grads[i], var.device().is_cpu()) {
-                if g.is_contiguous() && self.m[i].is_contiguous() && self.v[i].is_contiguous() && var.is_contiguous() {
+                if g.is_contiguous()
+                    && self.m[i].is_contiguous()
+                    && self.v[i].is_contiguous()
+                    && var.is_contiguous()
+                {
                     // Fused CPU path: three passes, no temporaries.
                     let g = g.to_dtype(var.dtype())?;
-                    self.m[i].inplace_op2(&g, &fused::Ema { beta: self.beta1, square: false })?;
-                    self.v[i].inplace_op2(&g, &fused::Ema { beta: self.beta2, square: true })?;
-                    let op = fused::Update { wd, step: lr / bc1, bc2, eps: self.eps };
+                    self.m[i].inplace_op2(
+                        &g,
+                        &fused::Ema {
+                            beta: self.beta1,
+                            square: false,
+                        },
+                    )?;
+                    self.v[i].inplace_op2(
+                        &g,
+                        &fused::Ema {
+                            beta: self.beta2,
+                            square: true,
+                        },
+                    )?;
+                    let op = fused::Update {
+                        wd,
+                        step: lr / bc1,
+                        bc2,
+                        eps: self.eps,
+                    };
                     var.as_tensor().inplace_op3(&self.m[i], &self.v[i], &op)?;
                     continue;
                 }
@@ -77,7 +110,11 @@ impl AdamW {
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let upd = ((&m / denom)? * (lr / bc1))?;
             let p = var.as_tensor();
-            let new_p = if wd != 1.0 { ((p * wd)? - upd)? } else { (p - upd)? };
+            let new_p = if wd != 1.0 {
+                ((p * wd)? - upd)?
+            } else {
+                (p - upd)?
+            };
             var.set(&new_p)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -98,20 +135,33 @@ impl AdamW {
     }
 
     /// Restore from [`AdamW::state`] output.
-    pub fn load_state(&mut self, params: &ParamStore, state: &HashMap<String, Tensor>, origin: &std::path::Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        params: &ParamStore,
+        state: &HashMap<String, Tensor>,
+        origin: &std::path::Path,
+    ) -> Result<()> {
         let get = |k: &str| {
-            state.get(k).ok_or_else(|| Error::Checkpoint { path: origin.into(), msg: format!("optimizer state lacks `{k}`") })
+            state.get(k).ok_or_else(|| Error::Checkpoint {
+                path: origin.into(),
+                msg: format!("optimizer state lacks `{k}`"),
+            })
         };
         for (i, name) in params.names().iter().enumerate() {
             let m = get(&format!("m.{name}"))?;
             let v = get(&format!("v.{name}"))?;
             if m.dims() != self.m[i].dims() || v.dims() != self.v[i].dims() {
-                return Err(Error::Checkpoint { path: origin.into(), msg: format!("optimizer state for `{name}` has the wrong shape") });
+                return Err(Error::Checkpoint {
+                    path: origin.into(),
+                    msg: format!("optimizer state for `{name}` has the wrong shape"),
+                });
             }
             self.m[i] = m.to_dtype(self.m[i].dtype())?;
             self.v[i] = v.to_dtype(self.v[i].dtype())?;
         }
-        self.t = get("t")?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?[0] as usize;
+        self.t = get("t")?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?[0] as usize;
         Ok(())
     }
 }
@@ -125,7 +175,8 @@ mod fused {
     const CHUNK: usize = 1 << 15;
 
     fn range(l: &Layout) -> Result<(usize, usize)> {
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adamw: non-contiguous tensor".into()))
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: non-contiguous tensor".into()))
     }
 
     /// m ← β·m + (1−β)·g   (or g² when `square`).
@@ -137,7 +188,13 @@ mod fused {
         fn name(&self) -> &'static str {
             "adamw-ema"
         }
-        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dl: &Layout,
+            s: &CpuStorage,
+            sl: &Layout,
+        ) -> Result<()> {
             let srcs = [(s, sl)];
             let (a, b_) = range(dl)?;
             let (ga, gb) = range(srcs[0].1)?;
@@ -147,13 +204,17 @@ mod fused {
                     let g = &$g[ga..gb];
                     let (b, c) = (self.beta as $t, (1.0 - self.beta) as $t);
                     let sq = self.square;
-                    m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
-                        if sq {
-                            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g * g);
-                        } else {
-                            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
-                        }
-                    });
+                    m.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(m, g)| {
+                            if sq {
+                                m.iter_mut()
+                                    .zip(g)
+                                    .for_each(|(m, g)| *m = b * *m + c * g * g);
+                            } else {
+                                m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + c * g);
+                            }
+                        });
                 }};
             }
             match (dst, srcs[0].0) {
@@ -176,7 +237,15 @@ mod fused {
         fn name(&self) -> &'static str {
             "adamw-update"
         }
-        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dl: &Layout,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
             let srcs = [(s1, l1), (s2, l2)];
             let (pa, pb) = range(dl)?;
             let (ma, mb) = range(srcs[0].1)?;
@@ -186,12 +255,19 @@ mod fused {
                     let p = &mut $p[pa..pb];
                     let m = &$m[ma..mb];
                     let v = &$v[va..vb];
-                    let (wd, step, inv_bc2, eps) = (self.wd as $t, self.step as $t, (1.0 / self.bc2) as $t, self.eps as $t);
-                    p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
-                        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                            *p = wd * *p - step * m / ((v * inv_bc2).sqrt() + eps);
-                        }
-                    });
+                    let (wd, step, inv_bc2, eps) = (
+                        self.wd as $t,
+                        self.step as $t,
+                        (1.0 / self.bc2) as $t,
+                        self.eps as $t,
+                    );
+                    p.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                        .for_each(|(p, (m, v))| {
+                            for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                                *p = wd * *p - step * m / ((v * inv_bc2).sqrt() + eps);
+                            }
+                        });
                 }};
             }
             match (dst, srcs[0].0, srcs[1].0) {
@@ -211,7 +287,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_min() {
-        let c = TrainConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 10, ..Default::default() };
+        let c = TrainConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            ..Default::default()
+        };
         assert!((lr_at(&c, 0, 100) - 0.1).abs() < 1e-12);
         assert!((lr_at(&c, 9, 100) - 1.0).abs() < 1e-12);
         assert!((lr_at(&c, 10, 100) - 1.0).abs() < 1e-12);
@@ -226,9 +307,15 @@ mod tests {
         let mut ps = ParamStore::new(DType::F64, &dev, 3);
         let w = ps.normal("w", &[2, 2], 1.0).unwrap();
         let b = ps.constant("b", &[2], 0.5).unwrap();
-        let cfg = TrainConfig { weight_decay: 0.1, ..Default::default() };
+        let cfg = TrainConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(&ps, &cfg).unwrap();
-        let mut ref_p: Vec<Vec<f64>> = vec![w.flatten_all().unwrap().to_vec1().unwrap(), b.to_vec1().unwrap()];
+        let mut ref_p: Vec<Vec<f64>> = vec![
+            w.flatten_all().unwrap().to_vec1().unwrap(),
+            b.to_vec1().unwrap(),
+        ];
         let mut ref_m = vec![vec![0.0; 4], vec![0.0; 2]];
         let mut ref_v = ref_m.clone();
         let grads_seq = [[0.3, -0.2, 0.1, 0.05], [-0.1, 0.4, 0.0, 0.2]];

@@ -24,7 +24,16 @@ pub fn micro_model() -> ModelConfig {
 /// A whole run config on a small built-in corpus, cached under `cache`.
 pub fn micro_config(cache: &Path) -> Config {
     let mut c = Config::preset("tiny").unwrap();
-    c.model = ModelConfig { vocab_size: 0, n_layer: 2, d_model: 32, n_head: 2, d_ff: 64, n_experts: 4, seq_len: 32, ..Default::default() };
+    c.model = ModelConfig {
+        vocab_size: 0,
+        n_layer: 2,
+        d_model: 32,
+        n_head: 2,
+        d_ff: 64,
+        n_experts: 4,
+        seq_len: 32,
+        ..Default::default()
+    };
     c.data.builtin_bytes = 60_000;
     c.data.cache_dir = cache.display().to_string();
     c.train.batch_size = 4;

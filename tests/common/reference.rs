@@ -12,7 +12,6 @@ pub fn vec1(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
-
 pub fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
@@ -20,7 +19,9 @@ pub fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
 }
 pub fn matvec(w: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
-    w.iter().map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    w.iter()
+        .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
 }
 pub fn add(a: &mut [f64], b: &[f64]) {
     a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -33,8 +34,21 @@ pub fn expert_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
         add(&mut u, &vec1(b));
     }
     let h: Vec<f64> = match &e.gate {
-        Some(g) => matvec(&rows(&g.weight), x).iter().zip(&u).map(|(gv, uv)| silu(*gv) * uv).collect(),
-        None => u.iter().map(|&v| if e.activation == Activation::Silu { silu(v) } else { gelu(v) }).collect(),
+        Some(g) => matvec(&rows(&g.weight), x)
+            .iter()
+            .zip(&u)
+            .map(|(gv, uv)| silu(*gv) * uv)
+            .collect(),
+        None => u
+            .iter()
+            .map(|&v| {
+                if e.activation == Activation::Silu {
+                    silu(v)
+                } else {
+                    gelu(v)
+                }
+            })
+            .collect(),
     };
     let mut y = matvec(&rows(&e.down.weight), &h);
     if let Some(b) = &e.down.bias {
@@ -42,7 +56,6 @@ pub fn expert_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
     }
     y
 }
-
 
 /// Softmax of W_r x.
 pub fn router_probs(wr: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
@@ -65,5 +78,9 @@ pub fn cos2(a: &[f64], b: &[f64]) -> f64 {
     let ab: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let aa: f64 = a.iter().map(|x| x * x).sum();
     let bb: f64 = b.iter().map(|x| x * x).sum();
-    if aa == 0.0 || bb == 0.0 { 0.0 } else { ab * ab / (aa * bb) }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab * ab / (aa * bb)
+    }
 }
