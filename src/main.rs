@@ -3,12 +3,12 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use moescope::checkpoint::load_model;
-use moescope::config::{Config, PRESETS};
+use moescope::config::{Config, DataConfig, PRESETS};
 use moescope::data::{corpus::Split, Dataset};
 use moescope::experiments::sweep::{self, SweepDir, SweepSpec};
 use moescope::train::{self, TrainOptions};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -320,6 +320,16 @@ enum BenchCmd {
     },
 }
 
+/// A benchmark's config: the preset with `--set`s; synthetic tokens have `vocab` ids
+/// unless the config fixes `model.vocab_size`.
+fn bench_config(preset: &str, sets: &[String], vocab: usize) -> Result<Config> {
+    let mut cfg = Config::resolve(Some(preset), None, sets)?;
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = vocab;
+    }
+    Ok(cfg)
+}
+
 fn set_threads(n: usize) {
     if n > 0 {
         // candle and gemm read RAYON_NUM_THREADS; rayon's global pool is built from it.
@@ -414,10 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
             } => {
                 set_threads(threads);
-                let mut cfg = Config::resolve(Some(&preset), None, &sets)?;
-                if cfg.model.vocab_size == 0 {
-                    cfg.model.vocab_size = vocab;
-                }
+                let cfg = bench_config(&preset, &sets, vocab)?;
                 let mt = measure_tokens.unwrap_or(cfg.measure.tokens);
                 let r = moescope::bench::bench_eval(
                     &preset,
@@ -447,10 +454,7 @@ fn run(cli: Cli) -> Result<()> {
                 if steps <= warmup {
                     bail!("--steps ({steps}) must exceed --warmup ({warmup})");
                 }
-                let mut cfg = Config::resolve(Some(&preset), None, &sets)?;
-                if cfg.model.vocab_size == 0 {
-                    cfg.model.vocab_size = vocab;
-                }
+                let cfg = bench_config(&preset, &sets, vocab)?;
                 let o = moescope::bench::BenchOptions {
                     preset,
                     batch: batch.unwrap_or(cfg.train.batch_size),
@@ -528,13 +532,24 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The data config of a saved model's run (defaults when it has none), with the
+/// run's own copy of its tokenizer.json and `data` (a corpus path) applied.
+fn run_data_config(model: &Path, run_cfg: Option<Config>, data: Option<&Path>) -> DataConfig {
+    let mut cfg = run_cfg.map(|c| c.data).unwrap_or_default();
+    let run_tok = model.join("tokenizer.json");
+    if run_tok.is_file() {
+        cfg.tokenizer = run_tok.display().to_string();
+    }
+    if let Some(d) = data {
+        cfg.path = d.display().to_string();
+    }
+    cfg
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
-    let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
-    if let Some(d) = &a.data {
-        data_cfg.path = d.display().to_string();
-    }
+    let data_cfg = run_data_config(&a.model, run_cfg, a.data.as_deref());
     let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
     if ds.tokenizer.vocab_size() > model.cfg.vocab_size {
         bail!(
@@ -577,67 +592,25 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
     };
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
-    if model.moe_layers().next().is_none() {
-        bail!(
-            "{}: the model has no MoE layer: nothing to analyse",
-            a.model.display()
-        );
-    }
     let families: Vec<Family> = a
         .families
         .iter()
         .map(|f| Family::parse(f, "--families"))
         .collect::<Result<_, _>>()?;
+    // The library checks the tokens (empty, out of vocabulary, fewer than --tokens).
     let (tokens, data_desc) = if let Some(p) = &a.token_ids {
-        let ids = analyze::read_token_ids(p)?;
-        if ids.is_empty() {
-            bail!("{}: the token file is empty", p.display());
-        }
-        if let Some((i, &t)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= model.cfg.vocab_size)
-        {
-            bail!(
-                "{}: element {i} is token id {t}, outside the model's vocabulary of {}",
-                p.display(),
-                model.cfg.vocab_size
-            );
-        }
-        (ids, p.display().to_string())
+        (analyze::read_token_ids(p)?, p.display().to_string())
     } else {
-        let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
-        let run_tok = a.model.join("tokenizer.json");
-        if run_tok.is_file() {
-            data_cfg.tokenizer = run_tok.display().to_string();
-        }
-        if let Some(d) = &a.data {
-            data_cfg.path = d.display().to_string();
-        }
+        let data_cfg = run_data_config(&a.model, run_cfg, a.data.as_deref());
         let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
-        let n = a.tokens.min(ds.valid.len());
-        let mut v = Vec::with_capacity(n);
-        ds.valid.extend_into(&mut v, 0, n);
-        if a.tokens > ds.valid.len() {
-            bail!(
-                "--tokens {} exceeds the {} tokens of {} (validation split)",
-                a.tokens,
-                ds.valid.len(),
-                ds.source
-            );
-        }
+        let mut v = Vec::new();
+        ds.valid
+            .extend_into(&mut v, 0, a.tokens.min(ds.valid.len()));
         (v, format!("{} (validation split)", ds.source))
     };
-    if a.tokens > tokens.len() {
-        bail!(
-            "--tokens {} exceeds the {} tokens of {data_desc}",
-            a.tokens,
-            tokens.len()
-        );
-    }
     let source = analyze::Source {
         checkpoint: a.model.display().to_string(),
-        data: data_desc,
+        data: data_desc.clone(),
         seed: 0,
     };
     let report = analyze::analyze_with(
@@ -648,7 +621,8 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         &families,
         &geo,
         source,
-    )?;
+    )
+    .with_context(|| format!("analysing {data_desc}"))?;
     let json = serde_json::to_vec_pretty(&report)?;
     moescope::fsutil::write_atomic(&a.out, &json)?;
     eprint!("{}", analyze::summary_table(&report));
@@ -737,12 +711,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     use rand::{Rng, SeedableRng};
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
-    let mut data_cfg = run_cfg.map(|c| c.data).unwrap_or_default();
-    // A run trained with a tokenizer.json keeps a copy beside its config.
-    let run_tok = a.model.join("tokenizer.json");
-    if run_tok.is_file() {
-        data_cfg.tokenizer = run_tok.display().to_string();
-    }
+    let data_cfg = run_data_config(&a.model, run_cfg, None);
     let tok = moescope::data::tokenizer::Tokenizer::from_spec(&moescope::data::tokenizer_spec(
         &data_cfg,
     ))?;

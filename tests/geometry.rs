@@ -348,14 +348,7 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
     let mut c = common::micro_config(&d.path().join("cache"));
     c.train.max_steps = 3;
     let run = d.path().join("run");
-    let o = moescope::train::TrainOptions {
-        out: run.clone(),
-        resume: false,
-        progress: false,
-        quiet: true,
-        stop_after: None,
-    };
-    moescope::train::train(c, &o).unwrap();
+    common::train_quiet(c, &run);
     let out = d.path().join("r.json");
     let args = [
         "analyze",

@@ -281,14 +281,6 @@ fn orth_loss_value_and_gradient_match_finite_differences() {
     }
 }
 
-fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn orthogonality_loss_lowers_l_orth_in_training_and_measures_are_logged() {
     let d = tempfile::tempdir().unwrap();
@@ -303,15 +295,8 @@ fn orthogonality_loss_lowers_l_orth_in_training_and_measures_are_logged() {
         let mut c = base.clone();
         c.reg.orth_lambda = lambda;
         let run = d.path().join(format!("run-{lambda}"));
-        let o = moescope::train::TrainOptions {
-            out: run.clone(),
-            resume: false,
-            progress: false,
-            quiet: true,
-            stop_after: None,
-        };
-        moescope::train::train(c, &o).unwrap();
-        let rows = metrics(&run);
+        common::train_quiet(c, &run);
+        let rows = common::metrics(&run);
         let last = rows.iter().rev().find(|r| r["kind"] == "train").unwrap();
         last_orth.push(last["orth_loss"].as_f64().unwrap());
         assert!(last["lm_loss"].as_f64().is_some());
@@ -352,15 +337,8 @@ fn top1_eval_reports_null_activation_mso_with_reason() {
     c.train.max_steps = 2;
     c.measure.tokens = 64;
     let run = d.path().join("run");
-    let o = moescope::train::TrainOptions {
-        out: run.clone(),
-        resume: false,
-        progress: false,
-        quiet: true,
-        stop_after: None,
-    };
-    moescope::train::train(c, &o).unwrap();
-    let ev = metrics(&run)
+    common::train_quiet(c, &run);
+    let ev = common::metrics(&run)
         .into_iter()
         .rev()
         .find(|r| r["kind"] == "eval")
@@ -381,14 +359,7 @@ fn train_micro_run(dir: &std::path::Path) -> std::path::PathBuf {
     let mut c = common::micro_config(&dir.join("cache"));
     c.train.max_steps = 3;
     let run = dir.join("run");
-    let o = moescope::train::TrainOptions {
-        out: run.clone(),
-        resume: false,
-        progress: false,
-        quiet: true,
-        stop_after: None,
-    };
-    moescope::train::train(c, &o).unwrap();
+    common::train_quiet(c, &run);
     run
 }
 

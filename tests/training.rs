@@ -3,26 +3,9 @@
 
 mod common;
 
-use moescope::train::{train, TrainOptions};
-use std::path::Path;
+use moescope::train::train;
 
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out: out.to_path_buf(),
-        resume: false,
-        progress: false,
-        quiet: true,
-        stop_after: None,
-    }
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::{metrics, quiet_opts as opts};
 
 #[test]
 fn loss_falls_below_unigram_entropy_on_builtin_corpus() {

@@ -430,6 +430,26 @@ pub fn eval_windows(n: usize, t: usize, max_tokens: usize) -> Vec<(usize, usize)
     out
 }
 
+/// Forward-pass batches over `items`: consecutive runs of at most `batch`
+/// items, each item `same` as the run's first (e.g. windows of equal length).
+pub fn batch_ranges<T>(
+    items: &[T],
+    batch: usize,
+    same: impl Fn(&T, &T) -> bool,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i + 1;
+        while j < items.len() && j - i < batch.max(1) && same(&items[i], &items[j]) {
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
+}
+
 /// Unigram entropy (nats) of a token stream: the loss of the best model that
 /// ignores context.
 pub fn unigram_entropy(data: &TokenFile) -> f64 {
@@ -463,6 +483,16 @@ mod tests {
             }
             assert!(w.iter().all(|x| x.1 <= t));
         }
+    }
+
+    #[test]
+    fn batch_ranges_group_equal_items_up_to_batch() {
+        let w = [4, 4, 4, 4, 4, 2];
+        assert_eq!(
+            batch_ranges(&w, 2, |a, b| a == b),
+            vec![0..2, 2..4, 4..5, 5..6]
+        );
+        assert!(batch_ranges::<u8>(&[], 3, |a, b| a == b).is_empty());
     }
 
     #[test]

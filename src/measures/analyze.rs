@@ -4,7 +4,7 @@
 
 use super::jacobian::{layer_jacobian, JacobianMode, JacobianReport};
 use super::subspace::{layer_subspaces, Moments, RankRule, SubspaceReport};
-use super::{mean_present, weight_overlap, Family, LayerAccumulator};
+use super::{gap_ratio, mean_present, weight_overlap, Family, LayerAccumulator, Telemetry};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -99,13 +99,10 @@ pub struct LayerReport {
     pub act_overlap: Vec<Vec<Option<f64>>>,
     /// act_mso / weight_mso(up).
     pub gap_ratio: Option<f64>,
-    pub load: Vec<u64>,
-    pub fraction: Vec<f64>,
-    pub router_entropy: f64,
-    pub load_entropy: f64,
-    pub balance: f64,
-    pub dead_experts: Vec<usize>,
-    pub max_violation: f64,
+    /// Routing telemetry (`load`, `fraction`, `router_entropy`, `load_entropy`,
+    /// `balance`, `dead_experts`, `max_violation`), written at this level.
+    #[serde(flatten)]
+    pub telemetry: Telemetry,
     /// Function space (null when off).
     pub jacobian: Option<JacobianReport>,
     /// Representation space (null when off).
@@ -324,20 +321,15 @@ pub fn analyze_with(
     let mut jac_sel: Vec<Vec<u32>> = vec![Vec::new(); moe_layers.len()];
     let mut jac_n = 0usize;
     let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
-    let mut i = 0;
-    while i < windows.len() {
-        let len = windows[i].1;
-        let mut j = i;
-        while j < windows.len() && j - i < batch && windows[j].1 == len {
-            j += 1;
-        }
-        let mut inputs = Vec::with_capacity((j - i) * len);
-        for &(s, l) in &windows[i..j] {
+    for r in crate::data::batch_ranges(&windows, batch, |a, b| a.1 == b.1) {
+        let (b, len) = (r.len(), windows[r.start].1);
+        let mut inputs = Vec::with_capacity(b * len);
+        for &(s, l) in &windows[r] {
             inputs.extend_from_slice(&tokens[s..s + l]);
         }
-        let x = Tensor::from_vec(inputs, (j - i, len), &dev)?;
+        let x = Tensor::from_vec(inputs, (b, len), &dev)?;
         let out = model.forward(&x, true)?;
-        let batch_n = (j - i) * len;
+        let batch_n = b * len;
         let take = geo.jacobian_tokens.saturating_sub(jac_n).min(batch_n);
         for (li, ((acc, cap), (_, moe))) in accs
             .iter_mut()
@@ -374,10 +366,10 @@ pub fn analyze_with(
             acc.add_all_pairs(&outs, d);
         }
         jac_n += take;
-        i = j;
     }
 
     let mut layers = Vec::new();
+    let mut ups = Vec::new(); // weight MSO (up) per layer, for the gap ratios
     for ((&index, (_, moe)), acc) in moe_layers.iter().zip(model.moe_layers()).zip(&accs) {
         let mut wm = BTreeMap::new();
         let mut wo = BTreeMap::new();
@@ -387,8 +379,11 @@ pub fn analyze_with(
                 wo.insert(f.name(), w.matrix);
             }
         }
-        let up = weight_overlap(moe, Family::Up)?.map(|w| w.mso);
-        let tel = acc.telemetry();
+        let up = match wm.get(Family::Up.name()) {
+            Some(&v) => Some(v),
+            None => weight_overlap(moe, Family::Up)?.map(|w| w.mso),
+        };
+        ups.push(up);
         let li = layers.len();
         let jacobian = if geo.jacobian != JacobianMode::Off && !jac_inputs[li].is_empty() {
             let x = Tensor::cat(&jac_inputs[li], 0)?;
@@ -424,17 +419,8 @@ pub fn analyze_with(
             act_mso_null_reason: reason,
             act_mso_all: acc.act_mso_all(),
             act_overlap: acc.act_overlap(),
-            gap_ratio: match (act, up) {
-                (Some(a), Some(w)) if w > 0.0 => Some(a / w),
-                _ => None,
-            },
-            load: tel.load,
-            fraction: tel.fraction,
-            router_entropy: tel.router_entropy,
-            load_entropy: tel.load_entropy,
-            balance: tel.balance,
-            dead_experts: tel.dead_experts,
-            max_violation: tel.max_violation,
+            gap_ratio: gap_ratio(act, up),
+            telemetry: acc.telemetry(),
             jacobian,
             subspace,
         });
@@ -451,26 +437,21 @@ pub fn analyze_with(
             weight_mso.insert(f.name(), m);
         }
     }
-    let up_mean = mean_present(
-        &model
-            .moe_layers()
-            .map(|(_, m)| weight_overlap(m, Family::Up).map(|w| w.map(|w| w.mso)))
-            .collect::<Result<Vec<_>>>()?,
-    );
+    let up_mean = mean_present(&ups);
     let act_mean = mean_present(&layers.iter().map(|l| l.act_mso).collect::<Vec<_>>());
     let summary = Summary {
         weight_mso,
         act_mso: act_mean,
         act_mso_all: mean_present(&layers.iter().map(|l| l.act_mso_all).collect::<Vec<_>>()),
-        gap_ratio: match (act_mean, up_mean) {
-            (Some(a), Some(w)) if w > 0.0 => Some(a / w),
-            _ => None,
-        },
-        router_entropy: mean(&|l| l.router_entropy),
-        load_entropy: mean(&|l| l.load_entropy),
-        balance: mean(&|l| l.balance),
-        dead_experts: layers.iter().map(|l| l.dead_experts.len()).sum(),
-        max_violation: layers.iter().map(|l| l.max_violation).fold(0.0, f64::max),
+        gap_ratio: gap_ratio(act_mean, up_mean),
+        router_entropy: mean(&|l| l.telemetry.router_entropy),
+        load_entropy: mean(&|l| l.telemetry.load_entropy),
+        balance: mean(&|l| l.telemetry.balance),
+        dead_experts: layers.iter().map(|l| l.telemetry.dead_experts.len()).sum(),
+        max_violation: layers
+            .iter()
+            .map(|l| l.telemetry.max_violation)
+            .fold(0.0, f64::max),
     };
     Ok(Report {
         schema: SCHEMA,
@@ -586,10 +567,10 @@ pub fn summary_table(r: &Report) -> String {
             l.gap_ratio
                 .map(|x| format!("{x:.1}"))
                 .unwrap_or_else(|| "null".into()),
-            l.router_entropy,
-            l.balance,
-            l.dead_experts.len(),
-            l.max_violation
+            l.telemetry.router_entropy,
+            l.telemetry.balance,
+            l.telemetry.dead_experts.len(),
+            l.telemetry.max_violation
         );
     }
     let m = &r.summary;

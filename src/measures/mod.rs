@@ -426,6 +426,14 @@ pub struct Telemetry {
     pub max_violation: f64,
 }
 
+/// Gap ratio activation MSO / weight MSO (None when either is missing or the weight MSO is 0).
+pub fn gap_ratio(act: Option<f64>, weight: Option<f64>) -> Option<f64> {
+    match (act, weight) {
+        (Some(a), Some(w)) if w > 0.0 => Some(a / w),
+        _ => None,
+    }
+}
+
 /// Per-layer weight MSO of the model for `family` (None for layers lacking it).
 pub fn model_weight_mso(model: &Gpt, family: Family) -> Result<Vec<Option<f64>>> {
     model

@@ -192,7 +192,9 @@ impl MoeLayer {
         let mut captured = Vec::new();
         for (e, expert) in self.experts.iter().enumerate() {
             if tokens[e].is_empty() {
-                captured.push((Vec::new(), None));
+                if capture {
+                    captured.push((Vec::new(), None));
+                }
                 continue;
             }
             let idx = Tensor::new(tokens[e].as_slice(), x.device())?;

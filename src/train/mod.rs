@@ -118,21 +118,16 @@ pub fn evaluate_measured(
     let dev = model.params.device().clone();
     let mut sum = 0.0f64;
     let mut count = 0usize;
-    let mut i = 0;
-    while i < order.len() {
-        // Group windows of equal length and equal capture flag.
-        let (len, cap) = (order[i].1, order[i].2);
-        let mut j = i;
-        while j < order.len() && j - i < batch && order[j].1 == len && order[j].2 == cap {
-            j += 1;
-        }
-        let mut inputs = Vec::with_capacity((j - i) * len);
-        let mut targets = Vec::with_capacity((j - i) * len);
-        for &(s, l, _) in &order[i..j] {
+    for r in data::batch_ranges(&order, batch, |a, b| a.1 == b.1 && a.2 == b.2) {
+        // Windows of equal length and equal capture flag.
+        let (len, cap) = (order[r.start].1, order[r.start].2);
+        let b = r.len();
+        let mut inputs = Vec::with_capacity(b * len);
+        let mut targets = Vec::with_capacity(b * len);
+        for &(s, l, _) in &order[r] {
             data.extend_into(&mut inputs, s, l);
             data.extend_into(&mut targets, s + 1, l);
         }
-        let b = j - i;
         let x = Tensor::from_vec(inputs, (b, len), &dev)?;
         let y = Tensor::from_vec(targets, b * len, &dev)?;
         let out = model.forward(&x, cap)?;
@@ -147,7 +142,6 @@ pub fn evaluate_measured(
             .to_scalar::<f64>()?;
         sum += ce;
         count += b * len;
-        i = j;
     }
     if count == 0 {
         return Err(Error::Data(
@@ -175,15 +169,22 @@ pub fn measures_json(
     let mut m = serde_json::Map::new();
     let mut wmso = serde_json::Map::new();
     let mut wmean = serde_json::Map::new();
+    let mut up = None; // weight MSO (up) per layer, for the gap ratios
     for &f in families {
         let per = measures::model_weight_mso(model, f)?;
+        if f == Family::Up {
+            up = Some(per.clone());
+        }
         if per.iter().all(Option::is_none) {
             continue;
         }
         wmean.insert(f.name().into(), json!(measures::mean_present(&per)));
         wmso.insert(f.name().into(), json!(per));
     }
-    let up = measures::model_weight_mso(model, Family::Up)?;
+    let up = match up {
+        Some(u) => u,
+        None => measures::model_weight_mso(model, Family::Up)?,
+    };
     m.insert("weight_mso".into(), serde_json::Value::Object(wmso));
     m.insert("weight_mso_mean".into(), serde_json::Value::Object(wmean));
     if let Some(accs) = accs {
@@ -191,10 +192,7 @@ pub fn measures_json(
         let gap: Vec<Option<f64>> = act
             .iter()
             .zip(&up)
-            .map(|(a, w)| match (a, w) {
-                (Some(a), Some(w)) if *w > 0.0 => Some(a / w),
-                _ => None,
-            })
+            .map(|(a, w)| measures::gap_ratio(*a, *w))
             .collect();
         let act_mean = measures::mean_present(&act);
         let up_mean = measures::mean_present(&up);
@@ -213,10 +211,7 @@ pub fn measures_json(
         m.insert("gap_ratio".into(), json!(gap));
         m.insert(
             "gap_ratio_model".into(),
-            json!(match (act_mean, up_mean) {
-                (Some(a), Some(w)) if w > 0.0 => Some(a / w),
-                _ => None,
-            }),
+            json!(measures::gap_ratio(act_mean, up_mean)),
         );
         m.insert(
             "router_entropy".into(),

@@ -56,3 +56,28 @@ pub fn shared_data() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     p.is_dir().then_some(p)
 }
+
+/// Options for a fresh, silent training run into `out`.
+pub fn quiet_opts(out: &Path) -> moescope::train::TrainOptions {
+    moescope::train::TrainOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    }
+}
+
+/// Train `cfg` silently into `out`.
+pub fn train_quiet(cfg: Config, out: &Path) {
+    moescope::train::train(cfg, &quiet_opts(out)).unwrap();
+}
+
+/// The rows of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
