@@ -11,7 +11,7 @@ use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
 use crate::model::{layers::cross_entropy_rows, Gpt};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use optim::{lr_at, AdamW};
 use serde_json::json;
 use std::io::Write;
@@ -657,9 +657,4 @@ pub fn human(n: usize) -> String {
         n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
         n => n.to_string(),
     }
-}
-
-/// Load a dataset and model device for evaluation of a saved model.
-pub fn eval_device(name: &str) -> Result<Device> {
-    parse_device(name)
 }
