@@ -5,6 +5,7 @@
 use super::jacobian::{layer_jacobian, JacobianMode, JacobianReport};
 use super::subspace::{layer_subspaces, Moments, RankRule, SubspaceReport};
 use super::{gap_ratio, mean_present, weight_overlap, Family, LayerAccumulator, Telemetry};
+use crate::model::moe::{MoeCapture, MoeLayer};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -99,6 +100,9 @@ pub struct LayerReport {
     pub act_overlap: Vec<Vec<Option<f64>>>,
     /// act_mso / weight_mso(up).
     pub gap_ratio: Option<f64>,
+    /// Weight MSO of the up family (kept for the summary's gap ratio).
+    #[serde(skip)]
+    pub weight_mso_up: Option<f64>,
     /// Routing telemetry (`load`, `fraction`, `router_entropy`, `load_entropy`,
     /// `balance`, `dead_experts`, `max_violation`), written at this level.
     #[serde(flatten)]
@@ -107,6 +111,24 @@ pub struct LayerReport {
     pub jacobian: Option<JacobianReport>,
     /// Representation space (null when off).
     pub subspace: Option<SubspaceReport>,
+    /// Shared (always-on) experts of pretrained models, measured apart from
+    /// the routed ones; absent for models without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_expert: Option<SharedExpertReport>,
+}
+
+/// The shared expert(s) of a layer (Qwen2-MoE, DeepSeek-MoE), kept out of
+/// every pairwise measure and summarised here.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SharedExpertReport {
+    /// Hidden width of the shared expert (all shared experts fused).
+    pub d_ff: usize,
+    /// Mean over routed (token, expert) pairs of cos²(h_shared(x), h_e(x)).
+    pub act_cos2_routed: f64,
+    /// Mean ‖g_s·h_shared(x)‖ / ‖Σ_e g_e h_e(x)‖ over tokens: the shared share of the update.
+    pub norm_ratio: f64,
+    /// Mean sigmoid gate of the shared expert (Qwen2-MoE); null when ungated.
+    pub gate_mean: Option<f64>,
 }
 
 /// Model-level summary.
@@ -133,8 +155,20 @@ pub struct Report {
     pub options: Options,
     /// Tokens evaluated.
     pub tokens: usize,
+    /// Next-token loss and perplexity over the analysed tokens (pretrained
+    /// models; absent when not computed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<Perplexity>,
     pub layers: Vec<LayerReport>,
     pub summary: Summary,
+}
+
+/// Mean next-token cross-entropy (nats) and its exponential.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Perplexity {
+    pub loss: f64,
+    pub ppl: f64,
+    pub tokens: usize,
 }
 
 /// Read token ids from a JSON array of integers or a 1-D `.npy` of integers.
@@ -283,6 +317,59 @@ pub fn analyze_with(
             "the model has no MoE layer: nothing to analyse".into(),
         ));
     }
+    check_tokens(tokens, n, model.cfg.vocab_size)?;
+    let dev = model.params.device().clone();
+    let t = model.cfg.seq_len;
+    let k = model.cfg.active_experts();
+    let renorm = model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk;
+    let mut analyzers: Vec<LayerAnalyzer> = moe_layers
+        .iter()
+        .map(|&l| LayerAnalyzer::new(l, model.cfg.n_experts, k, model.cfg.d_model, renorm))
+        .collect();
+    let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
+    for r in crate::data::batch_ranges(&windows, batch, |a, b| a.1 == b.1) {
+        let (b, len) = (r.len(), windows[r.start].1);
+        let mut inputs = Vec::with_capacity(b * len);
+        for &(s, l) in &windows[r] {
+            inputs.extend_from_slice(&tokens[s..s + l]);
+        }
+        let x = Tensor::from_vec(inputs, (b, len), &dev)?;
+        let out = model.forward(&x, true)?;
+        for ((an, cap), (_, moe)) in analyzers
+            .iter_mut()
+            .zip(&out.captures)
+            .zip(model.moe_layers())
+        {
+            an.observe(moe, &cap.input, &cap.moe, geo)?;
+        }
+    }
+    let tokens_seen = analyzers[0].tokens();
+    let layers = analyzers
+        .into_iter()
+        .zip(model.moe_layers())
+        .map(|(an, (_, moe))| an.finish(moe, families, geo))
+        .collect::<Result<Vec<_>>>()?;
+    let summary = summarize(&layers, families);
+    Ok(Report {
+        schema: SCHEMA,
+        source,
+        options: Options::new(
+            n,
+            families,
+            t,
+            batch,
+            (model.cfg.routing, model.cfg.top_k, model.cfg.norm_topk),
+            geo,
+        ),
+        tokens: tokens_seen,
+        perplexity: None,
+        layers,
+        summary,
+    })
+}
+
+/// Refuse empty input, `n` outside 1..=len, and ids outside the vocabulary.
+pub fn check_tokens(tokens: &[u32], n: usize, vocab: usize) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::Data(
             "no tokens to analyse (the token input is empty)".into(),
@@ -294,7 +381,6 @@ pub fn analyze_with(
             tokens.len()
         )));
     }
-    let vocab = model.cfg.vocab_size;
     if let Some((i, &t)) = tokens[..n]
         .iter()
         .enumerate()
@@ -304,167 +390,28 @@ pub fn analyze_with(
             "token {i} has id {t}, outside the model's vocabulary of {vocab}"
         )));
     }
-    let dev = model.params.device().clone();
-    let t = model.cfg.seq_len;
-    let k = model.cfg.active_experts();
-    let mut accs: Vec<LayerAccumulator> = moe_layers
-        .iter()
-        .map(|_| LayerAccumulator::new(model.cfg.n_experts, k))
-        .collect();
-    let d = model.cfg.d_model;
-    let mut moments: Vec<Vec<Moments>> = moe_layers
-        .iter()
-        .map(|_| (0..model.cfg.n_experts).map(|_| Moments::new(d)).collect())
-        .collect();
-    // Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
-    let mut jac_inputs: Vec<Vec<Tensor>> = vec![Vec::new(); moe_layers.len()];
-    let mut jac_sel: Vec<Vec<u32>> = vec![Vec::new(); moe_layers.len()];
-    let mut jac_n = 0usize;
-    let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
-    for r in crate::data::batch_ranges(&windows, batch, |a, b| a.1 == b.1) {
-        let (b, len) = (r.len(), windows[r.start].1);
-        let mut inputs = Vec::with_capacity(b * len);
-        for &(s, l) in &windows[r] {
-            inputs.extend_from_slice(&tokens[s..s + l]);
-        }
-        let x = Tensor::from_vec(inputs, (b, len), &dev)?;
-        let out = model.forward(&x, true)?;
-        let batch_n = b * len;
-        let take = geo.jacobian_tokens.saturating_sub(jac_n).min(batch_n);
-        for (li, ((acc, cap), (_, moe))) in accs
-            .iter_mut()
-            .zip(&out.captures)
-            .zip(model.moe_layers())
-            .enumerate()
-        {
-            acc.add(&cap.moe)?;
-            if geo.jacobian != JacobianMode::Off && take > 0 {
-                jac_inputs[li].push(cap.input.narrow(0, 0, take)?);
-                jac_sel[li].extend_from_slice(&cap.moe.selected[..take * cap.moe.k]);
-            }
-            if geo.subspace != RankRule::Off {
-                add_moments(
-                    &mut moments[li],
-                    cap,
-                    geo,
-                    model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk,
-                )?;
-            }
-            // All pairs: every expert on every token of this layer's input.
-            let d = cap.input.dim(1)?;
-            let outs: Vec<Vec<f32>> = moe
-                .experts
-                .iter()
-                .map(|e| {
-                    e.forward(&cap.input)?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()
-                        .map_err(Into::into)
-                })
-                .collect::<Result<_>>()?;
-            acc.add_all_pairs(&outs, d);
-        }
-        jac_n += take;
-    }
+    Ok(())
+}
 
-    let mut layers = Vec::new();
-    let mut ups = Vec::new(); // weight MSO (up) per layer, for the gap ratios
-    for ((&index, (_, moe)), acc) in moe_layers.iter().zip(model.moe_layers()).zip(&accs) {
-        let mut wm = BTreeMap::new();
-        let mut wo = BTreeMap::new();
-        for &f in families {
-            if let Some(w) = weight_overlap(moe, f)? {
-                wm.insert(f.name(), w.mso);
-                wo.insert(f.name(), w.matrix);
-            }
-        }
-        let up = match wm.get(Family::Up.name()) {
-            Some(&v) => Some(v),
-            None => weight_overlap(moe, Family::Up)?.map(|w| w.mso),
-        };
-        ups.push(up);
-        let li = layers.len();
-        let jacobian = if geo.jacobian != JacobianMode::Off && !jac_inputs[li].is_empty() {
-            let x = Tensor::cat(&jac_inputs[li], 0)?;
-            layer_jacobian(
-                moe,
-                &x,
-                &jac_sel[li],
-                k,
-                geo.jacobian,
-                geo.jacobian_all_pairs,
-                geo.spectra_tokens,
-                geo.top_singular_values,
-                geo.seed + index as u64,
-            )?
-        } else {
-            None
-        };
-        let subspace = layer_subspaces(
-            &moments[li],
-            geo.subspace,
-            if geo.output_space { "output" } else { "input" },
-            geo.weighted,
-        );
-        let (act, reason) = match acc.act_mso() {
-            Ok(v) => (Some(v), None),
-            Err(r) => (None, Some(r)),
-        };
-        layers.push(LayerReport {
-            index,
-            weight_mso: wm,
-            weight_overlap: wo,
-            act_mso: act,
-            act_mso_null_reason: reason,
-            act_mso_all: acc.act_mso_all(),
-            act_overlap: acc.act_overlap(),
-            gap_ratio: gap_ratio(act, up),
-            telemetry: acc.telemetry(),
-            jacobian,
-            subspace,
-        });
-    }
-    let mean =
-        |f: &dyn Fn(&LayerReport) -> f64| layers.iter().map(f).sum::<f64>() / layers.len() as f64;
-    let mut weight_mso = BTreeMap::new();
-    for &f in families {
-        let per: Vec<Option<f64>> = layers
-            .iter()
-            .map(|l| l.weight_mso.get(f.name()).copied())
-            .collect();
-        if let Some(m) = mean_present(&per) {
-            weight_mso.insert(f.name(), m);
-        }
-    }
-    let up_mean = mean_present(&ups);
-    let act_mean = mean_present(&layers.iter().map(|l| l.act_mso).collect::<Vec<_>>());
-    let summary = Summary {
-        weight_mso,
-        act_mso: act_mean,
-        act_mso_all: mean_present(&layers.iter().map(|l| l.act_mso_all).collect::<Vec<_>>()),
-        gap_ratio: gap_ratio(act_mean, up_mean),
-        router_entropy: mean(&|l| l.telemetry.router_entropy),
-        load_entropy: mean(&|l| l.telemetry.load_entropy),
-        balance: mean(&|l| l.telemetry.balance),
-        dead_experts: layers.iter().map(|l| l.telemetry.dead_experts.len()).sum(),
-        max_violation: layers
-            .iter()
-            .map(|l| l.telemetry.max_violation)
-            .fold(0.0, f64::max),
-    };
-    Ok(Report {
-        schema: SCHEMA,
-        source,
-        options: Options {
+impl Options {
+    /// The options block of a report.
+    pub fn new(
+        n: usize,
+        families: &[Family],
+        seq_len: usize,
+        batch: usize,
+        (routing, top_k, norm_topk): (crate::config::Routing, usize, bool),
+        geo: &GeometryOptions,
+    ) -> Self {
+        Options {
             tokens: n,
             families: families.to_vec(),
             pairs: vec!["routed", "all"],
-            seq_len: t,
+            seq_len,
             batch,
-            routing: model.cfg.routing,
-            top_k: model.cfg.top_k,
-            norm_topk: model.cfg.norm_topk,
+            routing,
+            top_k,
+            norm_topk,
             jacobian: match geo.jacobian {
                 JacobianMode::Exact => "exact".into(),
                 JacobianMode::Estimate(m) => format!("estimate:{m}"),
@@ -484,23 +431,191 @@ pub fn analyze_with(
             },
             subspace_space: if geo.output_space { "output" } else { "input" },
             subspace_weighted: geo.weighted,
-        },
-        tokens: accs[0].tokens,
-        layers,
-        summary,
-    })
+        }
+    }
+}
+
+/// Everything one MoE layer needs to be measured: fed batch by batch with
+/// the layer's input and what the layer routed, then finished into a
+/// [`LayerReport`]. The same code serves our models (all layers per batch)
+/// and Hugging Face checkpoints streamed one layer at a time.
+pub struct LayerAnalyzer {
+    index: usize,
+    k: usize,
+    /// Gates are renormalised over the selected experts (weighted PCA).
+    renorm: bool,
+    acc: LayerAccumulator,
+    moments: Vec<Moments>,
+    /// Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
+    jac_inputs: Vec<Tensor>,
+    jac_sel: Vec<u32>,
+    jac_n: usize,
+}
+
+impl LayerAnalyzer {
+    /// An analyzer for block `index` with `n_experts` experts, k active per token.
+    pub fn new(index: usize, n_experts: usize, k: usize, d: usize, renorm: bool) -> Self {
+        LayerAnalyzer {
+            index,
+            k,
+            renorm,
+            acc: LayerAccumulator::new(n_experts, k),
+            moments: (0..n_experts).map(|_| Moments::new(d)).collect(),
+            jac_inputs: Vec::new(),
+            jac_sel: Vec::new(),
+            jac_n: 0,
+        }
+    }
+
+    /// Tokens observed so far.
+    pub fn tokens(&self) -> usize {
+        self.acc.tokens
+    }
+
+    /// Add one batch: `input` (n, d) is the MoE input, `cap` what `moe` did with it.
+    pub fn observe(
+        &mut self,
+        moe: &MoeLayer,
+        input: &Tensor,
+        cap: &MoeCapture,
+        geo: &GeometryOptions,
+    ) -> Result<()> {
+        self.acc.add(cap)?;
+        let (batch_n, d) = input.dims2()?;
+        let take = geo.jacobian_tokens.saturating_sub(self.jac_n).min(batch_n);
+        if geo.jacobian != JacobianMode::Off && take > 0 {
+            self.jac_inputs.push(input.narrow(0, 0, take)?);
+            self.jac_sel
+                .extend_from_slice(&cap.selected[..take * cap.k]);
+        }
+        self.jac_n += take;
+        if geo.subspace != RankRule::Off {
+            add_moments(&mut self.moments, input, cap, geo, self.renorm)?;
+        }
+        // All pairs: every expert on every token of this layer's input.
+        let outs: Vec<Vec<f32>> = moe
+            .experts
+            .iter()
+            .map(|e| {
+                e.forward(input)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+                    .map_err(Into::into)
+            })
+            .collect::<Result<_>>()?;
+        self.acc.add_all_pairs(&outs, d);
+        Ok(())
+    }
+
+    /// The layer's measures (weights from `moe`, the rest from what was observed).
+    pub fn finish(
+        self,
+        moe: &MoeLayer,
+        families: &[Family],
+        geo: &GeometryOptions,
+    ) -> Result<LayerReport> {
+        let mut wm = BTreeMap::new();
+        let mut wo = BTreeMap::new();
+        for &f in families {
+            if let Some(w) = weight_overlap(moe, f)? {
+                wm.insert(f.name(), w.mso);
+                wo.insert(f.name(), w.matrix);
+            }
+        }
+        let up = match wm.get(Family::Up.name()) {
+            Some(&v) => Some(v),
+            None => weight_overlap(moe, Family::Up)?.map(|w| w.mso),
+        };
+        let jacobian = if geo.jacobian != JacobianMode::Off && !self.jac_inputs.is_empty() {
+            let x = Tensor::cat(&self.jac_inputs, 0)?;
+            layer_jacobian(
+                moe,
+                &x,
+                &self.jac_sel,
+                self.k,
+                geo.jacobian,
+                geo.jacobian_all_pairs,
+                geo.spectra_tokens,
+                geo.top_singular_values,
+                geo.seed + self.index as u64,
+            )?
+        } else {
+            None
+        };
+        let subspace = layer_subspaces(
+            &self.moments,
+            geo.subspace,
+            if geo.output_space { "output" } else { "input" },
+            geo.weighted,
+        );
+        let (act, reason) = match self.acc.act_mso() {
+            Ok(v) => (Some(v), None),
+            Err(r) => (None, Some(r)),
+        };
+        Ok(LayerReport {
+            index: self.index,
+            weight_mso: wm,
+            weight_overlap: wo,
+            weight_mso_up: up,
+            act_mso: act,
+            act_mso_null_reason: reason,
+            act_mso_all: self.acc.act_mso_all(),
+            act_overlap: self.acc.act_overlap(),
+            gap_ratio: gap_ratio(act, up),
+            telemetry: self.acc.telemetry(),
+            jacobian,
+            subspace,
+            shared_expert: None,
+        })
+    }
+}
+
+/// The model-level summary of per-layer reports.
+pub fn summarize(layers: &[LayerReport], families: &[Family]) -> Summary {
+    let mean = |f: &dyn Fn(&LayerReport) -> f64| {
+        layers.iter().map(f).sum::<f64>() / layers.len().max(1) as f64
+    };
+    let mut weight_mso = BTreeMap::new();
+    for &f in families {
+        let per: Vec<Option<f64>> = layers
+            .iter()
+            .map(|l| l.weight_mso.get(f.name()).copied())
+            .collect();
+        if let Some(m) = mean_present(&per) {
+            weight_mso.insert(f.name(), m);
+        }
+    }
+    let ups: Vec<Option<f64>> = layers.iter().map(|l| l.weight_mso_up).collect();
+    let up_mean = mean_present(&ups);
+    let act_mean = mean_present(&layers.iter().map(|l| l.act_mso).collect::<Vec<_>>());
+    Summary {
+        weight_mso,
+        act_mso: act_mean,
+        act_mso_all: mean_present(&layers.iter().map(|l| l.act_mso_all).collect::<Vec<_>>()),
+        gap_ratio: gap_ratio(act_mean, up_mean),
+        router_entropy: mean(&|l| l.telemetry.router_entropy),
+        load_entropy: mean(&|l| l.telemetry.load_entropy),
+        balance: mean(&|l| l.telemetry.balance),
+        dead_experts: layers.iter().map(|l| l.telemetry.dead_experts.len()).sum(),
+        max_violation: layers
+            .iter()
+            .map(|l| l.telemetry.max_violation)
+            .fold(0.0, f64::max),
+    }
 }
 
 /// Add each expert's routed rows (inputs, or outputs with `output_space`) to its moments.
 fn add_moments(
     m: &mut [Moments],
-    cap: &crate::model::LayerCapture,
+    input: &Tensor,
+    cap: &MoeCapture,
     geo: &GeometryOptions,
     renorm: bool,
 ) -> Result<()> {
     let e_n = m.len();
-    let k = cap.moe.k;
-    for (e, (toks, h)) in cap.moe.expert_outputs.iter().enumerate() {
+    let k = cap.k;
+    for (e, (toks, h)) in cap.expert_outputs.iter().enumerate() {
         if toks.is_empty() {
             continue;
         }
@@ -510,16 +625,15 @@ fn add_moments(
                 None => continue,
             }
         } else {
-            cap.input
-                .index_select(&Tensor::new(toks.as_slice(), cap.input.device())?, 0)?
+            input.index_select(&Tensor::new(toks.as_slice(), input.device())?, 0)?
         };
         let w: Option<Vec<f64>> = geo.weighted.then(|| {
             toks.iter()
                 .map(|&t| {
                     let t = t as usize;
-                    let p = &cap.moe.probs[t * e_n..(t + 1) * e_n];
+                    let p = &cap.probs[t * e_n..(t + 1) * e_n];
                     let denom: f64 = if renorm {
-                        cap.moe.selected[t * k..(t + 1) * k]
+                        cap.selected[t * k..(t + 1) * k]
                             .iter()
                             .map(|&s| p[s as usize] as f64)
                             .sum()
