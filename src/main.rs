@@ -137,9 +137,23 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct AnalyzeArgs {
-    /// A run folder, checkpoint folder or model.safetensors (with config.json beside it).
+    /// A moescope run/checkpoint folder or model.safetensors; a Hugging Face model folder
+    /// (config.json + *.safetensors); or a hub id `org/name` (HF cache, downloaded when online).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    /// Hugging Face models: only these decoder layers (MoE layers, comma-separated); earlier
+    /// layers still run to produce their inputs.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Hugging Face models: tokens per window (default: min(512, max_position_embeddings)).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Hugging Face models: load every layer first instead of streaming one layer at a time.
+    #[arg(long)]
+    in_memory: bool,
+    /// Hugging Face hub revision (branch, tag or commit) for `org/name`.
+    #[arg(long, default_value = "main")]
+    revision: String,
     /// Text corpus (file or folder) tokenised with the run's tokenizer; default: the run's own validation split.
     #[arg(long, conflicts_with = "token_ids")]
     data: Option<PathBuf>,
@@ -590,18 +604,25 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         weighted: a.weighted,
         ..Default::default()
     };
-    let device = moescope::device::parse_device(&a.device)?;
-    let (model, run_cfg) = load_model(&a.model, &device)?;
     let families: Vec<Family> = a
         .families
         .iter()
         .map(|f| Family::parse(f, "--families"))
         .collect::<Result<_, _>>()?;
+    if let Some(dir) = hf_model_dir(&a.model, &a.revision)? {
+        return analyze_hf(&a, &dir, &families, &geo);
+    }
+    if a.layers.is_some() || a.seq_len.is_some() || a.in_memory {
+        bail!("--layers, --seq-len and --in-memory apply to Hugging Face checkpoints; {} is a moescope model", a.model);
+    }
+    let model_path = PathBuf::from(&a.model);
+    let device = moescope::device::parse_device(&a.device)?;
+    let (model, run_cfg) = load_model(&model_path, &device)?;
     // The library checks the tokens (empty, out of vocabulary, fewer than --tokens).
     let (tokens, data_desc) = if let Some(p) = &a.token_ids {
         (analyze::read_token_ids(p)?, p.display().to_string())
     } else {
-        let data_cfg = run_data_config(&a.model, run_cfg, a.data.as_deref());
+        let data_cfg = run_data_config(&model_path, run_cfg, a.data.as_deref());
         let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
         let mut v = Vec::new();
         ds.valid
@@ -609,7 +630,7 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         (v, format!("{} (validation split)", ds.source))
     };
     let source = analyze::Source {
-        checkpoint: a.model.display().to_string(),
+        checkpoint: a.model.clone(),
         data: data_desc.clone(),
         seed: 0,
     };
@@ -623,11 +644,106 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         source,
     )
     .with_context(|| format!("analysing {data_desc}"))?;
-    let json = serde_json::to_vec_pretty(&report)?;
-    moescope::fsutil::write_atomic(&a.out, &json)?;
-    eprint!("{}", analyze::summary_table(&report));
-    eprintln!("report: {}", a.out.display());
+    write_report(&a.out, &report)
+}
+
+fn write_report(out: &Path, report: &moescope::measures::analyze::Report) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    moescope::fsutil::write_atomic(out, &json)?;
+    eprint!("{}", moescope::measures::analyze::summary_table(report));
+    eprintln!("report: {}", out.display());
     Ok(())
+}
+
+/// The folder of a Hugging Face checkpoint named by `--model`, or None for a moescope model.
+fn hf_model_dir(model: &str, revision: &str) -> Result<Option<PathBuf>> {
+    use moescope::hf;
+    let p = Path::new(model);
+    if p.exists() {
+        let dir = if p.is_dir() { p } else { p.parent().unwrap_or(Path::new(".")) };
+        let cfg = dir.join("config.json");
+        if hf::config::is_hf_config(&cfg) {
+            return Ok(Some(dir.to_path_buf()));
+        }
+        return Ok(None);
+    }
+    if hf::hub::is_repo_id(model) {
+        let dir = hf::hub::resolve(model, revision, std::io::stderr().is_terminal())?;
+        return Ok(Some(dir));
+    }
+    bail!("--model {model}: no such file or folder (and not a Hugging Face hub id `org/name`)")
+}
+
+fn analyze_hf(
+    a: &AnalyzeArgs,
+    dir: &Path,
+    families: &[moescope::measures::Family],
+    geo: &moescope::measures::analyze::GeometryOptions,
+) -> Result<()> {
+    use moescope::hf::{self, analyze::HfOptions};
+    use moescope::measures::analyze;
+    if a.device != "cpu" {
+        bail!("--device {}: Hugging Face checkpoints are analysed on the CPU", a.device);
+    }
+    let ck = hf::HfCheckpoint::open(dir)?;
+    let cfg = &ck.cfg;
+    eprintln!(
+        "{}: {} ({}), {} layers ({} MoE), {} experts, top-{}, d {}, expert d_ff {}{}",
+        a.model,
+        cfg.arch.name(),
+        ck.dtype(),
+        cfg.n_layers,
+        cfg.n_moe_layers(),
+        cfg.n_experts,
+        cfg.top_k,
+        cfg.hidden_size,
+        cfg.moe_d_ff,
+        cfg.shared.map(|s| format!(", shared expert d_ff {}", s.d_ff)).unwrap_or_default()
+    );
+    let (tokens, data_desc) = if let Some(p) = &a.token_ids {
+        (analyze::read_token_ids(p)?, p.display().to_string())
+    } else {
+        let Some(tok) = &ck.files.tokenizer else {
+            bail!("{} has no tokenizer.json; pass already tokenised input with --token-ids", dir.display());
+        };
+        let data_cfg = DataConfig {
+            tokenizer: tok.display().to_string(),
+            path: a.data.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
+        let mut v = Vec::new();
+        ds.valid.extend_into(&mut v, 0, (a.tokens + 1).min(ds.valid.len()));
+        (v, format!("{} (validation split)", ds.source))
+    };
+    let opts = HfOptions {
+        tokens: a.tokens,
+        seq_len: a.seq_len.unwrap_or(cfg.max_position.min(512)),
+        batch: a.batch.max(1),
+        layers: a.layers.clone(),
+        in_memory: a.in_memory,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let source = analyze::Source {
+        checkpoint: format!("{} ({}, {})", a.model, cfg.arch.name(), ck.dtype()),
+        data: data_desc.clone(),
+        seed: 0,
+    };
+    let (report, timings) = hf::analyze::analyze(&ck, &tokens, &opts, families, geo, source)
+        .with_context(|| format!("analysing {} on {data_desc}", a.model))?;
+    for t in &timings {
+        eprintln!(
+            "layer {:>3}: load {:>7.2} s, compute {:>7.2} s{}",
+            t.index,
+            t.load_s,
+            t.compute_s,
+            t.peak_rss_mb.map(|m| format!(", peak RSS {m:.0} MiB")).unwrap_or_default()
+        );
+    }
+    if let Some(p) = &report.perplexity {
+        eprintln!("next-token loss {:.4}, perplexity {:.2} over {} tokens", p.loss, p.ppl, p.tokens);
+    }
+    write_report(&a.out, &report)
 }
 
 fn cmd_sweep(a: SweepArgs) -> Result<()> {

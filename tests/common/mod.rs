@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 //! Shared helpers for the end-to-end tests.
 
+pub mod hf_ref;
 pub mod reference;
 
 use moescope::config::{Config, ModelConfig};
