@@ -309,6 +309,33 @@ enum BenchCmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Streaming analysis of a random Mixtral-shaped HF checkpoint written to disk: time and peak RSS per layer.
+    Hf {
+        /// Where the random checkpoint is written (reused when it matches).
+        #[arg(long, default_value = "target/bench-mixtral")]
+        dir: PathBuf,
+        /// Decoder layers of the checkpoint (each is ~2.8 GB in bf16 at full size).
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        /// Tiny shapes instead of Mixtral-8x7B's (d 4096, f 14336, 8 experts, vocab 32000).
+        #[arg(long)]
+        tiny: bool,
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Load both layers first (compare peak memory with streaming).
+        #[arg(long)]
+        in_memory: bool,
+        /// Jacobian alignment mode (off, exact, estimate:M, auto).
+        #[arg(long, default_value = "off")]
+        jacobian: String,
+        /// Expert subspaces (off or a rank).
+        #[arg(long, default_value = "off")]
+        subspace: String,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
     Train {
         /// Model preset (tiny matches the peer's tiny exactly).
@@ -425,6 +452,49 @@ fn run(cli: Cli) -> Result<()> {
                     r.max_abs_diff.map(|s| format!("{s:.1e}")).unwrap_or("-".into()),
                     r.auto_picks
                 );
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            }
+            BenchCmd::Hf {
+                dir,
+                layers,
+                tiny,
+                tokens,
+                seq_len,
+                in_memory,
+                jacobian,
+                subspace,
+                threads,
+            } => {
+                set_threads(threads);
+                let geo = moescope::measures::analyze::GeometryOptions {
+                    jacobian: moescope::measures::jacobian::JacobianMode::parse(&jacobian)
+                        .map_err(|e| anyhow::anyhow!("--jacobian: {e}"))?,
+                    jacobian_tokens: tokens,
+                    spectra_tokens: 0,
+                    subspace: moescope::measures::subspace::RankRule::parse(&subspace)
+                        .map_err(|e| anyhow::anyhow!("--subspace: {e}"))?,
+                    ..Default::default()
+                };
+                if layers == 0 || tokens == 0 {
+                    bail!("need at least 1 layer and 1 token");
+                }
+                let mut r = moescope::bench::bench_hf(&dir, layers, !tiny, tokens, seq_len, in_memory, &geo)?;
+                // Per-layer peaks reset the counter; the last reading covers the output head.
+                let layer_peak = r.per_layer.iter().filter_map(|t| t.peak_rss_mb).fold(0.0, f64::max) * (1 << 20) as f64 / 1e9;
+                r.peak_rss_gb = moescope::memory::peak_rss_bytes().map(|b| (b as f64 / 1e9).max(layer_peak));
+                eprintln!(
+                    "checkpoint {:.2} GB on disk, one layer {:.2} GB in f32, {} tokens ({}):",
+                    r.disk_gb, r.layer_f32_gb, r.tokens, if r.in_memory { "in memory" } else { "streaming" }
+                );
+                for t in &r.per_layer {
+                    eprintln!(
+                        "  layer {}: load {:.1} s, compute {:.1} s{}",
+                        t.index, t.load_s, t.compute_s,
+                        t.peak_rss_mb.map(|m| format!(", peak RSS {:.2} GB", m * (1 << 20) as f64 / 1e9)).unwrap_or_default()
+                    );
+                }
+                eprintln!("total {:.1} s", r.total_s);
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             }

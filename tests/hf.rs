@@ -266,3 +266,88 @@ fn bad_checkpoints_are_named_precisely() {
     let e = open_err(&d);
     assert!(e.contains("config.json") && e.contains("`llama`") && e.contains("mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek"), "{e}");
 }
+
+/// A character-level tokenizer.json (BPE without merges) whose ids fit the tiny vocabulary.
+fn write_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for (i, ch) in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-".chars().enumerate() {
+        vocab.insert(ch.to_string(), (i + 1).into());
+    }
+    let t = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 0, "content": "[UNK]", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "[UNK]", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), t.to_string()).unwrap();
+}
+
+/// `--model org/name` resolves from a Hugging Face cache laid out as
+/// transformers lays it out, offline; text is tokenised with the model's
+/// tokenizer.json (the built-in corpus by default, or --data).
+#[test]
+fn cli_analyzes_a_hub_id_from_the_hf_cache_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf");
+    let repo = home.join("hub/models--tiny-org--tiny-olmoe");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    write(&snap, "olmoe", "BF16", 2, 4);
+    write_tokenizer(&snap);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let out = tmp.path().join("report.json");
+    let cache = tmp.path().join("cache");
+    let cmd = |extra: &[&str]| {
+        std::process::Command::new(common::bin())
+            .args(["analyze", "--model", "tiny-org/tiny-olmoe", "--tokens", "200", "--seq-len", "32",
+                   "--jacobian", "estimate:8", "--jacobian-tokens", "16", "--subspace", "4"])
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .env("HF_HOME", &home)
+            .env_remove("HF_HUB_CACHE")
+            .env("MOESCOPE_OFFLINE", "1")
+            .env("MOESCOPE_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let o = cmd(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("olmoe (BF16), 2 layers (2 MoE), 6 experts, top-3"), "{err}");
+    assert!(err.contains("layer   1: load") && err.contains("perplexity"), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["schema"], "moescope.analysis/1");
+    assert_eq!(r["tokens"], 200);
+    assert_eq!(r["layers"].as_array().unwrap().len(), 2);
+    assert!(r["layers"][0]["act_mso"].as_f64().unwrap() > 0.0);
+    assert!(r["layers"][0]["jacobian"]["mean"].is_number() || r["layers"][0]["jacobian"].is_object());
+    assert!(r["perplexity"]["ppl"].as_f64().unwrap() > 1.0);
+    assert!(r["source"]["checkpoint"].as_str().unwrap().contains("tiny-org/tiny-olmoe (olmoe, BF16)"));
+
+    // --data: the model's tokenizer on the user's text; --layers restricts the work.
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(400)).unwrap();
+    let o = cmd(&["--data", text.to_str().unwrap(), "--layers", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["layers"].as_array().unwrap().len(), 1);
+    assert_eq!(r["layers"][0]["index"], 1);
+
+    // Not in the cache and offline: a clear error, no report.
+    std::fs::remove_file(&out).unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args(["analyze", "--model", "tiny-org/absent", "--out", out.to_str().unwrap()])
+        .env("HF_HOME", &home)
+        .env("MOESCOPE_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("tiny-org/absent") && err.contains("not in the Hugging Face cache"), "{err}");
+    assert!(!out.exists());
+}

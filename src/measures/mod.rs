@@ -77,20 +77,27 @@ impl Family {
     }
 }
 
-/// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors (f64).
-pub fn cosine_gram(vecs: &[Vec<f32>]) -> Vec<Vec<f64>> {
+/// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors
+/// (f64 accumulation, pairs in parallel).
+pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
+    use rayon::prelude::*;
     let e = vecs.len();
-    let mut g = vec![vec![0.0f64; e]; e];
-    for i in 0..e {
-        for j in i..e {
-            let dot: f64 = vecs[i]
+    let pairs: Vec<(usize, usize)> = (0..e).flat_map(|i| (i..e).map(move |j| (i, j))).collect();
+    let dots: Vec<f64> = pairs
+        .par_iter()
+        .map(|&(i, j)| {
+            vecs[i]
+                .as_ref()
                 .iter()
-                .zip(&vecs[j])
+                .zip(vecs[j].as_ref())
                 .map(|(a, b)| *a as f64 * *b as f64)
-                .sum();
-            g[i][j] = dot;
-            g[j][i] = dot;
-        }
+                .sum()
+        })
+        .collect();
+    let mut g = vec![vec![0.0f64; e]; e];
+    for (&(i, j), &dot) in pairs.iter().zip(&dots) {
+        g[i][j] = dot;
+        g[j][i] = dot;
     }
     let norms: Vec<f64> = (0..e).map(|i| g[i][i].sqrt()).collect();
     for i in 0..e {
@@ -100,6 +107,46 @@ pub fn cosine_gram(vecs: &[Vec<f32>]) -> Vec<Vec<f64>> {
         }
     }
     g
+}
+
+/// Run `f` on the flattened f32 data of `ts`, borrowed in place for
+/// contiguous f32 CPU tensors (no copy of multi-GB expert weights) and
+/// copied otherwise.
+pub fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let borrowable = |i: usize| -> bool {
+        let (st, layout) = &guards[i];
+        matches!(&**st, Storage::Cpu(CpuStorage::F32(_))) && layout.contiguous_offsets().is_some()
+    };
+    let owned: Vec<Option<Vec<f32>>> = (0..ts.len())
+        .map(|i| {
+            if borrowable(i) {
+                Ok(None)
+            } else {
+                ts[i]
+                    .to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+                    .map(Some)
+            }
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let slices: Vec<&[f32]> = (0..ts.len())
+        .map(|i| match &owned[i] {
+            Some(v) => v.as_slice(),
+            None => {
+                let (st, layout) = &guards[i];
+                let (a, b) = layout.contiguous_offsets().expect("checked");
+                match &**st {
+                    Storage::Cpu(CpuStorage::F32(v)) => &v[a..b],
+                    _ => unreachable!("checked"),
+                }
+            }
+        })
+        .collect();
+    Ok(f(&slices))
 }
 
 /// MSO = 2/(E(E−1)) Σ_{i<j} G_ij² (0 for a single expert).
@@ -143,11 +190,7 @@ pub fn weight_overlap(moe: &MoeLayer, family: Family) -> Result<Option<WeightOve
     let Some(ts) = family.tensors(moe)? else {
         return Ok(None);
     };
-    let vecs: Vec<Vec<f32>> = ts
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
-        .collect::<candle_core::Result<_>>()?;
-    let g = cosine_gram(&vecs);
+    let g = with_f32_slices(&ts, |v| cosine_gram(v))?;
     Ok(Some(WeightOverlap {
         family,
         mso: mso(&g),
