@@ -64,7 +64,10 @@ def main():
             model = model.to(getattr(torch, a.dtype))
             d = os.path.join(tmp, name)
             model.save_pretrained(d, safe_serialization=True)
-            model = model.float()  # reference in f32 on the saved (possibly bf16) values
+            # The reference: transformers reading the saved checkpoint, computing in f32
+            # (upcasting the live model would also round RoPE's inv_freq buffer to bf16).
+            model = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
             ids = torch.randint(0, cfg.vocab_size, (1, a.tokens + 1))
             with torch.no_grad():
                 out = model(ids[:, :-1], labels=ids[:, :-1].clone(), output_router_logits=True)

@@ -480,7 +480,10 @@ pub fn bench_hf(
     let want = serde_json::to_string_pretty(&config).expect("json");
     let have = std::fs::read_to_string(dir.join("config.json")).ok();
     if have.as_deref() != Some(want.as_str()) || hf::HfCheckpoint::open(dir).is_err() {
-        eprintln!("writing a random Mixtral-shaped checkpoint ({layers} layers) to {}", dir.display());
+        eprintln!(
+            "writing a random Mixtral-shaped checkpoint ({layers} layers) to {}",
+            dir.display()
+        );
         let t0 = Instant::now();
         synth::write(
             dir,

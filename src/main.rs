@@ -479,19 +479,39 @@ fn run(cli: Cli) -> Result<()> {
                 if layers == 0 || tokens == 0 {
                     bail!("need at least 1 layer and 1 token");
                 }
-                let mut r = moescope::bench::bench_hf(&dir, layers, !tiny, tokens, seq_len, in_memory, &geo)?;
+                let mut r = moescope::bench::bench_hf(
+                    &dir, layers, !tiny, tokens, seq_len, in_memory, &geo,
+                )?;
                 // Per-layer peaks reset the counter; the last reading covers the output head.
-                let layer_peak = r.per_layer.iter().filter_map(|t| t.peak_rss_mb).fold(0.0, f64::max) * (1 << 20) as f64 / 1e9;
-                r.peak_rss_gb = moescope::memory::peak_rss_bytes().map(|b| (b as f64 / 1e9).max(layer_peak));
+                let layer_peak = r
+                    .per_layer
+                    .iter()
+                    .filter_map(|t| t.peak_rss_mb)
+                    .fold(0.0, f64::max)
+                    * (1 << 20) as f64
+                    / 1e9;
+                r.peak_rss_gb =
+                    moescope::memory::peak_rss_bytes().map(|b| (b as f64 / 1e9).max(layer_peak));
                 eprintln!(
                     "checkpoint {:.2} GB on disk, one layer {:.2} GB in f32, {} tokens ({}):",
-                    r.disk_gb, r.layer_f32_gb, r.tokens, if r.in_memory { "in memory" } else { "streaming" }
+                    r.disk_gb,
+                    r.layer_f32_gb,
+                    r.tokens,
+                    if r.in_memory {
+                        "in memory"
+                    } else {
+                        "streaming"
+                    }
                 );
                 for t in &r.per_layer {
                     eprintln!(
                         "  layer {}: load {:.1} s, compute {:.1} s{}",
-                        t.index, t.load_s, t.compute_s,
-                        t.peak_rss_mb.map(|m| format!(", peak RSS {:.2} GB", m * (1 << 20) as f64 / 1e9)).unwrap_or_default()
+                        t.index,
+                        t.load_s,
+                        t.compute_s,
+                        t.peak_rss_mb
+                            .map(|m| format!(", peak RSS {:.2} GB", m * (1 << 20) as f64 / 1e9))
+                            .unwrap_or_default()
                     );
                 }
                 eprintln!("total {:.1} s", r.total_s);
@@ -730,7 +750,11 @@ fn hf_model_dir(model: &str, revision: &str) -> Result<Option<PathBuf>> {
     use moescope::hf;
     let p = Path::new(model);
     if p.exists() {
-        let dir = if p.is_dir() { p } else { p.parent().unwrap_or(Path::new(".")) };
+        let dir = if p.is_dir() {
+            p
+        } else {
+            p.parent().unwrap_or(Path::new("."))
+        };
         let cfg = dir.join("config.json");
         if hf::config::is_hf_config(&cfg) {
             return Ok(Some(dir.to_path_buf()));
@@ -753,7 +777,10 @@ fn analyze_hf(
     use moescope::hf::{self, analyze::HfOptions};
     use moescope::measures::analyze;
     if a.device != "cpu" {
-        bail!("--device {}: Hugging Face checkpoints are analysed on the CPU", a.device);
+        bail!(
+            "--device {}: Hugging Face checkpoints are analysed on the CPU",
+            a.device
+        );
     }
     let ck = hf::HfCheckpoint::open(dir)?;
     let cfg = &ck.cfg;
@@ -768,22 +795,32 @@ fn analyze_hf(
         cfg.top_k,
         cfg.hidden_size,
         cfg.moe_d_ff,
-        cfg.shared.map(|s| format!(", shared expert d_ff {}", s.d_ff)).unwrap_or_default()
+        cfg.shared
+            .map(|s| format!(", shared expert d_ff {}", s.d_ff))
+            .unwrap_or_default()
     );
     let (tokens, data_desc) = if let Some(p) = &a.token_ids {
         (analyze::read_token_ids(p)?, p.display().to_string())
     } else {
         let Some(tok) = &ck.files.tokenizer else {
-            bail!("{} has no tokenizer.json; pass already tokenised input with --token-ids", dir.display());
+            bail!(
+                "{} has no tokenizer.json; pass already tokenised input with --token-ids",
+                dir.display()
+            );
         };
         let data_cfg = DataConfig {
             tokenizer: tok.display().to_string(),
-            path: a.data.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+            path: a
+                .data
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
             ..Default::default()
         };
         let ds = Dataset::load(&data_cfg, std::io::stderr().is_terminal())?;
         let mut v = Vec::new();
-        ds.valid.extend_into(&mut v, 0, (a.tokens + 1).min(ds.valid.len()));
+        ds.valid
+            .extend_into(&mut v, 0, (a.tokens + 1).min(ds.valid.len()));
         (v, format!("{} (validation split)", ds.source))
     };
     let opts = HfOptions {
@@ -807,11 +844,16 @@ fn analyze_hf(
             t.index,
             t.load_s,
             t.compute_s,
-            t.peak_rss_mb.map(|m| format!(", peak RSS {m:.0} MiB")).unwrap_or_default()
+            t.peak_rss_mb
+                .map(|m| format!(", peak RSS {m:.0} MiB"))
+                .unwrap_or_default()
         );
     }
     if let Some(p) = &report.perplexity {
-        eprintln!("next-token loss {:.4}, perplexity {:.2} over {} tokens", p.loss, p.ppl, p.tokens);
+        eprintln!(
+            "next-token loss {:.4}, perplexity {:.2} over {} tokens",
+            p.loss, p.ppl, p.tokens
+        );
     }
     write_report(&a.out, &report)
 }

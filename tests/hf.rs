@@ -20,7 +20,9 @@ fn seqs(n: usize, t: usize, vocab: u32, seed: u32) -> Vec<Vec<u32>> {
     (0..n)
         .map(|s| {
             (0..t)
-                .map(|i| ((i as u32 * 7 + s as u32 * 13 + seed).wrapping_mul(2654435761u32) >> 7) % vocab)
+                .map(|i| {
+                    ((i as u32 * 7 + s as u32 * 13 + seed).wrapping_mul(2654435761u32) >> 7) % vocab
+                })
                 .collect()
         })
         .collect()
@@ -50,7 +52,13 @@ fn logits(dir: &Path, s: &[Vec<u32>]) -> Vec<f32> {
         .unwrap()
 }
 
-fn write(dir: &Path, arch: &str, dtype: &str, shards: usize, seed: u64) -> (serde_json::Value, Weights) {
+fn write(
+    dir: &Path,
+    arch: &str,
+    dtype: &str,
+    shards: usize,
+    seed: u64,
+) -> (serde_json::Value, Weights) {
     let c = hf_ref::config(arch);
     let w = hf_ref::random_weights(&c, seed);
     hf_ref::write_checkpoint(dir, &c, &w, dtype, shards);
@@ -67,10 +75,16 @@ fn every_architecture_matches_the_f64_reference() {
         let r = hf_ref::forward(&c, &hf_ref::rounded(&w, "F32"), &s);
         let diff = rel_diff(&logits(&dir, &s), &r.logits);
         eprintln!("{arch}: max relative logit difference {diff:.2e}");
-        assert!(diff < 1e-5, "{arch}: max relative logit difference {diff:.2e}");
+        assert!(
+            diff < 1e-5,
+            "{arch}: max relative logit difference {diff:.2e}"
+        );
         // The reference's routing must be non-trivial (several experts used).
         let used = r.loads.iter().flatten().filter(|&&x| x > 0).count();
-        assert!(used >= 4, "{arch}: routing too degenerate for a test ({used} experts used)");
+        assert!(
+            used >= 4,
+            "{arch}: routing too degenerate for a test ({used} experts used)"
+        );
     }
 }
 
@@ -80,19 +94,31 @@ fn bf16_files_load_exactly_and_stay_within_bf16_of_f32() {
     for arch in ["mixtral", "qwen2_moe"] {
         let c = hf_ref::config(arch);
         let w = hf_ref::random_weights(&c, 3);
-        let (d32, d16) = (tmp.path().join(format!("{arch}-f32")), tmp.path().join(format!("{arch}-bf16")));
+        let (d32, d16) = (
+            tmp.path().join(format!("{arch}-f32")),
+            tmp.path().join(format!("{arch}-bf16")),
+        );
         hf_ref::write_checkpoint(&d32, &c, &w, "F32", 1);
         hf_ref::write_checkpoint(&d16, &c, &w, "BF16", 2);
         let s = seqs(2, 8, 61, 5);
         let l16 = logits(&d16, &s);
         // Exact: bf16 values widen to f32 without loss, so the reference on the
         // rounded weights is matched to f32 precision.
-        let exact = rel_diff(&l16, &hf_ref::forward(&c, &hf_ref::rounded(&w, "BF16"), &s).logits);
-        assert!(exact < 2e-5, "{arch}: bf16 file vs reference on bf16 weights {exact:.2e}");
+        let exact = rel_diff(
+            &l16,
+            &hf_ref::forward(&c, &hf_ref::rounded(&w, "BF16"), &s).logits,
+        );
+        assert!(
+            exact < 2e-5,
+            "{arch}: bf16 file vs reference on bf16 weights {exact:.2e}"
+        );
         // Against the f32 file: within what bf16 rounding (8 bits of mantissa) explains.
         let r32 = hf_ref::forward(&c, &hf_ref::rounded(&w, "F32"), &s).logits;
         let loose = rel_diff(&l16, &r32);
-        assert!(loose < 5e-2 && loose > 1e-5, "{arch}: bf16 vs f32 {loose:.2e}");
+        assert!(
+            loose < 5e-2 && loose > 1e-5,
+            "{arch}: bf16 vs f32 {loose:.2e}"
+        );
     }
 }
 
@@ -106,13 +132,36 @@ fn geo() -> GeometryOptions {
     }
 }
 
-fn run(dir: &Path, tokens: &[u32], in_memory: bool, layers: Option<Vec<usize>>) -> moescope::measures::analyze::Report {
+fn run(
+    dir: &Path,
+    tokens: &[u32],
+    in_memory: bool,
+    layers: Option<Vec<usize>>,
+) -> moescope::measures::analyze::Report {
     let ck = HfCheckpoint::open(dir).unwrap();
-    let opts = HfOptions { tokens: tokens.len() - 1, seq_len: 10, batch: 2, layers, in_memory, progress: false };
-    let src = Source { checkpoint: "x".into(), data: "y".into(), seed: 0 };
-    analyze(&ck, tokens, &opts, &[Family::Up, Family::Gate, Family::Down, Family::Router], &geo(), src)
-        .unwrap()
-        .0
+    let opts = HfOptions {
+        tokens: tokens.len() - 1,
+        seq_len: 10,
+        batch: 2,
+        layers,
+        in_memory,
+        progress: false,
+    };
+    let src = Source {
+        checkpoint: "x".into(),
+        data: "y".into(),
+        seed: 0,
+    };
+    analyze(
+        &ck,
+        tokens,
+        &opts,
+        &[Family::Up, Family::Gate, Family::Down, Family::Router],
+        &geo(),
+        src,
+    )
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -136,10 +185,20 @@ fn sharded_single_streaming_and_in_memory_give_identical_reports() {
     let windows: Vec<Vec<u32>> = tokens[..40].chunks(10).map(|c| c.to_vec()).collect();
     let r = hf_ref::forward(&c, &hf_ref::rounded(&w, "F32"), &windows);
     let moe_layers: Vec<usize> = (0..3).filter(|&l| hf_ref::is_moe(&c, l)).collect();
-    assert_eq!(a.layers.iter().map(|l| l.index).collect::<Vec<_>>(), moe_layers);
+    assert_eq!(
+        a.layers.iter().map(|l| l.index).collect::<Vec<_>>(),
+        moe_layers
+    );
     for l in &a.layers {
-        assert_eq!(l.telemetry.load, r.loads[l.index], "layer {} loads", l.index);
-        let s = l.shared_expert.as_ref().expect("qwen2_moe has a shared expert");
+        assert_eq!(
+            l.telemetry.load, r.loads[l.index],
+            "layer {} loads",
+            l.index
+        );
+        let s = l
+            .shared_expert
+            .as_ref()
+            .expect("qwen2_moe has a shared expert");
         assert!(s.gate_mean.unwrap() > 0.0 && s.gate_mean.unwrap() < 1.0);
         assert!(s.act_cos2_routed > 0.0 && s.act_cos2_routed < 1.0);
         assert!(l.jacobian.is_some() && l.subspace.is_some());
@@ -153,7 +212,12 @@ fn sharded_single_streaming_and_in_memory_give_identical_reports() {
     }
     let p = a.perplexity.expect("whole model run");
     assert_eq!(p.tokens, 40);
-    assert!((p.loss - nll / 40.0).abs() < 1e-5, "{} vs {}", p.loss, nll / 40.0);
+    assert!(
+        (p.loss - nll / 40.0).abs() < 1e-5,
+        "{} vs {}",
+        p.loss,
+        nll / 40.0
+    );
 
     // --layers: only layer 2 is measured, no loss (the model is not run to the end).
     let only = run(&single, &tokens, false, Some(vec![2]));
@@ -168,10 +232,28 @@ fn dense_or_missing_layers_are_refused() {
     write(tmp.path(), "qwen2_moe", "F32", 1, 1);
     let ck = HfCheckpoint::open(tmp.path()).unwrap();
     for (layers, want) in [(vec![1], "dense layer"), (vec![7], "does not exist")] {
-        let opts = HfOptions { tokens: 8, seq_len: 8, batch: 1, layers: Some(layers), in_memory: false, progress: false };
-        let e = analyze(&ck, &[1; 9], &opts, &[Family::Up], &GeometryOptions::default(), Source { checkpoint: String::new(), data: String::new(), seed: 0 })
-            .unwrap_err()
-            .to_string();
+        let opts = HfOptions {
+            tokens: 8,
+            seq_len: 8,
+            batch: 1,
+            layers: Some(layers),
+            in_memory: false,
+            progress: false,
+        };
+        let e = analyze(
+            &ck,
+            &[1; 9],
+            &opts,
+            &[Family::Up],
+            &GeometryOptions::default(),
+            Source {
+                checkpoint: String::new(),
+                data: String::new(),
+                seed: 0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains(want) && e.contains("--layers"), "{e}");
     }
 }
@@ -195,25 +277,43 @@ fn bad_checkpoints_are_named_precisely() {
     let d = base("missing-shard", 3);
     std::fs::remove_file(d.join("model-00002-of-00003.safetensors")).unwrap();
     let e = open_err(&d);
-    assert!(e.contains("model.safetensors.index.json") && e.contains("model-00002-of-00003.safetensors") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.safetensors.index.json")
+            && e.contains("model-00002-of-00003.safetensors")
+            && e.contains("missing"),
+        "{e}"
+    );
 
     // The index names a tensor no shard has.
     let d = base("index-extra", 2);
     let p = d.join("model.safetensors.index.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["weight_map"]["model.layers.9.mlp.bogus.weight"] = "model-00001-of-00002.safetensors".into();
     std::fs::write(&p, v.to_string()).unwrap();
     let e = open_err(&d);
-    assert!(e.contains("model.layers.9.mlp.bogus.weight") && e.contains("model-00001-of-00002.safetensors"), "{e}");
+    assert!(
+        e.contains("model.layers.9.mlp.bogus.weight")
+            && e.contains("model-00001-of-00002.safetensors"),
+        "{e}"
+    );
 
     // A shape that contradicts config.json.
     let d = base("shape", 1);
     let p = d.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["intermediate_size"] = 20.into();
     std::fs::write(&p, v.to_string()).unwrap();
     let e = open_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("experts.0.w1.weight") && e.contains("[24, 32]") && e.contains("[20, 32]") && e.contains("intermediate_size"), "{e}");
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("experts.0.w1.weight")
+            && e.contains("[24, 32]")
+            && e.contains("[20, 32]")
+            && e.contains("intermediate_size"),
+        "{e}"
+    );
 
     // A truncated file.
     let d = base("truncated", 1);
@@ -221,7 +321,10 @@ fn bad_checkpoints_are_named_precisely() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let e = open_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 
     // A tensor missing from a single file.
     let c = hf_ref::config("mixtral");
@@ -230,20 +333,31 @@ fn bad_checkpoints_are_named_precisely() {
     let d = tmp.path().join("missing-tensor");
     hf_ref::write_checkpoint(&d, &c, &w, "F32", 1);
     let e = open_err(&d);
-    assert!(e.contains("model.layers.1.block_sparse_moe.experts.3.w2.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.1.block_sparse_moe.experts.3.w2.weight") && e.contains("missing"),
+        "{e}"
+    );
 
     // A dtype safetensors knows but moescope does not load, and one nobody knows.
-    for (dtype, want) in [("I8", "stored as I8"), ("Q4_K", "not a valid safetensors file")] {
+    for (dtype, want) in [
+        ("I8", "stored as I8"),
+        ("Q4_K", "not a valid safetensors file"),
+    ] {
         let d = tmp.path().join(format!("dtype-{dtype}"));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("config.json"), hf_ref::config("mixtral").to_string()).unwrap();
-        let header = format!(r#"{{"model.embed_tokens.weight":{{"dtype":"{dtype}","shape":[61,32],"data_offsets":[0,1952]}}}}"#);
+        let header = format!(
+            r#"{{"model.embed_tokens.weight":{{"dtype":"{dtype}","shape":[61,32],"data_offsets":[0,1952]}}}}"#
+        );
         let mut f = (header.len() as u64).to_le_bytes().to_vec();
         f.extend_from_slice(header.as_bytes());
         f.extend(std::iter::repeat_n(0u8, 1952));
         std::fs::write(d.join("model.safetensors"), f).unwrap();
         let e = open_err(&d);
-        assert!(e.contains("model.safetensors") && e.contains(want), "{dtype}: {e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains(want),
+            "{dtype}: {e}"
+        );
         if dtype == "I8" {
             assert!(e.contains("model.embed_tokens.weight"), "{e}");
         }
@@ -255,23 +369,37 @@ fn bad_checkpoints_are_named_precisely() {
     std::fs::write(d.join("config.json"), hf_ref::config("olmoe").to_string()).unwrap();
     std::fs::write(d.join("pytorch_model.bin"), b"\x80\x02}q\x00.").unwrap();
     let e = open_err(&d);
-    assert!(e.contains("pytorch_model.bin") && e.contains("arbitrary code") && e.contains("safe_serialization"), "{e}");
+    assert!(
+        e.contains("pytorch_model.bin")
+            && e.contains("arbitrary code")
+            && e.contains("safe_serialization"),
+        "{e}"
+    );
 
     // An unsupported architecture.
     let d = base("llama", 1);
     let p = d.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v["model_type"] = "llama".into();
     std::fs::write(&p, v.to_string()).unwrap();
     let e = open_err(&d);
-    assert!(e.contains("config.json") && e.contains("`llama`") && e.contains("mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek"), "{e}");
+    assert!(
+        e.contains("config.json")
+            && e.contains("`llama`")
+            && e.contains("mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek"),
+        "{e}"
+    );
 }
 
 /// A character-level tokenizer.json (BPE without merges) whose ids fit the tiny vocabulary.
 fn write_tokenizer(dir: &Path) {
     let mut vocab = serde_json::Map::new();
     vocab.insert("[UNK]".into(), 0.into());
-    for (i, ch) in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-".chars().enumerate() {
+    for (i, ch) in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+        .chars()
+        .enumerate()
+    {
         vocab.insert(ch.to_string(), (i + 1).into());
     }
     let t = serde_json::json!({
@@ -305,8 +433,21 @@ fn cli_analyzes_a_hub_id_from_the_hf_cache_offline() {
     let cache = tmp.path().join("cache");
     let cmd = |extra: &[&str]| {
         std::process::Command::new(common::bin())
-            .args(["analyze", "--model", "tiny-org/tiny-olmoe", "--tokens", "200", "--seq-len", "32",
-                   "--jacobian", "estimate:8", "--jacobian-tokens", "16", "--subspace", "4"])
+            .args([
+                "analyze",
+                "--model",
+                "tiny-org/tiny-olmoe",
+                "--tokens",
+                "200",
+                "--seq-len",
+                "32",
+                "--jacobian",
+                "estimate:8",
+                "--jacobian-tokens",
+                "16",
+                "--subspace",
+                "4",
+            ])
             .args(["--out", out.to_str().unwrap()])
             .args(extra)
             .env("HF_HOME", &home)
@@ -319,35 +460,63 @@ fn cli_analyzes_a_hub_id_from_the_hf_cache_offline() {
     let o = cmd(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("olmoe (BF16), 2 layers (2 MoE), 6 experts, top-3"), "{err}");
-    assert!(err.contains("layer   1: load") && err.contains("perplexity"), "{err}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(
+        err.contains("olmoe (BF16), 2 layers (2 MoE), 6 experts, top-3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("layer   1: load") && err.contains("perplexity"),
+        "{err}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r["schema"], "moescope.analysis/1");
     assert_eq!(r["tokens"], 200);
     assert_eq!(r["layers"].as_array().unwrap().len(), 2);
     assert!(r["layers"][0]["act_mso"].as_f64().unwrap() > 0.0);
-    assert!(r["layers"][0]["jacobian"]["mean"].is_number() || r["layers"][0]["jacobian"].is_object());
+    assert!(
+        r["layers"][0]["jacobian"]["mean"].is_number() || r["layers"][0]["jacobian"].is_object()
+    );
     assert!(r["perplexity"]["ppl"].as_f64().unwrap() > 1.0);
-    assert!(r["source"]["checkpoint"].as_str().unwrap().contains("tiny-org/tiny-olmoe (olmoe, BF16)"));
+    assert!(r["source"]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .contains("tiny-org/tiny-olmoe (olmoe, BF16)"));
 
     // --data: the model's tokenizer on the user's text; --layers restricts the work.
     let text = tmp.path().join("text.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(400)).unwrap();
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(400),
+    )
+    .unwrap();
     let o = cmd(&["--data", text.to_str().unwrap(), "--layers", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r["layers"].as_array().unwrap().len(), 1);
     assert_eq!(r["layers"][0]["index"], 1);
 
     // Not in the cache and offline: a clear error, no report.
     std::fs::remove_file(&out).unwrap();
     let o = std::process::Command::new(common::bin())
-        .args(["analyze", "--model", "tiny-org/absent", "--out", out.to_str().unwrap()])
+        .args([
+            "analyze",
+            "--model",
+            "tiny-org/absent",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env("HF_HOME", &home)
         .env("MOESCOPE_OFFLINE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("tiny-org/absent") && err.contains("not in the Hugging Face cache"), "{err}");
+    assert!(
+        !o.status.success()
+            && err.contains("tiny-org/absent")
+            && err.contains("not in the Hugging Face cache"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

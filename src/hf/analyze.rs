@@ -122,7 +122,13 @@ struct Measured {
 }
 
 impl Measured {
-    fn observe(&mut self, layer: &DecoderLayer, h: &Tensor, cap: &FfnCapture, geo: &GeometryOptions) -> Result<()> {
+    fn observe(
+        &mut self,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        cap: &FfnCapture,
+        geo: &GeometryOptions,
+    ) -> Result<()> {
         let moe = layer.ffn.moe().expect("measured layers are MoE layers");
         self.an.observe(moe, h, &cap.moe, geo)?;
         if let (Some(acc), Some(s)) = (self.shared.as_mut(), cap.shared.as_ref()) {
@@ -131,7 +137,13 @@ impl Measured {
         Ok(())
     }
 
-    fn finish(self, layer: &DecoderLayer, ck: &HfCheckpoint, families: &[Family], geo: &GeometryOptions) -> Result<LayerReport> {
+    fn finish(
+        self,
+        layer: &DecoderLayer,
+        ck: &HfCheckpoint,
+        families: &[Family],
+        geo: &GeometryOptions,
+    ) -> Result<LayerReport> {
         let moe = layer.ffn.moe().expect("measured layers are MoE layers");
         let mut r = self.an.finish(moe, families, geo)?;
         r.shared_expert = match (self.shared, ck.cfg.shared) {
@@ -144,9 +156,13 @@ impl Measured {
 
 /// The MoE layers to measure, checked against the model.
 pub fn select_layers(ck: &HfCheckpoint, layers: Option<&[usize]>) -> Result<Vec<usize>> {
-    let moe: Vec<usize> = (0..ck.cfg.n_layers).filter(|&l| ck.cfg.moe_layers[l]).collect();
+    let moe: Vec<usize> = (0..ck.cfg.n_layers)
+        .filter(|&l| ck.cfg.moe_layers[l])
+        .collect();
     if moe.is_empty() {
-        return Err(Error::Data("the model has no MoE layer: nothing to analyse".into()));
+        return Err(Error::Data(
+            "the model has no MoE layer: nothing to analyse".into(),
+        ));
     }
     let Some(want) = layers else { return Ok(moe) };
     let mut out = Vec::new();
@@ -154,7 +170,11 @@ pub fn select_layers(ck: &HfCheckpoint, layers: Option<&[usize]>) -> Result<Vec<
         if l >= ck.cfg.n_layers {
             return Err(Error::config(
                 "--layers",
-                format!("layer {l} does not exist (the model has {} layers, 0..{})", ck.cfg.n_layers, ck.cfg.n_layers - 1),
+                format!(
+                    "layer {l} does not exist (the model has {} layers, 0..{})",
+                    ck.cfg.n_layers,
+                    ck.cfg.n_layers - 1
+                ),
             ));
         }
         if !ck.cfg.moe_layers[l] {
@@ -189,7 +209,11 @@ pub fn analyze(
     let selected = select_layers(ck, opts.layers.as_deref())?;
     // Without a layer restriction the whole model runs and the loss comes for free.
     let full = opts.layers.is_none();
-    let last = if full { cfg.n_layers - 1 } else { *selected.last().expect("non-empty") };
+    let last = if full {
+        cfg.n_layers - 1
+    } else {
+        *selected.last().expect("non-empty")
+    };
     let windows = crate::data::eval_windows(n + 1, opts.seq_len, 0);
     let batches: Vec<(usize, usize, Vec<u32>)> =
         crate::data::batch_ranges(&windows, opts.batch, |a, b| a.1 == b.1)
@@ -240,7 +264,12 @@ pub fn analyze(
         for l in 0..=last {
             let t0 = Instant::now();
             layers.push(DecoderLayer::load(&ck.weights, cfg, l)?);
-            timings.push(LayerTiming { index: l, load_s: t0.elapsed().as_secs_f64(), compute_s: 0.0, peak_rss_mb: None });
+            timings.push(LayerTiming {
+                index: l,
+                load_s: t0.elapsed().as_secs_f64(),
+                compute_s: 0.0,
+                peak_rss_mb: None,
+            });
             bar.set_message(format!("loaded layer {l}"));
             bar.inc(1);
         }
@@ -260,7 +289,7 @@ pub fn analyze(
             }
         }
     } else {
-        for l in 0..=last {
+        for (l, m) in measured.iter_mut().enumerate().take(last + 1) {
             crate::memory::reset_peak_rss();
             let t0 = Instant::now();
             bar.set_message(format!("loading layer {l}"));
@@ -269,9 +298,9 @@ pub fn analyze(
             bar.set_message(format!("running layer {l} (loaded in {load_s:.1}s)"));
             let t1 = Instant::now();
             for (x, (b, t, _)) in xs.iter_mut().zip(&batches) {
-                *x = run_layer(&layer, x, *b, *t, &rope, measured[l].as_mut(), geo)?;
+                *x = run_layer(&layer, x, *b, *t, &rope, m.as_mut(), geo)?;
             }
-            if let Some(m) = measured[l].take() {
+            if let Some(m) = m.take() {
                 reports.push(m.finish(&layer, ck, families, geo)?);
             }
             drop(layer);
@@ -298,7 +327,14 @@ pub fn analyze(
         Report {
             schema: SCHEMA,
             source,
-            options: Options::new(n, families, opts.seq_len, opts.batch, (Routing::Topk, cfg.top_k, cfg.norm_topk), geo),
+            options: Options::new(
+                n,
+                families,
+                opts.seq_len,
+                opts.batch,
+                (Routing::Topk, cfg.top_k, cfg.norm_topk),
+                geo,
+            ),
             tokens: tokens_seen,
             perplexity,
             layers: reports,
@@ -358,6 +394,14 @@ fn loss(
             count += ti.len();
         }
     }
-    let loss = if count > 0 { sum / count as f64 } else { f64::NAN };
-    Ok(Perplexity { loss, ppl: loss.exp(), tokens: count })
+    let loss = if count > 0 {
+        sum / count as f64
+    } else {
+        f64::NAN
+    };
+    Ok(Perplexity {
+        loss,
+        ppl: loss.exp(),
+        tokens: count,
+    })
 }

@@ -124,10 +124,16 @@ impl Keys<'_> {
     fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.get(key) {
             None => default.ok_or_else(|| self.err(key, "missing (required for this model_type)")),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
+        }
+    }
+    /// The first of `keys` present (transformers renamed some keys across versions).
+    fn first_usize(&self, keys: &[&str]) -> Result<usize> {
+        match keys.iter().find(|k| self.get(k).is_some()) {
+            Some(k) => self.usize(k),
+            None => Err(self.err(keys[0], "missing (required for this model_type)")),
         }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -218,19 +224,40 @@ impl HfConfig {
                 format!("`{act}` is not supported (the experts must be SwiGLU with silu)"),
             ));
         }
-        if let Some(rs) = k.get("rope_scaling") {
+        // RoPE: `rope_theta` / `rope_scaling` (transformers 4) or
+        // `rope_parameters = {rope_theta, rope_type}` (transformers 5).
+        let params = k.get("rope_parameters");
+        for (key, rs) in [
+            ("rope_scaling", k.get("rope_scaling")),
+            ("rope_parameters", params),
+        ] {
+            let Some(rs) = rs else { continue };
             let ty = rs
                 .get("rope_type")
                 .or_else(|| rs.get("type"))
                 .and_then(Value::as_str)
-                .unwrap_or("?");
+                .unwrap_or("default");
             if ty != "default" {
                 return Err(k.err(
-                    "rope_scaling",
-                    format!("RoPE scaling `{ty}` is not supported; only unscaled RoPE is"),
+                    key,
+                    format!("RoPE type `{ty}` is not supported; only unscaled (`default`) RoPE is"),
                 ));
             }
         }
+        let theta_default = if arch == Arch::Mixtral { 1e6 } else { 10000.0 };
+        let rope_theta = match (
+            k.get("rope_theta"),
+            params.and_then(|p| p.get("rope_theta")),
+        ) {
+            (Some(_), _) => k.f64_or("rope_theta", theta_default)?,
+            (None, Some(v)) => v.as_f64().ok_or_else(|| {
+                k.err(
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {v}"),
+                )
+            })?,
+            (None, None) => theta_default,
+        };
         let hidden_size = k.usize("hidden_size")?;
         let n_layers = k.usize("num_hidden_layers")?;
         let n_heads = k.usize("num_attention_heads")?;
@@ -239,9 +266,10 @@ impl HfConfig {
         let max_position = k.usize_or("max_position_embeddings", Some(4096))?;
         let attention_bias = k.bool_or("attention_bias", false)?;
         let dense_d_ff = k.usize_or("intermediate_size", Some(0))?;
-        let (n_experts, moe_d_ff, shared, moe_layers, norm_default, qk_norm, qkv_bias) = match arch {
+        let (n_experts, moe_d_ff, shared, moe_layers, norm_default, qk_norm, qkv_bias) = match arch
+        {
             Arch::Mixtral => (
-                k.usize("num_local_experts")?,
+                k.first_usize(&["num_local_experts", "num_experts"])?,
                 k.usize("intermediate_size")?,
                 None,
                 vec![true; n_layers],
@@ -250,7 +278,7 @@ impl HfConfig {
                 false,
             ),
             Arch::Qwen2Moe | Arch::Qwen3Moe => {
-                let n = k.usize("num_experts")?;
+                let n = k.first_usize(&["num_experts", "num_local_experts"])?;
                 let step = k.usize_or("decoder_sparse_step", Some(1))?.max(1);
                 let only = k.usize_list("mlp_only_layers")?;
                 let layers = (0..n_layers)
@@ -280,7 +308,7 @@ impl HfConfig {
                 )
             }
             Arch::Olmoe => (
-                k.usize("num_experts")?,
+                k.first_usize(&["num_experts", "num_local_experts"])?,
                 k.usize("intermediate_size")?,
                 None,
                 vec![true; n_layers],
@@ -327,7 +355,7 @@ impl HfConfig {
             n_kv_heads,
             head_dim,
             rms_eps: k.f64_or("rms_norm_eps", 1e-6)?,
-            rope_theta: k.f64_or("rope_theta", 10000.0)?,
+            rope_theta,
             qkv_bias,
             o_bias: matches!(arch, Arch::Olmoe | Arch::Qwen3Moe | Arch::Deepseek) && attention_bias,
             qk_norm,
@@ -339,9 +367,9 @@ impl HfConfig {
             sliding_window: if arch == Arch::Mixtral {
                 k.get("sliding_window")
                     .map(|v| {
-                        v.as_u64()
-                            .map(|x| x as usize)
-                            .ok_or_else(|| k.err("sliding_window", format!("expected an integer, found {v}")))
+                        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                            k.err("sliding_window", format!("expected an integer, found {v}"))
+                        })
                     })
                     .transpose()?
             } else {
@@ -389,13 +417,19 @@ impl HfConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(err("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim)));
+            return Err(err(
+                "head_dim",
+                format!("{} is odd; RoPE needs an even head size", self.head_dim),
+            ));
         }
         if self.moe_layers.iter().any(|&m| m) {
             if self.top_k == 0 || self.top_k > self.n_experts {
                 return Err(err(
                     "num_experts_per_tok",
-                    format!("{} is not between 1 and the {} experts", self.top_k, self.n_experts),
+                    format!(
+                        "{} is not between 1 and the {} experts",
+                        self.top_k, self.n_experts
+                    ),
                 ));
             }
             if self.moe_d_ff == 0 {
@@ -464,32 +498,81 @@ mod tests {
     fn qwen2_sparse_layers_follow_step_and_mlp_only() {
         let c = HfConfig::from_value(&base(), Path::new("config.json")).unwrap();
         assert_eq!(c.moe_layers, vec![false, true, false, false]);
-        assert_eq!(c.shared, Some(SharedSpec { d_ff: 12, gated: true }));
+        assert_eq!(
+            c.shared,
+            Some(SharedSpec {
+                d_ff: 12,
+                gated: true
+            })
+        );
         assert!(c.qkv_bias && !c.norm_topk);
         assert_eq!(c.head_dim, 4);
+    }
+
+    #[test]
+    fn transformers_5_keys_are_read() {
+        let mut v = base();
+        v["model_type"] = json!("qwen3_moe");
+        let o = v.as_object_mut().unwrap();
+        o.remove("num_experts");
+        o.insert("num_local_experts".into(), json!(4));
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": 1e6, "rope_type": "default"}),
+        );
+        let c = HfConfig::from_value(&v, Path::new("c.json")).unwrap();
+        assert_eq!((c.n_experts, c.rope_theta), (4, 1e6));
+        v["rope_parameters"] = json!({"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0});
+        let e = HfConfig::from_value(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`rope_parameters`") && e.contains("yarn"), "{e}");
+        // Mixtral's default base is 1e6 (configuration_mixtral.py).
+        let m = json!({"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 4, "num_local_experts": 2,
+                       "num_experts_per_tok": 1});
+        assert_eq!(
+            HfConfig::from_value(&m, Path::new("c.json"))
+                .unwrap()
+                .rope_theta,
+            1e6
+        );
     }
 
     #[test]
     fn unsupported_type_lists_supported_ones() {
         let mut v = base();
         v["model_type"] = json!("llama");
-        let e = HfConfig::from_value(&v, Path::new("m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("`llama`") && e.contains("mixtral, qwen2_moe"), "{e}");
+        let e = HfConfig::from_value(&v, Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json")
+                && e.contains("`llama`")
+                && e.contains("mixtral, qwen2_moe"),
+            "{e}"
+        );
     }
 
     #[test]
     fn wrong_types_and_missing_keys_name_the_field() {
         let mut v = base();
         v["hidden_size"] = json!("16");
-        let e = HfConfig::from_value(&v, Path::new("c.json")).unwrap_err().to_string();
+        let e = HfConfig::from_value(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`hidden_size`"), "{e}");
         let mut v = base();
         v.as_object_mut().unwrap().remove("num_experts");
-        let e = HfConfig::from_value(&v, Path::new("c.json")).unwrap_err().to_string();
+        let e = HfConfig::from_value(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`num_experts`") && e.contains("missing"), "{e}");
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        let e = HfConfig::from_value(&v, Path::new("c.json")).unwrap_err().to_string();
+        let e = HfConfig::from_value(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not divide"), "{e}");
     }
 }

@@ -99,7 +99,11 @@ pub fn resolve(id: &str, revision: &str, progress: bool) -> Result<PathBuf> {
                 if missing.is_empty() {
                     "the safetensors weights".to_string()
                 } else {
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             )));
         }
@@ -122,7 +126,11 @@ fn download(id: &str, repo: Repo, cache: Cache, progress: bool) -> Result<PathBu
     };
     let api = ApiBuilder::from_cache(cache)
         .with_progress(progress)
-        .with_token(std::env::var("HF_TOKEN").ok().or_else(|| self::cache().token()))
+        .with_token(
+            std::env::var("HF_TOKEN")
+                .ok()
+                .or_else(|| self::cache().token()),
+        )
         .build()
         .map_err(|e| hub_err("connecting", e))?;
     let r = api.repo(repo);
@@ -142,12 +150,18 @@ fn download(id: &str, repo: Repo, cache: Cache, progress: bool) -> Result<PathBu
             } else {
                 format!(
                     " (only {})",
-                    pickles.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    pickles
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             }
         )));
     }
-    let config = r.get("config.json").map_err(|e| hub_err("config.json", e))?;
+    let config = r
+        .get("config.json")
+        .map_err(|e| hub_err("config.json", e))?;
     let index = if listing.iter().any(|f| f == "model.safetensors.index.json") {
         Some(
             r.get("model.safetensors.index.json")

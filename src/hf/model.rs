@@ -108,7 +108,14 @@ pub struct Attention {
     head_dim: usize,
 }
 
-fn linear(w: &WeightStore, name: &str, out: usize, inp: usize, bias: bool, why: &str) -> Result<Linear> {
+fn linear(
+    w: &WeightStore,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    why: &str,
+) -> Result<Linear> {
     Ok(Linear {
         weight: w.load(&format!("{name}.weight"), &[out, inp], why)?,
         bias: if bias {
@@ -127,12 +134,36 @@ impl Attention {
         let (q_norm, k_norm) = match cfg.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::PerHead => (
-                Some(RmsNorm::load(w, &format!("{p}.q_norm"), hd, cfg.rms_eps, "head_dim")?),
-                Some(RmsNorm::load(w, &format!("{p}.k_norm"), hd, cfg.rms_eps, "head_dim")?),
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{p}.q_norm"),
+                    hd,
+                    cfg.rms_eps,
+                    "head_dim",
+                )?),
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{p}.k_norm"),
+                    hd,
+                    cfg.rms_eps,
+                    "head_dim",
+                )?),
             ),
             QkNorm::Full => (
-                Some(RmsNorm::load(w, &format!("{p}.q_norm"), h * hd, cfg.rms_eps, qwhy)?),
-                Some(RmsNorm::load(w, &format!("{p}.k_norm"), kv * hd, cfg.rms_eps, kwhy)?),
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{p}.q_norm"),
+                    h * hd,
+                    cfg.rms_eps,
+                    qwhy,
+                )?),
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{p}.k_norm"),
+                    kv * hd,
+                    cfg.rms_eps,
+                    kwhy,
+                )?),
             ),
         };
         Ok(Attention {
@@ -288,7 +319,14 @@ impl HfFfn {
             Arch::Mixtral | Arch::Olmoe => "intermediate_size, hidden_size",
             _ => "moe_intermediate_size, hidden_size",
         };
-        let router = linear(w, &format!("{block}.gate"), e_n, d, false, "num_experts, hidden_size")?;
+        let router = linear(
+            w,
+            &format!("{block}.gate"),
+            e_n,
+            d,
+            false,
+            "num_experts, hidden_size",
+        )?;
         let experts = (0..e_n)
             .map(|e| {
                 let ep = format!("{block}.experts.{e}");
@@ -304,14 +342,27 @@ impl HfFfn {
             None => None,
             Some(s) => {
                 let (name, why) = if cfg.arch == Arch::Qwen2Moe {
-                    ("shared_expert", "shared_expert_intermediate_size, hidden_size")
+                    (
+                        "shared_expert",
+                        "shared_expert_intermediate_size, hidden_size",
+                    )
                 } else {
-                    ("shared_experts", "moe_intermediate_size × n_shared_experts, hidden_size")
+                    (
+                        "shared_experts",
+                        "moe_intermediate_size × n_shared_experts, hidden_size",
+                    )
                 };
                 Some(SharedExpert {
                     mlp: swiglu(w, proj_names(&format!("{block}.{name}")), d, s.d_ff, why)?,
                     gate: if s.gated {
-                        Some(linear(w, &format!("{block}.shared_expert_gate"), 1, d, false, "1, hidden_size")?)
+                        Some(linear(
+                            w,
+                            &format!("{block}.shared_expert_gate"),
+                            1,
+                            d,
+                            false,
+                            "1, hidden_size",
+                        )?)
                     } else {
                         None
                     },
@@ -398,7 +449,13 @@ impl DecoderLayer {
         let d = cfg.hidden_size;
         Ok(DecoderLayer {
             index: l,
-            input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), d, cfg.rms_eps, "hidden_size")?,
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm"),
+                d,
+                cfg.rms_eps,
+                "hidden_size",
+            )?,
             attn: Attention::load(w, cfg, &format!("{p}.self_attn"))?,
             post_norm: RmsNorm::load(
                 w,
@@ -413,7 +470,9 @@ impl DecoderLayer {
 
     /// The attention half: x: (b·t, d) -> (x + attn, its post-attention norm h).
     pub fn attend(&self, x: &Tensor, b: usize, t: usize, rope: &Rope) -> Result<(Tensor, Tensor)> {
-        let x = (x + self.attn.forward(&self.input_norm.forward(x)?, b, t, rope)?)?;
+        let x = (x + self
+            .attn
+            .forward(&self.input_norm.forward(x)?, b, t, rope)?)?;
         let h = self.post_norm.forward(&x)?;
         Ok((x, h))
     }
@@ -456,7 +515,11 @@ impl Head {
         let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
             load_embeddings(w, cfg)?
         } else {
-            w.load("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], "vocab_size, hidden_size")?
+            w.load(
+                "lm_head.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                "vocab_size, hidden_size",
+            )?
         };
         Ok(Head {
             norm: RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_eps, "hidden_size")?,

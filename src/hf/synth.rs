@@ -17,14 +17,23 @@ use std::path::Path;
 /// Every tensor of `cfg` with its shape, in file order, as transformers names them.
 pub fn tensor_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
     let (d, h, kv, hd) = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d])];
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
     let swiglu = |v: &mut Vec<(String, Vec<usize>)>, names: [String; 3], f: usize| {
         let [g, u, dn] = names;
         v.push((format!("{g}.weight"), vec![f, d]));
         v.push((format!("{u}.weight"), vec![f, d]));
         v.push((format!("{dn}.weight"), vec![d, f]));
     };
-    let proj = |p: &str| [format!("{p}.gate_proj"), format!("{p}.up_proj"), format!("{p}.down_proj")];
+    let proj = |p: &str| {
+        [
+            format!("{p}.gate_proj"),
+            format!("{p}.up_proj"),
+            format!("{p}.down_proj"),
+        ]
+    };
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
         v.push((format!("{p}.input_layernorm.weight"), vec![d]));
@@ -70,7 +79,11 @@ pub fn tensor_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
             swiglu(&mut v, names, cfg.moe_d_ff);
         }
         if let Some(s) = cfg.shared {
-            let name = if cfg.arch == Arch::Qwen2Moe { "shared_expert" } else { "shared_experts" };
+            let name = if cfg.arch == Arch::Qwen2Moe {
+                "shared_expert"
+            } else {
+                "shared_experts"
+            };
             swiglu(&mut v, proj(&format!("{block}.{name}")), s.d_ff);
             if s.gated {
                 v.push((format!("{block}.shared_expert_gate.weight"), vec![1, d]));
@@ -122,10 +135,18 @@ pub fn write(dir: &Path, spec: &SynthSpec) -> Result<()> {
         Dtype::F32 => 4,
         Dtype::F16 | Dtype::BF16 => 2,
         other => {
-            return Err(Error::config("dtype", format!("{other:?}: use F32, F16 or BF16")));
+            return Err(Error::config(
+                "dtype",
+                format!("{other:?}: use F32, F16 or BF16"),
+            ));
         }
     };
-    crate::fsutil::write_atomic(&cfg_path, serde_json::to_string_pretty(&spec.config).expect("json").as_bytes())?;
+    crate::fsutil::write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&spec.config)
+            .expect("json")
+            .as_bytes(),
+    )?;
     let all = tensor_shapes(&cfg);
     let shards = spec.shards.max(1).min(all.len());
     let per = all.len().div_ceil(shards);
@@ -134,7 +155,11 @@ pub fn write(dir: &Path, spec: &SynthSpec) -> Result<()> {
         let name = if shards == 1 {
             "model.safetensors".to_string()
         } else {
-            format!("model-{:05}-of-{:05}.safetensors", s + 1, all.len().div_ceil(per))
+            format!(
+                "model-{:05}-of-{:05}.safetensors",
+                s + 1,
+                all.len().div_ceil(per)
+            )
         };
         for (t, _) in chunk {
             index.insert(t.clone(), json!(name));
@@ -143,12 +168,20 @@ pub fn write(dir: &Path, spec: &SynthSpec) -> Result<()> {
     }
     if shards > 1 {
         let v = json!({"metadata": {}, "weight_map": index});
-        crate::fsutil::write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
+        crate::fsutil::write_atomic(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )?;
     }
     Ok(())
 }
 
-fn write_shard(path: &Path, tensors: &[(String, Vec<usize>)], spec: &SynthSpec, width: usize) -> Result<()> {
+fn write_shard(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    spec: &SynthSpec,
+    width: usize,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for (name, shape) in tensors {
@@ -177,13 +210,17 @@ fn write_shard(path: &Path, tensors: &[(String, Vec<usize>)], spec: &SynthSpec, 
         let bytes = random_bytes(n, is_norm, seed, spec.dtype);
         w.write_all(&bytes).map_err(io)?;
     }
-    let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn random_bytes(n: usize, norm: bool, seed: u64, dtype: Dtype) -> Vec<u8> {
@@ -191,18 +228,20 @@ fn random_bytes(n: usize, norm: bool, seed: u64, dtype: Dtype) -> Vec<u8> {
     let width = if dtype == Dtype::F32 { 4 } else { 2 };
     let mut out = vec![0u8; n * width];
     let a = 0.02f32 * 3f32.sqrt();
-    out.par_chunks_mut(CHUNK * width).enumerate().for_each(|(c, buf)| {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(c as u64));
-        for b in buf.chunks_exact_mut(width) {
-            let u: f32 = rng.random_range(-a..a);
-            let x = if norm { 1.0 + u } else { u };
-            match dtype {
-                Dtype::F32 => b.copy_from_slice(&x.to_le_bytes()),
-                Dtype::F16 => b.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
-                _ => b.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+    out.par_chunks_mut(CHUNK * width)
+        .enumerate()
+        .for_each(|(c, buf)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(c as u64));
+            for b in buf.chunks_exact_mut(width) {
+                let u: f32 = rng.random_range(-a..a);
+                let x = if norm { 1.0 + u } else { u };
+                match dtype {
+                    Dtype::F32 => b.copy_from_slice(&x.to_le_bytes()),
+                    Dtype::F16 => b.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                    _ => b.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -216,7 +255,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for shards in [1, 3] {
             let d = dir.path().join(format!("s{shards}"));
-            write(&d, &SynthSpec { config: mixtral_config(2, false), dtype: Dtype::BF16, shards, seed: 1 }).unwrap();
+            write(
+                &d,
+                &SynthSpec {
+                    config: mixtral_config(2, false),
+                    dtype: Dtype::BF16,
+                    shards,
+                    seed: 1,
+                },
+            )
+            .unwrap();
             let ck = HfCheckpoint::open(&d).unwrap();
             assert_eq!(ck.dtype(), "BF16");
             let names = tensor_shapes(&ck.cfg);

@@ -41,7 +41,10 @@ pub struct WeightStore {
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
-            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.entries.len())
             .finish()
     }
@@ -104,11 +107,16 @@ impl WeightStore {
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::bad_file(index, "field `weight_map`: missing or not an object"))?;
+            .ok_or_else(|| {
+                Error::bad_file(index, "field `weight_map`: missing or not an object")
+            })?;
         let mut wanted: BTreeMap<String, String> = BTreeMap::new();
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| {
-                Error::bad_file(index, format!("field `weight_map.{name}`: expected a file name"))
+                Error::bad_file(
+                    index,
+                    format!("field `weight_map.{name}`: expected a file name"),
+                )
             })?;
             if file.contains('/') || file.contains("..") {
                 return Err(Error::bad_file(
@@ -127,18 +135,27 @@ impl WeightStore {
             if !p.is_file() {
                 return Err(Error::bad_file(
                     index,
-                    format!("names shard `{f}`, which is missing from {} (an incomplete download?)", dir.display()),
+                    format!(
+                        "names shard `{f}`, which is missing from {} (an incomplete download?)",
+                        dir.display()
+                    ),
                 ));
             }
         }
         let store = Self::open_files(&paths)?;
         for (name, file) in &wanted {
             match store.entries.get(name) {
-                Some(e) if store.shards[e.shard].path.file_name().is_some_and(|n| n == file.as_str()) => {}
+                Some(e)
+                    if store.shards[e.shard]
+                        .path
+                        .file_name()
+                        .is_some_and(|n| n == file.as_str()) => {}
                 _ => {
                     return Err(Error::bad_file(
                         index,
-                        format!("maps tensor `{name}` to `{file}`, but `{file}` has no such tensor"),
+                        format!(
+                            "maps tensor `{name}` to `{file}`, but `{file}` has no such tensor"
+                        ),
                     ))
                 }
             }
@@ -253,9 +270,11 @@ impl WeightStore {
         // SAFETY: read-only file mapping; dropped pages are re-read from the
         // file on the next access, and no reference into them outlives this call.
         unsafe {
-            let _ = shard
-                .map
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start);
+            let _ = shard.map.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                e.start,
+                e.end - e.start,
+            );
         }
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
