@@ -278,8 +278,11 @@ pub fn layer_jacobian(
         JacobianMode::Estimate(m) => m,
         _ => 64,
     };
-    // f64 copies of the experts (exactness of the measure does not depend on the model dtype).
-    let experts: Vec<Expert> = moe.experts.iter().map(to_f64).collect::<Result<_>>()?;
+    // f64 copies of the experts (exactness of the measure does not depend on
+    // the model dtype), at most two at a time: pairs come in (i, j) order, so
+    // expert i stays while j changes, and a Mixtral-sized layer needs 2.8 GB
+    // of f64 weights instead of 11 GB.
+    let mut experts = F64Experts::new(&moe.experts);
     let mut sum = 0.0;
     let mut sum_abs = 0.0;
     let mut sum_sq = 0.0;
@@ -298,7 +301,7 @@ pub fn layer_jacobian(
     // Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     if exact {
-        for (ei, ex) in experts.iter().enumerate() {
+        for ei in 0..e_n {
             let mut toks: Vec<u32> = inst
                 .by_pair
                 .iter()
@@ -311,6 +314,7 @@ pub fn layer_jacobian(
                 continue;
             }
             let xs = rows(&x, &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
+            let ex = experts.get(ei)?;
             let c = jacobian_terms(ex, &xs)?;
             let v = exact_inner(ex, ex, &c, &c)?.to_vec1::<f64>()?;
             norms[ei] = toks.into_iter().zip(v).collect();
@@ -322,10 +326,11 @@ pub fn layer_jacobian(
         }
         let idx = Tensor::new(toks.as_slice(), &Device::Cpu)?;
         let xs = rows(&x, &idx)?;
-        let ci = jacobian_terms(&experts[*i], &xs)?;
-        let cj = jacobian_terms(&experts[*j], &xs)?;
+        let (ei, ej) = experts.pair(*i, *j)?;
+        let ci = jacobian_terms(ei, &xs)?;
+        let cj = jacobian_terms(ej, &xs)?;
         let (a, se): (Vec<f64>, Option<Vec<f64>>) = if exact {
-            let ij = exact_inner(&experts[*i], &experts[*j], &ci, &cj)?.to_vec1::<f64>()?;
+            let ij = exact_inner(ei, ej, &ci, &cj)?.to_vec1::<f64>()?;
             (
                 ij.iter()
                     .zip(toks)
@@ -336,8 +341,8 @@ pub fn layer_jacobian(
         } else {
             let v = probes.as_ref().expect("probes");
             let nt = toks.len();
-            let yi = jv(&experts[*i], &ci, v)?.reshape((nt, m, d))?;
-            let yj = jv(&experts[*j], &cj, v)?.reshape((nt, m, d))?;
+            let yi = jv(ei, &ci, v)?.reshape((nt, m, d))?;
+            let yj = jv(ej, &cj, v)?.reshape((nt, m, d))?;
             let pij: Vec<Vec<f64>> = (&yi * &yj)?.sum(D::Minus1)?.to_vec2()?; // (n, m)
             let pii: Vec<Vec<f64>> = yi.sqr()?.sum(D::Minus1)?.to_vec2()?;
             let pjj: Vec<Vec<f64>> = yj.sqr()?.sum(D::Minus1)?.to_vec2()?;
@@ -383,7 +388,7 @@ pub fn layer_jacobian(
     let mut spectra = vec![None; e_n];
     let mut eff = vec![None; e_n];
     if spectra_tokens > 0 {
-        for (ei, ex) in experts.iter().enumerate() {
+        for ei in 0..e_n {
             let toks: Vec<usize> = (0..n)
                 .filter(|&r| selected[r * k..(r + 1) * k].contains(&(ei as u32)))
                 .take(spectra_tokens)
@@ -391,6 +396,7 @@ pub fn layer_jacobian(
             if toks.is_empty() {
                 continue;
             }
+            let ex = experts.get(ei)?;
             let mut top = vec![0.0; top_sv.min(d)];
             let mut er = 0.0;
             for &r in &toks {
@@ -459,6 +465,46 @@ pub fn singular_values(a: &[Vec<f64>]) -> Vec<f64> {
     let (r, c) = (a.len(), a.first().map_or(0, Vec::len));
     let m = faer::Mat::<f64>::from_fn(r, c, |i, j| a[i][j]);
     m.singular_values().unwrap_or_default()
+}
+
+/// f64 copies of a layer's experts, made on demand, at most two held.
+struct F64Experts<'a> {
+    src: &'a [Expert],
+    held: Vec<Option<Expert>>,
+}
+
+impl<'a> F64Experts<'a> {
+    fn new(src: &'a [Expert]) -> Self {
+        F64Experts {
+            src,
+            held: vec![None; src.len()],
+        }
+    }
+
+    /// Hold exactly the experts in `keep` (converting the missing ones).
+    fn hold(&mut self, keep: &[usize]) -> Result<()> {
+        for (e, h) in self.held.iter_mut().enumerate() {
+            if !keep.contains(&e) {
+                *h = None;
+            } else if h.is_none() {
+                *h = Some(to_f64(&self.src[e])?);
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, e: usize) -> Result<&Expert> {
+        self.hold(&[e])?;
+        Ok(self.held[e].as_ref().expect("held"))
+    }
+
+    fn pair(&mut self, i: usize, j: usize) -> Result<(&Expert, &Expert)> {
+        self.hold(&[i, j])?;
+        Ok((
+            self.held[i].as_ref().expect("held"),
+            self.held[j].as_ref().expect("held"),
+        ))
+    }
 }
 
 /// An f64 copy of an expert.
