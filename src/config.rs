@@ -17,6 +17,11 @@ pub enum Routing {
     Topk,
     /// Every expert, weighted by the router softmax.
     Soft,
+    /// Expert choice (Zhou et al. 2022): each expert takes the C tokens with
+    /// the highest router probability for it, C = ⌈cf · n · top_k / E⌉
+    /// (cf = `capacity_factor`, 1 when 0); a token may get 0..E experts.
+    #[serde(rename = "expert_choice")]
+    ExpertChoice,
 }
 
 /// Expert architecture.
@@ -66,6 +71,18 @@ pub struct ModelConfig {
     pub bias: bool,
     /// Standard deviation of the normal initialisation (nanoGPT: 0.02).
     pub init_std: f64,
+    /// Top-k training dispatch: each expert takes at most ⌈cf · n · k / E⌉ of
+    /// a batch's n tokens (in token order); the rest of its assignments are
+    /// dropped (the residual carries those tokens) and the rate is logged.
+    /// 0 = dropless. Evaluation and analysis stay dropless. For
+    /// `expert_choice` it sets the capacity (0 = 1).
+    pub capacity_factor: f64,
+    /// Keep the router at its random initialisation (SMoE-Dropout; pair with
+    /// `train.topk_start` for progressively more experts).
+    pub router_frozen: bool,
+    /// A per-expert bias added to the router probabilities for top-k
+    /// selection only (loss-free balancing); switched on by `reg.loss_free_gamma`.
+    pub balance_bias: bool,
 }
 
 impl Default for ModelConfig {
@@ -87,6 +104,9 @@ impl Default for ModelConfig {
             moe_every: 1,
             bias: true,
             init_std: 0.02,
+            capacity_factor: 0.0,
+            router_frozen: false,
+            balance_bias: false,
         }
     }
 }
@@ -100,7 +120,7 @@ impl ModelConfig {
     /// Number of experts each token uses.
     pub fn active_experts(&self) -> usize {
         match self.routing {
-            Routing::Topk => self.top_k,
+            Routing::Topk | Routing::ExpertChoice => self.top_k,
             Routing::Soft => self.n_experts,
         }
     }
@@ -130,7 +150,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.routing == Routing::Topk && (self.top_k == 0 || self.top_k > self.n_experts) {
+        if self.routing != Routing::Soft && (self.top_k == 0 || self.top_k > self.n_experts) {
             return Err(Error::config(
                 "model.top_k",
                 format!(
@@ -156,6 +176,12 @@ impl ModelConfig {
         }
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return Err(Error::config("model.init_std", "must be a positive number"));
+        }
+        if !(self.capacity_factor >= 0.0 && self.capacity_factor.is_finite()) {
+            return Err(Error::config(
+                "model.capacity_factor",
+                "must be 0 (dropless) or a positive number",
+            ));
         }
         Ok(())
     }
@@ -185,7 +211,7 @@ impl ModelConfig {
             total += attn + ln;
             active += attn + ln;
             if self.is_moe_layer(l) {
-                total += d * e + e * expert;
+                total += d * e + e * expert + usize::from(self.balance_bias) * e;
                 active += d * e + self.active_experts() * expert;
             } else {
                 total += dense;
@@ -277,6 +303,10 @@ pub struct TrainConfig {
     pub device: String,
     /// CPU threads (0 = all cores).
     pub threads: usize,
+    /// Progressive top-k (SMoE-Dropout): the number of experts per token grows
+    /// linearly from this to `model.top_k` over training; 0 = off. Evaluation
+    /// uses `model.top_k`.
+    pub topk_start: usize,
 }
 
 impl Default for TrainConfig {
@@ -302,6 +332,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             device: "cpu".into(),
             threads: 0,
+            topk_start: 0,
         }
     }
 }
@@ -363,6 +394,28 @@ pub struct RegConfig {
     pub orth_lambda: f64,
     /// Matrix family L_orth acts on: `up`, `gate` (SwiGLU), `down` or `router`.
     pub orth_family: String,
+    /// λ of the activation-space regulariser: SPEC's activation MSO of the
+    /// routed expert outputs on the training batch, mean over MoE layers.
+    pub act_lambda: f64,
+    /// λ of gradient-space orthogonality: Σ_{i<j} cos²(g_i, g_j) of the
+    /// experts' gradients of `grad_family`, applied to the update (see README).
+    pub grad_lambda: f64,
+    pub grad_family: String,
+    /// λ of the contrastive expert-output loss (InfoNCE against expert centroids).
+    pub contrastive_lambda: f64,
+    /// Temperature τ of that loss.
+    pub contrastive_temperature: f64,
+    /// λ on −H(p̄): maximise the batch-level expert-selection entropy.
+    pub entropy_lambda: f64,
+    /// λ on the mean per-token router entropy (positive: sharper routing;
+    /// negative: softer).
+    pub token_entropy_lambda: f64,
+    /// λ of the Switch-Transformer load-balancing loss E · Σ_e f_e P_e.
+    pub aux_lambda: f64,
+    /// λ of the router z-loss mean_t (logsumexp z_t)².
+    pub z_lambda: f64,
+    /// Loss-free balancing: after each step b_e += γ · sign(mean load − load_e); 0 = off.
+    pub loss_free_gamma: f64,
 }
 
 impl Default for RegConfig {
@@ -370,6 +423,16 @@ impl Default for RegConfig {
         RegConfig {
             orth_lambda: 0.0,
             orth_family: "up".into(),
+            act_lambda: 0.0,
+            grad_lambda: 0.0,
+            grad_family: "up".into(),
+            contrastive_lambda: 0.0,
+            contrastive_temperature: 0.1,
+            entropy_lambda: 0.0,
+            token_entropy_lambda: 0.0,
+            aux_lambda: 0.0,
+            z_lambda: 0.0,
+            loss_free_gamma: 0.0,
         }
     }
 }
@@ -522,9 +585,10 @@ impl Config {
             apply_set(&mut table, s)?;
         }
         table.insert("preset".into(), toml::Value::String(name));
-        let cfg: Config = toml::Value::Table(table)
+        let mut cfg: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| Error::config("config", e.message().to_string()))?;
+        cfg.model.balance_bias |= cfg.reg.loss_free_gamma > 0.0;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -539,20 +603,76 @@ impl Config {
                 "must lie strictly between 0 and 1",
             ));
         }
-        if !(self.reg.orth_lambda >= 0.0 && self.reg.orth_lambda.is_finite()) {
+        let r = &self.reg;
+        for (key, v) in [
+            ("orth_lambda", r.orth_lambda),
+            ("act_lambda", r.act_lambda),
+            ("grad_lambda", r.grad_lambda),
+            ("contrastive_lambda", r.contrastive_lambda),
+            ("entropy_lambda", r.entropy_lambda),
+            ("aux_lambda", r.aux_lambda),
+            ("z_lambda", r.z_lambda),
+            ("loss_free_gamma", r.loss_free_gamma),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Error::config(
+                    format!("reg.{key}"),
+                    "must be a non-negative number",
+                ));
+            }
+        }
+        if !r.token_entropy_lambda.is_finite() {
+            return Err(Error::config("reg.token_entropy_lambda", "must be a number"));
+        }
+        if !(r.contrastive_temperature > 0.0 && r.contrastive_temperature.is_finite()) {
             return Err(Error::config(
-                "reg.orth_lambda",
-                "must be a non-negative number",
+                "reg.contrastive_temperature",
+                "must be a positive number",
             ));
         }
-        let orth = crate::measures::Family::parse(&self.reg.orth_family, "reg.orth_family")?;
-        if orth == crate::measures::Family::Gate
-            && self.model.expert != ExpertKind::Swiglu
-            && self.reg.orth_lambda > 0.0
+        for (key, fam, lambda) in [
+            ("reg.orth_family", &r.orth_family, r.orth_lambda),
+            ("reg.grad_family", &r.grad_family, r.grad_lambda),
+        ] {
+            let f = crate::measures::Family::parse(fam, key)?;
+            if f == crate::measures::Family::Gate
+                && self.model.expert != ExpertKind::Swiglu
+                && lambda > 0.0
+            {
+                return Err(Error::config(
+                    key,
+                    "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)",
+                ));
+            }
+        }
+        let routing = self.model.routing;
+        if r.loss_free_gamma > 0.0 && routing != Routing::Topk {
+            return Err(Error::config(
+                "reg.loss_free_gamma",
+                "loss-free balancing biases top-k selection; it needs model.routing = \"topk\"",
+            ));
+        }
+        if r.loss_free_gamma > 0.0 && !self.model.balance_bias {
+            return Err(Error::config(
+                "model.balance_bias",
+                "must be true when reg.loss_free_gamma > 0",
+            ));
+        }
+        if self.model.capacity_factor > 0.0 && routing == Routing::Soft {
+            return Err(Error::config(
+                "model.capacity_factor",
+                "soft routing sends every token to every expert; capacity applies to topk and expert_choice",
+            ));
+        }
+        if self.train.topk_start > 0
+            && (routing != Routing::Topk || self.train.topk_start > self.model.top_k)
         {
             return Err(Error::config(
-                "reg.orth_family",
-                "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)",
+                "train.topk_start",
+                format!(
+                    "progressive top-k needs model.routing = \"topk\" and 1 ≤ topk_start ≤ top_k = {}",
+                    self.model.top_k
+                ),
             ));
         }
         for f in &self.measure.families {

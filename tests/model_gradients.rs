@@ -23,30 +23,63 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
 }
 
 /// The MoE layer as SPEC.md defines it: every expert evaluated densely,
-/// softmax router, top-k with ties to the lower index, optional renormalisation.
+/// softmax router, top-k with ties to the lower index (on p + balance bias),
+/// optional renormalisation; expert choice: each expert takes its
+/// ⌈cf·n·k/E⌉ highest-probability tokens.
 fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let wr = rows(&m.router.weight);
-    x.iter()
+    let probs: Vec<Vec<f64>> = x
+        .iter()
         .map(|xt| {
             let logits: Vec<f64> = matvec(&wr, xt).iter().map(|l| l / m.temperature).collect();
             let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
-            let p: Vec<f64> = logits.iter().map(|l| (l - mx).exp() / z).collect();
-            let all: Vec<Vec<f64>> = m.experts.iter().map(|e| expert_ref(e, xt)).collect();
-            let mut idx: Vec<usize> = (0..p.len()).collect();
-            idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
-            let sel: Vec<usize> = match m.routing {
-                Routing::Topk => idx[..m.top_k].to_vec(),
-                Routing::Soft => (0..p.len()).collect(),
-            };
+            logits.iter().map(|l| (l - mx).exp() / z).collect()
+        })
+        .collect();
+    let e_n = m.experts.len();
+    let n = x.len();
+    let bias: Vec<f64> = match &m.balance_bias {
+        Some(b) => b.to_vec1::<f64>().unwrap(),
+        None => vec![0.0; e_n],
+    };
+    let sel: Vec<Vec<usize>> = match m.routing {
+        Routing::Topk => probs
+            .iter()
+            .map(|p| {
+                let s: Vec<f64> = p.iter().zip(&bias).map(|(a, b)| a + b).collect();
+                let mut idx: Vec<usize> = (0..e_n).collect();
+                idx.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap().then(a.cmp(&b)));
+                idx[..m.top_k].to_vec()
+            })
+            .collect(),
+        Routing::Soft => vec![(0..e_n).collect(); n],
+        Routing::ExpertChoice => {
+            let cf = if m.capacity_factor > 0.0 { m.capacity_factor } else { 1.0 };
+            let cap = ((cf * (n * m.top_k) as f64 / e_n as f64).ceil() as usize).clamp(1, n);
+            let mut sel = vec![Vec::new(); n];
+            for e in 0..e_n {
+                let mut ts: Vec<usize> = (0..n).collect();
+                ts.sort_by(|&a, &b| probs[b][e].partial_cmp(&probs[a][e]).unwrap().then(a.cmp(&b)));
+                for &t in &ts[..cap] {
+                    sel[t].push(e);
+                }
+            }
+            sel
+        }
+    };
+    x.iter()
+        .zip(&probs)
+        .zip(&sel)
+        .map(|((xt, p), sel)| {
             let denom: f64 = if m.routing == Routing::Topk && m.norm_topk {
                 sel.iter().map(|&e| p[e]).sum()
             } else {
                 1.0
             };
             let mut y = vec![0.0; xt.len()];
-            for &e in &sel {
-                for (yi, v) in y.iter_mut().zip(&all[e]) {
+            for &e in sel {
+                for (yi, v) in y.iter_mut().zip(expert_ref(&m.experts[e], xt)) {
                     *yi += p[e] / denom * v;
                 }
             }
@@ -62,6 +95,10 @@ fn moe_cfg(
     norm_topk: bool,
     top_k: usize,
 ) -> ModelConfig {
+    // Loss-free balancing bias on the top-2 renormalised SwiGLU variant; a
+    // capacity factor of 1.25 for expert choice.
+    let balance_bias = routing == Routing::Topk && expert == ExpertKind::Swiglu;
+    let capacity_factor = if routing == Routing::ExpertChoice { 1.25 } else { 0.0 };
     // A non-unit router temperature for the soft variants, so that it is tested too.
     let router_temperature = if routing == Routing::Soft { 0.7 } else { 1.0 };
     ModelConfig {
@@ -74,6 +111,8 @@ fn moe_cfg(
         routing,
         norm_topk,
         router_temperature,
+        balance_bias,
+        capacity_factor,
         ..common::micro_model()
     }
 }
@@ -91,6 +130,7 @@ const VARIANTS: &[(ExpertKind, Activation, Routing, bool, usize)] = &[
         false,
         2,
     ),
+    (ExpertKind::Mlp, Activation::Silu, Routing::ExpertChoice, false, 2),
 ];
 
 fn build_moe(cfg: &ModelConfig, seed: u64) -> (MoeLayer, ParamStore) {
@@ -153,9 +193,10 @@ fn moe_gradients_match_finite_differences() {
         targets.push(("x".into(), x.clone()));
         for (name, var) in &targets {
             let Some(g) = grads.get(var.as_tensor()) else {
-                // Only an expert that received no token may lack a gradient.
+                // Only an expert that received no token may lack a gradient;
+                // the balancing bias only selects (no gradient by design).
                 assert!(
-                    name.contains("experts"),
+                    name.contains("experts") || name.ends_with("balance_bias"),
                     "variant {i}: no gradient for {name}"
                 );
                 continue;

@@ -377,6 +377,8 @@ impl HfFfn {
                 top_k: cfg.top_k,
                 norm_topk: cfg.norm_topk,
                 temperature: 1.0,
+                capacity_factor: 0.0,
+                balance_bias: None,
             },
             shared,
         })

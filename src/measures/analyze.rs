@@ -441,7 +441,6 @@ impl Options {
 /// and Hugging Face checkpoints streamed one layer at a time.
 pub struct LayerAnalyzer {
     index: usize,
-    k: usize,
     /// Gates are renormalised over the selected experts (weighted PCA).
     renorm: bool,
     acc: LayerAccumulator,
@@ -449,6 +448,8 @@ pub struct LayerAnalyzer {
     /// Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
     jac_inputs: Vec<Tensor>,
     jac_sel: Vec<u32>,
+    /// Slots per token in the captured selections (k, or E for soft / expert choice).
+    slots: usize,
     jac_n: usize,
 }
 
@@ -457,12 +458,12 @@ impl LayerAnalyzer {
     pub fn new(index: usize, n_experts: usize, k: usize, d: usize, renorm: bool) -> Self {
         LayerAnalyzer {
             index,
-            k,
             renorm,
             acc: LayerAccumulator::new(n_experts, k),
             moments: (0..n_experts).map(|_| Moments::new(d)).collect(),
             jac_inputs: Vec::new(),
             jac_sel: Vec::new(),
+            slots: k,
             jac_n: 0,
         }
     }
@@ -481,6 +482,7 @@ impl LayerAnalyzer {
         geo: &GeometryOptions,
     ) -> Result<()> {
         self.acc.add(cap)?;
+        self.slots = cap.k;
         let (batch_n, d) = input.dims2()?;
         let take = geo.jacobian_tokens.saturating_sub(self.jac_n).min(batch_n);
         if geo.jacobian != JacobianMode::Off && take > 0 {
@@ -533,7 +535,7 @@ impl LayerAnalyzer {
                 moe,
                 &x,
                 &self.jac_sel,
-                self.k,
+                self.slots,
                 geo.jacobian,
                 geo.jacobian_all_pairs,
                 geo.spectra_tokens,
@@ -635,6 +637,7 @@ fn add_moments(
                     let denom: f64 = if renorm {
                         cap.selected[t * k..(t + 1) * k]
                             .iter()
+                            .filter(|&&s| s != crate::model::moe::NO_EXPERT)
                             .map(|&s| p[s as usize] as f64)
                             .sum()
                     } else {

@@ -160,9 +160,13 @@ impl Instances {
                     p.1.push(t as u32);
                 }
             } else {
-                let s = &selected[t * k..(t + 1) * k];
-                for a in 0..k {
-                    for b in a + 1..k {
+                let s: Vec<u32> = selected[t * k..(t + 1) * k]
+                    .iter()
+                    .copied()
+                    .filter(|&e| e != crate::model::moe::NO_EXPERT)
+                    .collect();
+                for a in 0..s.len() {
+                    for b in a + 1..s.len() {
                         let (i, j) = (s[a].min(s[b]) as usize, s[a].max(s[b]) as usize);
                         by_pair[idx(i, j)].1.push(t as u32);
                     }

@@ -9,7 +9,7 @@ pub mod analyze;
 pub mod jacobian;
 pub mod subspace;
 
-use crate::model::moe::{MoeCapture, MoeLayer};
+use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -270,6 +270,8 @@ pub struct LayerAccumulator {
     pub tokens: usize,
     /// Σ over tokens of the token's MSO_act over its routed pairs.
     act_sum: f64,
+    /// Tokens with at least two experts (the denominator of act_sum).
+    act_tokens: usize,
     /// Σ over tokens of the token's MSO_act over all pairs (when added).
     act_all_sum: f64,
     act_all_tokens: usize,
@@ -287,6 +289,7 @@ impl LayerAccumulator {
             k,
             tokens: 0,
             act_sum: 0.0,
+            act_tokens: 0,
             act_all_sum: 0.0,
             act_all_tokens: 0,
             pair_sum: vec![0.0; n_experts * n_experts],
@@ -317,13 +320,17 @@ impl LayerAccumulator {
             })
             .collect::<candle_core::Result<_>>()?;
         let mut cursor = vec![0usize; e_n];
-        let mut rows: Vec<(usize, usize)> = vec![(0, 0); n * k];
+        // (expert, row in its outputs) per (token, slot); None for an empty slot.
+        let mut rows: Vec<Option<(usize, usize)>> = vec![None; n * k];
         // Dispatch lists tokens in ascending order per expert; replay that order.
         for t in 0..n {
             for s in 0..k {
-                let e = cap.selected[t * k + s] as usize;
-                rows[t * k + s] = (e, cursor[e]);
-                cursor[e] += 1;
+                let e = cap.selected[t * k + s];
+                if e != NO_EXPERT {
+                    let e = e as usize;
+                    rows[t * k + s] = Some((e, cursor[e]));
+                    cursor[e] += 1;
+                }
             }
         }
         let row = |e: usize, i: usize| -> &[f32] {
@@ -333,15 +340,17 @@ impl LayerAccumulator {
         for t in 0..n {
             let p = &cap.probs[t * e_n..(t + 1) * e_n];
             self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
-            for s in 0..k {
-                self.load[rows[t * k + s].0] += 1;
+            let present: Vec<(usize, usize)> = rows[t * k..(t + 1) * k].iter().flatten().copied().collect();
+            for &(e, _) in &present {
+                self.load[e] += 1;
             }
-            if k >= 2 {
+            let m = present.len();
+            if m >= 2 {
                 let mut sum = 0.0;
-                for a in 0..k {
-                    for b in a + 1..k {
-                        let (ea, ia) = rows[t * k + a];
-                        let (eb, ib) = rows[t * k + b];
+                for a in 0..m {
+                    for b in a + 1..m {
+                        let (ea, ia) = present[a];
+                        let (eb, ib) = present[b];
                         let c = cos2(row(ea, ia), row(eb, ib));
                         sum += c;
                         let (lo, hi) = (ea.min(eb), ea.max(eb));
@@ -349,7 +358,8 @@ impl LayerAccumulator {
                         self.pair_count[lo * e_n + hi] += 1;
                     }
                 }
-                self.act_sum += sum * 2.0 / (k * (k - 1)) as f64;
+                self.act_sum += sum * 2.0 / (m * (m - 1)) as f64;
+                self.act_tokens += 1;
             }
         }
         self.tokens += n;
@@ -385,8 +395,10 @@ impl LayerAccumulator {
             Err(format!("k = {}: each token is routed to a single expert, so there are no routed pairs (see act_mso_all)", self.k))
         } else if self.tokens == 0 {
             Err("no tokens were evaluated".into())
+        } else if self.act_tokens == 0 {
+            Err("no token was routed to two or more experts".into())
         } else {
-            Ok(self.act_sum / self.tokens as f64)
+            Ok(self.act_sum / self.act_tokens as f64)
         }
     }
 

@@ -64,18 +64,62 @@ impl Expert {
     }
 }
 
+/// Marks an empty slot in a selection: an assignment dropped by the capacity
+/// limit, or (expert choice) fewer experts than slots.
+pub const NO_EXPERT: u32 = u32::MAX;
+
 /// What one MoE forward pass routed and computed, for the measures.
 #[derive(Debug, Clone)]
 pub struct MoeCapture {
     /// Router probabilities, row-major (n_tokens × n_experts).
     pub probs: Vec<f32>,
-    /// The selected experts of each token, best first (n_tokens × k).
+    /// The selected experts of each token, best first (n_tokens × k);
+    /// [`NO_EXPERT`] marks an empty slot.
     pub selected: Vec<u32>,
-    /// Experts per token (k; E for soft routing).
+    /// Slots per token (k; E for soft routing and expert choice).
     pub k: usize,
-    /// Per expert: the tokens routed to it and its raw outputs h_e = f_e(x) on
-    /// them (n_e × d, detached, before gating).
+    /// Per expert: the tokens routed to it (ascending) and its raw outputs
+    /// h_e = f_e(x) on them (n_e × d, detached, before gating).
     pub expert_outputs: Vec<(Vec<u32>, Option<Tensor>)>,
+}
+
+/// How a forward pass dispatches and what it keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Capture what was routed, detached (for the measures).
+    pub capture: bool,
+    /// A training pass: the capacity limit applies.
+    pub train: bool,
+    /// Keep the expert outputs on the graph (activation-space regularisers).
+    pub keep_outputs: bool,
+}
+
+/// What the regularisers and load balancing need from one MoE forward pass.
+#[derive(Debug, Clone)]
+pub struct MoeAux {
+    /// Router logits W_r x (n, E), on the graph.
+    pub logits: Tensor,
+    /// Router probabilities softmax(logits / T) (n, E), on the graph.
+    pub probs: Tensor,
+    /// Per token, `k` slots of expert ids ([`NO_EXPERT`] = empty), after any drop.
+    pub selected: Vec<u32>,
+    pub k: usize,
+    /// Expert outputs h_e(x) on the graph (rows, d), with each row's token and
+    /// expert, when `keep_outputs` was asked (empty for soft routing's dense rows: all).
+    pub outputs: Option<(Tensor, Vec<u32>, Vec<u32>)>,
+    /// Assignments the router made but the capacity limit dropped.
+    pub dropped: usize,
+    /// Assignments the router made (n · k for top-k).
+    pub assigned: usize,
+}
+
+/// The result of [`MoeLayer::forward_with`].
+#[derive(Debug)]
+pub struct MoeOutput {
+    /// (n, d).
+    pub y: Tensor,
+    pub capture: Option<MoeCapture>,
+    pub aux: MoeAux,
 }
 
 /// A MoE FFN layer.
@@ -89,6 +133,10 @@ pub struct MoeLayer {
     pub norm_topk: bool,
     /// Router softmax temperature.
     pub temperature: f64,
+    /// Training capacity factor (0 = dropless); expert choice's capacity.
+    pub capacity_factor: f64,
+    /// Loss-free balancing bias (E), added to the probabilities for selection only.
+    pub balance_bias: Option<Tensor>,
 }
 
 impl MoeLayer {
@@ -119,6 +167,11 @@ impl MoeLayer {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let balance_bias = if cfg.balance_bias {
+            Some(ps.constant(&format!("{name}.balance_bias"), &[cfg.n_experts], 0.0)?)
+        } else {
+            None
+        };
         Ok(MoeLayer {
             router,
             experts,
@@ -126,6 +179,8 @@ impl MoeLayer {
             top_k: cfg.top_k,
             norm_topk: cfg.norm_topk,
             temperature: cfg.router_temperature,
+            capacity_factor: cfg.capacity_factor,
+            balance_bias,
         })
     }
 
@@ -135,136 +190,212 @@ impl MoeLayer {
 
     /// Router probabilities p = softmax(W_r x / T): (n, E).
     pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
+        self.router_logits_probs(x).map(|(_, p)| p)
+    }
+
+    fn router_logits_probs(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let logits = self.router.forward(x)?;
-        if self.temperature == 1.0 {
-            softmax_last(&logits)
+        let p = if self.temperature == 1.0 {
+            softmax_last(&logits)?
         } else {
-            softmax_last(&(logits / self.temperature)?)
-        }
+            softmax_last(&(&logits / self.temperature)?)?
+        };
+        Ok((logits, p))
     }
 
     /// x: (n, d) -> (n, d). With `capture`, also returns what was routed.
     pub fn forward(&self, x: &Tensor, capture: bool) -> Result<(Tensor, Option<MoeCapture>)> {
-        let probs = self.router_probs(x)?; // (n, E)
-        match self.routing {
-            Routing::Topk => self.forward_topk(x, &probs, capture),
-            Routing::Soft => self.forward_soft(x, &probs, capture),
-        }
+        let o = self.forward_with(
+            x,
+            Dispatch {
+                capture,
+                ..Default::default()
+            },
+        )?;
+        Ok((o.y, o.capture))
     }
 
-    fn forward_topk(
-        &self,
-        x: &Tensor,
-        probs: &Tensor,
-        capture: bool,
-    ) -> Result<(Tensor, Option<MoeCapture>)> {
-        let (n, d) = x.dims2()?;
-        let (e_count, k) = (self.n_experts(), self.top_k);
+    /// The forward pass with everything the measures and regularisers may need.
+    pub fn forward_with(&self, x: &Tensor, mode: Dispatch) -> Result<MoeOutput> {
+        let (logits, probs) = self.router_logits_probs(x)?; // (n, E)
         let p_host: Vec<f32> = probs
             .detach()
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let selected = top_k_rows(&p_host, e_count, k);
+        let (n, _) = x.dims2()?;
+        let e_count = self.n_experts();
+        // Routing decision on the host: per token its slots, per expert its tokens.
+        let (selected, k, gate_src, dropped, assigned) = match self.routing {
+            Routing::Topk => {
+                let scores = match &self.balance_bias {
+                    Some(b) => {
+                        let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
+                        p_host
+                            .chunks_exact(e_count)
+                            .flat_map(|r| r.iter().zip(&b).map(|(p, b)| p + b))
+                            .collect()
+                    }
+                    None => p_host.clone(),
+                };
+                let k = self.top_k;
+                let routed = top_k_rows(&scores, e_count, k);
+                let mut kept = routed.clone();
+                let mut dropped = 0;
+                if mode.train && self.capacity_factor > 0.0 {
+                    let cap = capacity(self.capacity_factor, n, k, e_count);
+                    let mut count = vec![0usize; e_count];
+                    // GShard priority: every token's first choice, then second, ...
+                    for s in 0..k {
+                        for t in 0..n {
+                            let e = routed[t * k + s] as usize;
+                            if count[e] < cap {
+                                count[e] += 1;
+                            } else {
+                                kept[t * k + s] = NO_EXPERT;
+                                dropped += 1;
+                            }
+                        }
+                    }
+                }
+                (kept, k, Some(routed), dropped, n * k)
+            }
+            Routing::Soft => (top_k_rows(&p_host, e_count, e_count), e_count, None, 0, n * e_count),
+            Routing::ExpertChoice => {
+                let cf = if self.capacity_factor > 0.0 {
+                    self.capacity_factor
+                } else {
+                    1.0
+                };
+                let cap = capacity(cf, n, self.top_k, e_count).min(n);
+                let mut chosen = vec![vec![NO_EXPERT; e_count]; n];
+                let mut col: Vec<u32> = Vec::with_capacity(n);
+                for e in 0..e_count {
+                    col.clear();
+                    col.extend(0..n as u32);
+                    // Highest probability first; ties to the lower token index.
+                    col.sort_by(|&a, &b| {
+                        p_host[b as usize * e_count + e].total_cmp(&p_host[a as usize * e_count + e])
+                    });
+                    for &t in &col[..cap] {
+                        chosen[t as usize][e] = e as u32;
+                    }
+                }
+                // Slots per token: the experts that chose it, ascending, then empty.
+                let sel: Vec<u32> = chosen
+                    .into_iter()
+                    .flat_map(|row| {
+                        let mut r: Vec<u32> = row.into_iter().filter(|&e| e != NO_EXPERT).collect();
+                        r.resize(e_count, NO_EXPERT);
+                        r
+                    })
+                    .collect();
+                (sel, e_count, None, 0, cap * e_count)
+            }
+        };
 
-        // Gates g (n, k): the selected probabilities, renormalised if asked.
-        let sel = Tensor::from_vec(selected.clone(), (n, k), x.device())?;
-        let mut gates = probs.gather(&sel, 1)?;
-        if self.norm_topk {
-            gates = gates.broadcast_div(&gates.sum_keepdim(1)?)?;
-        }
-        let gates = gates.flatten_all()?; // (n·k,), slot s of token t at t·k + s
+        // Gate of each (token, slot): the probability, renormalised over the
+        // router's top-k when asked (before any drop, as GShard).
+        let gates = match (&gate_src, self.routing) {
+            (Some(routed), Routing::Topk) => {
+                let sel = Tensor::from_vec(routed.clone(), (n, k), x.device())?;
+                let mut g = probs.gather(&sel, 1)?;
+                if self.norm_topk {
+                    g = g.broadcast_div(&g.sum_keepdim(1)?)?;
+                }
+                g.flatten_all()? // slot s of token t at t·k + s
+            }
+            _ => {
+                // Soft and expert choice: the plain probability p_e(x) of slot (t, e).
+                let idx: Vec<u32> = (0..n * k)
+                    .map(|i| {
+                        let e = selected[i];
+                        let t = i / k;
+                        (t * e_count) as u32 + if e == NO_EXPERT { 0 } else { e }
+                    })
+                    .collect();
+                probs
+                    .flatten_all()?
+                    .index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
+            }
+        };
 
-        // Group assignments by expert: token ids and gate slots, expert-major.
+        // Group the kept assignments by expert: token ids and gate slots, expert-major.
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         for t in 0..n {
             for s in 0..k {
-                let e = selected[t * k + s] as usize;
-                tokens[e].push(t as u32);
-                slots[e].push((t * k + s) as u32);
+                let e = selected[t * k + s];
+                if e != NO_EXPERT {
+                    tokens[e as usize].push(t as u32);
+                    slots[e as usize].push((t * k + s) as u32);
+                }
             }
         }
-
         let mut outs = Vec::with_capacity(e_count);
         let mut order: Vec<u32> = Vec::with_capacity(n * k);
         let mut slot_order: Vec<u32> = Vec::with_capacity(n * k);
+        let mut row_expert: Vec<u32> = Vec::new();
         let mut captured = Vec::new();
         for (e, expert) in self.experts.iter().enumerate() {
             if tokens[e].is_empty() {
-                if capture {
+                if mode.capture {
                     captured.push((Vec::new(), None));
                 }
                 continue;
             }
-            let idx = Tensor::new(tokens[e].as_slice(), x.device())?;
-            let h = expert.forward(&x.index_select(&idx, 0)?)?; // (n_e, d)
-            if capture {
+            let h = if tokens[e].len() == n {
+                expert.forward(x)? // every token (soft routing): no gather
+            } else {
+                let idx = Tensor::new(tokens[e].as_slice(), x.device())?;
+                expert.forward(&x.index_select(&idx, 0)?)? // (n_e, d)
+            };
+            if mode.capture {
                 captured.push((tokens[e].clone(), Some(h.detach())));
+            }
+            if mode.keep_outputs {
+                row_expert.extend(std::iter::repeat_n(e as u32, tokens[e].len()));
             }
             outs.push(h);
             order.extend_from_slice(&tokens[e]);
             slot_order.extend_from_slice(&slots[e]);
         }
-        let h = Tensor::cat(&outs, 0)?; // (n·k, d), expert-major
+        let h = Tensor::cat(&outs, 0)?; // (rows, d), expert-major
         let g = gates
             .index_select(&Tensor::new(slot_order.as_slice(), x.device())?, 0)?
             .unsqueeze(1)?;
-        let y = h.broadcast_mul(&g)?;
-        let out = Tensor::zeros((n, d), x.dtype(), x.device())?.index_add(
-            &Tensor::new(order.as_slice(), x.device())?,
-            &y,
+        let order_t = Tensor::new(order.as_slice(), x.device())?;
+        let y = Tensor::zeros(x.dims(), x.dtype(), x.device())?.index_add(
+            &order_t,
+            &h.broadcast_mul(&g)?,
             0,
         )?;
-        let cap = capture.then(|| MoeCapture {
+        let capture = mode.capture.then(|| MoeCapture {
             probs: p_host,
-            selected,
+            selected: selected.clone(),
             k,
             expert_outputs: captured,
         });
-        Ok((out, cap))
-    }
-
-    fn forward_soft(
-        &self,
-        x: &Tensor,
-        probs: &Tensor,
-        capture: bool,
-    ) -> Result<(Tensor, Option<MoeCapture>)> {
-        let (n, _) = x.dims2()?;
-        let e_count = self.n_experts();
-        let mut out: Option<Tensor> = None;
-        let mut captured = Vec::new();
-        let all: Vec<u32> = (0..n as u32).collect();
-        for (e, expert) in self.experts.iter().enumerate() {
-            let h = expert.forward(x)?;
-            let y = h.broadcast_mul(&probs.narrow(1, e, 1)?)?;
-            out = Some(match out {
-                Some(o) => (o + y)?,
-                None => y,
-            });
-            if capture {
-                captured.push((all.clone(), Some(h.detach())));
-            }
-        }
-        let cap = if capture {
-            let p_host: Vec<f32> = probs
-                .detach()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            let selected = top_k_rows(&p_host, e_count, e_count);
-            Some(MoeCapture {
-                probs: p_host,
+        let outputs = mode.keep_outputs.then(|| (h, order, row_expert));
+        Ok(MoeOutput {
+            y,
+            capture,
+            aux: MoeAux {
+                logits,
+                probs,
                 selected,
-                k: e_count,
-                expert_outputs: captured,
-            })
-        } else {
-            None
-        };
-        Ok((out.expect("at least one expert"), cap))
+                k,
+                outputs,
+                dropped,
+                assigned,
+            },
+        })
     }
+}
+
+/// ⌈cf · n · k / E⌉, at least 1.
+pub fn capacity(cf: f64, n: usize, k: usize, e: usize) -> usize {
+    ((cf * (n * k) as f64 / e as f64).ceil() as usize).max(1)
 }
 
 /// Per row of a row-major (n × e) matrix, the indices of the `k` largest

@@ -24,6 +24,8 @@ pub struct AdamW {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     decay: Vec<bool>,
+    /// Parameters the optimiser leaves alone (frozen router, balancing biases).
+    frozen: Vec<bool>,
     /// Steps taken (for bias correction).
     pub t: usize,
     beta1: f64,
@@ -47,12 +49,20 @@ impl AdamW {
                 .map(zeros)
                 .collect::<candle_core::Result<_>>()?,
             decay: params.vars().iter().map(|v| v.rank() >= 2).collect(),
+            frozen: vec![false; params.vars().len()],
             t: 0,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
         })
+    }
+
+    /// Exclude the parameters whose name satisfies `pred` from every update.
+    pub fn freeze(&mut self, params: &ParamStore, pred: impl Fn(&str) -> bool) {
+        for (f, name) in self.frozen.iter_mut().zip(params.names()) {
+            *f |= pred(name);
+        }
     }
 
     /// One update. `grads[i]` belongs to parameter `i`; `None` counts as a zero
@@ -62,6 +72,9 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, var) in params.vars().iter().enumerate() {
+            if self.frozen.get(i).copied().unwrap_or(false) {
+                continue;
+            }
             let wd = if self.decay[i] {
                 1.0 - lr * self.weight_decay
             } else {
