@@ -622,7 +622,10 @@ impl Config {
             }
         }
         if !r.token_entropy_lambda.is_finite() {
-            return Err(Error::config("reg.token_entropy_lambda", "must be a number"));
+            return Err(Error::config(
+                "reg.token_entropy_lambda",
+                "must be a number",
+            ));
         }
         if !(r.contrastive_temperature > 0.0 && r.contrastive_temperature.is_finite()) {
             return Err(Error::config(

@@ -55,12 +55,21 @@ fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
             .collect(),
         Routing::Soft => vec![(0..e_n).collect(); n],
         Routing::ExpertChoice => {
-            let cf = if m.capacity_factor > 0.0 { m.capacity_factor } else { 1.0 };
+            let cf = if m.capacity_factor > 0.0 {
+                m.capacity_factor
+            } else {
+                1.0
+            };
             let cap = ((cf * (n * m.top_k) as f64 / e_n as f64).ceil() as usize).clamp(1, n);
             let mut sel = vec![Vec::new(); n];
             for e in 0..e_n {
                 let mut ts: Vec<usize> = (0..n).collect();
-                ts.sort_by(|&a, &b| probs[b][e].partial_cmp(&probs[a][e]).unwrap().then(a.cmp(&b)));
+                ts.sort_by(|&a, &b| {
+                    probs[b][e]
+                        .partial_cmp(&probs[a][e])
+                        .unwrap()
+                        .then(a.cmp(&b))
+                });
                 for &t in &ts[..cap] {
                     sel[t].push(e);
                 }
@@ -98,7 +107,11 @@ fn moe_cfg(
     // Loss-free balancing bias on the top-2 renormalised SwiGLU variant; a
     // capacity factor of 1.25 for expert choice.
     let balance_bias = routing == Routing::Topk && expert == ExpertKind::Swiglu;
-    let capacity_factor = if routing == Routing::ExpertChoice { 1.25 } else { 0.0 };
+    let capacity_factor = if routing == Routing::ExpertChoice {
+        1.25
+    } else {
+        0.0
+    };
     // A non-unit router temperature for the soft variants, so that it is tested too.
     let router_temperature = if routing == Routing::Soft { 0.7 } else { 1.0 };
     ModelConfig {
@@ -130,7 +143,13 @@ const VARIANTS: &[(ExpertKind, Activation, Routing, bool, usize)] = &[
         false,
         2,
     ),
-    (ExpertKind::Mlp, Activation::Silu, Routing::ExpertChoice, false, 2),
+    (
+        ExpertKind::Mlp,
+        Activation::Silu,
+        Routing::ExpertChoice,
+        false,
+        2,
+    ),
 ];
 
 fn build_moe(cfg: &ModelConfig, seed: u64) -> (MoeLayer, ParamStore) {

@@ -203,6 +203,12 @@ pub fn orth_penalty(moe: &MoeLayer, family: Family) -> Result<Option<Tensor>> {
     let Some(ts) = family.tensors(moe)? else {
         return Ok(None);
     };
+    gram_penalty(&ts).map(Some)
+}
+
+/// Σ_{i<j} G_ij² of the unit-normalised flattened tensors (differentiable;
+/// every tensor must be non-zero).
+pub fn gram_penalty(ts: &[Tensor]) -> Result<Tensor> {
     let e = ts.len();
     let flat: Vec<Tensor> = ts
         .iter()
@@ -216,7 +222,7 @@ pub fn orth_penalty(moe: &MoeLayer, family: Family) -> Result<Option<Tensor>> {
         .map(|k| if k % e > k / e { 1.0 } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, (e, e), w.device())?.to_dtype(w.dtype())?;
-    Ok(Some((gn.sqr()? * mask)?.sum_all()?))
+    Ok((gn.sqr()? * mask)?.sum_all()?)
 }
 
 /// L_orth of the whole model: Σ over MoE layers (SPEC eq. 1). Errors when the
@@ -340,7 +346,8 @@ impl LayerAccumulator {
         for t in 0..n {
             let p = &cap.probs[t * e_n..(t + 1) * e_n];
             self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
-            let present: Vec<(usize, usize)> = rows[t * k..(t + 1) * k].iter().flatten().copied().collect();
+            let present: Vec<(usize, usize)> =
+                rows[t * k..(t + 1) * k].iter().flatten().copied().collect();
             for &(e, _) in &present {
                 self.load[e] += 1;
             }

@@ -19,7 +19,7 @@ use crate::{Error, Result};
 use attention::CausalSelfAttention;
 use candle_core::{DType, Device, Tensor};
 use layers::{cross_entropy, LayerNorm};
-use moe::{Expert, MoeCapture, MoeLayer};
+use moe::{Dispatch, Expert, MoeAux, MoeCapture, MoeLayer};
 use params::ParamStore;
 
 /// The feed-forward part of a block.
@@ -75,30 +75,32 @@ impl Block {
         })
     }
 
-    /// x: (b·t, d) -> (b·t, d), and the MoE capture when asked and present.
+    /// x: (b·t, d) -> (b·t, d), the MoE capture when asked and present, and
+    /// the MoE layer's routing aux (MoE layers only).
     fn forward(
         &self,
         x: &Tensor,
         b: usize,
         t: usize,
-        capture: bool,
-    ) -> Result<(Tensor, Option<LayerCapture>)> {
+        mode: Dispatch,
+    ) -> Result<(Tensor, Option<LayerCapture>, Option<MoeAux>)> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, b, t)?)?;
         let h = self.ln2.forward(&x)?;
-        let (y, cap) = match &self.ffn {
+        let (y, cap, aux) = match &self.ffn {
             Ffn::Moe(moe) => {
-                let (y, c) = moe.forward(&h, capture)?;
+                let o = moe.forward_with(&h, mode)?;
                 (
-                    y,
-                    c.map(|moe| LayerCapture {
+                    o.y,
+                    o.capture.map(|moe| LayerCapture {
                         input: h.detach(),
                         moe,
                     }),
+                    Some(o.aux),
                 )
             }
-            Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
+            Ffn::Dense(mlp) => (mlp.forward(&h)?, None, None),
         };
-        Ok(((x + y)?, cap))
+        Ok(((x + y)?, cap, aux))
     }
 }
 
@@ -117,6 +119,9 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// One entry per MoE layer, when capture was requested.
     pub captures: Vec<LayerCapture>,
+    /// One entry per MoE layer: router logits and probabilities on the graph,
+    /// the selection, and (when asked) the expert outputs, for the regularisers.
+    pub aux: Vec<MoeAux>,
 }
 
 /// The NanoGPT-MoE language model.
@@ -160,6 +165,15 @@ impl Gpt {
         })
     }
 
+    /// Set the number of experts per token of every top-k MoE layer.
+    pub fn set_top_k(&mut self, k: usize) {
+        for b in &mut self.blocks {
+            if let Ffn::Moe(m) = &mut b.ffn {
+                m.top_k = k;
+            }
+        }
+    }
+
     /// The MoE layers, in order, with their block index.
     pub fn moe_layers(&self) -> impl Iterator<Item = (usize, &MoeLayer)> {
         self.blocks
@@ -173,6 +187,17 @@ impl Gpt {
 
     /// tokens: (b, t) u32, t ≤ seq_len -> logits (b·t, V).
     pub fn forward(&self, tokens: &Tensor, capture: bool) -> Result<ForwardOutput> {
+        self.forward_with(
+            tokens,
+            Dispatch {
+                capture,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Gpt::forward`] with full control of the MoE dispatch (training passes).
+    pub fn forward_with(&self, tokens: &Tensor, mode: Dispatch) -> Result<ForwardOutput> {
         let (b, t) = tokens.dims2()?;
         if t > self.cfg.seq_len {
             return Err(Error::Data(format!(
@@ -189,14 +214,20 @@ impl Gpt {
             .broadcast_add(&self.wpe.narrow(0, 0, t)?)?
             .reshape((b * t, d))?;
         let mut captures = Vec::new();
+        let mut aux = Vec::new();
         for block in &self.blocks {
-            let (y, cap) = block.forward(&x, b, t, capture)?;
+            let (y, cap, a) = block.forward(&x, b, t, mode)?;
             x = y;
             captures.extend(cap);
+            aux.extend(a);
         }
         let x = self.ln_f.forward(&x)?;
         let logits = x.matmul(&self.wte.t()?)?;
-        Ok(ForwardOutput { logits, captures })
+        Ok(ForwardOutput {
+            logits,
+            captures,
+            aux,
+        })
     }
 
     /// Mean next-token cross-entropy (nats). inputs, targets: (b, t) u32.

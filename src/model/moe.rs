@@ -111,6 +111,9 @@ pub struct MoeAux {
     pub dropped: usize,
     /// Assignments the router made (n · k for top-k).
     pub assigned: usize,
+    /// Per expert: assignments the router made to it, before any drop (the
+    /// load that the aux loss and loss-free balancing see).
+    pub routed_load: Vec<u64>,
 }
 
 /// The result of [`MoeLayer::forward_with`].
@@ -260,7 +263,13 @@ impl MoeLayer {
                 }
                 (kept, k, Some(routed), dropped, n * k)
             }
-            Routing::Soft => (top_k_rows(&p_host, e_count, e_count), e_count, None, 0, n * e_count),
+            Routing::Soft => (
+                top_k_rows(&p_host, e_count, e_count),
+                e_count,
+                None,
+                0,
+                n * e_count,
+            ),
             Routing::ExpertChoice => {
                 let cf = if self.capacity_factor > 0.0 {
                     self.capacity_factor
@@ -275,7 +284,8 @@ impl MoeLayer {
                     col.extend(0..n as u32);
                     // Highest probability first; ties to the lower token index.
                     col.sort_by(|&a, &b| {
-                        p_host[b as usize * e_count + e].total_cmp(&p_host[a as usize * e_count + e])
+                        p_host[b as usize * e_count + e]
+                            .total_cmp(&p_host[a as usize * e_count + e])
                     });
                     for &t in &col[..cap] {
                         chosen[t as usize][e] = e as u32;
@@ -377,6 +387,12 @@ impl MoeLayer {
             expert_outputs: captured,
         });
         let outputs = mode.keep_outputs.then(|| (h, order, row_expert));
+        let mut routed_load = vec![0u64; e_count];
+        for &e in gate_src.as_ref().unwrap_or(&selected) {
+            if e != NO_EXPERT {
+                routed_load[e as usize] += 1;
+            }
+        }
         Ok(MoeOutput {
             y,
             capture,
@@ -388,6 +404,7 @@ impl MoeLayer {
                 outputs,
                 dropped,
                 assigned,
+                routed_load,
             },
         })
     }
@@ -417,6 +434,87 @@ pub fn top_k_rows(p: &[f32], e: usize, k: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelConfig;
+    use candle_core::Device;
+
+    #[test]
+    fn capacity_drops_in_gshard_order_when_training_only() {
+        let cfg = ModelConfig {
+            d_model: 6,
+            d_ff: 8,
+            n_experts: 3,
+            top_k: 2,
+            capacity_factor: 0.5,
+            ..Default::default()
+        };
+        let mut ps = ParamStore::new(DType::F64, &Device::Cpu, 3);
+        let m = MoeLayer::new(&mut ps, "moe", &cfg, 0.5, 0.5).unwrap();
+        let x = Tensor::randn(0.0, 1.0, (10, 6), &Device::Cpu).unwrap();
+        let train = Dispatch {
+            train: true,
+            ..Default::default()
+        };
+        let o = m.forward_with(&x, train).unwrap();
+        let p: Vec<f32> = m
+            .router_probs(&x)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let routed = top_k_rows(&p, 3, 2);
+        // Independent replay: capacity ⌈0.5·10·2/3⌉ = 4, first choices of all tokens first.
+        let mut count = [0usize; 3];
+        let mut want = routed.clone();
+        for s in 0..2 {
+            for t in 0..10 {
+                let e = routed[t * 2 + s] as usize;
+                if count[e] < 4 {
+                    count[e] += 1;
+                } else {
+                    want[t * 2 + s] = NO_EXPERT;
+                }
+            }
+        }
+        assert_eq!(o.aux.selected, want);
+        assert_eq!(
+            o.aux.dropped,
+            want.iter().filter(|&&e| e == NO_EXPERT).count()
+        );
+        assert!(o.aux.dropped > 0, "the test should drop something");
+        assert_eq!(o.aux.routed_load.iter().sum::<u64>(), 20);
+        // Evaluation is dropless.
+        let e = m.forward_with(&x, Dispatch::default()).unwrap();
+        assert_eq!((e.aux.dropped, e.aux.selected.clone()), (0, routed.clone()));
+        // A dropped token-slot contributes nothing: the output equals the
+        // dense sum over the kept assignments only.
+        let g = m.router_probs(&x).unwrap().to_vec2::<f64>().unwrap();
+        let y = o.y.to_vec2::<f64>().unwrap();
+        for t in 0..10 {
+            let sel = &routed[t * 2..t * 2 + 2];
+            let denom: f64 = sel.iter().map(|&e| g[t][e as usize]).sum();
+            let mut acc = vec![0.0; 6];
+            for s in 0..2 {
+                if want[t * 2 + s] == NO_EXPERT {
+                    continue;
+                }
+                let e = sel[s] as usize;
+                let h = m.experts[e]
+                    .forward(&x.narrow(0, t, 1).unwrap())
+                    .unwrap()
+                    .to_vec2::<f64>()
+                    .unwrap();
+                for (a, v) in acc.iter_mut().zip(&h[0]) {
+                    *a += g[t][e] / denom * v;
+                }
+            }
+            for (a, b) in acc.iter().zip(&y[t]) {
+                assert!((a - b).abs() < 1e-12);
+            }
+        }
+    }
 
     #[test]
     fn top_k_breaks_ties_by_lower_index() {

@@ -2,18 +2,21 @@
 //! evaluation, metrics, checkpoints and exact resume.
 
 pub mod optim;
+pub mod reg;
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::Config;
+use crate::config::{Config, Routing};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
-use crate::model::{layers::cross_entropy_rows, Gpt};
+use crate::model::layers::{cross_entropy, cross_entropy_rows};
+use crate::model::{moe::Dispatch, Gpt};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use optim::{lr_at, AdamW};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -331,6 +334,101 @@ fn accumulate(
     Ok(())
 }
 
+/// Experts per token at `step` (progressive top-k, SMoE-Dropout): linear
+/// from `train.topk_start` to `model.top_k`.
+fn topk_at(cfg: &Config, step: usize, total: usize) -> usize {
+    let (k0, k1) = (cfg.train.topk_start, cfg.model.top_k);
+    if k0 == 0 || k0 >= k1 || total <= 1 {
+        return k1;
+    }
+    let frac = step as f64 / (total - 1) as f64;
+    (k0 as f64 + frac * (k1 - k0) as f64).round() as usize
+}
+
+/// The λ of a logged batch term.
+fn term_lambda(r: &crate::config::RegConfig, name: &str) -> f64 {
+    match name {
+        "act_loss" => r.act_lambda,
+        "contrastive_loss" => r.contrastive_lambda,
+        "entropy_loss" => r.entropy_lambda,
+        "token_entropy_loss" => r.token_entropy_lambda,
+        "aux_loss" => r.aux_lambda,
+        "z_loss" => r.z_lambda,
+        _ => 0.0,
+    }
+}
+
+/// Replace each MoE layer's expert gradients of `family` by
+/// g_e − λ ∂P/∂g_e (P = Σ_{i<j} cos²(g_i, g_j)); returns the mean P over layers.
+fn apply_grad_orth(
+    model: &Gpt,
+    grads: &mut [Option<Tensor>],
+    family: Family,
+    lambda: f64,
+) -> Result<f64> {
+    let index: std::collections::HashMap<&str, usize> = model
+        .params
+        .names()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let mut total = 0.0;
+    let mut layers = 0usize;
+    for (l, moe) in model.moe_layers() {
+        let e_n = moe.n_experts();
+        let p = format!("layers.{l}.moe");
+        if family == Family::Router {
+            let i = index[format!("{p}.router.weight").as_str()];
+            let Some(g) = grads[i].clone() else { continue };
+            let rows: Vec<Tensor> = (0..e_n)
+                .map(|e| g.narrow(0, e, 1))
+                .collect::<candle_core::Result<_>>()?;
+            let (v, d) = reg::grad_orth(&rows)?;
+            let adj: Vec<Tensor> = rows
+                .iter()
+                .zip(d)
+                .map(|(r, d)| match d {
+                    Some(d) => r - (d * lambda)?,
+                    None => Ok(r.clone()),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            grads[i] = Some(Tensor::cat(&adj, 0)?);
+            total += v;
+            layers += 1;
+            continue;
+        }
+        let which = family.name();
+        let ids: Vec<usize> = (0..e_n)
+            .filter_map(|e| {
+                index
+                    .get(format!("{p}.experts.{e}.{which}.weight").as_str())
+                    .copied()
+            })
+            .collect();
+        if ids.len() != e_n {
+            continue;
+        }
+        // Experts without gradient this step count as zero and are left out.
+        let gs: Vec<Tensor> = ids
+            .iter()
+            .map(|&i| match &grads[i] {
+                Some(g) => Ok(g.clone()),
+                None => model.params.vars()[i].as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let (v, d) = reg::grad_orth(&gs)?;
+        for (&i, d) in ids.iter().zip(d) {
+            if let (Some(d), Some(g)) = (d, grads[i].as_ref()) {
+                grads[i] = Some((g - (d * lambda)?)?);
+            }
+        }
+        total += v;
+        layers += 1;
+    }
+    Ok(total / layers.max(1) as f64)
+}
+
 /// Train a model as `cfg` says, into `opts.out`.
 pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut cfg = cfg;
@@ -353,8 +451,13 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     let unigram = data::unigram_entropy(&ds.train);
-    let model = Gpt::new(&cfg.model, DType::F32, &device, cfg.train.seed)?;
+    let mut model = Gpt::new(&cfg.model, DType::F32, &device, cfg.train.seed)?;
     let mut opt = AdamW::new(&model.params, &cfg.train)?;
+    // The balancing biases are updated by their own rule, a frozen router not at all.
+    let router_frozen = cfg.model.router_frozen;
+    opt.freeze(&model.params, |n| {
+        n.ends_with(".balance_bias") || (router_frozen && n.ends_with(".router.weight"))
+    });
     let (p_total, p_active) = cfg.model.param_counts();
     let total_steps = cfg.train.total_steps(cfg.model.seq_len);
     let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len) as u64;
@@ -450,21 +553,54 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let elapsed0 = state.elapsed_s;
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
+    let grad_family = Family::parse(&cfg.reg.grad_family, "reg.grad_family")?;
+    let dispatch = Dispatch {
+        capture: false,
+        train: true,
+        keep_outputs: reg::needs_outputs(&cfg.reg),
+    };
+    let n_moe = model.moe_layers().count();
     while state.step < total_steps {
         let step = state.step;
         let lr = lr_at(&cfg.train, step, total_steps);
+        let k_step = topk_at(&cfg, step, total_steps);
+        if cfg.train.topk_start > 0 {
+            model.set_top_k(k_step);
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; model.params.vars().len()];
         let mut loss_sum = 0.0;
+        let mut term_sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut loads = vec![vec![0u64; cfg.model.n_experts]; n_moe];
+        let (mut dropped, mut assigned) = (0usize, 0usize);
         for micro in 0..cfg.train.grad_accum {
             let batch = data::train_batch(&ds.train, cfg.train.seed, step, micro, b, t)?;
             let x = Tensor::from_vec(batch.inputs, (b, t), &device)?;
             let y = Tensor::from_vec(batch.targets, (b, t), &device)?;
-            let loss = model.loss(&x, &y)?;
-            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let fwd = model.forward_with(&x, dispatch)?;
+            let lm = cross_entropy(&fwd.logits, &y.flatten_all()?)?;
+            let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
                 return Err(diverged(out, step + 1, "loss", lv));
             }
             loss_sum += lv;
+            for (l, a) in fwd.aux.iter().enumerate() {
+                for (acc, &x) in loads[l].iter_mut().zip(&a.routed_load) {
+                    *acc += x;
+                }
+                dropped += a.dropped;
+                assigned += a.assigned;
+            }
+            let terms = reg::batch_terms(&cfg.reg, &fwd.aux, cfg.model.router_temperature)?;
+            for (name, v) in &terms.values {
+                if !v.is_finite() {
+                    return Err(diverged(out, step + 1, name, *v));
+                }
+                *term_sums.entry(name).or_default() += v;
+            }
+            let loss = match terms.loss {
+                Some(r) => (lm + r)?,
+                None => lm,
+            };
             let scaled = if cfg.train.grad_accum > 1 {
                 (loss / cfg.train.grad_accum as f64)?
             } else {
@@ -473,6 +609,14 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             accumulate(&mut grads, &model, &scaled.backward()?)?;
         }
         let lm_loss = loss_sum / cfg.train.grad_accum as f64;
+        let term_means: BTreeMap<&'static str, f64> = term_sums
+            .into_iter()
+            .map(|(k, v)| (k, v / cfg.train.grad_accum as f64))
+            .collect();
+        let reg_total: f64 = term_means
+            .iter()
+            .map(|(name, v)| v * term_lambda(&cfg.reg, name))
+            .sum();
         // λ · L_orth, once per step (its gradient joins the accumulated ones).
         let orth_value = if cfg.reg.orth_lambda > 0.0 {
             let orth = measures::orth_loss(&model, orth_family)?;
@@ -489,7 +633,18 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         } else {
             None
         };
-        let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0);
+        let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0) + reg_total;
+        // Gradient-space orthogonality: a first-order step on the update (reg.rs).
+        let grad_value = if cfg.reg.grad_lambda > 0.0 {
+            Some(apply_grad_orth(
+                &model,
+                &mut grads,
+                grad_family,
+                cfg.reg.grad_lambda,
+            )?)
+        } else {
+            None
+        };
         // Global gradient norm, then clipping.
         let mut sq = 0.0f64;
         for g in grads.iter().flatten() {
@@ -510,6 +665,18 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         opt.step(&model.params, &grads, lr)?;
+        if cfg.reg.loss_free_gamma > 0.0 {
+            for ((l, _), load) in model.moe_layers().zip(&loads) {
+                let name = format!("layers.{l}.moe.balance_bias");
+                let var = model.params.get(&name).ok_or_else(|| {
+                    Error::config("model.balance_bias", "loss-free balancing needs the bias")
+                })?;
+                reg::loss_free_update(var, load, cfg.reg.loss_free_gamma)?;
+            }
+        }
+        if cfg.train.topk_start > 0 {
+            model.set_top_k(cfg.model.top_k); // evaluation and checkpoints use the full k
+        }
         state.step += 1;
         state.tokens += tokens_per_step;
         window_tokens += tokens_per_step;
@@ -529,9 +696,41 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     Err(_) => None,
                 },
             };
-            metrics.log(json!({"kind": "train", "step": s, "tokens": state.tokens, "loss": train_loss, "lm_loss": lm_loss,
+            let mut row = json!({"kind": "train", "step": s, "tokens": state.tokens, "loss": train_loss, "lm_loss": lm_loss,
                 "orth_loss": orth_logged, "orth_lambda": cfg.reg.orth_lambda, "lr": lr,
-                "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s}))?;
+                "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s});
+            let r = row.as_object_mut().expect("object");
+            for (name, v) in &term_means {
+                r.insert((*name).into(), json!(v));
+            }
+            if let Some(v) = grad_value {
+                r.insert("grad_loss".into(), json!(v));
+            }
+            if cfg.model.capacity_factor > 0.0 && cfg.model.routing == Routing::Topk {
+                r.insert(
+                    "dropped_frac".into(),
+                    json!(dropped as f64 / assigned.max(1) as f64),
+                );
+            }
+            if cfg.train.topk_start > 0 {
+                r.insert("top_k".into(), json!(k_step));
+            }
+            if cfg.reg.loss_free_gamma > 0.0 || cfg.reg.aux_lambda > 0.0 {
+                let viol: Vec<f64> = loads
+                    .iter()
+                    .map(|l| {
+                        let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
+                        let max = l.iter().copied().max().unwrap_or(0) as f64;
+                        if mean > 0.0 {
+                            max / mean - 1.0
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                r.insert("train_max_violation".into(), json!(viol));
+            }
+            metrics.log(row)?;
             bar.set_message(format!("loss {train_loss:.4} | {tps:.0} tok/s"));
             window_start = Instant::now();
             window_tokens = 0;
