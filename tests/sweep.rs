@@ -265,3 +265,49 @@ fn routing_sweep_runs_into_the_report_routing_section() {
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Functional (Jacobian) vs representational"));
 }
+
+/// The regulariser zoo as a sweep: every method runs, results.csv names it,
+/// and the report compares them against `none` (and keeps Tables 1–4 to the
+/// λ study).
+#[test]
+fn regulariser_sweep_reaches_the_report() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        d.path(),
+        &d.path().join("cache"),
+        "\"reg\" = [{}, { orth_lambda = 0.01 }, { act_lambda = 0.1 }, { grad_lambda = 0.1 }, { contrastive_lambda = 0.05 }, { aux_lambda = 0.01 }, { loss_free_gamma = 0.001 }]\n\"train.seed\" = [0, 1]",
+        8,
+    );
+    let out = d.path().join("out");
+    let o = Command::new(common::bin())
+        .args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "2", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let mut rdr = csv::Reader::from_reader(csv.as_bytes());
+    let header = rdr.headers().unwrap().clone();
+    let mi = header.iter().position(|h| h == "method").unwrap();
+    let si = header.iter().position(|h| h == "status").unwrap();
+    let mut methods: Vec<String> = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        assert_eq!(&rec[si], "done", "{rec:?}");
+        methods.push(rec[mi].to_string());
+    }
+    methods.sort();
+    methods.dedup();
+    assert_eq!(
+        methods,
+        ["act 0.1", "aux 0.01", "contrastive 0.05", "grad 0.1", "loss-free 0.001", "none", "orth 0.01"]
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Regularisers and load balancing"), "{md}");
+    for m in &methods {
+        assert!(md.contains(&format!("| {m} |")), "{m} missing from the report");
+    }
+    assert!(md.contains("paired t"), "{md}");
+    // Tables 1–4 only hold the λ study (none and orth).
+    let t1 = md.split("Table 1").nth(1).unwrap().split("Table 2").next().unwrap();
+    assert_eq!(t1.matches("\n| 0").count(), 2, "{t1}");
+}

@@ -12,6 +12,7 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "status",
     "error",
     "dataset",
+    "method",
     "lambda",
     "seed",
     "routing",
@@ -28,8 +29,63 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "balance",
     "max_violation",
     "dead_experts",
+    "dropped_frac",
     "wall_s",
 ];
+
+/// A short label of the regularisers and routing options of a run, e.g.
+/// `none`, `orth 0.01`, `act 0.1 + aux 0.01`, `loss-free 0.001`,
+/// `expert-choice`, `capacity 1.25`, `smoe-dropout 1→2`.
+pub fn method_label(cfg: &crate::config::Config) -> String {
+    let r = &cfg.reg;
+    let mut parts = Vec::new();
+    let fam = |f: &str| if f == "up" { String::new() } else { format!(" ({f})") };
+    for (name, v, extra) in [
+        ("orth", r.orth_lambda, fam(&r.orth_family)),
+        ("act", r.act_lambda, String::new()),
+        ("grad", r.grad_lambda, fam(&r.grad_family)),
+        ("contrastive", r.contrastive_lambda, String::new()),
+        ("entropy", r.entropy_lambda, String::new()),
+        ("token-entropy", r.token_entropy_lambda, String::new()),
+        ("aux", r.aux_lambda, String::new()),
+        ("z", r.z_lambda, String::new()),
+        ("loss-free", r.loss_free_gamma, String::new()),
+    ] {
+        if v != 0.0 {
+            parts.push(format!("{name} {v}{extra}"));
+        }
+    }
+    let m = &cfg.model;
+    if m.routing == crate::config::Routing::ExpertChoice {
+        parts.push("expert-choice".into());
+    } else if m.capacity_factor > 0.0 {
+        parts.push(format!("capacity {}", m.capacity_factor));
+    }
+    if cfg.train.topk_start > 0 || m.router_frozen {
+        parts.push(if m.router_frozen && cfg.train.topk_start > 0 {
+            format!("smoe-dropout {}→{}", cfg.train.topk_start, m.top_k)
+        } else if m.router_frozen {
+            "frozen router".into()
+        } else {
+            format!("top-k {}→{}", cfg.train.topk_start, m.top_k)
+        });
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" + ")
+    }
+}
+
+/// The last training row's `dropped_frac`, if the run logged one.
+fn last_dropped(run: &std::path::Path) -> Option<Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["kind"] == "train")
+        .and_then(|v| v.get("dropped_frac").cloned())
+}
 
 fn last_eval(run: &std::path::Path) -> Option<Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
@@ -78,6 +134,7 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
                 cfg.data.path.clone()
             };
             r.insert("dataset".into(), json!(ds));
+            r.insert("method".into(), json!(method_label(cfg)));
             r.insert("lambda".into(), json!(cfg.reg.orth_lambda));
             r.insert("seed".into(), json!(cfg.train.seed));
             r.insert("routing".into(), json!(cfg.model.routing));
@@ -97,6 +154,7 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
                 r.insert(k.into(), s[k].clone());
             }
         }
+        r.insert("dropped_frac".into(), last_dropped(&run).unwrap_or(Value::Null));
         if let Some(ev) = last_eval(&run) {
             r.insert("weight_mso".into(), ev["weight_mso_mean"]["up"].clone());
             r.insert("act_mso".into(), ev["act_mso_mean"].clone());

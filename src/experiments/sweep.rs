@@ -169,6 +169,40 @@ impl SweepSpec {
                 }
             })
             .collect();
+        // Variant labels: the values ("topk-1"), or key-value pairs
+        // ("act_lambda-0.1") where values alone would not tell variants apart;
+        // an empty variant is "none".
+        let variant_label = |k: &str, t: &toml::Table, with_keys: bool| -> String {
+            let mut inner = Vec::new();
+            flatten(k, t, &mut inner);
+            if inner.is_empty() {
+                return "none".into();
+            }
+            inner
+                .iter()
+                .map(|(ik, v)| {
+                    if with_keys {
+                        format!("{}-{}", ik.rsplit('.').next().unwrap_or(ik), value_label(v))
+                    } else {
+                        value_label(v)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("-")
+        };
+        let keyed: Vec<bool> = axes
+            .iter()
+            .map(|(k, vals)| {
+                let labels: Vec<String> = vals
+                    .iter()
+                    .filter_map(|v| v.as_table().map(|t| variant_label(k, t, false)))
+                    .collect();
+                let mut uniq = labels.clone();
+                uniq.sort();
+                uniq.dedup();
+                uniq.len() < labels.len()
+            })
+            .collect();
         let total: usize = axes.iter().map(|(_, v)| v.len()).product();
         let base = self.base.as_ref().map(PathBuf::from);
         let mut cells = Vec::with_capacity(total);
@@ -190,15 +224,7 @@ impl SweepSpec {
                     toml::Value::Table(t) => {
                         let mut inner = Vec::new();
                         flatten(k, t, &mut inner);
-                        labels.push(format!(
-                            "{}={}",
-                            shorts[a],
-                            inner
-                                .iter()
-                                .map(|(_, v)| value_label(v))
-                                .collect::<Vec<_>>()
-                                .join("-")
-                        ));
+                        labels.push(format!("{}={}", shorts[a], variant_label(k, t, keyed[a])));
                         all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
                     }
                     v => {

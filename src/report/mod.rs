@@ -30,6 +30,12 @@ struct Run {
     gap_layers: Vec<Option<f64>>,
     /// `top-k` or `soft`.
     mode: String,
+    /// Regularisers / balancing (`none`, `orth 0.01`, `aux 0.01`, ...).
+    method: String,
+    balance: Option<f64>,
+    max_violation: Option<f64>,
+    dead: Option<f64>,
+    gap: Option<f64>,
 }
 
 fn run_from_row(r: &Map<String, Value>) -> Run {
@@ -61,9 +67,19 @@ fn run_from_row(r: &Map<String, Value>) -> Run {
         wmso: f("weight_mso"),
         amso: f("act_mso"),
         gap_layers,
+        method: r
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string(),
+        balance: f("balance"),
+        max_violation: f("max_violation"),
+        dead: f("dead_experts"),
+        gap: f("gap_ratio"),
         mode: {
             let base = match r.get("routing").and_then(Value::as_str) {
                 Some("soft") => "soft".to_string(),
+                Some("expert_choice") => "expert-choice".to_string(),
                 _ => format!(
                     "top-{}",
                     r.get("top_k").and_then(Value::as_u64).unwrap_or(0)
@@ -333,9 +349,112 @@ struct Content {
     runs_table: Table,
 }
 
+/// Whether a run belongs to the λ study of Tables 1–4 (no regulariser but L_orth).
+fn lambda_study(r: &Run) -> bool {
+    r.method == "none" || (r.method.starts_with("orth ") && !r.method.contains(" + "))
+}
+
+/// The regulariser / balancing comparison, when the sweep has such methods.
+fn methods_section(done: &[&Run], tables: &mut Vec<Table>, figures: &mut Vec<(String, String, String)>) {
+    let mut methods: Vec<String> = done.iter().map(|r| r.method.clone()).collect();
+    methods.sort();
+    methods.dedup();
+    if methods.len() < 2 || done.iter().all(|r| lambda_study(r)) {
+        return;
+    }
+    // "none" first, then as listed.
+    methods.sort_by_key(|m| (m != "none", m.clone()));
+    let mut datasets: Vec<String> = done.iter().map(|r| r.dataset.clone()).collect();
+    datasets.sort();
+    datasets.dedup();
+    for ds in &datasets {
+        let runs: Vec<&Run> = done.iter().copied().filter(|r| &r.dataset == ds).collect();
+        let group = |m: &str| -> Vec<&Run> {
+            let mut g: Vec<&Run> = runs.iter().copied().filter(|r| r.method == m).collect();
+            g.sort_by_key(|r| r.seed);
+            g
+        };
+        let base = group("none");
+        let mut rows = Vec::new();
+        let mut chart = Chart::new(
+            &format!("Activation vs weight overlap by method — {ds}"),
+            "weight MSO (up)",
+            "activation MSO",
+        );
+        for m in &methods {
+            let g = group(m);
+            if g.is_empty() {
+                continue;
+            }
+            let test = |f: &dyn Fn(&Run) -> Option<f64>| -> String {
+                if m == "none" || base.is_empty() {
+                    return "—".into();
+                }
+                compare(&base, &g, f)
+                    .map(|(t, name)| format!("{:.4} ({name})", t.p))
+                    .unwrap_or_else(|| "—".into())
+            };
+            let w = vals(&g, |r| r.wmso);
+            let a = vals(&g, |r| r.amso);
+            rows.push(vec![
+                Cell::from(m.clone()),
+                Cell {
+                    text: g.len().to_string(),
+                    links: links(&g),
+                },
+                Cell::from(mean_sd(&vals(&g, |r| r.ppl))),
+                Cell::from(test(&|r| r.ppl)),
+                Cell::from(mean_sd(&w)),
+                Cell::from(mean_sd(&a)),
+                Cell::from(test(&|r| r.amso)),
+                Cell::from(mean_sd(&vals(&g, |r| r.gap))),
+                Cell::from(mean_sd(&vals(&g, |r| r.balance))),
+                Cell::from(mean_sd(&vals(&g, |r| r.max_violation))),
+                Cell::from(test(&|r| r.max_violation)),
+                Cell::from(mean_sd(&vals(&g, |r| r.dead))),
+            ]);
+            let pts: Vec<(f64, f64, Option<f64>)> = g
+                .iter()
+                .filter_map(|r| Some((r.wmso?, r.amso?, None)))
+                .collect();
+            chart.series.push(Series {
+                name: m.clone(),
+                points: pts,
+                line: false,
+            });
+        }
+        tables.push(Table {
+            title: format!("Regularisers and load balancing — {ds}"),
+            header: vec![
+                "method",
+                "runs",
+                "val PPL",
+                "p (PPL vs none)",
+                "weight MSO (up)",
+                "act MSO",
+                "p (act vs none)",
+                "gap ratio",
+                "balance",
+                "max violation",
+                "p (violation vs none)",
+                "dead experts",
+            ],
+            rows,
+            note: "Mean ± sd over seeds at the final evaluation. p: paired t-test by seed against `none` (Welch when the seeds differ). Balance = exp(H(load))/E; max violation = max load / mean load − 1 (SPEC telemetry).".into(),
+        });
+        figures.push((
+            format!("methods-{}", sanitize(ds)),
+            format!("Weight vs activation overlap of every run, by regulariser — {ds}"),
+            chart.svg(),
+        ));
+    }
+}
+
 fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
     let all: Vec<Run> = rows.iter().map(run_from_row).collect();
-    let done: Vec<&Run> = all.iter().filter(|r| r.status == "done").collect();
+    let finished: Vec<&Run> = all.iter().filter(|r| r.status == "done").collect();
+    // Tables 1–4 are the λ study: runs with no regulariser other than L_orth.
+    let done: Vec<&Run> = finished.iter().copied().filter(|r| lambda_study(r)).collect();
     let mut datasets: Vec<String> = done.iter().map(|r| r.dataset.clone()).collect();
     datasets.dedup();
     datasets.sort();
@@ -619,10 +738,11 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
         note: "Chosen λ: the λ > 0 with the lowest mean validation perplexity on that dataset."
             .into(),
     });
-    routing_section(dir, &done, &mut tables, &mut figures);
+    routing_section(dir, &finished, &mut tables, &mut figures);
+    methods_section(&finished, &mut tables, &mut figures);
     let runs_table = Table {
         title: "Runs".into(),
-        header: vec!["run", "status", "dataset", "λ", "seed", "val PPL", "error"],
+        header: vec!["run", "status", "dataset", "method", "seed", "val PPL", "error"],
         rows: all
             .iter()
             .map(|r| {
@@ -633,7 +753,7 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
                     },
                     Cell::from(r.status.clone()),
                     Cell::from(r.dataset.clone()),
-                    Cell::from(lam(r.lambda)),
+                    Cell::from(r.method.clone()),
                     Cell::from(r.seed.to_string()),
                     Cell::from(r.ppl.map(num).unwrap_or_default()),
                     Cell::from(r.error.clone().unwrap_or_default()),
