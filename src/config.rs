@@ -872,6 +872,38 @@ mod tests {
     }
 
     #[test]
+    fn regulariser_and_routing_options_are_checked() {
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::resolve(Some("tiny"), None, &sets)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&["reg.aux_lambda=-1"]).contains("reg.aux_lambda"));
+        assert!(err(&["reg.loss_free_gamma=0.01", "model.routing=\"soft\""])
+            .contains("reg.loss_free_gamma"));
+        assert!(
+            err(&["model.capacity_factor=1.5", "model.routing=\"soft\""])
+                .contains("model.capacity_factor")
+        );
+        assert!(err(&["train.topk_start=3"]).contains("train.topk_start"));
+        assert!(err(&["reg.contrastive_temperature=0"]).contains("reg.contrastive_temperature"));
+        assert!(
+            err(&["reg.grad_lambda=0.1", "reg.grad_family=\"gate\""]).contains("reg.grad_family")
+        );
+        // Loss-free balancing switches the bias on; expert choice validates.
+        let c = Config::resolve(Some("tiny"), None, &["reg.loss_free_gamma=0.001".into()]).unwrap();
+        assert!(c.model.balance_bias);
+        let c = Config::resolve(
+            Some("tiny"),
+            None,
+            &["model.routing=\"expert_choice\"".into()],
+        )
+        .unwrap();
+        assert_eq!(c.model.routing, Routing::ExpertChoice);
+    }
+
+    #[test]
     fn file_then_overrides_and_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");

@@ -280,7 +280,16 @@ fn regulariser_sweep_reaches_the_report() {
     );
     let out = d.path().join("out");
     let o = Command::new(common::bin())
-        .args(["sweep", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "2", "--threads", "1"])
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -299,15 +308,32 @@ fn regulariser_sweep_reaches_the_report() {
     methods.dedup();
     assert_eq!(
         methods,
-        ["act 0.1", "aux 0.01", "contrastive 0.05", "grad 0.1", "loss-free 0.001", "none", "orth 0.01"]
+        [
+            "act 0.1",
+            "aux 0.01",
+            "contrastive 0.05",
+            "grad 0.1",
+            "loss-free 0.001",
+            "none",
+            "orth 0.01"
+        ]
     );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("Regularisers and load balancing"), "{md}");
     for m in &methods {
-        assert!(md.contains(&format!("| {m} |")), "{m} missing from the report");
+        assert!(
+            md.contains(&format!("| {m} |")),
+            "{m} missing from the report"
+        );
     }
     assert!(md.contains("paired t"), "{md}");
     // Tables 1–4 only hold the λ study (none and orth).
-    let t1 = md.split("Table 1").nth(1).unwrap().split("Table 2").next().unwrap();
+    let t1 = md
+        .split("Table 1")
+        .nth(1)
+        .unwrap()
+        .split("Table 2")
+        .next()
+        .unwrap();
     assert_eq!(t1.matches("\n| 0").count(), 2, "{t1}");
 }

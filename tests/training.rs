@@ -127,3 +127,45 @@ fn existing_run_is_not_overwritten_without_resume() {
         before
     );
 }
+
+/// Resume stays exact with the stateful training options: loss-free
+/// balancing biases, progressive top-k, a capacity limit, and batch
+/// regularisers with gradient-space orthogonality.
+#[test]
+fn resume_is_bit_exact_with_balancing_and_regularisers() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = common::micro_config(&d.path().join("cache"));
+    cfg.model.balance_bias = true;
+    cfg.model.capacity_factor = 1.25;
+    cfg.model.top_k = 3;
+    cfg.train.topk_start = 1;
+    cfg.reg.loss_free_gamma = 0.01;
+    cfg.reg.act_lambda = 0.1;
+    cfg.reg.aux_lambda = 0.01;
+    cfg.reg.grad_lambda = 0.1;
+    cfg.validate().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    train(cfg.clone(), &opts(&a)).unwrap();
+    let mut o = opts(&b);
+    o.stop_after = Some(4);
+    assert!(train(cfg.clone(), &o).is_err());
+    let mut o = opts(&b);
+    o.resume = true;
+    train(cfg, &o).unwrap();
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ from an uninterrupted run");
+    let rows = |p: &std::path::Path| -> Vec<String> {
+        metrics(p)
+            .iter()
+            .filter(|r| r["kind"] == "train")
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r["loss"], r["act_loss"], r["dropped_frac"], r["top_k"]
+                )
+            })
+            .collect()
+    };
+    assert_eq!(rows(&a), rows(&b));
+}

@@ -39,7 +39,13 @@ pub const FIXED_COLUMNS: &[&str] = &[
 pub fn method_label(cfg: &crate::config::Config) -> String {
     let r = &cfg.reg;
     let mut parts = Vec::new();
-    let fam = |f: &str| if f == "up" { String::new() } else { format!(" ({f})") };
+    let fam = |f: &str| {
+        if f == "up" {
+            String::new()
+        } else {
+            format!(" ({f})")
+        }
+    };
     for (name, v, extra) in [
         ("orth", r.orth_lambda, fam(&r.orth_family)),
         ("act", r.act_lambda, String::new()),
@@ -154,7 +160,10 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
                 r.insert(k.into(), s[k].clone());
             }
         }
-        r.insert("dropped_frac".into(), last_dropped(&run).unwrap_or(Value::Null));
+        r.insert(
+            "dropped_frac".into(),
+            last_dropped(&run).unwrap_or(Value::Null),
+        );
         if let Some(ev) = last_eval(&run) {
             r.insert("weight_mso".into(), ev["weight_mso_mean"]["up"].clone());
             r.insert("act_mso".into(), ev["act_mso_mean"].clone());

@@ -355,7 +355,11 @@ fn lambda_study(r: &Run) -> bool {
 }
 
 /// The regulariser / balancing comparison, when the sweep has such methods.
-fn methods_section(done: &[&Run], tables: &mut Vec<Table>, figures: &mut Vec<(String, String, String)>) {
+fn methods_section(
+    done: &[&Run],
+    tables: &mut Vec<Table>,
+    figures: &mut Vec<(String, String, String)>,
+) {
     let mut methods: Vec<String> = done.iter().map(|r| r.method.clone()).collect();
     methods.sort();
     methods.dedup();
@@ -454,7 +458,11 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
     let all: Vec<Run> = rows.iter().map(run_from_row).collect();
     let finished: Vec<&Run> = all.iter().filter(|r| r.status == "done").collect();
     // Tables 1–4 are the λ study: runs with no regulariser other than L_orth.
-    let done: Vec<&Run> = finished.iter().copied().filter(|r| lambda_study(r)).collect();
+    let done: Vec<&Run> = finished
+        .iter()
+        .copied()
+        .filter(|r| lambda_study(r))
+        .collect();
     let mut datasets: Vec<String> = done.iter().map(|r| r.dataset.clone()).collect();
     datasets.dedup();
     datasets.sort();
@@ -742,7 +750,9 @@ fn build(dir: &SweepDir, rows: &[Map<String, Value>]) -> Content {
     methods_section(&finished, &mut tables, &mut figures);
     let runs_table = Table {
         title: "Runs".into(),
-        header: vec!["run", "status", "dataset", "method", "seed", "val PPL", "error"],
+        header: vec![
+            "run", "status", "dataset", "method", "seed", "val PPL", "error",
+        ],
         rows: all
             .iter()
             .map(|r| {
