@@ -358,8 +358,15 @@ fn term_lambda(r: &crate::config::RegConfig, name: &str) -> f64 {
     }
 }
 
+fn sq_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// Replace each MoE layer's expert gradients of `family` by
-/// g_e − λ ∂P/∂g_e (P = Σ_{i<j} cos²(g_i, g_j)); returns the mean P over layers.
+/// g_e − λ ‖g_e‖² ∂P/∂g_e (P = Σ_{i<j} cos²(g_i, g_j)). P is scale-free in
+/// each g_e, so ∂P/∂g_e ⊥ g_e with size ~1/‖g_e‖; the ‖g_e‖² factor makes
+/// the correction a turn of g_e by an angle ~λ, whatever the gradient's size.
+/// Returns the mean P over layers.
 fn apply_grad_orth(
     model: &Gpt,
     grads: &mut [Option<Tensor>],
@@ -388,11 +395,13 @@ fn apply_grad_orth(
             let adj: Vec<Tensor> = rows
                 .iter()
                 .zip(d)
-                .map(|(r, d)| match d {
-                    Some(d) => r - (d * lambda)?,
-                    None => Ok(r.clone()),
+                .map(|(r, d)| -> Result<Tensor> {
+                    Ok(match d {
+                        Some(d) => (r - (d * (lambda * sq_norm(r)?))?)?,
+                        None => r.clone(),
+                    })
                 })
-                .collect::<candle_core::Result<_>>()?;
+                .collect::<Result<_>>()?;
             grads[i] = Some(Tensor::cat(&adj, 0)?);
             total += v;
             layers += 1;
@@ -420,7 +429,7 @@ fn apply_grad_orth(
         let (v, d) = reg::grad_orth(&gs)?;
         for (&i, d) in ids.iter().zip(d) {
             if let (Some(d), Some(g)) = (d, grads[i].as_ref()) {
-                grads[i] = Some((g - (d * lambda)?)?);
+                grads[i] = Some((g - (d * (lambda * sq_norm(g)?))?)?);
             }
         }
         total += v;

@@ -16,9 +16,11 @@
 //! Gradient-space orthogonality needs the gradient of a function of
 //! gradients (second order), which candle's autodiff does not provide. It is
 //! applied as a first-order step on the update instead: with the experts'
-//! gradients g fixed for the step, ĝ_e = g_e − λ ∂P/∂g_e where
-//! P = Σ_{i<j} cos²(g_i, g_j), which turns the experts' update directions
-//! away from each other. Experts without gradient this step are left out.
+//! gradients g fixed for the step, ĝ_e = g_e − λ ‖g_e‖² ∂P/∂g_e where
+//! P = Σ_{i<j} cos²(g_i, g_j), which turns each expert's update direction
+//! away from the others' by an angle of order λ (P is scale-free, so
+//! ∂P/∂g_e ⊥ g_e has size ~1/‖g_e‖; without the ‖g_e‖² factor small
+//! gradients would be swamped). Experts without gradient this step are left out.
 //!
 //! Loss-free balancing (Wang et al. 2024) has no loss: a per-expert bias is
 //! added to the router probabilities for top-k selection only, and after
