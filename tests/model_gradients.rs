@@ -26,6 +26,7 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
 /// softmax router, top-k with ties to the lower index (on p + balance bias),
 /// optional renormalisation; expert choice: each expert takes its
 /// ⌈cf·n·k/E⌉ highest-probability tokens.
+#[allow(clippy::needless_range_loop)]
 fn moe_ref(m: &MoeLayer, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let wr = rows(&m.router.weight);
     let probs: Vec<Vec<f64>> = x

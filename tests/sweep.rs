@@ -23,6 +23,22 @@ fn write_spec(dir: &Path, cache: &Path, grid: &str, steps: usize) -> std::path::
     p
 }
 
+/// `moescope sweep SPEC --out OUT EXTRA...`, waited for.
+fn sweep(spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = Command::new(common::bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 fn status(run: &Path) -> String {
     std::fs::read_to_string(run.join("status.json"))
         .ok()
@@ -102,7 +118,7 @@ fn killed_sweep_resumes_without_redoing_finished_runs_and_reports() {
         .lines()
         .next()
         .unwrap()
-        .starts_with("id,status,error,dataset,lambda,seed"));
+        .starts_with("id,status,error,dataset,method,lambda,seed"));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for t in [
         "Table 1",
@@ -168,17 +184,7 @@ fn slurm_script_runs_the_worker_command() {
         2,
     );
     let out = d.path().join("out");
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--slurm",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sweep(&spec, &out, &["--slurm"]);
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).unwrap();
     assert!(
         script.contains("#SBATCH --array=0-1") && script.contains("--run-one $SLURM_ARRAY_TASK_ID")

@@ -305,7 +305,7 @@ pub fn layer_jacobian(
     // Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     if exact {
-        for ei in 0..e_n {
+        for (ei, norm) in norms.iter_mut().enumerate() {
             let mut toks: Vec<u32> = inst
                 .by_pair
                 .iter()
@@ -321,7 +321,7 @@ pub fn layer_jacobian(
             let ex = experts.get(ei)?;
             let c = jacobian_terms(ex, &xs)?;
             let v = exact_inner(ex, ex, &c, &c)?.to_vec1::<f64>()?;
-            norms[ei] = toks.into_iter().zip(v).collect();
+            *norm = toks.into_iter().zip(v).collect();
         }
     }
     for ((i, j), toks) in &inst.by_pair {

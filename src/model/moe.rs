@@ -386,7 +386,7 @@ impl MoeLayer {
             k,
             expert_outputs: captured,
         });
-        let outputs = mode.keep_outputs.then(|| (h, order, row_expert));
+        let outputs = mode.keep_outputs.then_some((h, order, row_expert));
         let mut routed_load = vec![0u64; e_count];
         for &e in gate_src.as_ref().unwrap_or(&selected) {
             if e != NO_EXPERT {
@@ -495,7 +495,7 @@ mod tests {
         for t in 0..10 {
             let sel = &routed[t * 2..t * 2 + 2];
             let denom: f64 = sel.iter().map(|&e| g[t][e as usize]).sum();
-            let mut acc = vec![0.0; 6];
+            let mut acc = [0.0; 6];
             for s in 0..2 {
                 if want[t * 2 + s] == NO_EXPERT {
                     continue;

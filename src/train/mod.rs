@@ -359,7 +359,10 @@ fn term_lambda(r: &crate::config::RegConfig, name: &str) -> f64 {
 }
 
 fn sq_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// Replace each MoE layer's expert gradients of `family` by

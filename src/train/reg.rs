@@ -190,7 +190,7 @@ pub fn batch_terms(r: &RegConfig, aux: &[MoeAux], temperature: f64) -> Result<Ba
         }
         let per: Vec<Tensor> = aux
             .iter()
-            .map(|a| f(a))
+            .map(&f)
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .flatten()
