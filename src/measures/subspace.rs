@@ -58,14 +58,22 @@ impl RankRule {
 }
 
 /// Weighted first and second moments of one expert's rows.
+///
+/// While an expert has seen at most d rows they are kept as they are, and
+/// its PCA goes through the n×n Gram matrix (cheap when n ≪ d, e.g. ~30
+/// routed tokens per expert of a d = 4096 model); past d rows the d×d second
+/// moment is accumulated instead. Both give the same spectrum and subspace.
 #[derive(Debug, Clone)]
 pub struct Moments {
     pub d: usize,
     pub n: usize,
     pub w: f64,
     pub sum: Vec<f64>,
-    /// Row-major d×d.
-    pub outer: Vec<f64>,
+    /// Σ w x xᵀ, row-major d×d, once more than d rows were seen.
+    outer: Option<Vec<f64>>,
+    /// The rows (n×d, row-major) and their weights, until then.
+    rows: Vec<f64>,
+    row_w: Vec<f64>,
 }
 
 impl Moments {
@@ -75,7 +83,9 @@ impl Moments {
             n: 0,
             w: 0.0,
             sum: vec![0.0; d],
-            outer: vec![0.0; d * d],
+            outer: None,
+            rows: Vec::new(),
+            row_w: Vec::new(),
         }
     }
 
@@ -91,26 +101,114 @@ impl Moments {
             None => Tensor::ones((n, 1), DType::F64, &Device::Cpu)?,
         };
         let xw = x.broadcast_mul(&w)?;
-        let outer: Vec<f64> = xw.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
         let sum: Vec<f64> = xw.sum(0)?.to_vec1()?;
-        for (a, b) in self.outer.iter_mut().zip(outer) {
-            *a += b;
-        }
         for (a, b) in self.sum.iter_mut().zip(sum) {
             *a += b;
         }
         self.w += w.sum_all()?.to_scalar::<f64>()?;
         self.n += n;
+        if self.outer.is_none() && self.n <= self.d {
+            self.rows.extend(x.flatten_all()?.to_vec1::<f64>()?);
+            self.row_w.extend(w.flatten_all()?.to_vec1::<f64>()?);
+            return Ok(());
+        }
+        if self.outer.is_none() {
+            // Switch to the d×d second moment, starting from the kept rows.
+            let d = self.d;
+            let k = self.row_w.len();
+            let mut outer = vec![0.0; d * d];
+            if k > 0 {
+                let r = Tensor::from_slice(&self.rows, (k, d), &Device::Cpu)?;
+                let rw = Tensor::from_slice(&self.row_w, (k, 1), &Device::Cpu)?;
+                outer = r
+                    .broadcast_mul(&rw)?
+                    .t()?
+                    .matmul(&r)?
+                    .flatten_all()?
+                    .to_vec1()?;
+            }
+            self.outer = Some(outer);
+            self.rows = Vec::new();
+            self.row_w = Vec::new();
+        }
+        let outer: Vec<f64> = xw.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
+        for (a, b) in self.outer.as_mut().expect("set").iter_mut().zip(outer) {
+            *a += b;
+        }
         Ok(())
+    }
+
+    fn mean(&self) -> Vec<f64> {
+        self.sum.iter().map(|s| s / self.w).collect()
     }
 
     /// Weighted covariance (d×d, row-major).
     pub fn covariance(&self) -> Vec<f64> {
         let d = self.d;
-        let mu: Vec<f64> = self.sum.iter().map(|s| s / self.w).collect();
-        (0..d * d)
-            .map(|k| self.outer[k] / self.w - mu[k / d] * mu[k % d])
-            .collect()
+        let mu = self.mean();
+        match &self.outer {
+            Some(outer) => (0..d * d)
+                .map(|k| outer[k] / self.w - mu[k / d] * mu[k % d])
+                .collect(),
+            None => {
+                let mut c = vec![0.0; d * d];
+                for (x, &w) in self.rows.chunks_exact(d).zip(&self.row_w) {
+                    for i in 0..d {
+                        let a = w / self.w * (x[i] - mu[i]);
+                        for j in 0..d {
+                            c[i * d + j] += a * (x[j] - mu[j]);
+                        }
+                    }
+                }
+                c
+            }
+        }
+    }
+
+    /// Eigenvalues of the covariance (descending, all d of them) and the
+    /// eigenvectors of its non-zero ones (same order).
+    pub fn spectrum(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let d = self.d;
+        if self.outer.is_some() {
+            return eigh_desc(&self.covariance(), d);
+        }
+        // C = YᵀY with rows y_i = √(w_i/W)(x_i − μ); its non-zero spectrum is
+        // that of the n×n Gram matrix K = YYᵀ, with u_k = Yᵀv_k / √λ_k.
+        let mu = self.mean();
+        let n = self.row_w.len();
+        let y: Vec<f64> = self
+            .rows
+            .chunks_exact(d)
+            .zip(&self.row_w)
+            .flat_map(|(x, &w)| {
+                let s = (w / self.w).max(0.0).sqrt();
+                x.iter()
+                    .zip(&mu)
+                    .map(move |(a, m)| s * (a - m))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let ym = faer::Mat::<f64>::from_fn(n, d, |i, j| y[i * d + j]);
+        let k = &ym * ym.transpose();
+        let kv: Vec<f64> = (0..n * n).map(|t| k[(t / n, t % n)]).collect();
+        let (vals, vecs) = eigh_desc(&kv, n);
+        let top = vals.first().copied().unwrap_or(0.0).max(0.0);
+        let mut eig = vec![0.0; d];
+        let mut basis = Vec::new();
+        for (i, (&l, v)) in vals.iter().zip(&vecs).enumerate() {
+            if i < d {
+                eig[i] = l;
+            }
+            if l > 1e-12 * top && l > 0.0 {
+                let inv = 1.0 / l.sqrt();
+                basis.push(
+                    (0..d)
+                        .map(|j| (0..n).map(|r| y[r * d + j] * v[r]).sum::<f64>() * inv)
+                        .collect(),
+                );
+            }
+        }
+        (eig, basis)
     }
 }
 
@@ -200,7 +298,7 @@ pub fn layer_subspaces(
             skipped.push(Skipped { expert: i, n: m.n });
             continue;
         }
-        let (vals, vecs) = eigh_desc(&m.covariance(), d);
+        let (vals, vecs) = m.spectrum();
         let pos: Vec<f64> = vals.iter().map(|v| v.max(0.0)).collect();
         eff[i] = Some(effective_rank(&pos));
         let r = match rule {
@@ -220,6 +318,7 @@ pub fn layer_subspaces(
             }
             RankRule::Off => unreachable!(),
         };
+        let r = r.min(vecs.len());
         ranks[i] = Some(r);
         bases[i] = Some(vecs.into_iter().take(r).collect());
     }
@@ -292,6 +391,57 @@ mod tests {
                 && (gn - th / (std::f64::consts::FRAC_PI_2 * 2f64.sqrt())).abs() < 1e-7
         );
         assert!((o - (1.0 + th.cos().powi(2)) / 2.0).abs() < 1e-7);
+    }
+
+    /// The Gram path (n ≤ d rows kept) and the d×d path give the same
+    /// spectrum and the same subspaces, weighted or not.
+    #[test]
+    fn gram_and_covariance_paths_agree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (d, n) = (40, 25);
+        // Rows near a planted 3-dimensional subspace, plus noise.
+        let basis: Vec<Vec<f64>> = (0..3)
+            .map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect())
+            .collect();
+        let x: Vec<f64> = (0..n)
+            .flat_map(|_| {
+                let c: Vec<f64> = (0..3).map(|_| rng.random_range(-3.0..3.0)).collect();
+                (0..d)
+                    .map(|j| {
+                        (0..3).map(|k| c[k] * basis[k][j]).sum::<f64>()
+                            + rng.random_range(-0.1..0.1)
+                            + 0.5
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let w: Vec<f64> = (0..n).map(|_| rng.random_range(0.2..1.0)).collect();
+        let t = Tensor::from_slice(&x, (n, d), &Device::Cpu).unwrap();
+        for weights in [None, Some(w.as_slice())] {
+            let mut gram = Moments::new(d);
+            gram.add(&t, weights).unwrap();
+            assert!(gram.outer.is_none());
+            let mut dense = Moments::new(d);
+            dense.outer = Some(vec![0.0; d * d]); // force the d×d path
+            dense.add(&t, weights).unwrap();
+            let (eg, ug) = gram.spectrum();
+            let (ed, ud) = dense.spectrum();
+            for (a, b) in eg.iter().zip(&ed) {
+                assert!((a - b).abs() < 1e-9 * (1.0 + ed[0].abs()), "{a} vs {b}");
+            }
+            let ang = principal_angles(&ug[..5], &ud[..5]);
+            assert!(ang.iter().all(|a| a.abs() < 1e-6), "{ang:?}");
+            let cov = gram.covariance();
+            let cd = dense.covariance();
+            assert!(cov.iter().zip(&cd).all(|(a, b)| (a - b).abs() < 1e-9));
+        }
+        // Adding rows past d switches to the d×d path with the same result.
+        let mut m = Moments::new(d);
+        for _ in 0..2 {
+            m.add(&t, None).unwrap();
+        }
+        assert!(m.outer.is_some() && m.rows.is_empty() && m.n == 2 * n);
     }
 
     #[test]
