@@ -154,7 +154,8 @@ struct AnalyzeArgs {
     /// Hugging Face hub revision (branch, tag or commit) for `org/name`.
     #[arg(long, default_value = "main")]
     revision: String,
-    /// Text corpus (file or folder) tokenised with the run's tokenizer; default: the run's own validation split.
+    /// Text corpus (file or folder) tokenised with the model's tokenizer; default: a moescope run's own
+    /// validation split, or the built-in corpus for Hugging Face models.
     #[arg(long, conflicts_with = "token_ids")]
     data: Option<PathBuf>,
     /// Already tokenised input: a JSON array of integers or a 1-D .npy of integer ids.
