@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--moescope", default="target/release/moescope")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
     torch.manual_seed(0)
     bad = 0
