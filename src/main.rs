@@ -800,6 +800,23 @@ fn analyze_hf(
             .map(|s| format!(", shared expert d_ff {}", s.d_ff))
             .unwrap_or_default()
     );
+    let jac_tokens = geo.jacobian_tokens.min(a.tokens);
+    if let Some((mode, flops)) = moescope::measures::jacobian::plan(
+        geo.jacobian,
+        cfg.hidden_size,
+        cfg.moe_d_ff,
+        cfg.n_experts,
+        2,
+        jac_tokens,
+        cfg.top_k,
+        geo.jacobian_all_pairs,
+    ) {
+        eprintln!(
+            "Jacobian alignment: {mode} mode on {jac_tokens} tokens, about {:.2} TFLOP (f64) per MoE layer; \
+             --jacobian-tokens N or --jacobian off for a quicker run",
+            flops / 1e12
+        );
+    }
     let (tokens, data_desc) = if let Some(p) = &a.token_ids {
         (analyze::read_token_ids(p)?, p.display().to_string())
     } else {

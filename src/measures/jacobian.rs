@@ -240,6 +240,44 @@ pub fn auto_picks_exact(
     fits && cost_exact(d, f, e, t, instances, tokens, k) <= cost_estimate(d, f, t, tokens, k, 64)
 }
 
+/// The mode `mode` resolves to for one layer of this shape (`exact` or
+/// `estimate`), and its cost in flops (the cost model of the module docs),
+/// for `tokens` tokens with k experts each (routed pairs, or all E(E−1)/2).
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    mode: JacobianMode,
+    d: usize,
+    f: usize,
+    e: usize,
+    t: usize,
+    tokens: usize,
+    k: usize,
+    all_pairs: bool,
+) -> Option<(&'static str, f64)> {
+    let pairs = if all_pairs {
+        e * (e - 1) / 2
+    } else {
+        k * (k - 1) / 2
+    };
+    let inst = tokens * pairs;
+    // Each instance evaluates two expert Jacobians: 2·inst (token, expert) products.
+    let k_eff = if tokens > 0 {
+        (2 * inst).div_ceil(tokens)
+    } else {
+        0
+    };
+    match mode {
+        JacobianMode::Off => None,
+        JacobianMode::Exact => Some(("exact", cost_exact(d, f, e, t, inst, tokens, k))),
+        JacobianMode::Estimate(m) => Some(("estimate", cost_estimate(d, f, t, tokens, k_eff, m))),
+        JacobianMode::Auto => Some(if auto_picks_exact(d, f, e, t, inst, tokens, k) {
+            ("exact", cost_exact(d, f, e, t, inst, tokens, k))
+        } else {
+            ("estimate", cost_estimate(d, f, t, tokens, k_eff, 64))
+        }),
+    }
+}
+
 fn cost_exact(d: usize, f: usize, e: usize, t: usize, inst: usize, tokens: usize, k: usize) -> f64 {
     let (d, f, e, t) = (d as f64, f as f64, e as f64, t as f64);
     e * (e + 1.0) / 2.0 * (2.0 + 2.0 * t * t) * f * f * d
@@ -543,6 +581,25 @@ mod tests {
         );
         assert!(JacobianMode::parse("estimate:2").is_err());
         assert!(JacobianMode::parse("fast").is_err());
+    }
+
+    #[test]
+    fn plan_follows_auto_and_scales_with_tokens() {
+        // Small layer: auto is exact; Mixtral-sized: K would need 1.6 GB, so estimate.
+        assert_eq!(
+            plan(JacobianMode::Auto, 64, 128, 8, 1, 100, 2, false)
+                .unwrap()
+                .0,
+            "exact"
+        );
+        let (mode, f1) = plan(JacobianMode::Auto, 4096, 14336, 8, 2, 128, 2, false).unwrap();
+        assert_eq!(mode, "estimate");
+        let (_, f2) = plan(JacobianMode::Auto, 4096, 14336, 8, 2, 256, 2, false).unwrap();
+        assert!((f2 / f1 - 2.0).abs() < 1e-12);
+        // 128 tokens, 16 probes: 128·2·16·(2·2+2)·f·d flops.
+        let (_, f) = plan(JacobianMode::Estimate(16), 4096, 14336, 8, 2, 128, 2, false).unwrap();
+        assert_eq!(f, 128.0 * 2.0 * 16.0 * 6.0 * 14336.0 * 4096.0);
+        assert!(plan(JacobianMode::Off, 8, 8, 2, 1, 1, 1, false).is_none());
     }
 
     #[test]
