@@ -194,6 +194,9 @@ struct AnalyzeArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "report.json")]
     out: PathBuf,
+    /// Also draw the report as SVG figures into this folder (measures by layer, E×E matrices).
+    #[arg(long)]
+    figures: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -735,14 +738,18 @@ fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
         source,
     )
     .with_context(|| format!("analysing {data_desc}"))?;
-    write_report(&a.out, &report)
+    write_report(&a, &report)
 }
 
-fn write_report(out: &Path, report: &moescope::measures::analyze::Report) -> Result<()> {
+fn write_report(a: &AnalyzeArgs, report: &moescope::measures::analyze::Report) -> Result<()> {
     let json = serde_json::to_vec_pretty(report)?;
-    moescope::fsutil::write_atomic(out, &json)?;
+    moescope::fsutil::write_atomic(&a.out, &json)?;
     eprint!("{}", moescope::measures::analyze::summary_table(report));
-    eprintln!("report: {}", out.display());
+    eprintln!("report: {}", a.out.display());
+    if let Some(dir) = &a.figures {
+        let files = moescope::report::analysis::analysis_figures(report, dir)?;
+        eprintln!("figures: {} SVG files in {}", files.len(), dir.display());
+    }
     Ok(())
 }
 
@@ -873,7 +880,7 @@ fn analyze_hf(
             p.loss, p.ppl, p.tokens
         );
     }
-    write_report(&a.out, &report)
+    write_report(a, &report)
 }
 
 fn cmd_sweep(a: SweepArgs) -> Result<()> {

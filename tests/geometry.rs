@@ -350,6 +350,7 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
     let run = d.path().join("run");
     common::train_quiet(c, &run);
     let out = d.path().join("r.json");
+    let figs = d.path().join("figs");
     let args = [
         "analyze",
         "--model",
@@ -362,6 +363,8 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
         "estimate:32",
         "--out",
         out.to_str().unwrap(),
+        "--figures",
+        figs.to_str().unwrap(),
     ];
     let o = std::process::Command::new(common::bin())
         .args(args)
@@ -369,6 +372,32 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    // --figures: the measures by layer and each layer's E×E matrices, as SVG.
+    let mut names: Vec<String> = std::fs::read_dir(&figs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for want in [
+        "overlap-by-layer.svg",
+        "routing-by-layer.svg",
+        "weight-overlap-by-layer.svg",
+        "layer1-jacobian.svg",
+        "layer1-subspace-overlap.svg",
+        "layer0-activation-overlap.svg",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+    }
+    for n in &names {
+        let svg = std::fs::read_to_string(figs.join(n)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{n}");
+    }
+    let by_layer = std::fs::read_to_string(figs.join("overlap-by-layer.svg")).unwrap();
+    assert!(
+        by_layer.contains("Jacobian |A|")
+            && by_layer.contains("subspace overlap")
+            && by_layer.contains("<polyline")
+    );
     for l in v["layers"].as_array().unwrap() {
         let j = &l["jacobian"];
         for k in [

@@ -3,6 +3,7 @@
 //! and a self-contained `report.html`. Every aggregated number links to the
 //! runs it was computed from.
 
+pub mod analysis;
 pub mod svg;
 
 use crate::experiments::results;
