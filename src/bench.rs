@@ -527,6 +527,14 @@ pub fn bench_hf(
     };
     let families = [crate::measures::Family::Up, crate::measures::Family::Router];
     let (_, per_layer) = hf::analyze::analyze(&ck, &ids, &opts, &families, geo, source)?;
+    // Streaming resets the peak counter per layer; the last reading covers the output head.
+    let layer_peak = per_layer
+        .iter()
+        .filter_map(|t| t.peak_rss_mb)
+        .fold(0.0, f64::max)
+        * (1 << 20) as f64
+        / 1e9;
+    let peak_rss_gb = crate::memory::peak_rss_bytes().map(|b| (b as f64 / 1e9).max(layer_peak));
     Ok(HfBenchResult {
         checkpoint: dir.display().to_string(),
         layers,
@@ -536,7 +544,7 @@ pub fn bench_hf(
         seq_len,
         in_memory,
         per_layer,
-        peak_rss_gb: None,
+        peak_rss_gb,
         total_s: t0.elapsed().as_secs_f64(),
     })
 }

@@ -483,19 +483,9 @@ fn run(cli: Cli) -> Result<()> {
                 if layers == 0 || tokens == 0 {
                     bail!("need at least 1 layer and 1 token");
                 }
-                let mut r = moescope::bench::bench_hf(
+                let r = moescope::bench::bench_hf(
                     &dir, layers, !tiny, tokens, seq_len, in_memory, &geo,
                 )?;
-                // Per-layer peaks reset the counter; the last reading covers the output head.
-                let layer_peak = r
-                    .per_layer
-                    .iter()
-                    .filter_map(|t| t.peak_rss_mb)
-                    .fold(0.0, f64::max)
-                    * (1 << 20) as f64
-                    / 1e9;
-                r.peak_rss_gb =
-                    moescope::memory::peak_rss_bytes().map(|b| (b as f64 / 1e9).max(layer_peak));
                 eprintln!(
                     "checkpoint {:.2} GB on disk, one layer {:.2} GB in f32, {} tokens ({}):",
                     r.disk_gb,

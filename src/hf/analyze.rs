@@ -16,7 +16,7 @@ use crate::measures::analyze::{
     check_tokens, summarize, GeometryOptions, LayerAnalyzer, LayerReport, Options, Perplexity,
     Report, SharedExpertReport, Source, SCHEMA,
 };
-use crate::measures::Family;
+use crate::measures::{cos2, Family};
 use crate::model::layers::cross_entropy_rows;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -78,14 +78,9 @@ impl SharedAcc {
             let Some(h) = h else { continue };
             let h = rows(h)?;
             for (i, &t) in toks.iter().enumerate() {
-                let a = &h[i * d..(i + 1) * d];
-                let b = &out[t as usize * d..(t as usize + 1) * d];
-                let (na, nb) = (norm(a), norm(b));
-                if na > 0.0 && nb > 0.0 {
-                    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-                    self.cos2 += (dot / (na * nb)).powi(2);
-                    self.pairs += 1;
-                }
+                let t = t as usize;
+                self.cos2 += cos2(&h[i * d..(i + 1) * d], &out[t * d..(t + 1) * d]);
+                self.pairs += 1;
             }
         }
         for t in 0..out.len() / d {

@@ -449,6 +449,44 @@ impl HfConfig {
     pub fn n_moe_layers(&self) -> usize {
         self.moe_layers.iter().filter(|&&m| m).count()
     }
+
+    /// Tensor-name prefix of layer `l`'s MoE block (Mixtral's
+    /// `block_sparse_moe`, everyone else's `mlp`).
+    pub fn moe_block(&self, l: usize) -> String {
+        if self.arch == Arch::Mixtral {
+            format!("model.layers.{l}.block_sparse_moe")
+        } else {
+            format!("model.layers.{l}.mlp")
+        }
+    }
+
+    /// [gate, up, down] projection names (before `.weight`) of routed expert `e` of `block`.
+    pub fn expert_names(&self, block: &str, e: usize) -> [String; 3] {
+        let ep = format!("{block}.experts.{e}");
+        if self.arch == Arch::Mixtral {
+            [format!("{ep}.w1"), format!("{ep}.w3"), format!("{ep}.w2")]
+        } else {
+            proj_names(&ep)
+        }
+    }
+
+    /// Name prefix of the shared expert(s) of `block`.
+    pub fn shared_prefix(&self, block: &str) -> String {
+        if self.arch == Arch::Qwen2Moe {
+            format!("{block}.shared_expert")
+        } else {
+            format!("{block}.shared_experts")
+        }
+    }
+}
+
+/// [gate, up, down] names of a SwiGLU MLP with `gate_proj`/`up_proj`/`down_proj`.
+pub fn proj_names(p: &str) -> [String; 3] {
+    [
+        format!("{p}.gate_proj"),
+        format!("{p}.up_proj"),
+        format!("{p}.down_proj"),
+    ]
 }
 
 /// A Hugging Face model folder: config, weights, tokenizer.

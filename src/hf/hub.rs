@@ -44,16 +44,7 @@ fn needed_files(listing: &[String], index: Option<&Path>) -> Result<Vec<String>>
     }
     if let Some(index) = index {
         want.push("model.safetensors.index.json".into());
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
-        let mut shards: Vec<String> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::bad_file(index, "field `weight_map`: missing or not an object"))?
-            .values()
-            .filter_map(|f| f.as_str().map(String::from))
-            .collect();
+        let mut shards: Vec<String> = super::weights::read_index(index)?.into_values().collect();
         shards.sort();
         shards.dedup();
         want.extend(shards);

@@ -15,7 +15,7 @@
 //! top-k, optional renormalisation, dropless dispatch), so every measure
 //! that runs on our models runs unchanged on these.
 
-use super::config::{Arch, HfConfig, QkNorm};
+use super::config::{proj_names, Arch, HfConfig, QkNorm};
 use super::weights::WeightStore;
 use crate::config::{Activation, Routing};
 use crate::model::layers::{softmax_last, Linear};
@@ -288,14 +288,6 @@ fn swiglu(w: &WeightStore, names: [String; 3], d: usize, f: usize, why: &str) ->
     })
 }
 
-fn proj_names(p: &str) -> [String; 3] {
-    [
-        format!("{p}.gate_proj"),
-        format!("{p}.up_proj"),
-        format!("{p}.down_proj"),
-    ]
-}
-
 impl HfFfn {
     fn load(w: &WeightStore, cfg: &HfConfig, l: usize) -> Result<Self> {
         let d = cfg.hidden_size;
@@ -309,11 +301,7 @@ impl HfFfn {
                 "intermediate_size, hidden_size",
             )?));
         }
-        let block = if cfg.arch == Arch::Mixtral {
-            format!("{p}.block_sparse_moe")
-        } else {
-            format!("{p}.mlp")
-        };
+        let block = cfg.moe_block(l);
         let (e_n, f) = (cfg.n_experts, cfg.moe_d_ff);
         let fwhy = match cfg.arch {
             Arch::Mixtral | Arch::Olmoe => "intermediate_size, hidden_size",
@@ -328,32 +316,18 @@ impl HfFfn {
             "num_experts, hidden_size",
         )?;
         let experts = (0..e_n)
-            .map(|e| {
-                let ep = format!("{block}.experts.{e}");
-                let names = if cfg.arch == Arch::Mixtral {
-                    [format!("{ep}.w1"), format!("{ep}.w3"), format!("{ep}.w2")]
-                } else {
-                    proj_names(&ep)
-                };
-                swiglu(w, names, d, f, fwhy)
-            })
+            .map(|e| swiglu(w, cfg.expert_names(&block, e), d, f, fwhy))
             .collect::<Result<Vec<_>>>()?;
         let shared = match cfg.shared {
             None => None,
             Some(s) => {
-                let (name, why) = if cfg.arch == Arch::Qwen2Moe {
-                    (
-                        "shared_expert",
-                        "shared_expert_intermediate_size, hidden_size",
-                    )
+                let why = if cfg.arch == Arch::Qwen2Moe {
+                    "shared_expert_intermediate_size, hidden_size"
                 } else {
-                    (
-                        "shared_experts",
-                        "moe_intermediate_size × n_shared_experts, hidden_size",
-                    )
+                    "moe_intermediate_size × n_shared_experts, hidden_size"
                 };
                 Some(SharedExpert {
-                    mlp: swiglu(w, proj_names(&format!("{block}.{name}")), d, s.d_ff, why)?,
+                    mlp: swiglu(w, proj_names(&cfg.shared_prefix(&block)), d, s.d_ff, why)?,
                     gate: if s.gated {
                         Some(linear(
                             w,

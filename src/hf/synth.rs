@@ -5,7 +5,7 @@
 //! Files are streamed tensor by tensor (header first, then each tensor's
 //! bytes), so writing a full-size Mixtral layer needs one tensor in memory.
 
-use super::config::{Arch, HfConfig, QkNorm};
+use super::config::{proj_names, HfConfig, QkNorm};
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -26,13 +26,6 @@ pub fn tensor_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         v.push((format!("{g}.weight"), vec![f, d]));
         v.push((format!("{u}.weight"), vec![f, d]));
         v.push((format!("{dn}.weight"), vec![d, f]));
-    };
-    let proj = |p: &str| {
-        [
-            format!("{p}.gate_proj"),
-            format!("{p}.up_proj"),
-            format!("{p}.down_proj"),
-        ]
     };
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
@@ -60,31 +53,16 @@ pub fn tensor_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         }
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
         if !cfg.moe_layers[l] {
-            swiglu(&mut v, proj(&format!("{p}.mlp")), cfg.dense_d_ff);
+            swiglu(&mut v, proj_names(&format!("{p}.mlp")), cfg.dense_d_ff);
             continue;
         }
-        let block = if cfg.arch == Arch::Mixtral {
-            format!("{p}.block_sparse_moe")
-        } else {
-            format!("{p}.mlp")
-        };
+        let block = cfg.moe_block(l);
         v.push((format!("{block}.gate.weight"), vec![cfg.n_experts, d]));
         for e in 0..cfg.n_experts {
-            let ep = format!("{block}.experts.{e}");
-            let names = if cfg.arch == Arch::Mixtral {
-                [format!("{ep}.w1"), format!("{ep}.w3"), format!("{ep}.w2")]
-            } else {
-                proj(&ep)
-            };
-            swiglu(&mut v, names, cfg.moe_d_ff);
+            swiglu(&mut v, cfg.expert_names(&block, e), cfg.moe_d_ff);
         }
         if let Some(s) = cfg.shared {
-            let name = if cfg.arch == Arch::Qwen2Moe {
-                "shared_expert"
-            } else {
-                "shared_experts"
-            };
-            swiglu(&mut v, proj(&format!("{block}.{name}")), s.d_ff);
+            swiglu(&mut v, proj_names(&cfg.shared_prefix(&block)), s.d_ff);
             if s.gated {
                 v.push((format!("{block}.shared_expert_gate.weight"), vec![1, d]));
             }

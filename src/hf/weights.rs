@@ -50,6 +50,35 @@ impl std::fmt::Debug for WeightStore {
     }
 }
 
+/// The `weight_map` of a `model.safetensors.index.json`: tensor name -> shard
+/// file name (checked to be a plain file name in the same folder).
+pub fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::bad_file(index, "field `weight_map`: missing or not an object"))?;
+    let mut wanted = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::bad_file(
+                index,
+                format!("field `weight_map.{name}`: expected a file name"),
+            )
+        })?;
+        if file.contains('/') || file.contains("..") {
+            return Err(Error::bad_file(
+                index,
+                format!("field `weight_map.{name}`: `{file}` is not a file in this folder"),
+            ));
+        }
+        wanted.insert(name.clone(), file.to_string());
+    }
+    Ok(wanted)
+}
+
 /// Refuse folders that only hold pickle checkpoints.
 pub fn refuse_pickle(dir: &Path) -> Result<()> {
     let pickles: Vec<String> = std::fs::read_dir(dir)
@@ -101,31 +130,7 @@ impl WeightStore {
     }
 
     fn open_index(index: &Path) -> Result<WeightStore> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::bad_file(index, "field `weight_map`: missing or not an object")
-            })?;
-        let mut wanted: BTreeMap<String, String> = BTreeMap::new();
-        for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| {
-                Error::bad_file(
-                    index,
-                    format!("field `weight_map.{name}`: expected a file name"),
-                )
-            })?;
-            if file.contains('/') || file.contains("..") {
-                return Err(Error::bad_file(
-                    index,
-                    format!("field `weight_map.{name}`: `{file}` is not a file in this folder"),
-                ));
-            }
-            wanted.insert(name.clone(), file.to_string());
-        }
+        let wanted = read_index(index)?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut files: Vec<String> = wanted.values().cloned().collect();
         files.sort();
@@ -213,13 +218,6 @@ impl WeightStore {
     /// Tensor names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
-    }
-
-    /// The file holding `name` (for messages).
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries
-            .get(name)
-            .map(|e| self.shards[e.shard].path.as_path())
     }
 
     /// The storage dtype of `name` (`F32`, `F16`, `BF16`, ...).

@@ -247,7 +247,8 @@ pub fn orth_loss(model: &Gpt, family: Family) -> Result<Tensor> {
     total.ok_or_else(|| Error::Data("the model has no MoE layer".into()))
 }
 
-fn cos2(a: &[f32], b: &[f32]) -> f64 {
+/// cos²(a, b) in f64; 0 when either vector is zero (as the activation MSO counts it).
+pub fn cos2(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(b) {
         let (x, y) = (*x as f64, *y as f64);
