@@ -446,8 +446,6 @@ impl LayerAccumulator {
             })
             .collect();
         let load_entropy = entropy(fraction.iter().copied());
-        let mean = total as f64 / self.n_experts as f64;
-        let max = self.load.iter().copied().max().unwrap_or(0) as f64;
         Telemetry {
             load: self.load.clone(),
             fraction,
@@ -465,8 +463,19 @@ impl LayerAccumulator {
                 .filter(|(_, &l)| l == 0)
                 .map(|(e, _)| e)
                 .collect(),
-            max_violation: if mean > 0.0 { max / mean - 1.0 } else { 0.0 },
+            max_violation: max_violation(&self.load),
         }
+    }
+}
+
+/// Max load violation: max load / mean load − 1 (0 when nothing was routed).
+pub fn max_violation(load: &[u64]) -> f64 {
+    let mean = load.iter().sum::<u64>() as f64 / load.len().max(1) as f64;
+    let max = load.iter().copied().max().unwrap_or(0) as f64;
+    if mean > 0.0 {
+        max / mean - 1.0
+    } else {
+        0.0
     }
 }
 

@@ -75,6 +75,10 @@ impl ParamStore {
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }
+    /// The position of a parameter in [`ParamStore::vars`].
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
     /// A parameter by name.
     pub fn get(&self, name: &str) -> Option<&Var> {
         self.index.get(name).map(|&i| &self.vars[i])

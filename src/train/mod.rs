@@ -345,82 +345,43 @@ fn topk_at(cfg: &Config, step: usize, total: usize) -> usize {
     (k0 as f64 + frac * (k1 - k0) as f64).round() as usize
 }
 
-/// The λ of a logged batch term.
-fn term_lambda(r: &crate::config::RegConfig, name: &str) -> f64 {
-    match name {
-        "act_loss" => r.act_lambda,
-        "contrastive_loss" => r.contrastive_lambda,
-        "entropy_loss" => r.entropy_lambda,
-        "token_entropy_loss" => r.token_entropy_lambda,
-        "aux_loss" => r.aux_lambda,
-        "z_loss" => r.z_lambda,
-        _ => 0.0,
-    }
-}
-
-fn sq_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
-}
-
-/// Replace each MoE layer's expert gradients of `family` by
-/// g_e − λ ‖g_e‖² ∂P/∂g_e (P = Σ_{i<j} cos²(g_i, g_j)). P is scale-free in
-/// each g_e, so ∂P/∂g_e ⊥ g_e with size ~1/‖g_e‖; the ‖g_e‖² factor makes
-/// the correction a turn of g_e by an angle ~λ, whatever the gradient's size.
-/// Returns the mean P over layers.
+/// Gradient-space orthogonality (reg.rs): replace each MoE layer's expert
+/// gradients of `family` by their turned versions; returns the mean P over layers.
 fn apply_grad_orth(
     model: &Gpt,
     grads: &mut [Option<Tensor>],
     family: Family,
     lambda: f64,
 ) -> Result<f64> {
-    let index: std::collections::HashMap<&str, usize> = model
-        .params
-        .names()
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
     let mut total = 0.0;
     let mut layers = 0usize;
     for (l, moe) in model.moe_layers() {
         let e_n = moe.n_experts();
         let p = format!("layers.{l}.moe");
         if family == Family::Router {
-            let i = index[format!("{p}.router.weight").as_str()];
+            // The experts' directions are the router's rows.
+            let Some(i) = model.params.position(&format!("{p}.router.weight")) else {
+                continue;
+            };
             let Some(g) = grads[i].clone() else { continue };
             let rows: Vec<Tensor> = (0..e_n)
                 .map(|e| g.narrow(0, e, 1))
                 .collect::<candle_core::Result<_>>()?;
-            let (v, d) = reg::grad_orth(&rows)?;
-            let adj: Vec<Tensor> = rows
-                .iter()
-                .zip(d)
-                .map(|(r, d)| -> Result<Tensor> {
-                    Ok(match d {
-                        Some(d) => (r - (d * (lambda * sq_norm(r)?))?)?,
-                        None => r.clone(),
-                    })
-                })
-                .collect::<Result<_>>()?;
-            grads[i] = Some(Tensor::cat(&adj, 0)?);
+            let (v, turned) = reg::grad_orth_step(&rows, lambda)?;
+            grads[i] = Some(Tensor::cat(&turned, 0)?);
             total += v;
             layers += 1;
             continue;
         }
         let which = family.name();
-        let ids: Vec<usize> = (0..e_n)
-            .filter_map(|e| {
-                index
-                    .get(format!("{p}.experts.{e}.{which}.weight").as_str())
-                    .copied()
+        let ids: Option<Vec<usize>> = (0..e_n)
+            .map(|e| {
+                model
+                    .params
+                    .position(&format!("{p}.experts.{e}.{which}.weight"))
             })
             .collect();
-        if ids.len() != e_n {
-            continue;
-        }
+        let Some(ids) = ids else { continue };
         // Experts without gradient this step count as zero and are left out.
         let gs: Vec<Tensor> = ids
             .iter()
@@ -429,10 +390,10 @@ fn apply_grad_orth(
                 None => model.params.vars()[i].as_tensor().zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
-        let (v, d) = reg::grad_orth(&gs)?;
-        for (&i, d) in ids.iter().zip(d) {
-            if let (Some(d), Some(g)) = (d, grads[i].as_ref()) {
-                grads[i] = Some((g - (d * (lambda * sq_norm(g)?))?)?);
+        let (v, turned) = reg::grad_orth_step(&gs, lambda)?;
+        for (&i, g) in ids.iter().zip(turned) {
+            if grads[i].is_some() {
+                grads[i] = Some(g);
             }
         }
         total += v;
@@ -582,6 +543,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         let mut grads: Vec<Option<Tensor>> = vec![None; model.params.vars().len()];
         let mut loss_sum = 0.0;
         let mut term_sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut reg_sum = 0.0; // Σ λ·term, summed over micro-batches
         let mut loads = vec![vec![0u64; cfg.model.n_experts]; n_moe];
         let (mut dropped, mut assigned) = (0usize, 0usize);
         for micro in 0..cfg.train.grad_accum {
@@ -609,6 +571,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 }
                 *term_sums.entry(name).or_default() += v;
             }
+            reg_sum += terms.weighted;
             let loss = match terms.loss {
                 Some(r) => (lm + r)?,
                 None => lm,
@@ -625,10 +588,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             .into_iter()
             .map(|(k, v)| (k, v / cfg.train.grad_accum as f64))
             .collect();
-        let reg_total: f64 = term_means
-            .iter()
-            .map(|(name, v)| v * term_lambda(&cfg.reg, name))
-            .sum();
+        let reg_total = reg_sum / cfg.train.grad_accum as f64;
         // λ · L_orth, once per step (its gradient joins the accumulated ones).
         let orth_value = if cfg.reg.orth_lambda > 0.0 {
             let orth = measures::orth_loss(&model, orth_family)?;
@@ -728,18 +688,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 r.insert("top_k".into(), json!(k_step));
             }
             if cfg.reg.loss_free_gamma > 0.0 || cfg.reg.aux_lambda > 0.0 {
-                let viol: Vec<f64> = loads
-                    .iter()
-                    .map(|l| {
-                        let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
-                        let max = l.iter().copied().max().unwrap_or(0) as f64;
-                        if mean > 0.0 {
-                            max / mean - 1.0
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
+                let viol: Vec<f64> = loads.iter().map(|l| measures::max_violation(l)).collect();
                 r.insert("train_max_violation".into(), json!(viol));
             }
             metrics.log(row)?;

@@ -153,6 +153,8 @@ pub struct BatchTerms {
     pub loss: Option<Tensor>,
     /// term name -> value (mean over layers), only the terms that are on.
     pub values: BTreeMap<&'static str, f64>,
+    /// The value of `loss`: Σ λ_term · value.
+    pub weighted: f64,
 }
 
 /// Compute every batch term whose λ is not zero.
@@ -184,6 +186,7 @@ pub fn batch_terms(r: &RegConfig, aux: &[MoeAux], temperature: f64) -> Result<Ba
     ];
     let mut loss: Option<Tensor> = None;
     let mut values = BTreeMap::new();
+    let mut weighted = 0.0;
     for (name, lambda, f) in terms {
         if lambda == 0.0 {
             continue;
@@ -199,17 +202,20 @@ pub fn batch_terms(r: &RegConfig, aux: &[MoeAux], temperature: f64) -> Result<Ba
             continue;
         }
         let mean = (Tensor::stack(&per, 0)?.sum_all()? / per.len() as f64)?;
-        values.insert(
-            name,
-            mean.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?,
-        );
+        let v = mean.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        values.insert(name, v);
+        weighted += lambda * v;
         let w = (mean * lambda)?;
         loss = Some(match loss {
             Some(l) => (l + w)?,
             None => w,
         });
     }
-    Ok(BatchTerms { loss, values })
+    Ok(BatchTerms {
+        loss,
+        values,
+        weighted,
+    })
 }
 
 /// P = Σ_{i<j} cos²(g_i, g_j) of the non-zero gradients `gs`, and ∂P/∂g_e
@@ -241,6 +247,30 @@ pub fn grad_orth(gs: &[Tensor]) -> Result<(f64, Vec<Option<Tensor>>)> {
         out[i] = grads.get(v.as_tensor()).cloned();
     }
     Ok((value, out))
+}
+
+/// The gradient-space orthogonality step on one layer: P and
+/// ĝ_e = g_e − λ ‖g_e‖² ∂P/∂g_e (zero gradients unchanged).
+pub fn grad_orth_step(gs: &[Tensor], lambda: f64) -> Result<(f64, Vec<Tensor>)> {
+    let (value, d) = grad_orth(gs)?;
+    let turned = gs
+        .iter()
+        .zip(d)
+        .map(|(g, d)| -> Result<Tensor> {
+            Ok(match d {
+                Some(d) => {
+                    let sq = g
+                        .sqr()?
+                        .sum_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
+                    (g - (d * (lambda * sq))?)?
+                }
+                None => g.clone(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((value, turned))
 }
 
 /// Loss-free balancing update of one layer's bias: b_e += γ · sign(mean − load_e).
