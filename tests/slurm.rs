@@ -63,19 +63,7 @@ fn slurm_job_array_gives_the_same_table_as_a_local_run() {
     let d = tempfile::tempdir().unwrap();
     let spec = spec(d.path());
     let out = d.path().join("slurm-out");
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--slurm",
-            "--threads",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::sweep(&spec, &out, &["--slurm", "--threads", "1"]);
     let script = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let sub = Command::new("sbatch")
         .args(["--parsable", &script])
@@ -107,31 +95,10 @@ fn slurm_job_array_gives_the_same_table_as_a_local_run() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--collect",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::sweep(&spec, &out, &["--collect"]);
 
     let local = d.path().join("local-out");
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            local.to_str().unwrap(),
-            "--threads",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::sweep(&spec, &local, &["--threads", "1"]);
     let (a, b) = (rows(&out), rows(&local));
     assert_eq!(a.len(), 2);
     for (x, y) in a.iter().zip(&b) {

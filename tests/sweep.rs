@@ -23,22 +23,6 @@ fn write_spec(dir: &Path, cache: &Path, grid: &str, steps: usize) -> std::path::
     p
 }
 
-/// `moescope sweep SPEC --out OUT EXTRA...`, waited for.
-fn sweep(spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
 fn status(run: &Path) -> String {
     std::fs::read_to_string(run.join("status.json"))
         .ok()
@@ -184,7 +168,7 @@ fn slurm_script_runs_the_worker_command() {
         2,
     );
     let out = d.path().join("out");
-    sweep(&spec, &out, &["--slurm"]);
+    common::sweep(&spec, &out, &["--slurm"]);
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).unwrap();
     assert!(
         script.contains("#SBATCH --array=0-1") && script.contains("--run-one $SLURM_ARRAY_TASK_ID")
@@ -198,17 +182,7 @@ fn slurm_script_runs_the_worker_command() {
         let o = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--collect",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::sweep(&spec, &out, &["--collect"]);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(
         csv.lines().filter(|l| l.contains(",done,")).count(),
@@ -285,20 +259,7 @@ fn regulariser_sweep_reaches_the_report() {
         8,
     );
     let out = d.path().join("out");
-    let o = Command::new(common::bin())
-        .args([
-            "sweep",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--jobs",
-            "2",
-            "--threads",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::sweep(&spec, &out, &["--jobs", "2", "--threads", "1"]);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let mut rdr = csv::Reader::from_reader(csv.as_bytes());
     let header = rdr.headers().unwrap().clone();

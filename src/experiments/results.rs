@@ -83,22 +83,20 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
     }
 }
 
-/// The last training row's `dropped_frac`, if the run logged one.
-fn last_dropped(run: &std::path::Path) -> Option<Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
-    text.lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["kind"] == "train")
-        .and_then(|v| v.get("dropped_frac").cloned())
-}
-
-fn last_eval(run: &std::path::Path) -> Option<Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
-    text.lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["kind"] == "eval")
+/// The last row of each `kind` in a run's metrics.jsonl (one read of the file).
+fn last_rows(run: &std::path::Path) -> std::collections::HashMap<String, Value> {
+    let mut last = std::collections::HashMap::new();
+    if let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) {
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            if let Some(k) = v["kind"].as_str() {
+                last.insert(k.to_string(), v);
+            }
+        }
+    }
+    last
 }
 
 fn mean_of(v: &Value) -> Value {
@@ -160,11 +158,14 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>
                 r.insert(k.into(), s[k].clone());
             }
         }
+        let last = last_rows(&run);
         r.insert(
             "dropped_frac".into(),
-            last_dropped(&run).unwrap_or(Value::Null),
+            last.get("train")
+                .and_then(|t| t.get("dropped_frac").cloned())
+                .unwrap_or(Value::Null),
         );
-        if let Some(ev) = last_eval(&run) {
+        if let Some(ev) = last.get("eval") {
             r.insert("weight_mso".into(), ev["weight_mso_mean"]["up"].clone());
             r.insert("act_mso".into(), ev["act_mso_mean"].clone());
             r.insert("gap_ratio".into(), ev["gap_ratio_model"].clone());

@@ -82,3 +82,19 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `moescope sweep SPEC --out OUT EXTRA...`, asserted to succeed.
+pub fn sweep(spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = std::process::Command::new(bin())
+        .args([
+            "sweep",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
