@@ -474,58 +474,29 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
         }
     };
     let never = d.path().join("never.json").display().to_string();
-    std::fs::write(&js, "[1, 2, 99999]").unwrap();
-    bad(
-        &[
-            "--model",
-            &r,
-            "--token-ids",
-            &js.display().to_string(),
-            "--tokens",
-            "3",
-            "--out",
-            &never,
-        ],
-        &["ids.json", "99999", "vocabulary"],
-    );
-    std::fs::write(&js, "[]").unwrap();
-    bad(
-        &[
-            "--model",
-            &r,
-            "--token-ids",
-            &js.display().to_string(),
-            "--out",
-            &never,
-        ],
-        &["ids.json", "empty"],
-    );
-    std::fs::write(&js, "[1, 2, 3]").unwrap();
-    bad(
-        &[
-            "--model",
-            &r,
-            "--token-ids",
-            &js.display().to_string(),
-            "--tokens",
-            "10",
-            "--out",
-            &never,
-        ],
-        &["--tokens 10", "3 tokens"],
-    );
-    std::fs::write(&js, "{\"ids\": [1]}").unwrap();
-    bad(
-        &[
-            "--model",
-            &r,
-            "--token-ids",
-            &js.display().to_string(),
-            "--out",
-            &never,
-        ],
-        &["ids.json", "array"],
-    );
+    let jsp = js.display().to_string();
+    // (file contents, extra arguments, what the error must name)
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        (
+            "[1, 2, 99999]",
+            &["--tokens", "3"],
+            &["ids.json", "99999", "vocabulary"],
+        ),
+        ("[]", &[], &["ids.json", "empty"]),
+        (
+            "[1, 2, 3]",
+            &["--tokens", "10"],
+            &["--tokens 10", "3 tokens"],
+        ),
+        ("{\"ids\": [1]}", &[], &["ids.json", "array"]),
+    ];
+    for (contents, extra, needles) in cases {
+        std::fs::write(&js, contents).unwrap();
+        let mut args = vec!["--model", r.as_str(), "--token-ids", jsp.as_str()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", never.as_str()]);
+        bad(&args, needles);
+    }
     bad(
         &["--model", &r, "--tokens", "100000000", "--out", &never],
         &["--tokens 100000000"],

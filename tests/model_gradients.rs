@@ -313,30 +313,14 @@ fn attention_is_causal_and_initial_loss_is_ln_vocab() {
     for t in b.iter_mut().skip(10) {
         *t = (*t + 1) % cfg.vocab_size as u32;
     }
-    let la = rows(
-        &model
-            .forward(
-                &Tensor::new(a.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                false,
-            )
+    let logits = |toks: &[u32]| {
+        let x = Tensor::new(toks, &Device::Cpu)
             .unwrap()
-            .logits,
-    );
-    let lb = rows(
-        &model
-            .forward(
-                &Tensor::new(b.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                false,
-            )
-            .unwrap()
-            .logits,
-    );
+            .unsqueeze(0)
+            .unwrap();
+        rows(&model.forward(&x, false).unwrap().logits)
+    };
+    let (la, lb) = (logits(&a), logits(&b));
     for t in 0..cfg.seq_len {
         let same = la[t].iter().zip(&lb[t]).all(|(x, y)| (x - y).abs() < 1e-12);
         assert_eq!(same, t < 10, "position {t}");

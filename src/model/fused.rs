@@ -502,6 +502,16 @@ mod tests {
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
+    /// Gradients of sum(y ⊙ r): the vector-Jacobian product with r.
+    fn vjp(y: &Tensor, r: &Var) -> candle_core::backprop::GradStore {
+        (y * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
         let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
@@ -529,18 +539,8 @@ mod tests {
         let a = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         let c = ln.forward_composed(x.as_tensor()).unwrap();
         assert_close(&a, &c, "values");
-        let ga = (a * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (c * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let ga = vjp(&a, &r);
+        let gc = vjp(&c, &r);
         for (v, name) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
             assert_close(
                 ga.get(v.as_tensor()).unwrap(),
@@ -571,18 +571,8 @@ mod tests {
         let c =
             softmax_last(&(s.as_tensor() * 0.7).unwrap().broadcast_add(&mask).unwrap()).unwrap();
         assert_close(&a, &c, "values");
-        let ga = (a * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (c * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let ga = vjp(&a, &r);
+        let gc = vjp(&c, &r);
         assert_close(
             ga.get(s.as_tensor()).unwrap(),
             gc.get(s.as_tensor()).unwrap(),
