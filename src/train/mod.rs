@@ -1,6 +1,7 @@
 //! The training loop: batches, AdamW, schedule, clipping, accumulation,
 //! evaluation, metrics, checkpoints and exact resume.
 
+pub mod engine;
 pub mod optim;
 pub mod reg;
 
