@@ -5,6 +5,7 @@
 
 use crate::config::ModelConfig;
 use crate::model::Gpt;
+use crate::train::engine::Engine;
 use crate::train::optim::AdamW;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,8 @@ pub struct BenchOptions {
     pub lr: f64,
     /// λ of the orthogonality loss on W_up (the peer's `--lam`).
     pub orth_lambda: f64,
+    /// Time the autodiff reference instead of the fused engine.
+    pub autodiff: bool,
 }
 
 /// Benchmark result (printed as the last line, one JSON object).
@@ -47,6 +50,16 @@ pub struct BenchResult {
     pub final_ce: f64,
     /// Median seconds of forward, backward and optimiser per step.
     pub phase_s: [f64; 3],
+    /// Fused engine only: milliseconds per step of each section.
+    pub sections_ms: Vec<(String, f64)>,
+    /// `fused` (the training engine) or `autodiff` (the reference).
+    pub engine: &'static str,
+    /// This machine's measured fp32 GEMM rate (2048×512×2048, same threads).
+    pub gemm_ceiling_gflops: f64,
+    /// `gflops` / `gemm_ceiling_gflops`.
+    pub ceiling_share: f64,
+    /// Peak resident memory of the whole process (MB), as the peer's `ru_maxrss`.
+    pub peak_rss_mb: f64,
     /// The peer's command for the same shapes.
     pub peer_command: String,
 }
@@ -101,6 +114,32 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// `--set`s that turn a preset into the PyTorch peer's config of the same
+/// name (`tiny` is already the same; `small` is the peer's, not the training
+/// preset's): applied before the user's own.
+pub fn peer_sets(preset: &str) -> &'static [&'static str] {
+    match preset {
+        "small" => &[
+            "model.vocab_size=8192",
+            "model.d_model=512",
+            "model.n_layer=6",
+            "model.n_head=8",
+            "model.n_experts=8",
+            "model.top_k=2",
+            "model.d_ff=2048",
+            "model.seq_len=256",
+            "train.batch_size=4",
+        ],
+        _ => &[],
+    }
+}
+
+/// What takes the training steps.
+enum Stepper {
+    Fused(Box<Engine<f32>>),
+    Autodiff(Gpt, AdamW),
+}
+
 /// Run the benchmark on the CPU.
 pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let dev = Device::Cpu;
@@ -110,7 +149,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         lr: o.lr,
         ..Default::default()
     };
-    let mut opt = AdamW::new(&model.params, &tc)?;
+    let opt = AdamW::new(&model.params, &tc)?;
     let mut data = Markov::new(cfg.vocab_size, o.seed);
     let t = cfg.seq_len;
     let mut times = Vec::new();
@@ -122,28 +161,63 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let adam = crate::train::engine::AdamParams {
+        beta1: tc.beta1,
+        beta2: tc.beta2,
+        eps: tc.eps,
+        weight_decay: tc.weight_decay,
+    };
+    // The engine copies the model and the optimiser; the originals are dropped
+    // so that the peak memory is the engine's alone.
+    let mut stepper = if o.autodiff {
+        Stepper::Autodiff(model, opt)
+    } else {
+        Stepper::Fused(Box::new(Engine::from_model(
+            cfg,
+            &model.params,
+            &opt,
+            adam,
+        )?))
+    };
     for step in 0..o.steps {
         let (x, y) = data.batch(o.batch, t);
         let t0 = Instant::now();
         let c0 = cpu_seconds();
-        let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
-        let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
-        let mut loss = model.loss(&x, &y)?;
-        if o.orth_lambda > 0.0 {
-            let orth = crate::measures::orth_loss(&model, crate::measures::Family::Up)?;
-            loss = (loss + (orth * o.orth_lambda)?)?;
+        let (t1, t2);
+        match &mut stepper {
+            Stepper::Fused(eng) => {
+                if step == o.warmup {
+                    eng.profile.sections.clear();
+                }
+                ce = eng.forward_backward(&x, &y, o.batch, t, 1.0, false)?;
+                if o.orth_lambda > 0.0 {
+                    eng.add_orth_grad(o.orth_lambda);
+                }
+                t1 = t0 + std::time::Duration::from_secs_f64(eng.last_forward_s);
+                t2 = Instant::now();
+                    eng.adamw_step(o.lr, 1.0);
+            }
+            Stepper::Autodiff(model, opt) => {
+                let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
+                let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
+                let mut loss = model.loss(&x, &y)?;
+                if o.orth_lambda > 0.0 {
+                    let orth = crate::measures::orth_loss(&model, crate::measures::Family::Up)?;
+                    loss = (loss + (orth * o.orth_lambda)?)?;
+                }
+                t1 = Instant::now();
+                let grads = loss.backward()?;
+                t2 = Instant::now();
+                let g: Vec<Option<Tensor>> = model
+                    .params
+                    .vars()
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).cloned())
+                    .collect();
+                opt.step(&model.params, &g, o.lr)?;
+                ce = loss.to_scalar::<f32>()? as f64;
+            }
         }
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        let g: Vec<Option<Tensor>> = model
-            .params
-            .vars()
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned())
-            .collect();
-        opt.step(&model.params, &g, o.lr)?;
-        ce = loss.to_scalar::<f32>()? as f64;
         let dt = t0.elapsed().as_secs_f64();
         if step >= o.warmup {
             phases[0].push((t1 - t0).as_secs_f64());
@@ -156,6 +230,8 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
         bar.set_message(format!("ce {ce:.3} {:.0} ms", dt * 1e3));
     }
     bar.finish_and_clear();
+    let peak_rss_mb = crate::memory::peak_rss_bytes().unwrap_or(0) as f64 / 1e6;
+    let ceiling = gemm_ceiling_gflops();
     let timed = times.len();
     let mut sorted = times.clone();
     let med = median(&mut times);
@@ -190,8 +266,45 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
             median(&mut phases[1]),
             median(&mut phases[2]),
         ],
+        sections_ms: match &stepper {
+            Stepper::Fused(eng) => eng
+                .profile
+                .sections
+                .iter()
+                .map(|(n, s)| (n.to_string(), s * 1e3 / timed as f64))
+                .collect(),
+            Stepper::Autodiff(..) => Vec::new(),
+        },
+        engine: if o.autodiff { "autodiff" } else { "fused" },
+        gemm_ceiling_gflops: ceiling,
+        ceiling_share: fpt * tps / 1e9 / ceiling,
+        peak_rss_mb,
         peer_command,
     })
+}
+
+/// The fp32 GEMM rate this machine sustains with the engine's GEMM and the
+/// current threads: best of several 2048×512×2048 products (GFLOP/s).
+pub fn gemm_ceiling_gflops() -> f64 {
+    use crate::train::engine::gemm::{matmul, Par, View};
+    let (m, k, n) = (2048, 512, 2048);
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0.0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let t0 = Instant::now();
+        matmul(
+            &mut c,
+            n,
+            View::new(&a, m, k),
+            View::new(&b, k, n),
+            false,
+            Par::Pool,
+        );
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    2.0 * (m * k * n) as f64 / best / 1e9
 }
 
 /// Result of `moescope bench eval`: the cost of logging the measures.

@@ -359,6 +359,9 @@ enum BenchCmd {
         /// Steps excluded from the median.
         #[arg(long, default_value_t = 10)]
         warmup: usize,
+        /// `fused` (the training engine) or `autodiff` (the reference path).
+        #[arg(long, default_value = "fused", value_parser = ["fused", "autodiff"])]
+        engine: String,
         /// CPU threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -546,12 +549,19 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 steps,
                 warmup,
+                engine,
                 threads,
             } => {
                 set_threads(threads);
                 if steps <= warmup {
                     bail!("--steps ({steps}) must exceed --warmup ({warmup})");
                 }
+                // `tiny` and `small` are the peer's configs of the same names.
+                let sets: Vec<String> = moescope::bench::peer_sets(&preset)
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(sets)
+                    .collect();
                 let cfg = bench_config(&preset, &sets, vocab)?;
                 let o = moescope::bench::BenchOptions {
                     preset,
@@ -562,6 +572,7 @@ fn run(cli: Cli) -> Result<()> {
                     seed: 0,
                     lr: 5e-4,
                     orth_lambda: cfg.reg.orth_lambda,
+                    autodiff: engine == "autodiff",
                 };
                 let r = moescope::bench::bench_train(&o, std::io::stderr().is_terminal())?;
                 eprintln!(

@@ -72,7 +72,10 @@ pub fn matmul<T: Float + 'static>(
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "matmul: inner dimensions differ");
-    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "matmul: C too small");
+    assert!(
+        m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n,
+        "matmul: C too small"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -132,7 +135,14 @@ mod tests {
         let ldc = n + 3;
         let mut c = vec![0.5; m * ldc];
         for (acc, mult) in [(false, 1.0), (true, 2.0)] {
-            matmul(&mut c, ldc, View::new(&a, m, k), View::new(&bt, n, k).t(), acc, Par::Pool);
+            matmul(
+                &mut c,
+                ldc,
+                View::new(&a, m, k),
+                View::new(&bt, n, k).t(),
+                acc,
+                Par::Pool,
+            );
             for i in 0..m {
                 for j in 0..n {
                     let r: f64 = (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum();

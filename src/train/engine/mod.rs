@@ -118,6 +118,37 @@ struct Scratch<T> {
     dlogit_r: Vec<T>,
 }
 
+/// Wall time per section of the step, summed over steps (see `bench train`).
+#[derive(Debug)]
+pub struct Profile {
+    last: std::time::Instant,
+    /// (section, seconds), in first-seen order.
+    pub sections: Vec<(&'static str, f64)>,
+}
+
+impl Profile {
+    fn new() -> Self {
+        Profile {
+            last: std::time::Instant::now(),
+            sections: Vec::new(),
+        }
+    }
+    /// Start timing (the time since the last lap is dropped).
+    fn start(&mut self) {
+        self.last = std::time::Instant::now();
+    }
+    /// Charge the time since the last lap to `name`.
+    fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.sections.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s += dt,
+            None => self.sections.push((name, dt)),
+        }
+    }
+}
+
 /// AdamW hyper-parameters (PyTorch semantics, as `optim::AdamW`).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamParams {
@@ -158,6 +189,10 @@ pub struct Engine<T> {
     shape: (usize, usize),
     /// Per MoE layer, assignments per expert in the last forward pass.
     pub loads: Vec<Vec<u64>>,
+    /// Seconds the last forward pass took (the benchmark's phase split).
+    pub last_forward_s: f64,
+    /// Time per section, summed over steps.
+    pub profile: Profile,
 }
 
 fn resize<T: Real>(v: &mut Vec<T>, n: usize) {
@@ -185,9 +220,10 @@ fn col_sum<T: Real>(dst: &mut [T], src: &[T], rows: usize, acc: bool) {
 /// Each row of `dst` (rows × bias.len()) set to `bias`, or to zero.
 fn fill_rows<T: Real>(dst: &mut [T], bias: Option<&[T]>) {
     match bias {
-        Some(b) => dst
-            .par_chunks_mut(b.len() * 64)
-            .for_each(|c| c.chunks_exact_mut(b.len()).for_each(|r| r.copy_from_slice(b))),
+        Some(b) => dst.par_chunks_mut(b.len() * 64).for_each(|c| {
+            c.chunks_exact_mut(b.len())
+                .for_each(|r| r.copy_from_slice(b))
+        }),
         None => dst.par_chunks_mut(1 << 14).for_each(|c| c.fill(T::zero())),
     }
 }
@@ -197,7 +233,14 @@ fn linear<T: Real>(y: &mut [T], x: &[T], w: &[T], b: Option<&[T]>, n: usize, i: 
     if b.is_some() {
         fill_rows(&mut y[..n * o], b);
     }
-    matmul(y, o, View::new(x, n, i), View::new(w, o, i).t(), b.is_some(), Par::Pool);
+    matmul(
+        y,
+        o,
+        View::new(x, n, i),
+        View::new(w, o, i).t(),
+        b.is_some(),
+        Par::Pool,
+    );
 }
 
 /// Backward of [`linear`]: dW (o × i) and db written (added with `acc`);
@@ -216,13 +259,99 @@ fn linear_backward<T: Real>(
     acc: bool,
     dx_acc: bool,
 ) {
-    matmul(dw, i, View::new(dy, n, o).t(), View::new(x, n, i), acc, Par::Pool);
+    matmul(
+        dw,
+        i,
+        View::new(dy, n, o).t(),
+        View::new(x, n, i),
+        acc,
+        Par::Pool,
+    );
     if let Some(db) = db {
         col_sum(db, dy, n, acc);
     }
     if let Some(dx) = dx {
-        matmul(dx, i, View::new(dy, n, o), View::new(w, o, i), dx_acc, Par::Pool);
+        matmul(
+            dx,
+            i,
+            View::new(dy, n, o),
+            View::new(w, o, i),
+            dx_acc,
+            Par::Pool,
+        );
     }
+}
+
+/// [`fill_rows`] on the calling thread.
+fn fill_rows_seq<T: Real>(dst: &mut [T], bias: Option<&[T]>) {
+    if let Some(b) = bias {
+        dst.chunks_exact_mut(b.len()).for_each(|r| r.copy_from_slice(b));
+    }
+}
+
+/// [`col_sum`] on the calling thread.
+fn col_sum_seq<T: Real>(dst: &mut [T], src: &[T], rows: usize, acc: bool) {
+    if !acc {
+        dst.fill(T::zero());
+    }
+    let cols = dst.len();
+    for i in 0..rows {
+        for (d, &s) in dst.iter_mut().zip(&src[i * cols..(i + 1) * cols]) {
+            *d = *d + s;
+        }
+    }
+}
+
+/// The forward pass's expert tasks: (expert, rows), each expert's rows cut
+/// into near-equal blocks of at most max(256, rows / (2·threads)) so that
+/// the threads stay busy when routing is uneven.
+fn expert_tasks(offsets: &[usize], threads: usize) -> Vec<(usize, Range<usize>)> {
+    let total = offsets[offsets.len() - 1];
+    let cap = (total / (2 * threads.max(1))).max(256);
+    let mut tasks = Vec::new();
+    for x in 0..offsets.len() - 1 {
+        let (a, b) = (offsets[x], offsets[x + 1]);
+        let pieces = (b - a).div_ceil(cap);
+        for p in 0..pieces {
+            tasks.push((x, a + (b - a) * p / pieces..a + (b - a) * (p + 1) / pieces));
+        }
+    }
+    tasks
+}
+
+/// One expert's gradient buffers.
+struct ExpertGrads<'a, T> {
+    up_w: &'a mut [T],
+    up_b: Option<&'a mut [T]>,
+    down_w: &'a mut [T],
+    down_b: Option<&'a mut [T]>,
+}
+
+/// Every expert's gradient buffers of one layer, split from the flat gradients.
+fn expert_grads<'a, T>(g: &'a mut [T], experts: &[ExpertIdx]) -> Vec<ExpertGrads<'a, T>> {
+    // (range, expert, which) sorted by position, split, then handed out.
+    let mut parts: Vec<(Range<usize>, usize, u8)> = Vec::new();
+    for (x, ex) in experts.iter().enumerate() {
+        parts.push((ex.up_w.clone(), x, 0));
+        parts.extend(ex.up_b.clone().map(|r| (r, x, 1)));
+        parts.push((ex.down_w.clone(), x, 2));
+        parts.extend(ex.down_b.clone().map(|r| (r, x, 3)));
+    }
+    parts.sort_by_key(|p| p.0.start);
+    let ranges: Vec<Range<usize>> = parts.iter().map(|p| p.0.clone()).collect();
+    let mut slots: Vec<[Option<&'a mut [T]>; 4]> = (0..experts.len()).map(|_| [None, None, None, None]).collect();
+    for (slice, (_, x, which)) in split_ranges(g, &ranges).into_iter().zip(&parts) {
+        slots[*x][*which as usize] = Some(slice);
+    }
+    slots
+        .into_iter()
+        .map(|[uw, ub, dw, db]| ExpertGrads {
+            up_w: uw.expect("every expert has W_up"),
+            up_b: ub,
+            down_w: dw.expect("every expert has W_down"),
+            down_b: db,
+        })
+        .collect()
 }
 
 /// Disjoint mutable slices of `buf` at sorted, non-overlapping `ranges`.
@@ -241,36 +370,48 @@ fn split_ranges<'a, T>(mut buf: &'a mut [T], ranges: &[Range<usize>]) -> Vec<&'a
 
 /// Why the engine cannot train `cfg`, or `None` when it can.
 pub fn unsupported(cfg: &Config) -> Option<String> {
-        let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
-        let checks: [(bool, &str); 14] = [
-            (m.routing != Routing::Topk, "model.routing is not topk"),
-            (m.expert != ExpertKind::Mlp, "model.expert is not mlp"),
-            (m.activation != Activation::Silu, "model.activation is not silu"),
-            (m.moe_every != 1, "model.moe_every is not 1 (dense layers)"),
-            (m.router_temperature != 1.0, "model.router_temperature is not 1"),
-            (m.capacity_factor > 0.0, "model.capacity_factor is set"),
-            (m.router_frozen, "model.router_frozen is set"),
-            (m.balance_bias || r.loss_free_gamma > 0.0, "loss-free balancing is on"),
-            (t.topk_start > 0, "train.topk_start is set"),
-            (t.device != "cpu", "train.device is not cpu"),
-            (
-                r.orth_lambda > 0.0 && r.orth_family != "up",
-                "reg.orth_family is not up",
-            ),
-            (r.grad_lambda > 0.0, "reg.grad_lambda is set"),
-            (
-                r.act_lambda != 0.0
-                    || r.contrastive_lambda != 0.0
-                    || r.entropy_lambda != 0.0
-                    || r.token_entropy_lambda != 0.0,
-                "an activation or routing regulariser is on",
-            ),
-            (r.aux_lambda != 0.0 || r.z_lambda != 0.0, "reg.aux_lambda or reg.z_lambda is set"),
-        ];
-        checks
-            .iter()
-            .find(|(bad, _)| *bad)
-            .map(|(_, why)| why.to_string())
+    let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
+    let checks: [(bool, &str); 14] = [
+        (m.routing != Routing::Topk, "model.routing is not topk"),
+        (m.expert != ExpertKind::Mlp, "model.expert is not mlp"),
+        (
+            m.activation != Activation::Silu,
+            "model.activation is not silu",
+        ),
+        (m.moe_every != 1, "model.moe_every is not 1 (dense layers)"),
+        (
+            m.router_temperature != 1.0,
+            "model.router_temperature is not 1",
+        ),
+        (m.capacity_factor > 0.0, "model.capacity_factor is set"),
+        (m.router_frozen, "model.router_frozen is set"),
+        (
+            m.balance_bias || r.loss_free_gamma > 0.0,
+            "loss-free balancing is on",
+        ),
+        (t.topk_start > 0, "train.topk_start is set"),
+        (t.device != "cpu", "train.device is not cpu"),
+        (
+            r.orth_lambda > 0.0 && r.orth_family != "up",
+            "reg.orth_family is not up",
+        ),
+        (r.grad_lambda > 0.0, "reg.grad_lambda is set"),
+        (
+            r.act_lambda != 0.0
+                || r.contrastive_lambda != 0.0
+                || r.entropy_lambda != 0.0
+                || r.token_entropy_lambda != 0.0,
+            "an activation or routing regulariser is on",
+        ),
+        (
+            r.aux_lambda != 0.0 || r.z_lambda != 0.0,
+            "reg.aux_lambda or reg.z_lambda is set",
+        ),
+    ];
+    checks
+        .iter()
+        .find(|(bad, _)| *bad)
+        .map(|(_, why)| why.to_string())
 }
 
 impl<T: Real> Engine<T> {
@@ -375,6 +516,8 @@ impl<T: Real> Engine<T> {
             scratch: Scratch::default(),
             shape: (0, 0),
             loads: vec![vec![0; e]; cfg.n_layer],
+            last_forward_s: 0.0,
+            profile: Profile::new(),
         })
     }
 
@@ -483,9 +626,13 @@ impl<T: Real> Engine<T> {
             )));
         }
         self.size_buffers(b, t);
+        let t0 = std::time::Instant::now();
+        self.profile.start();
         self.forward(inputs, b, t);
+        self.last_forward_s = t0.elapsed().as_secs_f64();
         let n = b * t;
         let ce = kernels::cross_entropy(&mut self.logits, targets, v, T::c(scale / n as f64));
+        self.profile.lap("cross_entropy");
         self.backward(inputs, b, t, acc);
         Ok(ce / n as f64)
     }
@@ -495,8 +642,15 @@ impl<T: Real> Engine<T> {
         let (n, d, v) = (b * t, c.d_model, c.vocab_size);
         // x = wte[token] + wpe[position]
         {
-            let (wte, wpe) = (&self.params[self.wte.clone()], &self.params[self.wpe.clone()]);
-            let x0 = if c.n_layer > 0 { &mut self.acts[0].x } else { &mut self.xf };
+            let (wte, wpe) = (
+                &self.params[self.wte.clone()],
+                &self.params[self.wpe.clone()],
+            );
+            let x0 = if c.n_layer > 0 {
+                &mut self.acts[0].x
+            } else {
+                &mut self.xf
+            };
             x0.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
                 let (tok, pos) = (tokens[i] as usize, i % t);
                 let (a, p) = (&wte[tok * d..(tok + 1) * d], &wpe[pos * d..(pos + 1) * d]);
@@ -505,6 +659,7 @@ impl<T: Real> Engine<T> {
                 }
             });
         }
+self.profile.lap("embed");
         for l in 0..c.n_layer {
             self.block_forward(l, b, t);
         }
@@ -520,6 +675,7 @@ impl<T: Real> Engine<T> {
             &mut self.lnf_mean,
             &mut self.lnf_rstd,
         );
+self.profile.lap("ln");
         // logits = h_f · wteᵀ (tied)
         let wte = &self.params[self.wte.clone()];
         matmul(
@@ -530,6 +686,7 @@ impl<T: Real> Engine<T> {
             false,
             Par::Pool,
         );
+        self.profile.lap("lm_head");
     }
 
     fn block_forward(&mut self, l: usize, b: usize, t: usize) {
@@ -544,8 +701,16 @@ impl<T: Real> Engine<T> {
         let po = |r: &Option<Range<usize>>| r.as_ref().map(|r| &p[r.clone()]);
 
         // Attention: h1 = ln1(x); qkv = h1·W_qkvᵀ + b
-        kernels::layer_norm(&a.x, pr(&ix.ln1_w), po(&ix.ln1_b), &mut a.h1, &mut a.ln1_mean, &mut a.ln1_rstd);
+        kernels::layer_norm(
+            &a.x,
+            pr(&ix.ln1_w),
+            po(&ix.ln1_b),
+            &mut a.h1,
+            &mut a.ln1_mean,
+            &mut a.ln1_rstd,
+        );
         linear(&mut a.qkv, &a.h1, pr(&ix.qkv_w), po(&ix.qkv_b), n, d, 3 * d);
+self.profile.lap("ln_qkv");
         // Per (batch, head): att = causal_softmax(q·kᵀ / √hd); y = att·v  (t × hd)
         let scale = T::c(1.0 / (hd as f64).sqrt());
         let qkv = &a.qkv;
@@ -572,23 +737,49 @@ impl<T: Real> Engine<T> {
                 row[hi * hd..(hi + 1) * hd].copy_from_slice(src);
             }
         });
+self.profile.lap("attention");
         // xm = x + ya·W_projᵀ + b
         {
             let (x, xm) = (&a.x, &mut a.xm);
             match po(&ix.proj_b) {
-                Some(bias) => xm.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-                    for j in 0..d {
-                        o[j] = x[j] + bias[j];
-                    }
-                }),
+                Some(bias) => xm
+                    .par_chunks_mut(d)
+                    .zip(x.par_chunks(d))
+                    .for_each(|(o, x)| {
+                        for j in 0..d {
+                            o[j] = x[j] + bias[j];
+                        }
+                    }),
                 None => xm.copy_from_slice(x),
             }
-            matmul(xm, d, View::new(&a.ya, n, d), View::new(pr(&ix.proj_w), d, d).t(), true, Par::Pool);
+            matmul(
+                xm,
+                d,
+                View::new(&a.ya, n, d),
+                View::new(pr(&ix.proj_w), d, d).t(),
+                true,
+                Par::Pool,
+            );
         }
 
+self.profile.lap("proj");
         // MoE: h2 = ln2(xm); p = softmax(h2·W_rᵀ); top-k; gates
-        kernels::layer_norm(&a.xm, pr(&ix.ln2_w), po(&ix.ln2_b), &mut a.h2, &mut a.ln2_mean, &mut a.ln2_rstd);
-        matmul(&mut a.probs, e, View::new(&a.h2, n, d), View::new(pr(&ix.router), e, d).t(), false, Par::Pool);
+        kernels::layer_norm(
+            &a.xm,
+            pr(&ix.ln2_w),
+            po(&ix.ln2_b),
+            &mut a.h2,
+            &mut a.ln2_mean,
+            &mut a.ln2_rstd,
+        );
+        matmul(
+            &mut a.probs,
+            e,
+            View::new(&a.h2, n, d),
+            View::new(pr(&ix.router), e, d).t(),
+            false,
+            Par::Pool,
+        );
         let norm = c.norm_topk;
         a.probs
             .par_chunks_mut(e)
@@ -614,6 +805,7 @@ impl<T: Real> Engine<T> {
                     g.iter_mut().for_each(|g| *g = *g / z);
                 }
             });
+self.profile.lap("ln_router");
         // Dispatch plan: rows expert-major, tokens ascending within an expert.
         let mut counts = vec![0usize; e];
         for &x in &a.sel {
@@ -637,24 +829,33 @@ impl<T: Real> Engine<T> {
             let tok = slot_of[row] as usize / k;
             dst.copy_from_slice(&h2[tok * d..(tok + 1) * d]);
         });
-        // Each expert on its own rows: u = xe·W_upᵀ + b; a = SiLU(u); ye = a·W_downᵀ + b
-        for (x, ex) in ix.experts.iter().enumerate() {
-            let rows = a.offsets[x]..a.offsets[x + 1];
-            let ne = rows.len();
-            if ne == 0 {
-                continue;
-            }
-            linear(&mut a.u[rows.start * f..rows.end * f], &a.xe[rows.start * d..rows.end * d], pr(&ex.up_w), po(&ex.up_b), ne, d, f);
-        }
-        kernels::silu(&a.u, &mut a.a);
-        for (x, ex) in ix.experts.iter().enumerate() {
-            let rows = a.offsets[x]..a.offsets[x + 1];
-            let ne = rows.len();
-            if ne == 0 {
-                continue;
-            }
-            linear(&mut a.ye[rows.start * d..rows.end * d], &a.a[rows.start * f..rows.end * f], pr(&ex.down_w), po(&ex.down_b), ne, f, d);
-        }
+self.profile.lap("dispatch");
+        // Each expert on its own rows: u = xe·W_upᵀ + b; a = SiLU(u); ye = a·W_downᵀ + b.
+        // Experts (or row blocks of busy ones) run side by side, one thread each.
+        let tasks = expert_tasks(&a.offsets, rayon::current_num_threads());
+        let rows = |w: usize| -> Vec<Range<usize>> {
+            tasks.iter().map(|(_, r)| r.start * w..r.end * w).collect()
+        };
+        let (us, acts_, ys) = (
+            split_ranges(&mut a.u, &rows(f)),
+            split_ranges(&mut a.a, &rows(f)),
+            split_ranges(&mut a.ye, &rows(d)),
+        );
+        let xe = &a.xe;
+        tasks
+            .par_iter()
+            .zip(us.into_par_iter().zip(acts_.into_par_iter().zip(ys)))
+            .for_each(|((x, r), (u, (act, y)))| {
+                let ex = &ix.experts[*x];
+                let ne = r.len();
+                let xin = View::new(&xe[r.start * d..r.end * d], ne, d);
+                fill_rows_seq(u, po(&ex.up_b));
+                matmul(u, f, xin, View::new(pr(&ex.up_w), f, d).t(), ex.up_b.is_some(), Par::Seq);
+                kernels::silu_seq(u, act);
+                fill_rows_seq(y, po(&ex.down_b));
+                matmul(y, d, View::new(act, ne, f), View::new(pr(&ex.down_w), d, f).t(), ex.down_b.is_some(), Par::Seq);
+            });
+        self.profile.lap("experts");
         // Combine: x_next = xm + Σ_s gate_s · ye[row(t, s)]
         let next = match rest.first_mut() {
             Some(nb) => &mut nb.x,
@@ -671,6 +872,7 @@ impl<T: Real> Engine<T> {
                 }
             }
         });
+        self.profile.lap("combine");
     }
 
     fn backward(&mut self, tokens: &[u32], b: usize, t: usize, acc: bool) {
@@ -688,12 +890,31 @@ impl<T: Real> Engine<T> {
             Par::Pool,
         );
         let s = &mut self.scratch;
-        matmul(&mut s.dh, d, View::new(&self.logits, n, v), View::new(&p[self.wte.clone()], v, d), false, Par::Pool);
+        matmul(
+            &mut s.dh,
+            d,
+            View::new(&self.logits, n, v),
+            View::new(&p[self.wte.clone()], v, d),
+            false,
+            Par::Pool,
+        );
         fill_rows(&mut s.dx, None);
+        self.profile.lap("lm_head_bwd");
         {
             let [dw, db] = split2(grads, &self.lnf_w, self.lnf_b.as_ref());
-            kernels::layer_norm_backward(&s.dh, &self.xf, &self.lnf_mean, &self.lnf_rstd, &p[self.lnf_w.clone()], &mut s.dx, dw.expect("ln_f.weight"), db, acc);
+            kernels::layer_norm_backward(
+                &s.dh,
+                &self.xf,
+                &self.lnf_mean,
+                &self.lnf_rstd,
+                &p[self.lnf_w.clone()],
+                &mut s.dx,
+                dw.expect("ln_f.weight"),
+                db,
+                acc,
+            );
         }
+        self.profile.lap("ln_bwd");
         for l in (0..c.n_layer).rev() {
             self.block_backward(l, b, t, acc);
         }
@@ -722,6 +943,7 @@ impl<T: Real> Engine<T> {
                 }
             }
         });
+        self.profile.lap("embed_bwd");
     }
 
     fn block_backward(&mut self, l: usize, b: usize, t: usize, acc: bool) {
@@ -754,47 +976,50 @@ impl<T: Real> Engine<T> {
                 }
                 *dg = dot;
             });
+self.profile.lap("combine_bwd");
         // Per expert: dW_down = dyeᵀ·a, da = dye·W_down; du = da ⊙ SiLU'(u);
-        // dW_up = duᵀ·xe, dxe = du·W_up.
-        for (x, ex) in ix.experts.iter().enumerate() {
-            let rows = a.offsets[x]..a.offsets[x + 1];
-            let ne = rows.len();
-            let (rd, rf) = (rows.start * d, rows.start * f);
-            let [dw, db] = split2(g, &ex.down_w, ex.down_b.as_ref());
-            linear_backward(
-                &s.dye[rd..rd + ne * d],
-                &a.a[rf..rf + ne * f],
-                pr(&ex.down_w),
-                dw.expect("down.weight"),
-                db,
-                Some(&mut s.da[rf..rf + ne * f]),
-                ne,
-                f,
-                d,
-                acc,
-                false,
-            );
+        // dW_up = duᵀ·xe, dxe = du·W_up. Experts side by side, one thread each,
+        // unless one expert holds more than a thread's share of the rows.
+        let threads = rayon::current_num_threads();
+        let max_rows = (0..e).map(|x| a.offsets[x + 1] - a.offsets[x]).max().unwrap_or(0);
+        let side_by_side = threads > 1 && max_rows * threads <= n * k;
+        let par = if side_by_side { Par::Seq } else { Par::Pool };
+        let spans: Vec<Range<usize>> = (0..e).map(|x| a.offsets[x]..a.offsets[x + 1]).collect();
+        let das = split_ranges(&mut s.da, &spans.iter().map(|r| r.start * f..r.end * f).collect::<Vec<_>>());
+        let dxes = split_ranges(&mut s.dxe, &spans.iter().map(|r| r.start * d..r.end * d).collect::<Vec<_>>());
+        let egs = expert_grads(g, &ix.experts);
+        let dye = &s.dye;
+        let one = |(x, (da, (dxe, eg))): (usize, (&mut [T], (&mut [T], ExpertGrads<T>)))| {
+            let ex = &ix.experts[x];
+            let r = &spans[x];
+            let ne = r.len();
+            let dy = View::new(&dye[r.start * d..r.end * d], ne, d);
+            let act = View::new(&a.a[r.start * f..r.end * f], ne, f);
+            let xin = View::new(&a.xe[r.start * d..r.end * d], ne, d);
+            matmul(eg.down_w, f, dy.t(), act, acc, par);
+            if let Some(db) = eg.down_b {
+                col_sum_seq(db, dy.data, ne, acc);
+            }
+            matmul(da, f, dy, View::new(pr(&ex.down_w), d, f), false, par);
+            if side_by_side {
+                kernels::silu_backward_seq(&a.u[r.start * f..r.end * f], da);
+            } else {
+                kernels::silu_backward(&a.u[r.start * f..r.end * f], da);
+            }
+            let du = View::new(&*da, ne, f);
+            matmul(eg.up_w, d, du.t(), xin, acc, par);
+            if let Some(db) = eg.up_b {
+                col_sum_seq(db, du.data, ne, acc);
+            }
+            matmul(dxe, d, du, View::new(pr(&ex.up_w), f, d), false, par);
+        };
+        let items = das.into_iter().zip(dxes.into_iter().zip(egs));
+        if side_by_side {
+            items.enumerate().collect::<Vec<_>>().into_par_iter().for_each(one);
+        } else {
+            items.enumerate().for_each(one);
         }
-        kernels::silu_backward(&a.u, &mut s.da);
-        for (x, ex) in ix.experts.iter().enumerate() {
-            let rows = a.offsets[x]..a.offsets[x + 1];
-            let ne = rows.len();
-            let (rd, rf) = (rows.start * d, rows.start * f);
-            let [dw, db] = split2(g, &ex.up_w, ex.up_b.as_ref());
-            linear_backward(
-                &s.da[rf..rf + ne * f],
-                &a.xe[rd..rd + ne * d],
-                pr(&ex.up_w),
-                dw.expect("up.weight"),
-                db,
-                Some(&mut s.dxe[rd..rd + ne * d]),
-                ne,
-                d,
-                f,
-                acc,
-                false,
-            );
-        }
+        self.profile.lap("experts_bwd");
         // Router: gates from probabilities (renormalised top-k), softmax backward.
         let (probs, sel, row_of, dgr) = (&a.probs, &a.sel, &a.row_of, &s.dgate_row);
         let norm = c.norm_topk;
@@ -835,17 +1060,53 @@ impl<T: Real> Engine<T> {
                 }
             }
         });
-        linear_backward(&s.dlogit_r, &a.h2, pr(&ix.router), &mut g[ix.router.clone()], None, Some(&mut s.dh), n, d, e, acc, true);
+        linear_backward(
+            &s.dlogit_r,
+            &a.h2,
+            pr(&ix.router),
+            &mut g[ix.router.clone()],
+            None,
+            Some(&mut s.dh),
+            n,
+            d,
+            e,
+            acc,
+            true,
+        );
         {
             let [dw, db] = split2(g, &ix.ln2_w, ix.ln2_b.as_ref());
-            kernels::layer_norm_backward(&s.dh, &a.xm, &a.ln2_mean, &a.ln2_rstd, pr(&ix.ln2_w), &mut s.dx, dw.expect("ln2"), db, acc);
+            kernels::layer_norm_backward(
+                &s.dh,
+                &a.xm,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                pr(&ix.ln2_w),
+                &mut s.dx,
+                dw.expect("ln2"),
+                db,
+                acc,
+            );
         }
 
+self.profile.lap("router_ln_bwd");
         // ---- Attention. s.dx = ∂L/∂xm = ∂L/∂x through the residual.
         {
             let [dw, db] = split2(g, &ix.proj_w, ix.proj_b.as_ref());
-            linear_backward(&s.dx, &a.ya, pr(&ix.proj_w), dw.expect("proj"), db, Some(&mut s.dy), n, d, d, acc, false);
+            linear_backward(
+                &s.dx,
+                &a.ya,
+                pr(&ix.proj_w),
+                dw.expect("proj"),
+                db,
+                Some(&mut s.dy),
+                n,
+                d,
+                d,
+                acc,
+                false,
+            );
         }
+        self.profile.lap("proj_bwd");
         let scale = T::c(1.0 / (hd as f64).sqrt());
         let (qkv, dy) = (&a.qkv, &s.dy);
         s.dhead
@@ -870,24 +1131,51 @@ impl<T: Real> Engine<T> {
                 matmul(dq, hd, ds, kk, false, Par::Seq); // dq = ds·k
                 matmul(dk, hd, ds.t(), q, false, Par::Seq); // dk = dsᵀ·q
             });
+        self.profile.lap("attention_bwd");
         // Interleave the heads back into (n × 3d).
         let dhead = &s.dhead;
-        s.dqkv.par_chunks_mut(3 * d).enumerate().for_each(|(i, row)| {
-            let (bi, ti) = (i / t, i % t);
-            for hi in 0..nh {
-                let blk = &dhead[(bi * nh + hi) * 3 * t * hd..][..3 * t * hd];
-                for part in 0..3 {
-                    let src = &blk[(part * t + ti) * hd..][..hd];
-                    row[part * d + hi * hd..][..hd].copy_from_slice(src);
+        s.dqkv
+            .par_chunks_mut(3 * d)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let (bi, ti) = (i / t, i % t);
+                for hi in 0..nh {
+                    let blk = &dhead[(bi * nh + hi) * 3 * t * hd..][..3 * t * hd];
+                    for part in 0..3 {
+                        let src = &blk[(part * t + ti) * hd..][..hd];
+                        row[part * d + hi * hd..][..hd].copy_from_slice(src);
+                    }
                 }
-            }
-        });
+            });
         {
             let [dw, db] = split2(g, &ix.qkv_w, ix.qkv_b.as_ref());
-            linear_backward(&s.dqkv, &a.h1, pr(&ix.qkv_w), dw.expect("qkv"), db, Some(&mut s.dh), n, d, 3 * d, acc, false);
+            linear_backward(
+                &s.dqkv,
+                &a.h1,
+                pr(&ix.qkv_w),
+                dw.expect("qkv"),
+                db,
+                Some(&mut s.dh),
+                n,
+                d,
+                3 * d,
+                acc,
+                false,
+            );
         }
         let [dw, db] = split2(g, &ix.ln1_w, ix.ln1_b.as_ref());
-        kernels::layer_norm_backward(&s.dh, &a.x, &a.ln1_mean, &a.ln1_rstd, pr(&ix.ln1_w), &mut s.dx, dw.expect("ln1"), db, acc);
+        kernels::layer_norm_backward(
+            &s.dh,
+            &a.x,
+            &a.ln1_mean,
+            &a.ln1_rstd,
+            pr(&ix.ln1_w),
+            &mut s.dx,
+            dw.expect("ln1"),
+            db,
+            acc,
+        );
+        self.profile.lap("qkv_ln_bwd");
     }
 
     /// Adds λ·∂L_orth/∂W_up to the gradients and returns L_orth = Σ_layers
@@ -899,13 +1187,16 @@ impl<T: Real> Engine<T> {
             let e = ranges.len();
             let w: Vec<&[T]> = ranges.iter().map(|r| &self.params[r.clone()]).collect();
             // Raw Gram matrix in f64, pairs in parallel.
-            let pairs: Vec<(usize, usize)> = (0..e).flat_map(|i| (i..e).map(move |j| (i, j))).collect();
+            let pairs: Vec<(usize, usize)> =
+                (0..e).flat_map(|i| (i..e).map(move |j| (i, j))).collect();
             let dots: Vec<f64> = pairs
                 .par_iter()
                 .map(|&(i, j)| {
                     w[i].iter()
                         .zip(w[j])
-                        .map(|(&a, &b)| a.to_f64().unwrap_or(f64::NAN) * b.to_f64().unwrap_or(f64::NAN))
+                        .map(|(&a, &b)| {
+                            a.to_f64().unwrap_or(f64::NAN) * b.to_f64().unwrap_or(f64::NAN)
+                        })
                         .sum()
                 })
                 .collect();
@@ -939,25 +1230,31 @@ impl<T: Real> Engine<T> {
             const CH: usize = 1 << 13;
             let gs = split_ranges(&mut self.grads, &ranges);
             // Chunk every expert's gradient the same way; chunk c of all experts together.
-            let mut per_chunk: Vec<Vec<&mut [T]>> = (0..len.div_ceil(CH)).map(|_| Vec::with_capacity(e)).collect();
+            let mut per_chunk: Vec<Vec<&mut [T]>> = (0..len.div_ceil(CH))
+                .map(|_| Vec::with_capacity(e))
+                .collect();
             for gx in gs {
                 for (c, piece) in gx.chunks_mut(CH).enumerate() {
                     per_chunk[c].push(piece);
                 }
             }
-            per_chunk.into_par_iter().enumerate().for_each(|(c, mut gch)| {
-                let o = c * CH;
-                for (i, gi) in gch.iter_mut().enumerate() {
-                    for (q, gv) in gi.iter_mut().enumerate() {
-                        let mut acc = T::zero();
-                        for j in 0..e {
-                            acc = acc + coef[i * e + j] * w[j][o + q];
+            per_chunk
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(c, mut gch)| {
+                    let o = c * CH;
+                    for (i, gi) in gch.iter_mut().enumerate() {
+                        for (q, gv) in gi.iter_mut().enumerate() {
+                            let mut acc = T::zero();
+                            for j in 0..e {
+                                acc = acc + coef[i * e + j] * w[j][o + q];
+                            }
+                            *gv = *gv + acc;
                         }
-                        *gv = *gv + acc;
                     }
-                }
-            });
+                });
         }
+        self.profile.lap("orth");
         total
     }
 
@@ -965,8 +1262,8 @@ impl<T: Real> Engine<T> {
     pub fn grad_norm(&self) -> f64 {
         let parts: Vec<f64> = self
             .grads
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().map(|&g| { let g = g.to_f64().unwrap_or(f64::NAN); g * g }).sum())
+            .par_chunks(1 << 12)
+            .map(|c| kernels::dot(c, c).to_f64().unwrap_or(f64::NAN))
             .collect();
         parts.iter().sum::<f64>().sqrt()
     }
@@ -980,9 +1277,18 @@ impl<T: Real> Engine<T> {
         let bc2 = 1.0 - ad.beta2.powi(self.t as i32);
         let (b1, b2) = (T::c(ad.beta1), T::c(ad.beta2));
         let (c1, c2) = (T::c(1.0 - ad.beta1), T::c(1.0 - ad.beta2));
-        let (step, inv_bc2, eps, gs) = (T::c(lr / bc1), T::c(1.0 / bc2), T::c(ad.eps), T::c(grad_scale));
+        let (step, inv_bc2, eps, gs) = (
+            T::c(lr / bc1),
+            T::c(1.0 / bc2),
+            T::c(ad.eps),
+            T::c(grad_scale),
+        );
         for (r, shape) in self.ranges.iter().zip(&self.shapes) {
-            let wd = T::c(if shape.len() >= 2 { 1.0 - lr * ad.weight_decay } else { 1.0 });
+            let wd = T::c(if shape.len() >= 2 {
+                1.0 - lr * ad.weight_decay
+            } else {
+                1.0
+            });
             let (p, g) = (&mut self.params[r.clone()], &self.grads[r.clone()]);
             let (m, v) = (&mut self.m[r.clone()], &mut self.v[r.clone()]);
             p.par_chunks_mut(1 << 14)
@@ -997,11 +1303,16 @@ impl<T: Real> Engine<T> {
                     }
                 });
         }
+        self.profile.lap("grad_norm_adamw");
     }
 }
 
 /// Mutable gradient slices of a weight and its optional bias.
-fn split2<'a, T>(g: &'a mut [T], w: &Range<usize>, b: Option<&Range<usize>>) -> [Option<&'a mut [T]>; 2] {
+fn split2<'a, T>(
+    g: &'a mut [T],
+    w: &Range<usize>,
+    b: Option<&Range<usize>>,
+) -> [Option<&'a mut [T]>; 2] {
     match b {
         None => [Some(&mut g[w.clone()]), None],
         Some(b) => {
@@ -1019,14 +1330,23 @@ fn split2<'a, T>(g: &'a mut [T], w: &Range<usize>, b: Option<&Range<usize>>) -> 
 
 impl Engine<f32> {
     /// An engine holding a copy of `params` and of the optimiser's state.
-    pub fn from_model(cfg: &ModelConfig, params: &ParamStore, opt: &AdamW, adam: AdamParams) -> Result<Self> {
+    pub fn from_model(
+        cfg: &ModelConfig,
+        params: &ParamStore,
+        opt: &AdamW,
+        adam: AdamParams,
+    ) -> Result<Self> {
         let tensors = params
             .names()
             .iter()
             .zip(params.vars())
             .map(|(n, v)| {
                 let t = v.as_tensor();
-                Ok((n.clone(), t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+                Ok((
+                    n.clone(),
+                    t.dims().to_vec(),
+                    t.flatten_all()?.to_vec1::<f32>()?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut eng = Engine::new(cfg, tensors, adam)?;
@@ -1049,9 +1369,19 @@ impl Engine<f32> {
         let mut state = HashMap::new();
         for (i, (name, var)) in params.names().iter().zip(params.vars()).enumerate() {
             let (r, shape) = (self.ranges[i].clone(), self.shapes[i].as_slice());
-            var.set(&Tensor::from_slice(&self.params[r.clone()], shape, var.device())?)?;
-            state.insert(format!("m.{name}"), Tensor::from_slice(&self.m[r.clone()], shape, var.device())?);
-            state.insert(format!("v.{name}"), Tensor::from_slice(&self.v[r], shape, var.device())?);
+            var.set(&Tensor::from_slice(
+                &self.params[r.clone()],
+                shape,
+                var.device(),
+            )?)?;
+            state.insert(
+                format!("m.{name}"),
+                Tensor::from_slice(&self.m[r.clone()], shape, var.device())?,
+            );
+            state.insert(
+                format!("v.{name}"),
+                Tensor::from_slice(&self.v[r], shape, var.device())?,
+            );
         }
         state.insert("t".into(), Tensor::new(&[self.t as f32], params.device())?);
         opt.load_state(params, &state, std::path::Path::new("<engine>"))
@@ -1104,7 +1434,8 @@ mod tests {
                 let n = var.elem_count();
                 let base = if name.ends_with(".weight") { 1.0 } else { 0.0 };
                 let vals: Vec<f64> = (0..n).map(|_| base + rng.random_range(-0.3..0.3)).collect();
-                var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
             }
         }
         m
@@ -1116,7 +1447,13 @@ mod tests {
             .names()
             .iter()
             .zip(m.params.vars())
-            .map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f64>().unwrap()))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.dims().to_vec(),
+                    v.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                )
+            })
             .collect();
         Engine::new(cfg, tensors, ADAM).unwrap()
     }
@@ -1142,7 +1479,10 @@ mod tests {
             let mut eng = engine_f64(&cfg, &m);
             let loss = eng.forward_backward(&x, &y, b, t, 1.0, false).unwrap();
             let o = eng.add_orth_grad(lam);
-            assert!((loss - ce.to_scalar::<f64>().unwrap()).abs() < 1e-12, "loss");
+            assert!(
+                (loss - ce.to_scalar::<f64>().unwrap()).abs() < 1e-12,
+                "loss"
+            );
             assert!((o - orth.to_scalar::<f64>().unwrap()).abs() < 1e-12, "orth");
             for (name, var) in m.params.names().iter().zip(m.params.vars()) {
                 let want: Vec<f64> = match grads.get(var.as_tensor()) {
@@ -1153,7 +1493,10 @@ mod tests {
                 let got = &eng.grads[r];
                 let scale = want.iter().fold(1e-8f64, |a, v| a.max(v.abs()));
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= 1e-9 * scale, "bias {bias} norm {norm}: {name}[{i}]: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 1e-9 * scale,
+                        "bias {bias} norm {norm}: {name}[{i}]: {g} vs {w}"
+                    );
                 }
             }
             // Accumulation: a second pass with acc adds the same again.
@@ -1199,7 +1542,10 @@ mod tests {
             };
             let fd = (at(h) - at(-h)) / (2.0 * h);
             let an: f64 = g[r.clone()].iter().zip(&u).map(|(g, u)| g * u).sum();
-            assert!((fd - an).abs() < 1e-7 * (1.0 + an.abs()), "{name}: {fd} vs {an}");
+            assert!(
+                (fd - an).abs() < 1e-7 * (1.0 + an.abs()),
+                "{name}: {fd} vs {an}"
+            );
         }
     }
 
@@ -1238,7 +1584,10 @@ mod tests {
                 .flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
                 .collect();
             for (i, (a, w)) in eng.params.iter().zip(&want).enumerate() {
-                assert!((a - w).abs() <= 1e-6 * (1.0 + w.abs()), "step {step} param {i}: {a} vs {w}");
+                assert!(
+                    (a - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                    "step {step} param {i}: {a} vs {w}"
+                );
             }
         }
         // store() then from_model() reproduces the engine exactly.
@@ -1259,11 +1608,15 @@ mod tests {
         let x = tokens(16, cfg.vocab_size, 1);
         let mut bad = x.clone();
         bad[3] = 40;
-        let e = eng.forward_backward(&bad, &x, 2, 8, 1.0, false).unwrap_err();
+        let e = eng
+            .forward_backward(&bad, &x, 2, 8, 1.0, false)
+            .unwrap_err();
         assert!(e.to_string().contains("token id 40"), "{e}");
         let e = eng.forward_backward(&x, &x, 1, 16, 1.0, false).unwrap_err();
         assert!(e.to_string().contains("seq_len"), "{e}");
-        let e = eng.forward_backward(&x[..15], &x, 2, 8, 1.0, false).unwrap_err();
+        let e = eng
+            .forward_backward(&x[..15], &x, 2, 8, 1.0, false)
+            .unwrap_err();
         assert!(e.to_string().contains("15 inputs"), "{e}");
     }
 }
