@@ -307,6 +307,10 @@ pub struct TrainConfig {
     /// linearly from this to `model.top_k` over training; 0 = off. Evaluation
     /// uses `model.top_k`.
     pub topk_start: usize,
+    /// Training engine: `auto` (the fused CPU engine when it covers the
+    /// config, else autodiff), `fused` (that engine, or an error saying what
+    /// it lacks) or `autodiff` (the reference path, every feature).
+    pub engine: String,
 }
 
 impl Default for TrainConfig {
@@ -333,6 +337,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             threads: 0,
             topk_start: 0,
+            engine: "auto".into(),
         }
     }
 }
@@ -340,6 +345,12 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Check values; errors name the field.
     pub fn validate(&self) -> Result<()> {
+        if !["auto", "fused", "autodiff"].contains(&self.engine.as_str()) {
+            return Err(Error::config(
+                "train.engine",
+                format!("unknown engine `{}` (known: auto, fused, autodiff)", self.engine),
+            ));
+        }
         if self.batch_size == 0 {
             return Err(Error::config("train.batch_size", "must be at least 1"));
         }
@@ -597,6 +608,14 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.train.validate()?;
+        if self.train.engine == "fused" {
+            if let Some(why) = crate::train::engine::unsupported(self) {
+                return Err(Error::config(
+                    "train.engine",
+                    format!("the fused engine cannot train this config: {why}; use \"auto\" or \"autodiff\""),
+                ));
+            }
+        }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return Err(Error::config(
                 "data.val_fraction",

@@ -15,6 +15,7 @@ use crate::model::layers::{cross_entropy, cross_entropy_rows};
 use crate::model::{moe::Dispatch, Gpt};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
+use engine::Engine;
 use optim::{lr_at, AdamW};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -433,6 +434,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         n.ends_with(".balance_bias") || (router_frozen && n.ends_with(".router.weight"))
     });
     let (p_total, p_active) = cfg.model.param_counts();
+    let use_engine = cfg.train.engine != "autodiff" && engine::unsupported(&cfg).is_none();
     let total_steps = cfg.train.total_steps(cfg.model.seq_len);
     let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len) as u64;
 
@@ -463,6 +465,19 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     } else {
         let _ = std::fs::remove_file(&metrics_path);
     }
+    // The fused engine takes a copy of the weights and the optimiser state and
+    // hands them back before every evaluation and checkpoint.
+    let mut eng = if use_engine {
+        let adam = engine::AdamParams {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.train.weight_decay,
+        };
+        Some(Engine::from_model(&cfg.model, &model.params, &opt, adam)?)
+    } else {
+        None
+    };
     write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     if let data::tokenizer::Tokenizer::Hf { path, .. } = &ds.tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -481,6 +496,11 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             String::new()
         },
     ));
+    say(&match (&eng, engine::unsupported(&cfg)) {
+        (Some(_), _) => "engine: fused CPU engine".to_string(),
+        (None, Some(why)) if cfg.train.engine == "auto" => format!("engine: autodiff ({why})"),
+        (None, _) => "engine: autodiff".to_string(),
+    });
     say(&format!(
         "data: {} | tokenizer {} | train {} tokens, valid {} tokens | unigram entropy {:.3} nats",
         ds.source,
@@ -541,103 +561,154 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         if cfg.train.topk_start > 0 {
             model.set_top_k(k_step);
         }
-        let mut grads: Vec<Option<Tensor>> = vec![None; model.params.vars().len()];
-        let mut loss_sum = 0.0;
-        let mut term_sums: BTreeMap<&'static str, f64> = BTreeMap::new();
-        let mut reg_sum = 0.0; // Σ λ·term, summed over micro-batches
         let mut loads = vec![vec![0u64; cfg.model.n_experts]; n_moe];
         let (mut dropped, mut assigned) = (0usize, 0usize);
-        for micro in 0..cfg.train.grad_accum {
-            let batch = data::train_batch(&ds.train, cfg.train.seed, step, micro, b, t)?;
-            let x = Tensor::from_vec(batch.inputs, (b, t), &device)?;
-            let y = Tensor::from_vec(batch.targets, (b, t), &device)?;
-            let fwd = model.forward_with(&x, dispatch)?;
-            let lm = cross_entropy(&fwd.logits, &y.flatten_all()?)?;
-            let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() {
-                return Err(diverged(out, step + 1, "loss", lv));
-            }
-            loss_sum += lv;
-            for (l, a) in fwd.aux.iter().enumerate() {
-                for (acc, &x) in loads[l].iter_mut().zip(&a.routed_load) {
-                    *acc += x;
+        let (lm_loss, term_means, train_loss, orth_value, grad_value, gnorm) = if let Some(e) =
+            eng.as_mut()
+        {
+            // The fused engine: written gradients, one AdamW pass.
+            let accum = cfg.train.grad_accum;
+            let mut loss_sum = 0.0;
+            for micro in 0..accum {
+                let batch = data::train_batch(&ds.train, cfg.train.seed, step, micro, b, t)?;
+                let lv = e.forward_backward(
+                    &batch.inputs,
+                    &batch.targets,
+                    b,
+                    t,
+                    1.0 / accum as f64,
+                    micro > 0,
+                )?;
+                if !lv.is_finite() {
+                    return Err(diverged(out, step + 1, "loss", lv));
                 }
-                dropped += a.dropped;
-                assigned += a.assigned;
+                loss_sum += lv;
+                for (acc, l) in loads.iter_mut().zip(&e.loads) {
+                    for (a, x) in acc.iter_mut().zip(l) {
+                        *a += x;
+                    }
+                }
             }
-            let terms = reg::batch_terms(&cfg.reg, &fwd.aux, cfg.model.router_temperature)?;
-            for (name, v) in &terms.values {
+            let lm_loss = loss_sum / accum as f64;
+            let orth_value = if cfg.reg.orth_lambda > 0.0 {
+                let v = e.add_orth_grad(cfg.reg.orth_lambda);
                 if !v.is_finite() {
-                    return Err(diverged(out, step + 1, name, *v));
+                    return Err(diverged(out, step + 1, "orthogonality loss", v));
                 }
-                *term_sums.entry(name).or_default() += v;
-            }
-            reg_sum += terms.weighted;
-            let loss = match terms.loss {
-                Some(r) => (lm + r)?,
-                None => lm,
-            };
-            let scaled = if cfg.train.grad_accum > 1 {
-                (loss / cfg.train.grad_accum as f64)?
+                Some(v)
             } else {
-                loss
+                None
             };
-            accumulate(&mut grads, &model, &scaled.backward()?)?;
-        }
-        let lm_loss = loss_sum / cfg.train.grad_accum as f64;
-        let term_means: BTreeMap<&'static str, f64> = term_sums
-            .into_iter()
-            .map(|(k, v)| (k, v / cfg.train.grad_accum as f64))
-            .collect();
-        let reg_total = reg_sum / cfg.train.grad_accum as f64;
-        // λ · L_orth, once per step (its gradient joins the accumulated ones).
-        let orth_value = if cfg.reg.orth_lambda > 0.0 {
-            let orth = measures::orth_loss(&model, orth_family)?;
-            let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !v.is_finite() {
-                return Err(diverged(out, step + 1, "orthogonality loss", v));
+            let gnorm = e.grad_norm();
+            if !gnorm.is_finite() {
+                return Err(diverged(out, step + 1, "gradient norm", gnorm));
             }
-            accumulate(
-                &mut grads,
-                &model,
-                &(orth * cfg.reg.orth_lambda)?.backward()?,
-            )?;
-            Some(v)
+            let clip = if cfg.train.grad_clip > 0.0 && gnorm > cfg.train.grad_clip {
+                cfg.train.grad_clip / (gnorm + 1e-6)
+            } else {
+                1.0
+            };
+            e.adamw_step(lr, clip);
+            let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0);
+            (lm_loss, BTreeMap::new(), train_loss, orth_value, None, gnorm)
         } else {
-            None
-        };
-        let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0) + reg_total;
-        // Gradient-space orthogonality: a first-order step on the update (reg.rs).
-        let grad_value = if cfg.reg.grad_lambda > 0.0 {
-            Some(apply_grad_orth(
-                &model,
-                &mut grads,
-                grad_family,
-                cfg.reg.grad_lambda,
-            )?)
-        } else {
-            None
-        };
-        // Global gradient norm, then clipping.
-        let mut sq = 0.0f64;
-        for g in grads.iter().flatten() {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-        let gnorm = sq.sqrt();
-        if !gnorm.is_finite() {
-            return Err(diverged(out, step + 1, "gradient norm", gnorm));
-        }
-        if cfg.train.grad_clip > 0.0 && gnorm > cfg.train.grad_clip {
-            let s = cfg.train.grad_clip / (gnorm + 1e-6);
-            for g in grads.iter_mut().flatten() {
-                *g = (&*g * s)?;
+            let mut grads: Vec<Option<Tensor>> = vec![None; model.params.vars().len()];
+            let mut loss_sum = 0.0;
+            let mut term_sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+            let mut reg_sum = 0.0; // Σ λ·term, summed over micro-batches
+            for micro in 0..cfg.train.grad_accum {
+                let batch = data::train_batch(&ds.train, cfg.train.seed, step, micro, b, t)?;
+                let x = Tensor::from_vec(batch.inputs, (b, t), &device)?;
+                let y = Tensor::from_vec(batch.targets, (b, t), &device)?;
+                let fwd = model.forward_with(&x, dispatch)?;
+                let lm = cross_entropy(&fwd.logits, &y.flatten_all()?)?;
+                let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !lv.is_finite() {
+                    return Err(diverged(out, step + 1, "loss", lv));
+                }
+                loss_sum += lv;
+                for (l, a) in fwd.aux.iter().enumerate() {
+                    for (acc, &x) in loads[l].iter_mut().zip(&a.routed_load) {
+                        *acc += x;
+                    }
+                    dropped += a.dropped;
+                    assigned += a.assigned;
+                }
+                let terms = reg::batch_terms(&cfg.reg, &fwd.aux, cfg.model.router_temperature)?;
+                for (name, v) in &terms.values {
+                    if !v.is_finite() {
+                        return Err(diverged(out, step + 1, name, *v));
+                    }
+                    *term_sums.entry(name).or_default() += v;
+                }
+                reg_sum += terms.weighted;
+                let loss = match terms.loss {
+                    Some(r) => (lm + r)?,
+                    None => lm,
+                };
+                let scaled = if cfg.train.grad_accum > 1 {
+                    (loss / cfg.train.grad_accum as f64)?
+                } else {
+                    loss
+                };
+                accumulate(&mut grads, &model, &scaled.backward()?)?;
             }
-        }
-        opt.step(&model.params, &grads, lr)?;
+            let lm_loss = loss_sum / cfg.train.grad_accum as f64;
+            let term_means: BTreeMap<&'static str, f64> = term_sums
+                .into_iter()
+                .map(|(k, v)| (k, v / cfg.train.grad_accum as f64))
+                .collect();
+            let reg_total = reg_sum / cfg.train.grad_accum as f64;
+            // λ · L_orth, once per step (its gradient joins the accumulated ones).
+            let orth_value = if cfg.reg.orth_lambda > 0.0 {
+                let orth = measures::orth_loss(&model, orth_family)?;
+                let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !v.is_finite() {
+                    return Err(diverged(out, step + 1, "orthogonality loss", v));
+                }
+                accumulate(
+                    &mut grads,
+                    &model,
+                    &(orth * cfg.reg.orth_lambda)?.backward()?,
+                )?;
+                Some(v)
+            } else {
+                None
+            };
+            let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0) + reg_total;
+            // Gradient-space orthogonality: a first-order step on the update (reg.rs).
+            let grad_value = if cfg.reg.grad_lambda > 0.0 {
+                Some(apply_grad_orth(
+                    &model,
+                    &mut grads,
+                    grad_family,
+                    cfg.reg.grad_lambda,
+                )?)
+            } else {
+                None
+            };
+            // Global gradient norm, then clipping.
+            let mut sq = 0.0f64;
+            for g in grads.iter().flatten() {
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+            let gnorm = sq.sqrt();
+            if !gnorm.is_finite() {
+                return Err(diverged(out, step + 1, "gradient norm", gnorm));
+            }
+            if cfg.train.grad_clip > 0.0 && gnorm > cfg.train.grad_clip {
+                let s = cfg.train.grad_clip / (gnorm + 1e-6);
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g * s)?;
+                }
+            }
+            opt.step(&model.params, &grads, lr)?;
+            (lm_loss, term_means, train_loss, orth_value, grad_value, gnorm)
+        };
         if cfg.reg.loss_free_gamma > 0.0 {
             for ((l, _), load) in model.moe_layers().zip(&loads) {
                 let name = format!("layers.{l}.moe.balance_bias");
@@ -664,6 +735,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let orth_logged = match orth_value {
                 Some(v) => Some(v),
                 // None when the family does not exist in this model (gate of MLP experts).
+                None if eng.is_some() => eng.as_mut().map(|e| e.orth_value()),
                 None => match measures::orth_loss(&model, orth_family) {
                     Ok(o) => Some(o.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?),
                     Err(_) => None,
@@ -697,7 +769,12 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             window_start = Instant::now();
             window_tokens = 0;
         }
-        if (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last {
+        let evaluating = (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last;
+        let saving = (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last;
+        if let (Some(e), true) = (&eng, evaluating || saving || opts.stop_after == Some(s)) {
+            e.store(&model.params, &mut opt)?;
+        }
+        if evaluating {
             let t0 = Instant::now();
             let (ev, accs) =
                 evaluate_measured(&model, &ds.valid, b, cfg.train.eval_tokens, measure_spec)?;
@@ -716,7 +793,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             ));
             last_eval = Some(ev);
         }
-        if (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last {
+        if saving {
             let opt_state = opt.state(&model.params)?;
             checkpoint::save_checkpoint(
                 out,

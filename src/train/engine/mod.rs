@@ -1258,6 +1258,11 @@ self.profile.lap("router_ln_bwd");
         total
     }
 
+    /// L_orth of the current weights, gradients untouched.
+    pub fn orth_value(&mut self) -> f64 {
+        self.add_orth_grad(0.0)
+    }
+
     /// ‖∇‖₂ over every gradient (f64 accumulation, fixed order).
     pub fn grad_norm(&self) -> f64 {
         let parts: Vec<f64> = self
