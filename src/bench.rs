@@ -195,7 +195,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
                 }
                 t1 = t0 + std::time::Duration::from_secs_f64(eng.last_forward_s);
                 t2 = Instant::now();
-                    eng.adamw_step(o.lr, 1.0);
+                eng.adamw_step(o.lr, 1.0);
             }
             Stepper::Autodiff(model, opt) => {
                 let x = Tensor::from_vec(x, (o.batch, t), &dev)?;

@@ -348,7 +348,10 @@ impl TrainConfig {
         if !["auto", "fused", "autodiff"].contains(&self.engine.as_str()) {
             return Err(Error::config(
                 "train.engine",
-                format!("unknown engine `{}` (known: auto, fused, autodiff)", self.engine),
+                format!(
+                    "unknown engine `{}` (known: auto, fused, autodiff)",
+                    self.engine
+                ),
             ));
         }
         if self.batch_size == 0 {
@@ -867,6 +870,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected a integer"), "{e}");
+        let e = Config::resolve(Some("tiny"), None, &["train.engine=jit".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.engine") && e.contains("autodiff"), "{e}");
+        let e = Config::resolve(
+            Some("tiny"),
+            None,
+            &["train.engine=fused".into(), "reg.aux_lambda=0.01".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("train.engine") && e.contains("aux_lambda"),
+            "{e}"
+        );
+        assert!(Config::resolve(Some("tiny"), None, &["train.engine=fused".into()]).is_ok());
         let e = Config::resolve(Some("tiny"), None, &["model.routing=dense".into()])
             .unwrap_err()
             .to_string();

@@ -610,7 +610,14 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             };
             e.adamw_step(lr, clip);
             let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0);
-            (lm_loss, BTreeMap::new(), train_loss, orth_value, None, gnorm)
+            (
+                lm_loss,
+                BTreeMap::new(),
+                train_loss,
+                orth_value,
+                None,
+                gnorm,
+            )
         } else {
             let mut grads: Vec<Option<Tensor>> = vec![None; model.params.vars().len()];
             let mut loss_sum = 0.0;
@@ -707,7 +714,9 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 }
             }
             opt.step(&model.params, &grads, lr)?;
-            (lm_loss, term_means, train_loss, orth_value, grad_value, gnorm)
+            (
+                lm_loss, term_means, train_loss, orth_value, grad_value, gnorm,
+            )
         };
         if cfg.reg.loss_free_gamma > 0.0 {
             for ((l, _), load) in model.moe_layers().zip(&loads) {
@@ -770,7 +779,8 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             window_tokens = 0;
         }
         let evaluating = (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last;
-        let saving = (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last;
+        let saving =
+            (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last;
         if let (Some(e), true) = (&eng, evaluating || saving || opts.stop_after == Some(s)) {
             e.store(&model.params, &mut opt)?;
         }

@@ -62,7 +62,9 @@ pub fn sum<T: Real>(x: &[T]) -> T {
             acc[i] = acc[i] + c[i];
         }
     }
-    it.remainder().iter().fold(acc.iter().copied().sum::<T>(), |s, &v| s + v)
+    it.remainder()
+        .iter()
+        .fold(acc.iter().copied().sum::<T>(), |s, &v| s + v)
 }
 
 /// Σ a·b.
@@ -75,7 +77,11 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
             acc[i] = acc[i] + ca[i] * cb[i];
         }
     }
-    let tail = ia.remainder().iter().zip(ib.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
+    let tail = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
     acc.iter().copied().sum::<T>() + tail
 }
 
@@ -89,7 +95,11 @@ pub fn sum_sq_dev<T: Real>(x: &[T], mu: T) -> T {
             acc[i] = acc[i] + (c[i] - mu) * (c[i] - mu);
         }
     }
-    it.remainder().iter().fold(acc.iter().copied().sum::<T>(), |s, &v| s + (v - mu) * (v - mu))
+    it.remainder()
+        .iter()
+        .fold(acc.iter().copied().sum::<T>(), |s, &v| {
+            s + (v - mu) * (v - mu)
+        })
 }
 
 /// max x (−∞ for an empty slice; NaN if any is NaN).
@@ -111,7 +121,8 @@ pub fn max<T: Real>(x: &[T]) -> T {
     if nan {
         return T::nan();
     }
-    acc.iter().fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
+    acc.iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
 }
 
 /// x ← exp(x − m) in place, then Σ of the results.
@@ -195,7 +206,8 @@ pub fn layer_norm_backward<T: Real>(
                         s2[i] = s2[i] + g * x[j0 + i];
                     }
                 }
-                let (mut s1, mut s2) = (s1.iter().copied().sum::<T>(), s2.iter().copied().sum::<T>());
+                let (mut s1, mut s2) =
+                    (s1.iter().copied().sum::<T>(), s2.iter().copied().sum::<T>());
                 for j in full..d {
                     let g = dy[j] * w[j];
                     s1 = s1 + g;

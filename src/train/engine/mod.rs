@@ -285,7 +285,8 @@ fn linear_backward<T: Real>(
 /// [`fill_rows`] on the calling thread.
 fn fill_rows_seq<T: Real>(dst: &mut [T], bias: Option<&[T]>) {
     if let Some(b) = bias {
-        dst.chunks_exact_mut(b.len()).for_each(|r| r.copy_from_slice(b));
+        dst.chunks_exact_mut(b.len())
+            .for_each(|r| r.copy_from_slice(b));
     }
 }
 
@@ -339,7 +340,9 @@ fn expert_grads<'a, T>(g: &'a mut [T], experts: &[ExpertIdx]) -> Vec<ExpertGrads
     }
     parts.sort_by_key(|p| p.0.start);
     let ranges: Vec<Range<usize>> = parts.iter().map(|p| p.0.clone()).collect();
-    let mut slots: Vec<[Option<&'a mut [T]>; 4]> = (0..experts.len()).map(|_| [None, None, None, None]).collect();
+    let mut slots: Vec<[Option<&'a mut [T]>; 4]> = (0..experts.len())
+        .map(|_| [None, None, None, None])
+        .collect();
     for (slice, (_, x, which)) in split_ranges(g, &ranges).into_iter().zip(&parts) {
         slots[*x][*which as usize] = Some(slice);
     }
@@ -659,7 +662,7 @@ impl<T: Real> Engine<T> {
                 }
             });
         }
-self.profile.lap("embed");
+        self.profile.lap("embed");
         for l in 0..c.n_layer {
             self.block_forward(l, b, t);
         }
@@ -675,7 +678,7 @@ self.profile.lap("embed");
             &mut self.lnf_mean,
             &mut self.lnf_rstd,
         );
-self.profile.lap("ln");
+        self.profile.lap("ln");
         // logits = h_f · wteᵀ (tied)
         let wte = &self.params[self.wte.clone()];
         matmul(
@@ -710,7 +713,7 @@ self.profile.lap("ln");
             &mut a.ln1_rstd,
         );
         linear(&mut a.qkv, &a.h1, pr(&ix.qkv_w), po(&ix.qkv_b), n, d, 3 * d);
-self.profile.lap("ln_qkv");
+        self.profile.lap("ln_qkv");
         // Per (batch, head): att = causal_softmax(q·kᵀ / √hd); y = att·v  (t × hd)
         let scale = T::c(1.0 / (hd as f64).sqrt());
         let qkv = &a.qkv;
@@ -737,7 +740,7 @@ self.profile.lap("ln_qkv");
                 row[hi * hd..(hi + 1) * hd].copy_from_slice(src);
             }
         });
-self.profile.lap("attention");
+        self.profile.lap("attention");
         // xm = x + ya·W_projᵀ + b
         {
             let (x, xm) = (&a.x, &mut a.xm);
@@ -762,7 +765,7 @@ self.profile.lap("attention");
             );
         }
 
-self.profile.lap("proj");
+        self.profile.lap("proj");
         // MoE: h2 = ln2(xm); p = softmax(h2·W_rᵀ); top-k; gates
         kernels::layer_norm(
             &a.xm,
@@ -805,7 +808,7 @@ self.profile.lap("proj");
                     g.iter_mut().for_each(|g| *g = *g / z);
                 }
             });
-self.profile.lap("ln_router");
+        self.profile.lap("ln_router");
         // Dispatch plan: rows expert-major, tokens ascending within an expert.
         let mut counts = vec![0usize; e];
         for &x in &a.sel {
@@ -829,7 +832,7 @@ self.profile.lap("ln_router");
             let tok = slot_of[row] as usize / k;
             dst.copy_from_slice(&h2[tok * d..(tok + 1) * d]);
         });
-self.profile.lap("dispatch");
+        self.profile.lap("dispatch");
         // Each expert on its own rows: u = xe·W_upᵀ + b; a = SiLU(u); ye = a·W_downᵀ + b.
         // Experts (or row blocks of busy ones) run side by side, one thread each.
         let tasks = expert_tasks(&a.offsets, rayon::current_num_threads());
@@ -850,10 +853,24 @@ self.profile.lap("dispatch");
                 let ne = r.len();
                 let xin = View::new(&xe[r.start * d..r.end * d], ne, d);
                 fill_rows_seq(u, po(&ex.up_b));
-                matmul(u, f, xin, View::new(pr(&ex.up_w), f, d).t(), ex.up_b.is_some(), Par::Seq);
+                matmul(
+                    u,
+                    f,
+                    xin,
+                    View::new(pr(&ex.up_w), f, d).t(),
+                    ex.up_b.is_some(),
+                    Par::Seq,
+                );
                 kernels::silu_seq(u, act);
                 fill_rows_seq(y, po(&ex.down_b));
-                matmul(y, d, View::new(act, ne, f), View::new(pr(&ex.down_w), d, f).t(), ex.down_b.is_some(), Par::Seq);
+                matmul(
+                    y,
+                    d,
+                    View::new(act, ne, f),
+                    View::new(pr(&ex.down_w), d, f).t(),
+                    ex.down_b.is_some(),
+                    Par::Seq,
+                );
             });
         self.profile.lap("experts");
         // Combine: x_next = xm + Σ_s gate_s · ye[row(t, s)]
@@ -976,17 +993,32 @@ self.profile.lap("dispatch");
                 }
                 *dg = dot;
             });
-self.profile.lap("combine_bwd");
+        self.profile.lap("combine_bwd");
         // Per expert: dW_down = dyeᵀ·a, da = dye·W_down; du = da ⊙ SiLU'(u);
         // dW_up = duᵀ·xe, dxe = du·W_up. Experts side by side, one thread each,
         // unless one expert holds more than a thread's share of the rows.
         let threads = rayon::current_num_threads();
-        let max_rows = (0..e).map(|x| a.offsets[x + 1] - a.offsets[x]).max().unwrap_or(0);
+        let max_rows = (0..e)
+            .map(|x| a.offsets[x + 1] - a.offsets[x])
+            .max()
+            .unwrap_or(0);
         let side_by_side = threads > 1 && max_rows * threads <= n * k;
         let par = if side_by_side { Par::Seq } else { Par::Pool };
         let spans: Vec<Range<usize>> = (0..e).map(|x| a.offsets[x]..a.offsets[x + 1]).collect();
-        let das = split_ranges(&mut s.da, &spans.iter().map(|r| r.start * f..r.end * f).collect::<Vec<_>>());
-        let dxes = split_ranges(&mut s.dxe, &spans.iter().map(|r| r.start * d..r.end * d).collect::<Vec<_>>());
+        let das = split_ranges(
+            &mut s.da,
+            &spans
+                .iter()
+                .map(|r| r.start * f..r.end * f)
+                .collect::<Vec<_>>(),
+        );
+        let dxes = split_ranges(
+            &mut s.dxe,
+            &spans
+                .iter()
+                .map(|r| r.start * d..r.end * d)
+                .collect::<Vec<_>>(),
+        );
         let egs = expert_grads(g, &ix.experts);
         let dye = &s.dye;
         let one = |(x, (da, (dxe, eg))): (usize, (&mut [T], (&mut [T], ExpertGrads<T>)))| {
@@ -1015,7 +1047,11 @@ self.profile.lap("combine_bwd");
         };
         let items = das.into_iter().zip(dxes.into_iter().zip(egs));
         if side_by_side {
-            items.enumerate().collect::<Vec<_>>().into_par_iter().for_each(one);
+            items
+                .enumerate()
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(one);
         } else {
             items.enumerate().for_each(one);
         }
@@ -1088,7 +1124,7 @@ self.profile.lap("combine_bwd");
             );
         }
 
-self.profile.lap("router_ln_bwd");
+        self.profile.lap("router_ln_bwd");
         // ---- Attention. s.dx = ∂L/∂xm = ∂L/∂x through the residual.
         {
             let [dw, db] = split2(g, &ix.proj_w, ix.proj_b.as_ref());
