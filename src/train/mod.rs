@@ -474,7 +474,12 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             eps: cfg.train.eps,
             weight_decay: cfg.train.weight_decay,
         };
-        Some(Engine::from_model(&cfg.model, &model.params, &opt, adam)?)
+        Some(Engine::from_model(
+            &cfg.model,
+            &model.params,
+            Some(&opt),
+            adam,
+        )?)
     } else {
         None
     };

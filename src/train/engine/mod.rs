@@ -320,6 +320,24 @@ fn expert_tasks(offsets: &[usize], threads: usize) -> Vec<(usize, Range<usize>)>
     tasks
 }
 
+/// Runs `f` on every item on all of rayon's threads, each thread taking the
+/// largest item left (longest-processing-time-first: expert loads are uneven,
+/// and a plain parallel iterator splits by count, not by work).
+fn largest_first<I: Send>(mut items: Vec<(usize, I)>, f: impl Fn(I) + Sync) {
+    items.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    let queue = std::sync::Mutex::new(items.into_iter());
+    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+    rayon::scope(|s| {
+        for _ in 0..rayon::current_num_threads() {
+            s.spawn(|_| {
+                while let Some((_, item)) = next() {
+                    f(item);
+                }
+            });
+        }
+    });
+}
+
 /// One expert's gradient buffers.
 struct ExpertGrads<'a, T> {
     up_w: &'a mut [T],
@@ -845,33 +863,35 @@ impl<T: Real> Engine<T> {
             split_ranges(&mut a.ye, &rows(d)),
         );
         let xe = &a.xe;
-        tasks
-            .par_iter()
-            .zip(us.into_par_iter().zip(acts_.into_par_iter().zip(ys)))
-            .for_each(|((x, r), (u, (act, y)))| {
-                let ex = &ix.experts[*x];
-                let ne = r.len();
-                let xin = View::new(&xe[r.start * d..r.end * d], ne, d);
-                fill_rows_seq(u, po(&ex.up_b));
-                matmul(
-                    u,
-                    f,
-                    xin,
-                    View::new(pr(&ex.up_w), f, d).t(),
-                    ex.up_b.is_some(),
-                    Par::Seq,
-                );
-                kernels::silu_seq(u, act);
-                fill_rows_seq(y, po(&ex.down_b));
-                matmul(
-                    y,
-                    d,
-                    View::new(act, ne, f),
-                    View::new(pr(&ex.down_w), d, f).t(),
-                    ex.down_b.is_some(),
-                    Par::Seq,
-                );
-            });
+        let items = tasks
+            .iter()
+            .zip(us.into_iter().zip(acts_.into_iter().zip(ys)))
+            .map(|(task, bufs)| (task.1.len(), (task, bufs)))
+            .collect();
+        largest_first(items, |((x, r), (u, (act, y)))| {
+            let ex = &ix.experts[*x];
+            let ne = r.len();
+            let xin = View::new(&xe[r.start * d..r.end * d], ne, d);
+            fill_rows_seq(u, po(&ex.up_b));
+            matmul(
+                u,
+                f,
+                xin,
+                View::new(pr(&ex.up_w), f, d).t(),
+                ex.up_b.is_some(),
+                Par::Seq,
+            );
+            kernels::silu_seq(u, act);
+            fill_rows_seq(y, po(&ex.down_b));
+            matmul(
+                y,
+                d,
+                View::new(act, ne, f),
+                View::new(pr(&ex.down_w), d, f).t(),
+                ex.down_b.is_some(),
+                Par::Seq,
+            );
+        });
         self.profile.lap("experts");
         // Combine: x_next = xm + Σ_s gate_s · ye[row(t, s)]
         let next = match rest.first_mut() {
@@ -1047,11 +1067,13 @@ impl<T: Real> Engine<T> {
         };
         let items = das.into_iter().zip(dxes.into_iter().zip(egs));
         if side_by_side {
-            items
-                .enumerate()
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(one);
+            largest_first(
+                items
+                    .enumerate()
+                    .map(|it| (spans[it.0].len(), it))
+                    .collect(),
+                one,
+            );
         } else {
             items.enumerate().for_each(one);
         }
@@ -1370,11 +1392,12 @@ fn split2<'a, T>(
 }
 
 impl Engine<f32> {
-    /// An engine holding a copy of `params` and of the optimiser's state.
+    /// An engine holding a copy of `params` and of the optimiser's state
+    /// (fresh moments without one).
     pub fn from_model(
         cfg: &ModelConfig,
         params: &ParamStore,
-        opt: &AdamW,
+        opt: Option<&AdamW>,
         adam: AdamParams,
     ) -> Result<Self> {
         let tensors = params
@@ -1391,6 +1414,9 @@ impl Engine<f32> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut eng = Engine::new(cfg, tensors, adam)?;
+        let Some(opt) = opt else {
+            return Ok(eng);
+        };
         let state: HashMap<String, Tensor> = opt.state(params)?.into_iter().collect();
         for (i, name) in eng.names.clone().iter().enumerate() {
             let r = eng.ranges[i].clone();
@@ -1604,7 +1630,7 @@ mod tests {
             weight_decay: tc.weight_decay,
         };
         let mut opt = AdamW::new(&m.params, &tc).unwrap();
-        let mut eng = Engine::from_model(&cfg, &m.params, &opt, adam).unwrap();
+        let mut eng = Engine::from_model(&cfg, &m.params, Some(&opt), adam).unwrap();
         let (b, t) = (2, 8);
         let x = tokens(b * t, cfg.vocab_size, 7);
         let y = tokens(b * t, cfg.vocab_size, 8);
@@ -1634,7 +1660,7 @@ mod tests {
         // store() then from_model() reproduces the engine exactly.
         let mut opt2 = AdamW::new(&m.params, &tc).unwrap();
         eng.store(&m.params, &mut opt2).unwrap();
-        let back = Engine::from_model(&cfg, &m.params, &opt2, adam).unwrap();
+        let back = Engine::from_model(&cfg, &m.params, Some(&opt2), adam).unwrap();
         assert_eq!(back.params, eng.params);
         assert_eq!(back.m, eng.m);
         assert_eq!(back.v, eng.v);
