@@ -137,7 +137,7 @@ pub fn peer_sets(preset: &str) -> &'static [&'static str] {
 /// What takes the training steps.
 enum Stepper {
     Fused(Box<Engine<f32>>),
-    Autodiff(Gpt, AdamW),
+    Autodiff(Box<(Gpt, AdamW)>),
 }
 
 /// Run the benchmark on the CPU.
@@ -170,7 +170,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     // is that of the step (training also keeps the model for evaluation).
     let mut stepper = if o.autodiff {
         let opt = AdamW::new(&model.params, &tc)?;
-        Stepper::Autodiff(model, opt)
+        Stepper::Autodiff(Box::new((model, opt)))
     } else {
         let eng = Engine::from_model(cfg, &model.params, None, adam)?;
         drop(model);
@@ -194,12 +194,13 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
                 t2 = Instant::now();
                 eng.adamw_step(o.lr, 1.0);
             }
-            Stepper::Autodiff(model, opt) => {
+            Stepper::Autodiff(pair) => {
+                let (model, opt) = &mut **pair;
                 let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
                 let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
                 let mut loss = model.loss(&x, &y)?;
                 if o.orth_lambda > 0.0 {
-                    let orth = crate::measures::orth_loss(&model, crate::measures::Family::Up)?;
+                    let orth = crate::measures::orth_loss(model, crate::measures::Family::Up)?;
                     loss = (loss + (orth * o.orth_lambda)?)?;
                 }
                 t1 = Instant::now();

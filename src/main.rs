@@ -342,7 +342,7 @@ enum BenchCmd {
     },
     /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
     Train {
-        /// Model preset (tiny matches the peer's tiny exactly).
+        /// Shapes: `tiny` and `small` are the PyTorch peer's configs of those names, `paper` the paper's.
         #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
         preset: String,
         /// Override model keys, e.g. --set model.d_model=512.

@@ -224,8 +224,7 @@ pub fn layer_norm_backward<T: Real>(
     // Parameter gradients: columns split over threads, rows read in order.
     let n = mean.len();
     let cols = d.div_ceil(rayon::current_num_threads().max(1)).max(64);
-    let mut db = db;
-    let db_chunks: Vec<Option<&mut [T]>> = match db.as_deref_mut() {
+    let db_chunks: Vec<Option<&mut [T]>> = match db {
         Some(db) => db.chunks_mut(cols).map(Some).collect(),
         None => (0..d.div_ceil(cols)).map(|_| None).collect(),
     };

@@ -833,8 +833,8 @@ impl<T: Real> Engine<T> {
             counts[x as usize] += 1;
         }
         a.offsets[0] = 0;
-        for x in 0..e {
-            a.offsets[x + 1] = a.offsets[x] + counts[x];
+        for (x, c) in counts.iter().enumerate() {
+            a.offsets[x + 1] = a.offsets[x] + c;
         }
         self.loads[l] = counts.iter().map(|&c| c as u64).collect();
         let mut cursor = a.offsets.clone();
@@ -1041,7 +1041,8 @@ impl<T: Real> Engine<T> {
         );
         let egs = expert_grads(g, &ix.experts);
         let dye = &s.dye;
-        let one = |(x, (da, (dxe, eg))): (usize, (&mut [T], (&mut [T], ExpertGrads<T>)))| {
+        type Item<'a, T> = (usize, (&'a mut [T], (&'a mut [T], ExpertGrads<'a, T>)));
+        let one = |(x, (da, (dxe, eg))): Item<T>| {
             let ex = &ix.experts[x];
             let r = &spans[x];
             let ne = r.len();
