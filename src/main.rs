@@ -576,9 +576,18 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let r = moescope::bench::bench_train(&o, std::io::stderr().is_terminal())?;
                 eprintln!(
-                    "bench train {}: {:.0} tokens/s, {:.1} model GFLOP/s, median step {:.1} ms, cpu util {:.2}",
-                    r.preset, r.tokens_per_s, r.gflops, r.median_step_s * 1e3, r.cpu_util
+                    "bench train {} ({} engine): {:.0} tokens/s, {:.1} model GFLOP/s = {:.0}% of the measured GEMM ceiling ({:.0} GFLOP/s), median step {:.1} ms, cpu util {:.2}, peak RSS {:.0} MB",
+                    r.preset, r.engine, r.tokens_per_s, r.gflops, 100.0 * r.ceiling_share, r.gemm_ceiling_gflops,
+                    r.median_step_s * 1e3, r.cpu_util, r.peak_rss_mb
                 );
+                if !r.sections_ms.is_empty() {
+                    let parts: Vec<String> = r
+                        .sections_ms
+                        .iter()
+                        .map(|(n, ms)| format!("{n} {ms:.1}"))
+                        .collect();
+                    eprintln!("ms per step: {}", parts.join(", "));
+                }
                 eprintln!("peer (same shapes): {}", r.peer_command);
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())

@@ -286,3 +286,61 @@ fn help_lists_every_command() {
         assert!(s.contains(f), "{s}");
     }
 }
+
+/// `bench train` on both engines: the JSON line the comparison script reads,
+/// the peer's `small` shapes under the user's `--set`s, the per-section profile.
+#[test]
+fn bench_train_reports_both_engines() {
+    for engine in ["fused", "autodiff"] {
+        let o = run(&[
+            "bench",
+            "train",
+            "--preset",
+            "small",
+            "--engine",
+            engine,
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--threads",
+            "2",
+            "--set",
+            "model.d_model=32",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.d_ff=64",
+            "--set",
+            "model.seq_len=16",
+            "--set",
+            "model.vocab_size=64",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let last = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_string();
+        let r: serde_json::Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(r["engine"], engine);
+        assert_eq!(r["cfg"]["n_head"], 8, "the peer's small has 8 heads");
+        assert_eq!(
+            r["cfg"]["d_model"], 32,
+            "--set comes after the peer's shapes"
+        );
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["gemm_ceiling_gflops"].as_f64().unwrap() > 0.0);
+        assert!(r["final_ce"].as_f64().unwrap().is_finite());
+        let cmd = r["peer_command"].as_str().unwrap();
+        assert!(
+            cmd.contains("--d_model 32") && cmd.contains("--n_head 8"),
+            "{cmd}"
+        );
+        let sections = r["sections_ms"].as_array().unwrap();
+        assert_eq!(sections.is_empty(), engine == "autodiff", "{sections:?}");
+        assert!(stderr(&o).contains("GEMM ceiling"), "{}", stderr(&o));
+    }
+}
