@@ -938,7 +938,7 @@ impl<T: Real> Engine<T> {
         fill_rows(&mut s.dx, None);
         self.profile.lap("lm_head_bwd");
         {
-            let [dw, db] = split2(grads, &self.lnf_w, self.lnf_b.as_ref());
+            let (dw, db) = split2(grads, &self.lnf_w, self.lnf_b.as_ref());
             kernels::layer_norm_backward(
                 &s.dh,
                 &self.xf,
@@ -946,7 +946,7 @@ impl<T: Real> Engine<T> {
                 &self.lnf_rstd,
                 &p[self.lnf_w.clone()],
                 &mut s.dx,
-                dw.expect("ln_f.weight"),
+                dw,
                 db,
                 acc,
             );
@@ -1133,7 +1133,7 @@ impl<T: Real> Engine<T> {
             true,
         );
         {
-            let [dw, db] = split2(g, &ix.ln2_w, ix.ln2_b.as_ref());
+            let (dw, db) = split2(g, &ix.ln2_w, ix.ln2_b.as_ref());
             kernels::layer_norm_backward(
                 &s.dh,
                 &a.xm,
@@ -1141,7 +1141,7 @@ impl<T: Real> Engine<T> {
                 &a.ln2_rstd,
                 pr(&ix.ln2_w),
                 &mut s.dx,
-                dw.expect("ln2"),
+                dw,
                 db,
                 acc,
             );
@@ -1150,12 +1150,12 @@ impl<T: Real> Engine<T> {
         self.profile.lap("router_ln_bwd");
         // ---- Attention. s.dx = ∂L/∂xm = ∂L/∂x through the residual.
         {
-            let [dw, db] = split2(g, &ix.proj_w, ix.proj_b.as_ref());
+            let (dw, db) = split2(g, &ix.proj_w, ix.proj_b.as_ref());
             linear_backward(
                 &s.dx,
                 &a.ya,
                 pr(&ix.proj_w),
-                dw.expect("proj"),
+                dw,
                 db,
                 Some(&mut s.dy),
                 n,
@@ -1207,12 +1207,12 @@ impl<T: Real> Engine<T> {
                 }
             });
         {
-            let [dw, db] = split2(g, &ix.qkv_w, ix.qkv_b.as_ref());
+            let (dw, db) = split2(g, &ix.qkv_w, ix.qkv_b.as_ref());
             linear_backward(
                 &s.dqkv,
                 &a.h1,
                 pr(&ix.qkv_w),
-                dw.expect("qkv"),
+                dw,
                 db,
                 Some(&mut s.dh),
                 n,
@@ -1222,7 +1222,7 @@ impl<T: Real> Engine<T> {
                 false,
             );
         }
-        let [dw, db] = split2(g, &ix.ln1_w, ix.ln1_b.as_ref());
+        let (dw, db) = split2(g, &ix.ln1_w, ix.ln1_b.as_ref());
         kernels::layer_norm_backward(
             &s.dh,
             &a.x,
@@ -1230,7 +1230,7 @@ impl<T: Real> Engine<T> {
             &a.ln1_rstd,
             pr(&ix.ln1_w),
             &mut s.dx,
-            dw.expect("ln1"),
+            dw,
             db,
             acc,
         );
@@ -1376,18 +1376,16 @@ fn split2<'a, T>(
     g: &'a mut [T],
     w: &Range<usize>,
     b: Option<&Range<usize>>,
-) -> [Option<&'a mut [T]>; 2] {
+) -> (&'a mut [T], Option<&'a mut [T]>) {
     match b {
-        None => [Some(&mut g[w.clone()]), None],
+        None => (&mut g[w.clone()], None),
+        Some(b) if w.start < b.start => {
+            let (lo, hi) = g.split_at_mut(b.start);
+            (&mut lo[w.clone()], Some(&mut hi[..b.len()]))
+        }
         Some(b) => {
-            let (lo, hi) = if w.start < b.start { (w, b) } else { (b, w) };
-            let mut parts = split_ranges(g, &[lo.clone(), hi.clone()]).into_iter();
-            let (x, y) = (parts.next(), parts.next());
-            if w.start < b.start {
-                [x, y]
-            } else {
-                [y, x]
-            }
+            let (lo, hi) = g.split_at_mut(w.start);
+            (&mut hi[..w.len()], Some(&mut lo[b.clone()]))
         }
     }
 }
