@@ -77,9 +77,13 @@ impl Family {
     }
 }
 
-/// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors
-/// (f64 accumulation, pairs in parallel).
-pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
+/// The E×E matrix of raw inner products G_ij = ⟨w_i, w_j⟩ of flattened
+/// vectors (f64 accumulation, pairs in parallel).
+pub fn raw_gram<T, V>(vecs: &[V]) -> Vec<Vec<f64>>
+where
+    T: Copy + Into<f64>,
+    V: AsRef<[T]> + Sync,
+{
     use rayon::prelude::*;
     let e = vecs.len();
     let pairs: Vec<(usize, usize)> = (0..e).flat_map(|i| (i..e).map(move |j| (i, j))).collect();
@@ -90,7 +94,7 @@ pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
                 .as_ref()
                 .iter()
                 .zip(vecs[j].as_ref())
-                .map(|(a, b)| *a as f64 * *b as f64)
+                .map(|(&a, &b)| a.into() * b.into())
                 .sum()
         })
         .collect();
@@ -99,6 +103,14 @@ pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
         g[i][j] = dot;
         g[j][i] = dot;
     }
+    g
+}
+
+/// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors
+/// (f64 accumulation, pairs in parallel).
+pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
+    let mut g = raw_gram(vecs);
+    let e = g.len();
     let norms: Vec<f64> = (0..e).map(|i| g[i][i].sqrt()).collect();
     for i in 0..e {
         for j in 0..e {

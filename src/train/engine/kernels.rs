@@ -11,7 +11,9 @@ const ROWS: usize = 16;
 const ELEMS: usize = 1 << 14;
 
 /// Numbers the engine computes in (f32 for training, f64 for the checks).
-pub trait Real: Float + Default + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static {
+pub trait Real:
+    Float + Default + Into<f64> + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static
+{
     fn c(v: f64) -> Self {
         Self::from(v).expect("representable constant")
     }
@@ -338,7 +340,7 @@ pub fn cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], v: usize, scale
                 let m = max(row);
                 let z = exp_shifted_sum(row, m);
                 let p_y = row[y as usize] / z;
-                sum += -(p_y.to_f64().unwrap_or(f64::NAN)).ln();
+                sum += -p_y.into().ln();
                 let f = scale / z;
                 for x in row.iter_mut() {
                     *x = *x * f;

@@ -1204,27 +1204,9 @@ impl<T: Real> Engine<T> {
             let ranges: Vec<Range<usize>> = ix.experts.iter().map(|x| x.up_w.clone()).collect();
             let e = ranges.len();
             let w: Vec<&[T]> = ranges.iter().map(|r| &self.params[r.clone()]).collect();
-            // Raw Gram matrix in f64, pairs in parallel.
-            let pairs: Vec<(usize, usize)> =
-                (0..e).flat_map(|i| (i..e).map(move |j| (i, j))).collect();
-            let dots: Vec<f64> = pairs
-                .par_iter()
-                .map(|&(i, j)| {
-                    w[i].iter()
-                        .zip(w[j])
-                        .map(|(&a, &b)| {
-                            a.to_f64().unwrap_or(f64::NAN) * b.to_f64().unwrap_or(f64::NAN)
-                        })
-                        .sum()
-                })
-                .collect();
-            let mut gram = vec![0.0f64; e * e];
-            for (&(i, j), &v) in pairs.iter().zip(&dots) {
-                gram[i * e + j] = v;
-                gram[j * e + i] = v;
-            }
-            let s: Vec<f64> = (0..e).map(|i| gram[i * e + i].sqrt().max(1e-30)).collect();
-            let cos = |i: usize, j: usize| gram[i * e + j] / (s[i] * s[j]);
+            let gram = crate::measures::raw_gram(&w);
+            let s: Vec<f64> = (0..e).map(|i| gram[i][i].sqrt().max(1e-30)).collect();
+            let cos = |i: usize, j: usize| gram[i][j] / (s[i] * s[j]);
             // ∂P/∂w_i = Σ_j A_ij w_j with A_ij = 2c_ij/(s_i s_j) (j ≠ i) and
             // A_ii = −2 Σ_{j≠i} c_ij² / s_i².
             let mut coef = vec![0.0f64; e * e];
@@ -1286,7 +1268,7 @@ impl<T: Real> Engine<T> {
         let parts: Vec<f64> = self
             .grads
             .par_chunks(1 << 12)
-            .map(|c| kernels::dot(c, c).to_f64().unwrap_or(f64::NAN))
+            .map(|c| kernels::dot(c, c).into())
             .collect();
         parts.iter().sum::<f64>().sqrt()
     }
