@@ -786,8 +786,14 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         let evaluating = (cfg.train.eval_every > 0 && s % cfg.train.eval_every == 0) || last;
         let saving =
             (cfg.train.checkpoint_every > 0 && s % cfg.train.checkpoint_every == 0) || last;
-        if let (Some(e), true) = (&eng, evaluating || saving || opts.stop_after == Some(s)) {
-            e.store(&model.params, &mut opt)?;
+        if let Some(e) = &eng {
+            // The model evaluates and saves; the moments matter only to a checkpoint.
+            if evaluating || saving {
+                e.store_weights(&model.params)?;
+            }
+            if saving {
+                e.store_optimizer(&model.params, &mut opt)?;
+            }
         }
         if evaluating {
             let t0 = Instant::now();

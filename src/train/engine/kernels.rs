@@ -287,21 +287,15 @@ pub fn causal_softmax_backward<T: Real>(att: &[T], g: &mut [T], t: usize, scale:
     }
 }
 
-/// h = SiLU(u) = u·σ(u), element-wise.
-pub fn silu<T: Real>(u: &[T], h: &mut [T]) {
-    h.par_chunks_mut(ELEMS)
-        .zip(u.par_chunks(ELEMS))
-        .for_each(|(h, u)| silu_seq(u, h));
-}
-
-/// [`silu`] on the calling thread.
+/// h = SiLU(u) = u·σ(u), element-wise, on the calling thread (the engine
+/// runs it inside each expert's task).
 pub fn silu_seq<T: Real>(u: &[T], h: &mut [T]) {
     for (h, &u) in h.iter_mut().zip(u) {
         *h = u * sigmoid(u);
     }
 }
 
-/// Backward of [`silu`] in place: `g` holds ∂L/∂h on entry and ∂L/∂u on return.
+/// Backward of [`silu_seq`] in place, in parallel: `g` holds ∂L/∂h on entry and ∂L/∂u on return.
 pub fn silu_backward<T: Real>(u: &[T], g: &mut [T]) {
     g.par_chunks_mut(ELEMS)
         .zip(u.par_chunks(ELEMS))
@@ -464,7 +458,7 @@ mod tests {
         let u: Vec<f64> = rand_vec(40_000, 7).iter().map(|v| 6.0 * v).collect(); // > one task
         let c = rand_vec(u.len(), 8);
         let mut h = vec![0.0; u.len()];
-        silu(&u, &mut h);
+        silu_seq(&u, &mut h);
         for (h, u) in h.iter().zip(&u) {
             assert!((h - u / (1.0 + (-u).exp())).abs() < 1e-12);
         }

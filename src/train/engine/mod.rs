@@ -217,20 +217,15 @@ fn col_sum<T: Real>(dst: &mut [T], src: &[T], rows: usize, acc: bool) {
     });
 }
 
-/// Each row of `dst` (rows × bias.len()) set to `bias`, or to zero.
-fn fill_rows<T: Real>(dst: &mut [T], bias: Option<&[T]>) {
-    match bias {
-        Some(b) => dst.par_chunks_mut(b.len() * 64).for_each(|c| {
-            c.chunks_exact_mut(b.len())
-                .for_each(|r| r.copy_from_slice(b))
-        }),
-        None => dst.par_chunks_mut(1 << 14).for_each(|c| c.fill(T::zero())),
-    }
+/// Each row of `dst` (rows × bias.len()) set to `bias`, in parallel.
+fn fill_rows<T: Real>(dst: &mut [T], bias: &[T]) {
+    dst.par_chunks_mut(bias.len() * 64)
+        .for_each(|c| fill_rows_seq(c, Some(bias)));
 }
 
 /// `y = x·Wᵀ + b` for x (n × i), W (o × i): y (n × o), written.
 fn linear<T: Real>(y: &mut [T], x: &[T], w: &[T], b: Option<&[T]>, n: usize, i: usize, o: usize) {
-    if b.is_some() {
+    if let Some(b) = b {
         fill_rows(&mut y[..n * o], b);
     }
     matmul(
@@ -894,7 +889,7 @@ impl<T: Real> Engine<T> {
             false,
             Par::Pool,
         );
-        fill_rows(&mut s.dx, None);
+        s.dx.fill(T::zero()); // ln_f's backward adds into it
         self.profile.lap("lm_head_bwd");
         {
             let (dw, db) = split2(grads, &self.lnf_w, self.lnf_b.as_ref());
@@ -1370,24 +1365,29 @@ impl Engine<f32> {
         Ok(eng)
     }
 
-    /// Copy the parameters and the optimiser state back (before evaluation,
-    /// checkpoints and the end of training).
-    pub fn store(&self, params: &ParamStore, opt: &mut AdamW) -> Result<()> {
-        let mut state = HashMap::new();
-        for (i, (name, var)) in params.names().iter().zip(params.vars()).enumerate() {
+    /// Copy the weights back into the model (before evaluation and saving).
+    pub fn store_weights(&self, params: &ParamStore) -> Result<()> {
+        for (i, var) in params.vars().iter().enumerate() {
             let (r, shape) = (self.ranges[i].clone(), self.shapes[i].as_slice());
-            var.set(&Tensor::from_slice(
-                &self.params[r.clone()],
-                shape,
-                var.device(),
-            )?)?;
+            var.set(&Tensor::from_slice(&self.params[r], shape, var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the AdamW moments and step count back into `opt` (before a
+    /// checkpoint is written).
+    pub fn store_optimizer(&self, params: &ParamStore, opt: &mut AdamW) -> Result<()> {
+        let mut state = HashMap::new();
+        for (i, name) in params.names().iter().enumerate() {
+            let (r, shape) = (self.ranges[i].clone(), self.shapes[i].as_slice());
+            let dev = params.device();
             state.insert(
                 format!("m.{name}"),
-                Tensor::from_slice(&self.m[r.clone()], shape, var.device())?,
+                Tensor::from_slice(&self.m[r.clone()], shape, dev)?,
             );
             state.insert(
                 format!("v.{name}"),
-                Tensor::from_slice(&self.v[r], shape, var.device())?,
+                Tensor::from_slice(&self.v[r], shape, dev)?,
             );
         }
         state.insert("t".into(), Tensor::new(&[self.t as f32], params.device())?);
@@ -1557,7 +1557,8 @@ mod tests {
     }
 
     /// The engine's AdamW step equals `optim::AdamW`'s on the same gradients,
-    /// and `from_model` / `store` carry parameters and moments both ways.
+    /// and `from_model` / `store_weights` / `store_optimizer` carry parameters
+    /// and moments both ways.
     #[test]
     fn adamw_matches_the_reference_optimizer() {
         let cfg = small_cfg(true, true);
@@ -1597,9 +1598,10 @@ mod tests {
                 );
             }
         }
-        // store() then from_model() reproduces the engine exactly.
+        // store_weights/store_optimizer then from_model() reproduce the engine exactly.
         let mut opt2 = AdamW::new(&m.params, &tc).unwrap();
-        eng.store(&m.params, &mut opt2).unwrap();
+        eng.store_weights(&m.params).unwrap();
+        eng.store_optimizer(&m.params, &mut opt2).unwrap();
         let back = Engine::from_model(&cfg, &m.params, Some(&opt2), adam).unwrap();
         assert_eq!(back.params, eng.params);
         assert_eq!(back.m, eng.m);
