@@ -584,9 +584,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     1.0 / accum as f64,
                     micro > 0,
                 )?;
-                if !lv.is_finite() {
-                    return Err(diverged(out, step + 1, "loss", lv));
-                }
+                finite(out, step + 1, "loss", lv)?;
                 loss_sum += lv;
                 for (acc, l) in loads.iter_mut().zip(&e.loads) {
                     for (a, x) in acc.iter_mut().zip(l) {
@@ -597,23 +595,14 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let lm_loss = loss_sum / accum as f64;
             let orth_value = if cfg.reg.orth_lambda > 0.0 {
                 let v = e.add_orth_grad(cfg.reg.orth_lambda);
-                if !v.is_finite() {
-                    return Err(diverged(out, step + 1, "orthogonality loss", v));
-                }
+                finite(out, step + 1, "orthogonality loss", v)?;
                 Some(v)
             } else {
                 None
             };
             let gnorm = e.grad_norm();
-            if !gnorm.is_finite() {
-                return Err(diverged(out, step + 1, "gradient norm", gnorm));
-            }
-            let clip = if cfg.train.grad_clip > 0.0 && gnorm > cfg.train.grad_clip {
-                cfg.train.grad_clip / (gnorm + 1e-6)
-            } else {
-                1.0
-            };
-            e.adamw_step(lr, clip);
+            finite(out, step + 1, "gradient norm", gnorm)?;
+            e.adamw_step(lr, clip_scale(cfg.train.grad_clip, gnorm));
             let train_loss = lm_loss + cfg.reg.orth_lambda * orth_value.unwrap_or(0.0);
             (
                 lm_loss,
@@ -635,9 +624,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 let fwd = model.forward_with(&x, dispatch)?;
                 let lm = cross_entropy(&fwd.logits, &y.flatten_all()?)?;
                 let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !lv.is_finite() {
-                    return Err(diverged(out, step + 1, "loss", lv));
-                }
+                finite(out, step + 1, "loss", lv)?;
                 loss_sum += lv;
                 for (l, a) in fwd.aux.iter().enumerate() {
                     for (acc, &x) in loads[l].iter_mut().zip(&a.routed_load) {
@@ -648,9 +635,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                 }
                 let terms = reg::batch_terms(&cfg.reg, &fwd.aux, cfg.model.router_temperature)?;
                 for (name, v) in &terms.values {
-                    if !v.is_finite() {
-                        return Err(diverged(out, step + 1, name, *v));
-                    }
+                    finite(out, step + 1, name, *v)?;
                     *term_sums.entry(name).or_default() += v;
                 }
                 reg_sum += terms.weighted;
@@ -675,9 +660,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             let orth_value = if cfg.reg.orth_lambda > 0.0 {
                 let orth = measures::orth_loss(&model, orth_family)?;
                 let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !v.is_finite() {
-                    return Err(diverged(out, step + 1, "orthogonality loss", v));
-                }
+                finite(out, step + 1, "orthogonality loss", v)?;
                 accumulate(
                     &mut grads,
                     &model,
@@ -709,11 +692,9 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
                     .to_scalar::<f64>()?;
             }
             let gnorm = sq.sqrt();
-            if !gnorm.is_finite() {
-                return Err(diverged(out, step + 1, "gradient norm", gnorm));
-            }
-            if cfg.train.grad_clip > 0.0 && gnorm > cfg.train.grad_clip {
-                let s = cfg.train.grad_clip / (gnorm + 1e-6);
+            finite(out, step + 1, "gradient norm", gnorm)?;
+            let s = clip_scale(cfg.train.grad_clip, gnorm);
+            if s != 1.0 {
                 for g in grads.iter_mut().flatten() {
                     *g = (&*g * s)?;
                 }
@@ -896,6 +877,25 @@ fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result
         &out.join("analysis.json"),
         &serde_json::to_vec_pretty(&report).expect("json"),
     )
+}
+
+/// The divergence error (what, where, and which checkpoint is kept) unless
+/// `v` is finite.
+fn finite(out: &Path, step: usize, what: &str, v: f64) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(diverged(out, step, what, v))
+    }
+}
+
+/// The factor that brings the gradient norm down to `clip` (1 when off or not needed).
+fn clip_scale(clip: f64, gnorm: f64) -> f64 {
+    if clip > 0.0 && gnorm > clip {
+        clip / (gnorm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 fn diverged(out: &Path, step: usize, what: &str, v: f64) -> Error {
