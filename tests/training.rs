@@ -35,31 +35,42 @@ fn loss_falls_below_unigram_entropy_on_builtin_corpus() {
     assert!(d.path().join("run/config.json").is_file());
 }
 
+/// Trains `cfg` into `dir/a` without a break and into `dir/b` stopped after
+/// step 4, then (after `between(b)`) resumed; asserts that both end with the
+/// same weights, byte for byte, and returns (a, b).
+fn resumed_equals_uninterrupted(
+    cfg: &moescope::config::Config,
+    dir: &std::path::Path,
+    between: impl FnOnce(&std::path::Path),
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    train(cfg.clone(), &opts(&a)).unwrap();
+    let mut o = opts(&b);
+    o.stop_after = Some(4);
+    assert!(train(cfg.clone(), &o).is_err());
+    between(&b);
+    let mut o = opts(&b);
+    o.resume = true;
+    train(cfg.clone(), &o).unwrap();
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ from an uninterrupted run");
+    (a, b)
+}
+
 #[test]
 fn resume_is_bit_exact() {
     let d = tempfile::tempdir().unwrap();
     let mut cfg = common::micro_config(&d.path().join("cache"));
     cfg.train.grad_accum = 2; // accumulation is part of the state too
-    let a = d.path().join("a");
-    let b = d.path().join("b");
-    train(cfg.clone(), &opts(&a)).unwrap();
-
-    // Interrupted after step 4 (checkpoint at 3): the work of step 4 is lost.
-    let mut o = opts(&b);
-    o.stop_after = Some(4);
-    assert!(train(cfg.clone(), &o).is_err());
-    assert!(!b.join("model.safetensors").exists());
-    // A half-written checkpoint folder of a killed process is ignored, then cleaned up.
-    let stale = b.join("checkpoints/.step-0000006.tmp-999999");
-    std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join("model.safetensors"), b"garbage").unwrap();
-    let mut o = opts(&b);
-    o.resume = true;
-    train(cfg, &o).unwrap();
-
-    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
-    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
-    assert!(wa == wb, "resumed weights differ from an uninterrupted run");
+                              // Interrupted after step 4 (checkpoint at 3): the work of step 4 is lost.
+    let stale = d.path().join("b/checkpoints/.step-0000006.tmp-999999");
+    let (a, b) = resumed_equals_uninterrupted(&cfg, d.path(), |b| {
+        assert!(!b.join("model.safetensors").exists());
+        // A half-written checkpoint folder of a killed process is ignored, then cleaned up.
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("model.safetensors"), b"garbage").unwrap();
+    });
     assert!(
         !stale.exists(),
         "stale temporary checkpoint folder left behind"
@@ -144,17 +155,7 @@ fn resume_is_bit_exact_with_balancing_and_regularisers() {
     cfg.reg.aux_lambda = 0.01;
     cfg.reg.grad_lambda = 0.1;
     cfg.validate().unwrap();
-    let (a, b) = (d.path().join("a"), d.path().join("b"));
-    train(cfg.clone(), &opts(&a)).unwrap();
-    let mut o = opts(&b);
-    o.stop_after = Some(4);
-    assert!(train(cfg.clone(), &o).is_err());
-    let mut o = opts(&b);
-    o.resume = true;
-    train(cfg, &o).unwrap();
-    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
-    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
-    assert!(wa == wb, "resumed weights differ from an uninterrupted run");
+    let (a, b) = resumed_equals_uninterrupted(&cfg, d.path(), |_| {});
     let rows = |p: &std::path::Path| -> Vec<String> {
         metrics(p)
             .iter()
