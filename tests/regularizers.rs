@@ -184,11 +184,9 @@ fn z_loss_lowers_router_log_partition() {
 fn capacity_expert_choice_and_progressive_topk_train_and_log() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, cap) = run(tmp.path(), "cap", &[("model.capacity_factor", "1.0")]);
-    let rows = common::metrics(&cap);
-    let dropped: Vec<f64> = rows
+    let dropped: Vec<f64> = common::train_column(&cap, "dropped_frac")
         .iter()
-        .filter(|r| r["kind"] == "train")
-        .map(|r| r["dropped_frac"].as_f64().unwrap())
+        .map(|v| v.as_f64().unwrap())
         .collect();
     assert!(
         dropped.iter().all(|d| (0.0..1.0).contains(d)) && dropped.iter().any(|&d| d > 0.0),
@@ -209,11 +207,9 @@ fn capacity_expert_choice_and_progressive_topk_train_and_log() {
             ("model.top_k", "4"),
         ],
     );
-    let rows = common::metrics(&smoe);
-    let ks: Vec<u64> = rows
+    let ks: Vec<u64> = common::train_column(&smoe, "top_k")
         .iter()
-        .filter(|r| r["kind"] == "train")
-        .map(|r| r["top_k"].as_u64().unwrap())
+        .map(|v| v.as_u64().unwrap())
         .collect();
     assert!(
         ks.windows(2).all(|w| w[0] <= w[1]) && ks[0] < 4 && *ks.last().unwrap() == 4,

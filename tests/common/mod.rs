@@ -83,6 +83,15 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Column `key` of a run's `train` rows in metrics.jsonl.
+pub fn train_column(run: &Path, key: &str) -> Vec<serde_json::Value> {
+    metrics(run)
+        .into_iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r[key].clone())
+        .collect()
+}
+
 /// `moescope sweep SPEC --out OUT EXTRA...`, asserted to succeed.
 pub fn sweep(spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let o = std::process::Command::new(bin())
