@@ -184,7 +184,7 @@ fn fused_engine_follows_the_autodiff_training_curve() {
     cfg.train.eval_every = 0;
     cfg.train.checkpoint_every = 0;
     cfg.reg.orth_lambda = 0.05;
-    assert!(moescope::train::engine::unsupported(&cfg).is_none());
+    assert!(cfg.fused_engine_gap().is_none());
     let run = |engine: &str| {
         let mut c = cfg.clone();
         c.train.engine = engine.into();

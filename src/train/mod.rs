@@ -434,7 +434,9 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         n.ends_with(".balance_bias") || (router_frozen && n.ends_with(".router.weight"))
     });
     let (p_total, p_active) = cfg.model.param_counts();
-    let use_engine = cfg.train.engine != "autodiff" && engine::unsupported(&cfg).is_none();
+    // Why the fused engine cannot take this config (None: it can).
+    let engine_gap = cfg.fused_engine_gap();
+    let use_engine = cfg.train.engine != "autodiff" && engine_gap.is_none();
     let total_steps = cfg.train.total_steps(cfg.model.seq_len);
     let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len) as u64;
 
@@ -501,10 +503,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             String::new()
         },
     ));
-    say(&match (&eng, engine::unsupported(&cfg)) {
-        (Some(_), _) => "engine: fused CPU engine".to_string(),
-        (None, Some(why)) if cfg.train.engine == "auto" => format!("engine: autodiff ({why})"),
-        (None, _) => "engine: autodiff".to_string(),
+    say(&match (use_engine, engine_gap) {
+        (true, _) => "engine: fused CPU engine".to_string(),
+        (false, Some(why)) => format!("engine: autodiff ({why})"),
+        (false, None) => "engine: autodiff (train.engine = \"autodiff\")".to_string(),
     });
     say(&format!(
         "data: {} | tokenizer {} | train {} tokens, valid {} tokens | unigram entropy {:.3} nats",

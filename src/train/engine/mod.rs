@@ -6,7 +6,7 @@
 //! of every variant and regulariser. This engine covers the hot path of the
 //! study, top-k routed SiLU-MLP experts with optional L_orth on W_up, and the
 //! training loop uses it whenever a config needs nothing else
-//! ([`Engine::unsupported`] says what stands in the way otherwise;
+//! (`Config::fused_engine_gap` says what stands in the way otherwise;
 //! `train.engine = "autodiff"` forces the reference). What makes it fast:
 //!
 //! - every gradient buffer is *written* by the op that produces it (a GEMM
@@ -27,7 +27,7 @@
 pub mod gemm;
 pub mod kernels;
 
-use crate::config::{Config, ModelConfig};
+use crate::config::ModelConfig;
 use crate::model::params::ParamStore;
 use crate::train::optim::AdamW;
 use crate::{Error, Result};
@@ -382,11 +382,6 @@ fn split_ranges<'a, T>(mut buf: &'a mut [T], ranges: &[Range<usize>]) -> Vec<&'a
         base = r.end;
     }
     out
-}
-
-/// Why the engine cannot train `cfg`, or `None` when it can.
-pub fn unsupported(cfg: &Config) -> Option<&'static str> {
-    cfg.fused_engine_gap()
 }
 
 impl<T: Real> Engine<T> {
