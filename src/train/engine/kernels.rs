@@ -54,19 +54,31 @@ fn sigmoid<T: Real>(u: T) -> T {
 /// otherwise, so a plain loop would stay scalar).
 const LANES: usize = 16;
 
-/// Σ x.
+/// Σ f(x), in `LANES` independent partial sums.
 #[inline(always)]
-pub fn sum<T: Real>(x: &[T]) -> T {
+fn sum_map<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); LANES];
     let mut it = x.chunks_exact(LANES);
     for c in &mut it {
         for i in 0..LANES {
-            acc[i] = acc[i] + c[i];
+            acc[i] = acc[i] + f(c[i]);
         }
     }
     it.remainder()
         .iter()
-        .fold(acc.iter().copied().sum::<T>(), |s, &v| s + v)
+        .fold(acc.iter().copied().sum::<T>(), |s, &v| s + f(v))
+}
+
+/// Σ x.
+#[inline(always)]
+pub fn sum<T: Real>(x: &[T]) -> T {
+    sum_map(x, |v| v)
+}
+
+/// Σ (x − μ)².
+#[inline(always)]
+pub fn sum_sq_dev<T: Real>(x: &[T], mu: T) -> T {
+    sum_map(x, |v| (v - mu) * (v - mu))
 }
 
 /// Σ a·b.
@@ -85,23 +97,6 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         .zip(ib.remainder())
         .fold(T::zero(), |s, (&x, &y)| s + x * y);
     acc.iter().copied().sum::<T>() + tail
-}
-
-/// Σ (x − μ)².
-#[inline(always)]
-pub fn sum_sq_dev<T: Real>(x: &[T], mu: T) -> T {
-    let mut acc = [T::zero(); LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for i in 0..LANES {
-            acc[i] = acc[i] + (c[i] - mu) * (c[i] - mu);
-        }
-    }
-    it.remainder()
-        .iter()
-        .fold(acc.iter().copied().sum::<T>(), |s, &v| {
-            s + (v - mu) * (v - mu)
-        })
 }
 
 /// max x (−∞ for an empty slice; NaN if any is NaN).
