@@ -3,10 +3,12 @@
 //! Markov-chain tokens, full training steps (forward, backward, AdamW), the
 //! median step time after warm-up, model FLOPs = 6·active params + 12·L·d·T.
 
-use crate::config::ModelConfig;
+use crate::config::{Config, ModelConfig, RegConfig, TrainConfig};
+use crate::data::Batch;
 use crate::model::Gpt;
 use crate::train::engine::Engine;
 use crate::train::optim::AdamW;
+use crate::train::step::{adam_params, AutodiffStep, FusedStep, StepPlan, TrainStep};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -134,19 +136,37 @@ pub fn peer_sets(preset: &str) -> &'static [&'static str] {
     }
 }
 
-/// What takes the training steps.
-enum Stepper {
-    Fused(Box<Engine<f32>>),
-    Autodiff(Box<(Gpt, AdamW)>),
+/// The step under test: the fused engine (without the model it would hand
+/// back to, so that the peak memory is the step's) or the autodiff reference.
+fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> {
+    let model = Gpt::new(&o.model, DType::F32, &Device::Cpu, o.seed)?;
+    let cfg = Config {
+        model: o.model.clone(),
+        train: tc.clone(),
+        reg: RegConfig {
+            orth_lambda: o.orth_lambda,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if o.autodiff {
+        let opt = AdamW::new(&model.params, tc)?;
+        return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)?));
+    }
+    let eng = Engine::from_model(&o.model, &model.params, None, adam_params(&cfg))?;
+    drop(model);
+    Ok(Box::new(
+        FusedStep::new(eng, None).with_orth_lambda(o.orth_lambda),
+    ))
 }
 
 /// Run the benchmark on the CPU.
 pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
-    let dev = Device::Cpu;
     let cfg = &o.model;
-    let model = Gpt::new(cfg, DType::F32, &dev, o.seed)?;
-    let tc = crate::config::TrainConfig {
+    // The peer has no clipping: the benchmark step skips the gradient norm.
+    let tc = TrainConfig {
         lr: o.lr,
+        grad_clip: 0.0,
         ..Default::default()
     };
     let mut data = Markov::new(cfg.vocab_size, o.seed);
@@ -160,67 +180,35 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let adam = crate::train::engine::AdamParams {
-        beta1: tc.beta1,
-        beta2: tc.beta2,
-        eps: tc.eps,
-        weight_decay: tc.weight_decay,
-    };
-    // The engine copies the weights and the model is dropped: the peak memory
-    // is that of the step (training also keeps the model for evaluation).
-    let mut stepper = if o.autodiff {
-        let opt = AdamW::new(&model.params, &tc)?;
-        Stepper::Autodiff(Box::new((model, opt)))
-    } else {
-        let eng = Engine::from_model(cfg, &model.params, None, adam)?;
-        drop(model);
-        Stepper::Fused(Box::new(eng))
+    let mut stepper = bench_step(o, &tc)?;
+    let plan = StepPlan {
+        lr: o.lr,
+        top_k: cfg.top_k,
+        grad_clip: 0.0,
+        grad_norm: false,
     };
     for step in 0..o.steps {
-        let (x, y) = data.batch(o.batch, t);
-        let t0 = Instant::now();
-        let c0 = cpu_seconds();
-        let (t1, t2);
-        match &mut stepper {
-            Stepper::Fused(eng) => {
-                if step == o.warmup {
-                    eng.profile.sections.clear();
-                }
-                ce = eng.forward_backward(&x, &y, o.batch, t, 1.0, false)?;
-                if o.orth_lambda > 0.0 {
-                    eng.add_orth_grad(o.orth_lambda);
-                }
-                t1 = t0 + std::time::Duration::from_secs_f64(eng.last_forward_s);
-                t2 = Instant::now();
-                eng.adamw_step(o.lr, 1.0);
-            }
-            Stepper::Autodiff(pair) => {
-                let (model, opt) = &mut **pair;
-                let x = Tensor::from_vec(x, (o.batch, t), &dev)?;
-                let y = Tensor::from_vec(y, (o.batch, t), &dev)?;
-                let mut loss = model.loss(&x, &y)?;
-                if o.orth_lambda > 0.0 {
-                    let orth = crate::measures::orth_loss(model, crate::measures::Family::Up)?;
-                    loss = (loss + (orth * o.orth_lambda)?)?;
-                }
-                t1 = Instant::now();
-                let grads = loss.backward()?;
-                t2 = Instant::now();
-                let g: Vec<Option<Tensor>> = model
-                    .params
-                    .vars()
-                    .iter()
-                    .map(|v| grads.get(v.as_tensor()).cloned())
-                    .collect();
-                opt.step(&model.params, &g, o.lr)?;
-                ce = loss.to_scalar::<f32>()? as f64;
+        let (inputs, targets) = data.batch(o.batch, t);
+        let batch = Batch {
+            inputs,
+            targets,
+            b: o.batch,
+            t,
+        };
+        if step == o.warmup {
+            if let Some(p) = stepper.profile() {
+                p.sections.clear();
             }
         }
+        let t0 = Instant::now();
+        let c0 = cpu_seconds();
+        let stats = stepper.step(std::slice::from_ref(&batch), &plan)?;
+        ce = stats.lm_loss;
         let dt = t0.elapsed().as_secs_f64();
         if step >= o.warmup {
-            phases[0].push((t1 - t0).as_secs_f64());
-            phases[1].push((t2 - t1).as_secs_f64());
-            phases[2].push(t2.elapsed().as_secs_f64());
+            phases[0].push(stats.phases.forward_s);
+            phases[1].push(stats.phases.backward_s);
+            phases[2].push(stats.phases.optimizer_s);
             times.push(dt);
             utils.push((cpu_seconds() - c0) / dt);
         }
@@ -264,16 +252,15 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
             median(&mut phases[1]),
             median(&mut phases[2]),
         ],
-        sections_ms: match &stepper {
-            Stepper::Fused(eng) => eng
-                .profile
+        sections_ms: match stepper.profile() {
+            Some(p) => p
                 .sections
                 .iter()
                 .map(|(n, s)| (n.to_string(), s * 1e3 / timed as f64))
                 .collect(),
-            Stepper::Autodiff(..) => Vec::new(),
+            None => Vec::new(),
         },
-        engine: if o.autodiff { "autodiff" } else { "fused" },
+        engine: stepper.name(),
         gemm_ceiling_gflops: ceiling,
         ceiling_share: fpt * tps / 1e9 / ceiling,
         peak_rss_mb,

@@ -34,6 +34,12 @@ pub enum Error {
     #[error("{0}")]
     Diverged(String),
 
+    /// A loss or gradient norm is not finite (raised by a training step;
+    /// the training loop turns it into [`Error::Diverged`] with the step and
+    /// the checkpoint kept).
+    #[error("{what} is {value}")]
+    NonFinite { what: String, value: f64 },
+
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -27,9 +27,10 @@
 //! every step b_e ← b_e + γ · sign(mean load − load_e).
 
 use crate::config::RegConfig;
-use crate::measures::gram_penalty;
+use crate::measures::{gram_penalty, Family};
 use crate::model::layers::cross_entropy_rows_composed;
 use crate::model::moe::MoeAux;
+use crate::model::Gpt;
 use crate::Result;
 use candle_core::{DType, Tensor, Var, D};
 use std::collections::BTreeMap;
@@ -293,6 +294,63 @@ pub fn loss_free_update(bias: &Var, load: &[u64], gamma: f64) -> Result<()> {
     let delta = Tensor::new(delta.as_slice(), bias.device())?.to_dtype(bias.dtype())?;
     bias.set(&(bias.as_tensor() + delta)?)?;
     Ok(())
+}
+
+/// Gradient-space orthogonality: replace each MoE layer's expert
+/// gradients of `family` by their turned versions; returns the mean P over layers.
+pub fn apply_grad_orth(
+    model: &Gpt,
+    grads: &mut [Option<Tensor>],
+    family: Family,
+    lambda: f64,
+) -> Result<f64> {
+    let mut total = 0.0;
+    let mut layers = 0usize;
+    for (l, moe) in model.moe_layers() {
+        let e_n = moe.n_experts();
+        let p = format!("layers.{l}.moe");
+        if family == Family::Router {
+            // The experts' directions are the router's rows.
+            let Some(i) = model.params.position(&format!("{p}.router.weight")) else {
+                continue;
+            };
+            let Some(g) = grads[i].clone() else { continue };
+            let rows: Vec<Tensor> = (0..e_n)
+                .map(|e| g.narrow(0, e, 1))
+                .collect::<candle_core::Result<_>>()?;
+            let (v, turned) = grad_orth_step(&rows, lambda)?;
+            grads[i] = Some(Tensor::cat(&turned, 0)?);
+            total += v;
+            layers += 1;
+            continue;
+        }
+        let which = family.name();
+        let ids: Option<Vec<usize>> = (0..e_n)
+            .map(|e| {
+                model
+                    .params
+                    .position(&format!("{p}.experts.{e}.{which}.weight"))
+            })
+            .collect();
+        let Some(ids) = ids else { continue };
+        // Experts without gradient this step count as zero and are left out.
+        let gs: Vec<Tensor> = ids
+            .iter()
+            .map(|&i| match &grads[i] {
+                Some(g) => Ok(g.clone()),
+                None => model.params.vars()[i].as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let (v, turned) = grad_orth_step(&gs, lambda)?;
+        for (&i, g) in ids.iter().zip(turned) {
+            if grads[i].is_some() {
+                grads[i] = Some(g);
+            }
+        }
+        total += v;
+        layers += 1;
+    }
+    Ok(total / layers.max(1) as f64)
 }
 
 #[cfg(test)]
