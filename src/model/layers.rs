@@ -2,7 +2,7 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no
 //! backward pass and silently stop gradients, so everything here is built
-//! from elementary ops that do (tested in `tests/gradients.rs`).
+//! from ops that do (gradients tested in `tests/model_gradients.rs`).
 
 use super::params::ParamStore;
 use crate::Result;
