@@ -25,6 +25,7 @@ pub mod fsutil;
 pub mod hf;
 pub mod measures;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod report;
 pub mod train;

@@ -407,7 +407,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Analyze(a) => cmd_analyze(a),
         Cmd::Sweep(a) => cmd_sweep(a),
         Cmd::Report { dir } => {
-            let f = moescope::report::write_report(&SweepDir(dir))?;
+            let f = moescope::report::write_sweep_report(&SweepDir(dir))?;
             eprintln!("report: {}", f.markdown.display());
             println!("{}", f.html.display());
             Ok(())
@@ -959,7 +959,7 @@ fn run_sweep(
             c.done, c.skipped, c.failed
         );
     }
-    let f = moescope::report::write_report(&dir)?;
+    let f = moescope::report::write_sweep_report(&dir)?;
     eprintln!(
         "results: {} and {}",
         dir.0.join("results.csv").display(),
