@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod fused;
 pub mod layers;
+pub mod layout;
 pub mod moe;
 pub mod params;
 
