@@ -215,3 +215,126 @@ impl<S> ModelLayout<S> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Routing;
+
+    /// The tensor names of FORMAT.md's weights table, `{l}`/`{e}` kept,
+    /// `.bias`-style suffixes and `{a,b}` alternatives expanded.
+    fn documented_names() -> Vec<String> {
+        let doc = include_str!("../../FORMAT.md");
+        let table = doc
+            .split("## Weights")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("FORMAT.md has a weights section");
+        let mut out: Vec<String> = Vec::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let first_cell = row.split('|').nth(1).unwrap_or("");
+            for tok in first_cell.split('`').skip(1).step_by(2) {
+                let full = match tok.strip_prefix('.') {
+                    // `.bias` after `x.weight`: the same tensor path, another leaf.
+                    Some(leaf) => {
+                        let prev = out.last().expect("a suffix follows a name");
+                        format!("{}.{leaf}", prev.rsplit_once('.').unwrap().0)
+                    }
+                    None => tok.to_string(),
+                };
+                out.extend(expand(&full));
+            }
+        }
+        out
+    }
+
+    /// `a.{x,y}.b` → `a.x.b`, `a.y.b` (placeholders like `{l}` stay).
+    fn expand(name: &str) -> Vec<String> {
+        let Some(open) = name.find(|c| c == '{').filter(|&i| name[i..].contains(',')) else {
+            return vec![name.to_string()];
+        };
+        let close = open + name[open..].find('}').unwrap();
+        let (head, alts, tail) = (&name[..open], &name[open + 1..close], &name[close + 1..]);
+        if !alts.contains(',') {
+            let rest = expand(tail);
+            return rest
+                .iter()
+                .map(|r| format!("{head}{{{alts}}}{r}"))
+                .collect();
+        }
+        alts.split(',')
+            .flat_map(|a| expand(&format!("{head}{a}{tail}")))
+            .collect()
+    }
+
+    /// `layers.3.moe.experts.5.up.weight` → `layers.{l}.moe.experts.{e}.up.weight`.
+    fn pattern(name: &str) -> String {
+        let parts: Vec<&str> = name.split('.').collect();
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let numeric = p.chars().all(|c| c.is_ascii_digit());
+            out.push(match (numeric, i.checked_sub(1).map(|j| parts[j])) {
+                (true, Some("layers")) => "{l}".to_string(),
+                (true, Some("experts")) => "{e}".to_string(),
+                _ => p.to_string(),
+            });
+        }
+        out.join(".")
+    }
+
+    /// Every tensor any config creates is in FORMAT.md's table, and every
+    /// name in the table is created by some config.
+    #[test]
+    fn format_md_lists_exactly_the_layout_names() {
+        let documented = documented_names();
+        let mut seen = std::collections::BTreeSet::new();
+        for (bias, expert, moe_every, balance) in [
+            (true, ExpertKind::Mlp, 1, false),
+            (false, ExpertKind::Swiglu, 2, true),
+            (true, ExpertKind::Swiglu, 2, false),
+        ] {
+            let cfg = ModelConfig {
+                vocab_size: 11,
+                n_layer: 2,
+                bias,
+                expert,
+                moe_every,
+                balance_bias: balance,
+                routing: Routing::Topk,
+                ..Default::default()
+            };
+            for p in ModelLayout::new(&cfg).params() {
+                let pat = pattern(&p.name);
+                assert!(
+                    documented.contains(&pat),
+                    "{} ({pat}) is not in FORMAT.md",
+                    p.name
+                );
+                seen.insert(pat);
+            }
+        }
+        for d in &documented {
+            assert!(seen.contains(d), "FORMAT.md lists {d}, which no model has");
+        }
+    }
+
+    /// The layout is what `Gpt::new` creates (names, shapes, order).
+    #[test]
+    fn the_model_creates_the_layout() {
+        let cfg = ModelConfig {
+            vocab_size: 11,
+            n_layer: 3,
+            moe_every: 2,
+            expert: ExpertKind::Swiglu,
+            ..Default::default()
+        };
+        let m = crate::model::Gpt::new(&cfg, candle_core::DType::F32, &candle_core::Device::Cpu, 0)
+            .unwrap();
+        let layout = ModelLayout::new(&cfg);
+        let specs = layout.params();
+        assert_eq!(m.params.names().len(), specs.len());
+        for ((name, var), spec) in m.params.names().iter().zip(m.params.vars()).zip(specs) {
+            assert_eq!((name, var.dims()), (&spec.name, spec.shape.as_slice()));
+        }
+    }
+}

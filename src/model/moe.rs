@@ -418,6 +418,9 @@ pub fn capacity(cf: f64, n: usize, k: usize, e: usize) -> usize {
 /// Per row of a row-major (n × e) matrix, the indices of the `k` largest
 /// values, largest first; ties go to the lower index ([`crate::kernels::top_k`]).
 pub fn top_k_rows(p: &[f32], e: usize, k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
     let mut out = vec![0; p.len() / e * k];
     for (row, sel) in p.chunks_exact(e).zip(out.chunks_exact_mut(k)) {
         crate::kernels::top_k(row, sel);
