@@ -4,11 +4,11 @@
 use super::attention::attention_backward;
 use super::buffers::{BlockActs, Scratch};
 use super::dispatch::{combine_backward, experts_backward, gather_backward, ExpertActs};
-use super::layers::{embed_backward, linear_backward, lm_head_backward};
+use super::layers::{affine_backward, embed_backward, lm_head_backward, norm_backward};
 use super::router::router_backward;
 use super::{moe, moe_mut, split_by_index, Dims, Engine, Profile};
-use crate::kernels::{layer_norm_backward, Real};
-use crate::model::layout::BlockLayout;
+use crate::kernels::Real;
+use crate::model::layout::{Affine, BlockLayout};
 
 impl<T: Real> Engine<T> {
     /// Gradients from ∂L/∂logits (in `bufs.logits`) back to the embeddings.
@@ -28,15 +28,14 @@ impl<T: Real> Engine<T> {
         );
         s.dx.fill(T::zero()); // ln_f's backward adds into it
         prof.lap("lm_head_bwd");
-        layer_norm_backward(
+        let lnf_stats = (&bufs.lnf_mean[..], &bufs.lnf_rstd[..]);
+        norm_backward(
             &s.dh,
             &bufs.xf,
-            &bufs.lnf_mean,
-            &bufs.lnf_rstd,
-            w.ln_f.weight,
+            lnf_stats,
+            &w.ln_f,
+            &mut g.ln_f,
             &mut s.dx,
-            g.ln_f.weight,
-            g.ln_f.bias,
             acc,
         );
         prof.lap("ln_bwd");
@@ -63,15 +62,8 @@ fn block_backward<T: Real>(
 ) {
     let (n, d, e) = (dims.n, dims.d, dims.e);
     // MoE. s.dx = ∂L/∂x_next, which is also ∂L/∂xm through the residual.
-    combine_backward(
-        &mut s.dye,
-        &mut s.dgate_row,
-        &s.dx,
-        &a.ye,
-        &a.gates,
-        &a.slot_of,
-        dims,
-    );
+    let (dye, dgate) = (&mut s.dye, &mut s.dgate_row);
+    combine_backward(dye, dgate, &s.dx, &a.ye, &a.gates, &a.slot_of, dims);
     prof.lap("combine_bwd");
     let ((router_w, experts_w), (router_g, experts_g)) = (moe(&w.ffn), moe_mut(&mut g.ffn));
     let fwd = ExpertActs {
@@ -80,9 +72,8 @@ fn block_backward<T: Real>(
         u: &a.u,
         a: &a.a,
     };
-    experts_backward(
-        experts_w, experts_g, fwd, &s.dye, &mut s.da, &mut s.dxe, dims, acc,
-    );
+    let (da, dxe) = (&mut s.da, &mut s.dxe);
+    experts_backward(experts_w, experts_g, fwd, &s.dye, da, dxe, dims, acc);
     prof.lap("experts_bwd");
     let dl = &mut s.dlogit_r;
     router_backward(
@@ -96,84 +87,56 @@ fn block_backward<T: Real>(
     );
     // dh2 = Σ_slots dxe[row] + dlogit·W_r;  dW_r = dlogitᵀ·h2
     gather_backward(&mut s.dh, &s.dxe, &a.row_of, dims);
-    let dh = Some(&mut s.dh[..]);
-    linear_backward(
+    let router_w = Affine {
+        weight: *router_w,
+        bias: None,
+    };
+    let mut router_g = Affine {
+        weight: &mut **router_g,
+        bias: None,
+    };
+    let dh = &mut s.dh;
+    affine_backward(
         dl,
         &a.h2,
-        router_w,
-        router_g,
-        None,
+        &router_w,
+        &mut router_g,
         dh,
         (n, d, e),
         acc,
         true,
     );
-    let (ln2w, ln2g) = (&w.ln2, &mut g.ln2);
-    let (mean, rstd) = (&a.ln2_mean, &a.ln2_rstd);
-    let db = ln2g.bias.as_deref_mut();
-    layer_norm_backward(
-        &s.dh,
-        &a.xm,
-        mean,
-        rstd,
-        ln2w.weight,
-        &mut s.dx,
-        ln2g.weight,
-        db,
-        acc,
-    );
+    let ln2_stats = (&a.ln2_mean[..], &a.ln2_rstd[..]);
+    norm_backward(&s.dh, &a.xm, ln2_stats, &w.ln2, &mut g.ln2, &mut s.dx, acc);
     prof.lap("router_ln_bwd");
     // Attention. s.dx = ∂L/∂xm = ∂L/∂x through the residual.
-    let (pw, pg) = (&w.proj, &mut g.proj);
-    let (db, dy) = (pg.bias.as_deref_mut(), Some(&mut s.dy[..]));
-    linear_backward(
+    let dy = &mut s.dy;
+    affine_backward(
         &s.dx,
         &a.ya,
-        pw.weight,
-        pg.weight,
-        db,
+        &w.proj,
+        &mut g.proj,
         dy,
         (n, d, d),
         acc,
         false,
     );
     prof.lap("proj_bwd");
-    attention_backward(
-        &a.qkv,
-        &a.att,
-        &s.dy,
-        &mut s.dhead,
-        &mut s.datt,
-        &mut s.dqkv,
-        dims,
-    );
+    let (dhead, datt, dqkv) = (&mut s.dhead, &mut s.datt, &mut s.dqkv);
+    attention_backward(&a.qkv, &a.att, &s.dy, dhead, datt, dqkv, dims);
     prof.lap("attention_bwd");
-    let (qw, qg) = (&w.qkv, &mut g.qkv);
-    let (db, dh) = (qg.bias.as_deref_mut(), Some(&mut s.dh[..]));
-    linear_backward(
+    let dh = &mut s.dh;
+    affine_backward(
         &s.dqkv,
         &a.h1,
-        qw.weight,
-        qg.weight,
-        db,
+        &w.qkv,
+        &mut g.qkv,
         dh,
         (n, d, 3 * d),
         acc,
         false,
     );
-    let (ln1w, ln1g) = (&w.ln1, &mut g.ln1);
-    let (mean, rstd) = (&a.ln1_mean, &a.ln1_rstd);
-    let db = ln1g.bias.as_deref_mut();
-    layer_norm_backward(
-        &s.dh,
-        &a.x,
-        mean,
-        rstd,
-        ln1w.weight,
-        &mut s.dx,
-        ln1g.weight,
-        db,
-        acc,
-    );
+    let ln1_stats = (&a.ln1_mean[..], &a.ln1_rstd[..]);
+    norm_backward(&s.dh, &a.x, ln1_stats, &w.ln1, &mut g.ln1, &mut s.dx, acc);
     prof.lap("qkv_ln_bwd");
 }

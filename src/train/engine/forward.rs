@@ -4,14 +4,11 @@
 use super::attention::attention_forward;
 use super::buffers::{BlockActs, Scratch};
 use super::dispatch::{combine, experts_forward, gather, plan};
-use super::layers::{embed_forward, linear, lm_head_forward, residual_linear};
+use super::layers::{embed_forward, linear, lm_head_forward, norm_forward, residual_linear};
 use super::router::router_forward;
 use super::{moe, Dims, Engine, Profile};
-use crate::kernels::{layer_norm, Real};
+use crate::kernels::Real;
 use crate::model::layout::BlockLayout;
-
-/// LayerNorm's eps (PyTorch's default; FORMAT.md).
-pub(super) const LN_EPS: f64 = 1e-5;
 
 impl<T: Real> Engine<T> {
     /// Logits of `tokens` into `bufs.logits`, every activation kept.
@@ -44,15 +41,8 @@ impl<T: Real> Engine<T> {
             );
         }
         let b = &mut *bufs;
-        layer_norm(
-            &b.xf,
-            w.ln_f.weight,
-            w.ln_f.bias,
-            LN_EPS,
-            &mut b.lnf_out,
-            &mut b.lnf_mean,
-            &mut b.lnf_rstd,
-        );
+        let lnf_stats = (&mut b.lnf_mean[..], &mut b.lnf_rstd[..]);
+        norm_forward(&b.xf, &w.ln_f, &mut b.lnf_out, lnf_stats);
         prof.lap("ln");
         lm_head_forward(&mut b.logits, &b.lnf_out, w.wte, dims);
         prof.lap("lm_head");
@@ -73,16 +63,9 @@ fn block_forward<T: Real>(
 ) {
     let (n, d, e) = (dims.n, dims.d, dims.e);
     // Attention: h1 = ln1(x); qkv = h1·W_qkvᵀ + b; xm = x + attn·W_projᵀ + b
-    let (ln1, qkv) = (&w.ln1, &w.qkv);
-    layer_norm(
-        &a.x,
-        ln1.weight,
-        ln1.bias,
-        LN_EPS,
-        &mut a.h1,
-        &mut a.ln1_mean,
-        &mut a.ln1_rstd,
-    );
+    let ln1_stats = (&mut a.ln1_mean[..], &mut a.ln1_rstd[..]);
+    norm_forward(&a.x, &w.ln1, &mut a.h1, ln1_stats);
+    let qkv = &w.qkv;
     linear(&mut a.qkv, &a.h1, qkv.weight, qkv.bias, n, d, 3 * d);
     prof.lap("ln_qkv");
     attention_forward(&a.qkv, &mut a.att, &mut s.yhead, &mut a.ya, dims);
@@ -91,25 +74,16 @@ fn block_forward<T: Real>(
     prof.lap("proj");
     // MoE: h2 = ln2(xm); p = softmax(h2·W_rᵀ); top-k; gates
     let (router, experts) = moe(&w.ffn);
-    let ln2 = &w.ln2;
-    layer_norm(
-        &a.xm,
-        ln2.weight,
-        ln2.bias,
-        LN_EPS,
-        &mut a.h2,
-        &mut a.ln2_mean,
-        &mut a.ln2_rstd,
-    );
+    let ln2_stats = (&mut a.ln2_mean[..], &mut a.ln2_rstd[..]);
+    norm_forward(&a.xm, &w.ln2, &mut a.h2, ln2_stats);
     linear(&mut a.probs, &a.h2, router, None, n, d, e);
     router_forward(&mut a.probs, &mut a.sel, &mut a.gates, dims, norm_topk);
     prof.lap("ln_router");
     plan(&a.sel, &mut a.offsets, &mut a.row_of, &mut a.slot_of, loads);
     gather(&mut a.xe, &a.h2, &a.slot_of, dims);
     prof.lap("dispatch");
-    experts_forward(
-        experts, &a.offsets, &a.xe, &mut a.u, &mut a.a, &mut a.ye, dims,
-    );
+    let (u, act, ye) = (&mut a.u, &mut a.a, &mut a.ye);
+    experts_forward(experts, &a.offsets, &a.xe, u, act, ye, dims);
     prof.lap("experts");
     combine(x_next, &a.xm, &a.ye, &a.gates, &a.row_of, dims);
     prof.lap("combine");

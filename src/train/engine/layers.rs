@@ -4,8 +4,12 @@
 
 use super::Dims;
 use crate::kernels::gemm::{matmul, Par, View};
-use crate::kernels::Real;
+use crate::kernels::{layer_norm, layer_norm_backward, Real};
+use crate::model::layout::Affine;
 use rayon::prelude::*;
+
+/// LayerNorm's eps (PyTorch's default; FORMAT.md).
+const LN_EPS: f64 = 1e-5;
 
 /// x = wte[token] + wpe[position], rows of `d`; position = row mod `t`.
 pub(super) fn embed_forward<T: Real>(
@@ -151,6 +155,49 @@ pub(super) fn linear_backward<T: Real>(
     if let Some(dx) = dx {
         matmul(dx, i, dyv, View::new(w, o, i), dx_acc, Par::Pool);
     }
+}
+
+/// [`linear_backward`] of a layout layer into its gradients `g`, dx written
+/// (added with `dx_acc`); `dims` = (n, in, out).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn affine_backward<T: Real>(
+    dy: &[T],
+    x: &[T],
+    w: &Affine<&[T]>,
+    g: &mut Affine<&mut [T]>,
+    dx: &mut [T],
+    dims: (usize, usize, usize),
+    acc: bool,
+    dx_acc: bool,
+) {
+    let db = g.bias.as_deref_mut();
+    linear_backward(dy, x, w.weight, g.weight, db, Some(dx), dims, acc, dx_acc);
+}
+
+/// LayerNorm of the rows of `x` with a layout layer's gain and shift; each
+/// row's mean and 1/σ kept in `stats` for [`norm_backward`].
+pub(super) fn norm_forward<T: Real>(
+    x: &[T],
+    w: &Affine<&[T]>,
+    y: &mut [T],
+    stats: (&mut [T], &mut [T]),
+) {
+    layer_norm(x, w.weight, w.bias, LN_EPS, y, stats.0, stats.1);
+}
+
+/// Backward of [`norm_forward`]: dx += ∂L/∂x; gain and shift gradients
+/// written (added with `acc`).
+pub(super) fn norm_backward<T: Real>(
+    dy: &[T],
+    x: &[T],
+    stats: (&[T], &[T]),
+    w: &Affine<&[T]>,
+    g: &mut Affine<&mut [T]>,
+    dx: &mut [T],
+    acc: bool,
+) {
+    let db = g.bias.as_deref_mut();
+    layer_norm_backward(dy, x, stats.0, stats.1, w.weight, dx, g.weight, db, acc);
 }
 
 /// Rows of `src` (rows × cols) summed into `dst` (cols): written, or added with `acc`.
