@@ -250,7 +250,7 @@ mod tests {
 
     /// `a.{x,y}.b` → `a.x.b`, `a.y.b` (placeholders like `{l}` stay).
     fn expand(name: &str) -> Vec<String> {
-        let Some(open) = name.find(|c| c == '{').filter(|&i| name[i..].contains(',')) else {
+        let Some(open) = name.find('{').filter(|&i| name[i..].contains(',')) else {
             return vec![name.to_string()];
         };
         let close = open + name[open..].find('}').unwrap();
