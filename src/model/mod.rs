@@ -13,6 +13,7 @@ pub mod fused;
 pub mod layers;
 pub mod moe;
 pub mod params;
+pub mod sample;
 
 use crate::config::{ExpertKind, ModelConfig};
 use crate::{Error, Result};

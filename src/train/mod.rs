@@ -6,7 +6,7 @@ pub mod optim;
 pub mod reg;
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{Config, Routing};
+use crate::config::{Activation, Config, EngineChoice, ExpertKind, Routing};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
@@ -404,9 +404,62 @@ fn apply_grad_orth(
     Ok(total / layers.max(1) as f64)
 }
 
+/// What in `cfg` the fused CPU training engine ([`engine`]) does not cover,
+/// or `None` when it covers it all. (Moved here from `Config`: the engine's
+/// coverage is the engine's to say.)
+pub fn fused_engine_gap(cfg: &Config) -> Option<&'static str> {
+let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
+    let checks: [(bool, &str); 14] = [
+        (m.routing != Routing::Topk, "model.routing is not topk"),
+        (m.expert != ExpertKind::Mlp, "model.expert is not mlp"),
+        (
+            m.activation != Activation::Silu,
+            "model.activation is not silu",
+        ),
+        (m.moe_every != 1, "model.moe_every is not 1 (dense layers)"),
+        (
+            m.router_temperature != 1.0,
+            "model.router_temperature is not 1",
+        ),
+        (m.capacity_factor > 0.0, "model.capacity_factor is set"),
+        (m.router_frozen, "model.router_frozen is set"),
+        (
+            m.balance_bias || r.loss_free_gamma > 0.0,
+            "loss-free balancing is on",
+        ),
+        (t.topk_start > 0, "train.topk_start is set"),
+        (t.device != "cpu", "train.device is not cpu"),
+        (
+            r.orth_lambda > 0.0 && r.orth_family != Family::Up,
+            "reg.orth_family is not up",
+        ),
+        (r.grad_lambda > 0.0, "reg.grad_lambda is set"),
+        (
+            r.act_lambda != 0.0
+                || r.contrastive_lambda != 0.0
+                || r.entropy_lambda != 0.0
+                || r.token_entropy_lambda != 0.0,
+            "an activation or routing regulariser is on",
+        ),
+        (
+            r.aux_lambda != 0.0 || r.z_lambda != 0.0,
+            "reg.aux_lambda or reg.z_lambda is set",
+        ),
+    ];
+    checks.iter().find(|(bad, _)| *bad).map(|(_, why)| *why)
+}
+
 /// Train a model as `cfg` says, into `opts.out`.
 pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut cfg = cfg;
+    if cfg.train.engine == EngineChoice::Fused {
+        if let Some(why) = fused_engine_gap(&cfg) {
+            return Err(Error::config(
+                "train.engine",
+                format!("the fused engine cannot train this config: {why}; use \"auto\" or \"autodiff\""),
+            ));
+        }
+    }
     let out = &opts.out;
     prepare_run_dir(out, opts.resume)?;
     let say = |s: &str| {
@@ -435,8 +488,8 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     });
     let (p_total, p_active) = cfg.model.param_counts();
     // Why the fused engine cannot take this config (None: it can).
-    let engine_gap = cfg.fused_engine_gap();
-    let use_engine = cfg.train.engine != "autodiff" && engine_gap.is_none();
+    let engine_gap = fused_engine_gap(&cfg);
+    let use_engine = cfg.train.engine != EngineChoice::Autodiff && engine_gap.is_none();
     let total_steps = cfg.train.total_steps(cfg.model.seq_len);
     let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len) as u64;
 
@@ -538,13 +591,8 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     };
 
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
-    let orth_family = Family::parse(&cfg.reg.orth_family, "reg.orth_family")?;
-    let measure_families: Vec<Family> = cfg
-        .measure
-        .families
-        .iter()
-        .map(|f| Family::parse(f, "measure.families"))
-        .collect::<Result<_>>()?;
+    let orth_family = cfg.reg.orth_family;
+    let measure_families: Vec<Family> = cfg.measure.families.clone();
     let measure_spec = Some(MeasureSpec {
         tokens: cfg.measure.tokens,
         seed: cfg.measure.seed,
@@ -554,7 +602,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let elapsed0 = state.elapsed_s;
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
-    let grad_family = Family::parse(&cfg.reg.grad_family, "reg.grad_family")?;
+    let grad_family = cfg.reg.grad_family;
     let dispatch = Dispatch {
         capture: false,
         train: true,
@@ -847,16 +895,12 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
 /// written to `RUN/analysis.json`.
 fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result<()> {
     use crate::measures::analyze::{analyze_with, GeometryOptions, Source};
-    use crate::measures::jacobian::JacobianMode;
-    use crate::measures::subspace::RankRule;
     let n = cfg.measure.analysis_tokens.min(ds.valid.len());
     let mut toks = Vec::with_capacity(n);
     ds.valid.extend_into(&mut toks, 0, n);
     let geo = GeometryOptions {
-        jacobian: JacobianMode::parse(&cfg.measure.jacobian)
-            .map_err(|e| Error::config("measure.jacobian", e))?,
-        subspace: RankRule::parse(&cfg.measure.subspace)
-            .map_err(|e| Error::config("measure.subspace", e))?,
+        jacobian: cfg.measure.jacobian,
+        subspace: cfg.measure.subspace,
         seed: cfg.measure.seed,
         ..Default::default()
     };
