@@ -408,7 +408,7 @@ fn apply_grad_orth(
 /// or `None` when it covers it all. (Moved here from `Config`: the engine's
 /// coverage is the engine's to say.)
 pub fn fused_engine_gap(cfg: &Config) -> Option<&'static str> {
-let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
+    let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
     let checks: [(bool, &str); 14] = [
         (m.routing != Routing::Topk, "model.routing is not topk"),
         (m.expert != ExpertKind::Mlp, "model.expert is not mlp"),
