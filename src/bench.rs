@@ -151,7 +151,7 @@ fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> 
     };
     if o.autodiff {
         let opt = AdamW::new(&model.params, tc)?;
-        return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)?));
+        return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)));
     }
     let eng = Engine::from_model(&o.model, &model.params, None, adam_params(&cfg))?;
     drop(model);

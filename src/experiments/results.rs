@@ -198,9 +198,9 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
         }
     };
     for (name, v, extra) in [
-        ("orth", r.orth_lambda, fam(&r.orth_family)),
+        ("orth", r.orth_lambda, fam(r.orth_family.name())),
         ("act", r.act_lambda, String::new()),
-        ("grad", r.grad_lambda, fam(&r.grad_family)),
+        ("grad", r.grad_lambda, fam(r.grad_family.name())),
         ("contrastive", r.contrastive_lambda, String::new()),
         ("entropy", r.entropy_lambda, String::new()),
         ("token-entropy", r.token_entropy_lambda, String::new()),

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod layout;
 pub mod moe;
 pub mod params;
+pub mod sample;
 
 use crate::config::{ExpertKind, ModelConfig};
 use crate::{Error, Result};

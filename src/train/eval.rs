@@ -186,16 +186,11 @@ fn captured_measures(accs: &[LayerAccumulator], up: &[Option<f64>]) -> CapturedM
 /// written to `RUN/analysis.json`.
 pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result<()> {
     use crate::measures::analyze::{analyze_with, GeometryOptions, Source};
-    use crate::measures::jacobian::JacobianMode;
-    use crate::measures::subspace::RankRule;
     let n = cfg.measure.analysis_tokens.min(ds.valid.len());
-    let mut toks = Vec::with_capacity(n);
-    ds.valid.extend_into(&mut toks, 0, n);
+    let toks = data::analysis_tokens(&ds.valid, n);
     let geo = GeometryOptions {
-        jacobian: JacobianMode::parse(&cfg.measure.jacobian)
-            .map_err(|e| Error::config("measure.jacobian", e))?,
-        subspace: RankRule::parse(&cfg.measure.subspace)
-            .map_err(|e| Error::config("measure.subspace", e))?,
+        jacobian: cfg.measure.jacobian,
+        subspace: cfg.measure.subspace,
         seed: cfg.measure.seed,
         ..Default::default()
     };

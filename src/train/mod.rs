@@ -67,6 +67,7 @@ pub struct TrainSummary {
 /// Train a model as `cfg` says, into `opts.out`.
 pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let out = opts.out.clone();
+    step::check_engine_choice(&cfg)?;
     run_dir::prepare_run_dir(&out, opts.resume)?;
     let ds = Dataset::load(&cfg.data, opts.progress && !opts.quiet)?;
     fit_vocab(&mut cfg, &ds)?;
@@ -201,12 +202,7 @@ impl<'o> Run<'o> {
         } else {
             let _ = std::fs::remove_file(&metrics_path);
         }
-        let measure_families = cfg
-            .measure
-            .families
-            .iter()
-            .map(|f| Family::parse(f, "measure.families"))
-            .collect::<Result<_>>()?;
+        let measure_families = cfg.measure.families.clone();
         let total = cfg.train.total_steps(cfg.model.seq_len);
         let run = Run {
             measure_families,

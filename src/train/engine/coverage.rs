@@ -1,6 +1,6 @@
 //! What the fused engine covers: a config it cannot train, and why.
 
-use crate::config::{Activation, Config, ExpertKind, Routing};
+use crate::config::{Activation, Config, ExpertKind, Family, Routing};
 
 /// Why the fused engine cannot train `cfg` (the first reason found), or
 /// `None` when it can. The engine runs top-k routed SiLU-MLP experts in
@@ -28,7 +28,7 @@ pub fn unsupported(cfg: &Config) -> Option<&'static str> {
         (t.topk_start > 0, "train.topk_start is set"),
         (t.device != "cpu", "train.device is not cpu"),
         (
-            r.orth_lambda > 0.0 && r.orth_family != "up",
+            r.orth_lambda > 0.0 && r.orth_family != Family::Up,
             "reg.orth_family is not up",
         ),
         (r.grad_lambda > 0.0, "reg.grad_lambda is set"),
