@@ -44,7 +44,7 @@ fn overrides_apply_and_unknown_keys_fail() {
         .to_string();
     assert!(e.contains("train.engine") && e.contains("autodiff"), "{e}");
     // Whether the fused engine covers a config is the engine's to say, at
-    // training time (tests/cli.rs: `fused_engine_gaps_are_refused`).
+    // training time (tests/cli.rs: `bad_config_is_refused_with_the_field_named`).
     assert!(Config::resolve(Some("tiny"), None, &["train.engine=fused".into()]).is_ok());
     let e = Config::resolve(Some("tiny"), None, &["model.routing=dense".into()])
         .unwrap_err()
