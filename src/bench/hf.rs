@@ -6,6 +6,7 @@ use crate::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 /// `moescope bench hf`: streaming analysis of a random checkpoint in exact
@@ -30,7 +31,7 @@ pub struct HfBenchResult {
 /// Write (unless present) a random Mixtral-shaped checkpoint of `layers`
 /// layers into `dir`, then analyse it layer by layer on random tokens.
 pub fn bench_hf(
-    dir: &std::path::Path,
+    dir: &Path,
     layers: usize,
     full_size: bool,
     tokens: usize,
@@ -38,32 +39,9 @@ pub fn bench_hf(
     in_memory: bool,
     geo: &crate::measures::analyze::GeometryOptions,
 ) -> Result<HfBenchResult> {
-    let config = synth::mixtral_config(layers, full_size);
-    let want = serde_json::to_string_pretty(&config).expect("json");
-    let have = std::fs::read_to_string(dir.join("config.json")).ok();
-    if have.as_deref() != Some(want.as_str()) || hf::HfCheckpoint::open(dir).is_err() {
-        eprintln!(
-            "writing a random Mixtral-shaped checkpoint ({layers} layers) to {}",
-            dir.display()
-        );
-        let t0 = Instant::now();
-        synth::write(
-            dir,
-            &synth::SynthSpec {
-                config,
-                dtype: safetensors::Dtype::BF16,
-                shards: layers + 1,
-                seed: 0,
-            },
-        )?;
-        eprintln!("written in {:.0} s", t0.elapsed().as_secs_f64());
-    }
+    write_checkpoint_unless_present(dir, layers, full_size)?;
     let ck = hf::HfCheckpoint::open(dir)?;
-    let disk: u64 = std::fs::read_dir(dir)
-        .map_err(|e| crate::Error::io(dir, e))?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let disk = dir_bytes(dir)?;
     let layer_params: usize = synth::tensor_shapes(&ck.cfg)
         .iter()
         .filter(|(n, _)| n.starts_with("model.layers.0."))
@@ -109,4 +87,39 @@ pub fn bench_hf(
         peak_rss_gb,
         total_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Write the random Mixtral-shaped checkpoint into `dir` unless an openable
+/// one with the same config.json is already there.
+fn write_checkpoint_unless_present(dir: &Path, layers: usize, full_size: bool) -> Result<()> {
+    let config = synth::mixtral_config(layers, full_size);
+    let want = serde_json::to_string_pretty(&config).expect("json");
+    let have = std::fs::read_to_string(dir.join("config.json")).ok();
+    if have.as_deref() != Some(want.as_str()) || hf::HfCheckpoint::open(dir).is_err() {
+        eprintln!(
+            "writing a random Mixtral-shaped checkpoint ({layers} layers) to {}",
+            dir.display()
+        );
+        let t0 = Instant::now();
+        synth::write(
+            dir,
+            &synth::SynthSpec {
+                config,
+                dtype: safetensors::Dtype::BF16,
+                shards: layers + 1,
+                seed: 0,
+            },
+        )?;
+        eprintln!("written in {:.0} s", t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Total size of the files directly in `dir`.
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| crate::Error::io(dir, e))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum())
 }
