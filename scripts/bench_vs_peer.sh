@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train-step throughput of moescope and of the PyTorch peer (../shared/bench),
+# Train-step throughput of moescope and of the PyTorch peer (kept outside this repository; docs/SPEED.md),
 # measured side by side in one run, alternating (ours, peer, ours, peer, ...)
 # so that machine noise hits both. Prints each round, then one JSON line with
 # the medians, their ratio, and both processes' peak memory.
@@ -7,7 +7,7 @@
 #   scripts/bench_vs_peer.sh [tiny|small|paper]   (env: STEPS, WARMUP, THREADS, ROUNDS, PEER_PY, PEER, ENGINE)
 #
 # `tiny` and `small` are the peer's configs of the same names. The peer needs
-# torch outside the repo (see ../shared/bench/README.md):
+# torch outside the repo (see docs/SPEED.md):
 #   python3 -m venv /tmp/peer-venv && /tmp/peer-venv/bin/pip install torch numpy
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +18,11 @@ case "$PRESET" in
 esac
 STEPS=${STEPS:-$DEF_STEPS}; WARMUP=${WARMUP:-$DEF_WARMUP}; THREADS=${THREADS:-2}; ROUNDS=${ROUNDS:-3}
 PEER_PY=${PEER_PY:-/tmp/peer-venv/bin/python}
+# Set PEER to the peer's nanogpt_moe.py (default: the project machines' copy).
 PEER=${PEER:-../shared/bench/nanogpt_moe.py}
 ENGINE=${ENGINE:-fused}
 if [ ! -x "$PEER_PY" ] || ! "$PEER_PY" -c 'import torch' 2>/dev/null; then
-  echo "skip: no peer virtualenv with torch at $PEER_PY (set PEER_PY; see ../shared/bench/README.md)"
+  echo "skip: no peer virtualenv with torch at $PEER_PY (set PEER_PY; see docs/SPEED.md)"
   exit 0
 fi
 if [ ! -f "$PEER" ]; then

@@ -6,7 +6,7 @@
 //! - [`kernels`]: numeric kernels on slices (f32/f64) shared by the model's fused ops and the training engine.
 //! - [`model`]: the NanoGPT-MoE decoder (attention, router, experts, dropless dispatch).
 //! - [`data`]: corpora, tokenisers, token cache, the built-in synthetic corpus, batches.
-//! - [`measures`]: SPEC.md's weight/activation overlap, telemetry, the orthogonality loss, `analyze`.
+//! - [`measures`]: weight/activation overlap, telemetry, the orthogonality loss, `analyze` (docs/MEASURES.md).
 //! - [`checkpoint`]: safetensors + `config.json` in and out, atomic writes.
 //! - [`train`]: AdamW, LR schedule, the training loop, evaluation, resume.
 //! - [`experiments`]: sweeps (local workers or Slurm), the results store, statistics, `reproduce` presets.

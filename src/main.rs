@@ -28,7 +28,7 @@ enum Cmd {
     Eval(cli::eval::EvalArgs),
     /// Sample text from a trained model.
     Generate(cli::generate::GenerateArgs),
-    /// Every expert-geometry measure of SPEC.md on a checkpoint, as JSON (schema moescope.analysis/1).
+    /// Every expert-geometry measure (docs/MEASURES.md) on a checkpoint, as JSON (schema moescope.analysis/1).
     Analyze(cli::analyze::AnalyzeArgs),
     /// Run a sweep: the product of listed values over config keys, in parallel worker processes; resumable.
     Sweep(cli::sweep::SweepArgs),
@@ -39,7 +39,7 @@ enum Cmd {
     },
     /// The weight-vs-activation study as a preset sweep, then its report.
     Reproduce(cli::sweep::ReproduceArgs),
-    /// Benchmarks (compare with the PyTorch peer in ../shared/bench).
+    /// Benchmarks: training step, evaluation, Jacobians, HF streaming (peer comparison: docs/SPEED.md).
     Bench {
         #[command(subcommand)]
         what: cli::bench::BenchCmd,

@@ -1,4 +1,4 @@
-//! SPEC.md measures against independent f64 computations written here, the
+//! docs/MEASURES.md measures against independent f64 computations written here, the
 //! orthogonality loss (value, finite-difference gradient, effect in training),
 //! and `moescope analyze` end to end.
 

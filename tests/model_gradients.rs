@@ -22,7 +22,7 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// The MoE layer as SPEC.md defines it: every expert evaluated densely,
+/// The MoE layer as docs/MEASURES.md defines it: every expert evaluated densely,
 /// softmax router, top-k with ties to the lower index (on p + balance bias),
 /// optional renormalisation; expert choice: each expert takes its
 /// ⌈cf·n·k/E⌉ highest-probability tokens.

@@ -1,5 +1,5 @@
 //! `moescope bench train`: the training-step benchmark, measured the way the
-//! PyTorch peer (`../shared/bench/nanogpt_moe.py`) measures itself: synthetic
+//! PyTorch peer (`nanogpt_moe.py`, kept outside this repository; docs/SPEED.md) measures itself: synthetic
 //! Markov-chain tokens, full training steps (forward, backward, AdamW), the
 //! median step time after warm-up, model FLOPs = 6·active params + 12·L·d·T.
 

@@ -25,7 +25,7 @@ pub use values::{
 
 use serde::{Deserialize, Serialize};
 
-/// Model architecture. Names follow ../SPEC.md.
+/// Model architecture. Names follow docs/MEASURES.md ("Notation").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {

@@ -407,7 +407,7 @@ pub fn cross_entropy_rows_backward<T: Real>(
 }
 
 /// The `sel.len()` largest entries of `row`, largest first, ties to the lower
-/// index (the routing rule of SPEC.md, shared by the model and the engine).
+/// index (the routing rule of docs/MEASURES.md, shared by the model and the engine).
 pub fn top_k<T: Real>(row: &[T], sel: &mut [u32]) {
     let k = sel.len();
     debug_assert!(k <= row.len(), "top-{k} of {} entries", row.len());

@@ -1,5 +1,5 @@
-//! `moescope analyze`: every measure of SPEC.md on a checkpoint, written as
-//! the JSON document of SPEC.md "Machine-readable results"
+//! `moescope analyze`: every measure of docs/MEASURES.md on a checkpoint, written as
+//! the JSON document described in FORMAT.md ("Analysis")
 //! (schema `moescope.analysis/1`).
 
 use super::jacobian::{layer_jacobian, JacobianMode, JacobianReport};

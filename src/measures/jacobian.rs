@@ -1,4 +1,4 @@
-//! Function space (SPEC.md "Function space: Jacobians"): cross-expert Jacobian
+//! Function space (docs/MEASURES.md "Function space: Jacobian alignment"): cross-expert Jacobian
 //! alignment A_ij(x) = ⟨J_i, J_j⟩_F / (‖J_i‖_F ‖J_j‖_F), Jacobian spectra and
 //! effective rank.
 //!

@@ -1,4 +1,4 @@
-//! Expert-geometry measures of ../shared/SPEC.md: weight overlap (MSO),
+//! Expert-geometry measures (definitions: docs/MEASURES.md): weight overlap (MSO),
 //! activation overlap, routing telemetry, and the orthogonality loss.
 //!
 //! Weight measures read the parameters; activation measures and telemetry

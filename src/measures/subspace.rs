@@ -1,4 +1,4 @@
-//! Representation space (SPEC.md "Representation space: PCA and Grassmann"):
+//! Representation space (docs/MEASURES.md "Representation space: expert subspaces"):
 //! per-expert PCA subspaces of routed tokens, principal angles, geodesic
 //! distances, subspace overlap against the random baseline r/d, and the
 //! effective rank of each expert's routed covariance.

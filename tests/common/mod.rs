@@ -52,7 +52,7 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moescope"))
 }
 
-/// Path of the shared data folder (../shared/data), if present.
+/// Optional real corpora beside the checkout (../shared/data on the project's machines), if present.
 pub fn shared_data() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     p.is_dir().then_some(p)
