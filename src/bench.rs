@@ -408,7 +408,7 @@ pub fn bench_jacobian(
     skip_exact: bool,
 ) -> Result<JacobianBenchResult> {
     use crate::config::{ExpertKind, ModelConfig};
-    use crate::measures::jacobian::{layer_jacobian, JacobianMode};
+    use crate::measures::jacobian::{layer_jacobian_uniform, JacobianMode};
     use crate::model::moe::MoeLayer;
     use crate::model::params::ParamStore;
     use rand_distr::{Distribution, StandardNormal};
@@ -447,7 +447,7 @@ pub fn bench_jacobian(
         })
         .collect();
     let t0 = Instant::now();
-    let est = layer_jacobian(
+    let est = layer_jacobian_uniform(
         &moe,
         &x,
         &sel,
@@ -478,7 +478,7 @@ pub fn bench_jacobian(
     let (mut exact_s, mut naive, mut diff) = (None, None, None);
     if !skip_exact {
         let t0 = Instant::now();
-        layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?;
+        layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?;
         exact_s = Some(t0.elapsed().as_secs_f64());
         // Naive on a few tokens: autodiff Jacobians row by row, then Frobenius products.
         let t0 = Instant::now();
@@ -504,7 +504,7 @@ pub fn bench_jacobian(
             let (ja, jb) = (jac(a)?, jac(b)?);
             let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(x, y)| x * y).sum::<f64>();
             let naive_a = dot(&ja, &jb) / (dot(&ja, &ja) * dot(&jb, &jb)).sqrt();
-            let one = layer_jacobian(
+            let one = layer_jacobian_uniform(
                 &moe,
                 &xt,
                 &sel[2 * t..2 * t + 2],
