@@ -151,7 +151,7 @@ fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> 
     };
     if o.autodiff {
         let opt = AdamW::new(&model.params, tc)?;
-        return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)?));
+        return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)));
     }
     let eng = Engine::from_model(&o.model, &model.params, None, adam_params(&cfg))?;
     drop(model);
@@ -321,7 +321,7 @@ pub fn bench_eval(
     reps: usize,
 ) -> Result<EvalBenchResult> {
     use crate::measures::Family;
-    use crate::train::{evaluate_measured, measures_json, MeasureSpec};
+    use crate::train::{eval_measures, evaluate_measured, MeasureSpec};
     let dev = Device::Cpu;
     let model = Gpt::new(cfg, DType::F32, &dev, 0)?;
     let mut data = Markov::new(cfg.vocab_size, 0);
@@ -347,7 +347,7 @@ pub fn bench_eval(
                 seed: 0,
             }),
         )?;
-        measures_json(&model, &families, accs.as_deref())?;
+        eval_measures(&model, &families, accs.as_deref())?;
         let m = t0.elapsed().as_secs_f64();
         if r > 0 {
             plain.push(p);
@@ -356,7 +356,7 @@ pub fn bench_eval(
     }
     let _ = std::fs::remove_dir_all(&dir);
     let t0 = Instant::now();
-    measures_json(&model, &families, None)?;
+    eval_measures(&model, &families, None)?;
     let weight_s = t0.elapsed().as_secs_f64();
     let (p, m) = (median(&mut plain), median(&mut measured));
     Ok(EvalBenchResult {

@@ -3,6 +3,7 @@
 //!
 //! Layout (dependencies point down the list):
 //! - [`config`]: one config struct per concern (`model`, `data`, `train`), presets, TOML, `--set` overrides.
+//! - [`kernels`]: numeric kernels on slices (f32/f64) shared by the model's fused ops and the training engine.
 //! - [`model`]: the NanoGPT-MoE decoder (attention, router, experts, dropless dispatch).
 //! - [`data`]: corpora, tokenisers, token cache, the built-in synthetic corpus, batches.
 //! - [`measures`]: SPEC.md's weight/activation overlap, telemetry, the orthogonality loss, `analyze`.
@@ -23,8 +24,10 @@ pub mod error;
 pub mod experiments;
 pub mod fsutil;
 pub mod hf;
+pub mod kernels;
 pub mod measures;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod report;
 pub mod train;

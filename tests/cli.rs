@@ -126,6 +126,21 @@ fn bad_config_is_refused_with_the_field_named() {
         &cfg.display().to_string(),
     ]);
     assert_fails(&o, &["c.toml", "TOML"]);
+    // A typed value names its key and the known values.
+    let o = run(&["train", "--out", &out, "--set", "train.engine=jit"]);
+    assert_fails(&o, &["train.engine", "autodiff"]);
+    // `fused` on a config the fused engine does not cover is refused before
+    // anything is written (moved from config.rs: the engine says what it covers).
+    let o = run(&[
+        "train",
+        "--out",
+        &out,
+        "--set",
+        "train.engine=fused",
+        "--set",
+        "reg.aux_lambda=0.01",
+    ]);
+    assert_fails(&o, &["train.engine", "aux_lambda"]);
     assert!(
         !Path::new(&out).exists(),
         "a refused config must not create the run"

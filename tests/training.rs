@@ -184,10 +184,10 @@ fn fused_engine_follows_the_autodiff_training_curve() {
     cfg.train.eval_every = 0;
     cfg.train.checkpoint_every = 0;
     cfg.reg.orth_lambda = 0.05;
-    assert!(cfg.fused_engine_gap().is_none());
+    assert!(moescope::train::engine::unsupported(&cfg).is_none());
     let run = |engine: &str| {
         let mut c = cfg.clone();
-        c.train.engine = engine.into();
+        c.train.engine = engine.parse().unwrap();
         let out = d.path().join(engine);
         let s = train(c, &opts(&out)).unwrap();
         let rows = metrics(&out);

@@ -430,6 +430,16 @@ pub fn eval_windows(n: usize, t: usize, max_tokens: usize) -> Vec<(usize, usize)
     out
 }
 
+/// The tokens `analyze` reads from a split: the first `n + 1` (all of them
+/// when the split is shorter), so that each of the `n` analysed positions has
+/// its next token, the target of the next-token loss. Both analyses (moescope
+/// and Hugging Face models) load through here.
+pub fn analysis_tokens(split: &TokenFile, n: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    split.extend_into(&mut out, 0, (n + 1).min(split.len()));
+    out
+}
+
 /// Forward-pass batches over `items`: consecutive runs of at most `batch`
 /// items, each item `same` as the run's first (e.g. windows of equal length).
 pub fn batch_ranges<T>(
@@ -509,6 +519,29 @@ mod tests {
             assert_eq!(x + 1, *y);
         }
         assert!(train_batch(&f, 1, 0, 0, 1, 1000).is_err());
+    }
+
+    /// n analysed positions need n + 1 tokens (the last one's target); the
+    /// moescope path once read only n.
+    #[test]
+    fn analysis_tokens_include_the_last_target() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.tok");
+        let toks: Vec<u32> = (0..100).collect();
+        TokenFile::write(&p, &toks, "bytes", "h", "valid").unwrap();
+        let f = TokenFile::open(&p).unwrap();
+        assert_eq!(analysis_tokens(&f, 10), (0..11).collect::<Vec<u32>>());
+        assert_eq!(analysis_tokens(&f, 99).len(), 100);
+        assert_eq!(analysis_tokens(&f, 100).len(), 100);
+        assert_eq!(analysis_tokens(&f, 1000).len(), 100);
+        // Every analysed position has its target: the windows of n tokens
+        // read inputs [0, n) and targets [1, n + 1).
+        let n = 10;
+        let covered: usize = eval_windows(analysis_tokens(&f, n).len(), 4, 0)
+            .iter()
+            .map(|w| w.1)
+            .sum();
+        assert_eq!(covered, n);
     }
 
     #[test]

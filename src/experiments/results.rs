@@ -2,11 +2,16 @@
 //! `results.csv` (both readable with pandas).
 
 use super::sweep::{read_status, Cell, SweepDir};
+use crate::config::Routing;
 use crate::fsutil::write_atomic;
+use crate::metrics::{read_metrics, EvalRow, MetricRow, TrainRow};
 use crate::{Error, Result};
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
 
-/// Columns written first, in this order (then swept keys, then per-layer columns).
+/// Columns written first, in this order (then swept keys, then per-layer
+/// columns): the fields of [`ResultRow`] but its swept values and layers.
 pub const FIXED_COLUMNS: &[&str] = &[
     "id",
     "status",
@@ -33,6 +38,152 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "wall_s",
 ];
 
+/// One run of a sweep: one line of `results.jsonl`, one row of `results.csv`.
+/// Every fixed column is written (`null` / empty where unknown).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResultRow {
+    /// The run's id, also its folder under `runs/`.
+    pub id: String,
+    /// `done`, `failed`, `running` or `pending` (never started).
+    pub status: String,
+    /// Why the run failed.
+    pub error: Option<String>,
+
+    // From the run's config (None when the config could not be resolved).
+    /// `data.path`, or `data.dataset` when no path is set.
+    pub dataset: Option<String>,
+    /// The regularisers and routing options, see [`method_label`].
+    pub method: Option<String>,
+    /// `reg.orth_lambda`, the λ of the study.
+    pub lambda: Option<f64>,
+    pub seed: Option<u64>,
+    pub routing: Option<Routing>,
+    pub top_k: Option<usize>,
+    pub router_temperature: Option<f64>,
+
+    // From summary.json (a finished run).
+    pub steps: Option<u64>,
+    pub tokens: Option<u64>,
+    pub val_loss: Option<f64>,
+    pub val_ppl: Option<f64>,
+
+    // From the last eval row of metrics.jsonl: model-level measures.
+    /// Weight MSO of `up`, mean over layers.
+    pub weight_mso: Option<f64>,
+    /// Activation MSO, mean over layers.
+    pub act_mso: Option<f64>,
+    /// The ratio of the two model means.
+    pub gap_ratio: Option<f64>,
+    /// Mean over layers.
+    pub router_entropy: Option<f64>,
+    /// Mean over layers.
+    pub balance: Option<f64>,
+    /// Max over layers.
+    pub max_violation: Option<f64>,
+    /// Dead experts, summed over layers.
+    pub dead_experts: Option<usize>,
+
+    /// From the last train row (capacity factor runs).
+    pub dropped_frac: Option<f64>,
+    /// From status.json.
+    pub wall_s: Option<f64>,
+
+    /// The swept values of this run, dotted config key -> value, one column each.
+    #[serde(flatten, with = "swept_columns")]
+    pub swept: Map<String, Value>,
+    /// Per-layer measures of the last evaluation, columns `weight_mso_l0`, ...
+    #[serde(flatten, with = "layer_columns")]
+    pub layers: LayerColumns,
+}
+
+/// Per MoE layer, from the last eval row (columns `<name>_l<layer>`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerColumns {
+    /// Weight MSO of `up` (`weight_mso_l*`).
+    pub weight_mso: Vec<Option<f64>>,
+    /// Activation MSO (`act_mso_l*`).
+    pub act_mso: Vec<Option<f64>>,
+    /// Gap ratio (`gap_ratio_l*`).
+    pub gap_ratio: Vec<Option<f64>>,
+}
+
+impl LayerColumns {
+    const NAMES: [&'static str; 3] = ["weight_mso", "act_mso", "gap_ratio"];
+
+    fn column(&self, name: &str) -> &Vec<Option<f64>> {
+        match name {
+            "weight_mso" => &self.weight_mso,
+            "act_mso" => &self.act_mso,
+            _ => &self.gap_ratio,
+        }
+    }
+
+    fn column_mut(&mut self, name: &str) -> &mut Vec<Option<f64>> {
+        match name {
+            "weight_mso" => &mut self.weight_mso,
+            "act_mso" => &mut self.act_mso,
+            _ => &mut self.gap_ratio,
+        }
+    }
+
+    /// (column name, layer) of a per-layer column key such as `act_mso_l3`.
+    fn parse_key(key: &str) -> Option<(&'static str, usize)> {
+        let (name, layer) = key.rsplit_once("_l")?;
+        let name = Self::NAMES.into_iter().find(|n| *n == name)?;
+        Some((name, layer.parse().ok()?))
+    }
+}
+
+/// `ResultRow::layers` as flattened columns: `<name>_l<layer>` -> value.
+mod layer_columns {
+    use super::LayerColumns;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Map;
+
+    pub fn serialize<S: Serializer>(l: &LayerColumns, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = Map::new();
+        for name in LayerColumns::NAMES {
+            for (i, v) in l.column(name).iter().enumerate() {
+                m.insert(format!("{name}_l{i}"), serde_json::json!(v));
+            }
+        }
+        m.serialize(s)
+    }
+
+    /// Picks the per-layer keys out of the row's keys not otherwise named.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LayerColumns, D::Error> {
+        let mut l = LayerColumns::default();
+        for (k, v) in Map::deserialize(d)? {
+            if let Some((name, i)) = LayerColumns::parse_key(&k) {
+                let col = l.column_mut(name);
+                if col.len() <= i {
+                    col.resize(i + 1, None);
+                }
+                col[i] = v.as_f64();
+            }
+        }
+        Ok(l)
+    }
+}
+
+/// `ResultRow::swept` as flattened columns: the row's keys that are neither
+/// fixed nor per-layer.
+mod swept_columns {
+    use super::LayerColumns;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::{Map, Value};
+
+    pub fn serialize<S: Serializer>(m: &Map<String, Value>, s: S) -> Result<S::Ok, S::Error> {
+        m.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+        let mut m = Map::deserialize(d)?;
+        m.retain(|k, _| LayerColumns::parse_key(k).is_none());
+        Ok(m)
+    }
+}
+
 /// A short label of the regularisers and routing options of a run, e.g.
 /// `none`, `orth 0.01`, `act 0.1 + aux 0.01`, `loss-free 0.001`,
 /// `expert-choice`, `capacity 1.25`, `smoe-dropout 1→2`.
@@ -47,9 +198,9 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
         }
     };
     for (name, v, extra) in [
-        ("orth", r.orth_lambda, fam(&r.orth_family)),
+        ("orth", r.orth_lambda, fam(r.orth_family.name())),
         ("act", r.act_lambda, String::new()),
-        ("grad", r.grad_lambda, fam(&r.grad_family)),
+        ("grad", r.grad_lambda, fam(r.grad_family.name())),
         ("contrastive", r.contrastive_lambda, String::new()),
         ("entropy", r.entropy_lambda, String::new()),
         ("token-entropy", r.token_entropy_lambda, String::new()),
@@ -83,122 +234,118 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
     }
 }
 
-/// The last row of each `kind` in a run's metrics.jsonl (one read of the file).
-fn last_rows(run: &std::path::Path) -> std::collections::HashMap<String, Value> {
-    let mut last = std::collections::HashMap::new();
-    if let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) {
-        for v in text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        {
-            if let Some(k) = v["kind"].as_str() {
-                last.insert(k.to_string(), v);
-            }
+/// The last train row and the last eval row of a run's metrics.jsonl (none
+/// before the run has written any).
+fn last_rows(run: &Path) -> Result<(Option<TrainRow>, Option<EvalRow>)> {
+    let path = run.join("metrics.jsonl");
+    if !path.is_file() {
+        return Ok((None, None));
+    }
+    let (mut train, mut eval) = (None, None);
+    for row in read_metrics(&path)? {
+        match row {
+            MetricRow::Train(t) => train = Some(t),
+            MetricRow::Eval(e) => eval = Some(e),
+            MetricRow::Start(_) => {}
         }
     }
-    last
+    Ok((train, eval))
 }
 
-fn mean_of(v: &Value) -> Value {
-    let xs: Vec<f64> = v
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default();
-    if xs.is_empty() {
-        Value::Null
-    } else {
-        json!(xs.iter().sum::<f64>() / xs.len() as f64)
+/// The fields of a run's summary.json that go into its result row.
+#[derive(Deserialize)]
+struct SummaryColumns {
+    steps: u64,
+    tokens: u64,
+    val_loss: Option<f64>,
+    val_ppl: Option<f64>,
+}
+
+/// Mean of the finite values (non-finite ones were logged as null); None for none.
+fn finite_mean(xs: &[f64]) -> Option<f64> {
+    let v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+impl ResultRow {
+    /// The config's columns (dataset, method, λ, seed, routing).
+    fn set_config(&mut self, cfg: &crate::config::Config) {
+        let ds = if cfg.data.path.is_empty() {
+            &cfg.data.dataset
+        } else {
+            &cfg.data.path
+        };
+        self.dataset = Some(ds.clone());
+        self.method = Some(method_label(cfg));
+        self.lambda = Some(cfg.reg.orth_lambda);
+        self.seed = Some(cfg.train.seed);
+        self.routing = Some(cfg.model.routing);
+        self.top_k = Some(cfg.model.top_k);
+        self.router_temperature = Some(cfg.model.router_temperature);
+    }
+
+    /// The measures of the run's last evaluation.
+    fn set_eval(&mut self, ev: &EvalRow) {
+        let m = &ev.measures;
+        self.weight_mso = m.weight_mso_mean.get("up").copied().flatten();
+        self.layers.weight_mso = m.weight_mso.get("up").cloned().unwrap_or_default();
+        if let Some(c) = &m.captured {
+            self.act_mso = c.act_mso_mean;
+            self.gap_ratio = c.gap_ratio_model;
+            self.router_entropy = finite_mean(&c.router_entropy);
+            self.balance = finite_mean(&c.balance);
+            self.max_violation = Some(c.max_violation.iter().copied().fold(0.0, f64::max));
+            self.dead_experts = Some(c.dead_experts.iter().map(Vec::len).sum());
+            self.layers.act_mso = c.act_mso.clone();
+            self.layers.gap_ratio = c.gap_ratio.clone();
+        }
+    }
+
+    /// The row as JSON: fixed columns, swept keys and per-layer columns.
+    pub fn to_json(&self) -> Map<String, Value> {
+        match serde_json::to_value(self).expect("a result row is plain JSON") {
+            Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        }
     }
 }
 
 /// One row per cell: swept values, outcome, final metrics and measures.
-pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<Map<String, Value>>> {
-    let mut rows = Vec::with_capacity(cells.len());
-    for c in cells {
-        let run = dir.run(&c.id);
-        let mut r = Map::new();
-        r.insert("id".into(), json!(c.id));
-        let status = read_status(dir, &c.id);
-        r.insert(
-            "status".into(),
-            json!(status
-                .as_ref()
-                .map(|s| s.status.clone())
-                .unwrap_or_else(|| "pending".into())),
-        );
-        r.insert(
-            "error".into(),
-            json!(status.as_ref().and_then(|s| s.error.clone())),
-        );
-        r.insert("wall_s".into(), json!(status.as_ref().map(|s| s.wall_s)));
-        if let Ok(cfg) = &c.config {
-            let ds = if cfg.data.path.is_empty() {
-                cfg.data.dataset.clone()
-            } else {
-                cfg.data.path.clone()
-            };
-            r.insert("dataset".into(), json!(ds));
-            r.insert("method".into(), json!(method_label(cfg)));
-            r.insert("lambda".into(), json!(cfg.reg.orth_lambda));
-            r.insert("seed".into(), json!(cfg.train.seed));
-            r.insert("routing".into(), json!(cfg.model.routing));
-            r.insert("top_k".into(), json!(cfg.model.top_k));
-            r.insert(
-                "router_temperature".into(),
-                json!(cfg.model.router_temperature),
-            );
-        }
-        for (k, v) in &c.values {
-            r.insert(k.clone(), v.clone());
-        }
-        if let Ok(s) = std::fs::read_to_string(run.join("summary.json")) {
-            let s: Value = serde_json::from_str(&s)
-                .map_err(|e| Error::bad_file(run.join("summary.json"), e.to_string()))?;
-            for k in ["steps", "tokens", "val_loss", "val_ppl"] {
-                r.insert(k.into(), s[k].clone());
-            }
-        }
-        let last = last_rows(&run);
-        r.insert(
-            "dropped_frac".into(),
-            last.get("train")
-                .and_then(|t| t.get("dropped_frac").cloned())
-                .unwrap_or(Value::Null),
-        );
-        if let Some(ev) = last.get("eval") {
-            r.insert("weight_mso".into(), ev["weight_mso_mean"]["up"].clone());
-            r.insert("act_mso".into(), ev["act_mso_mean"].clone());
-            r.insert("gap_ratio".into(), ev["gap_ratio_model"].clone());
-            r.insert("router_entropy".into(), mean_of(&ev["router_entropy"]));
-            r.insert("balance".into(), mean_of(&ev["balance"]));
-            r.insert(
-                "max_violation".into(),
-                json!(ev["max_violation"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max))),
-            );
-            r.insert(
-                "dead_experts".into(),
-                json!(ev["dead_experts"].as_array().map(|a| a
-                    .iter()
-                    .map(|l| l.as_array().map_or(0, Vec::len))
-                    .sum::<usize>())),
-            );
-            for (name, key) in [
-                ("weight_mso_l", &ev["weight_mso"]["up"]),
-                ("act_mso_l", &ev["act_mso"]),
-                ("gap_ratio_l", &ev["gap_ratio"]),
-            ] {
-                if let Some(a) = key.as_array() {
-                    for (l, v) in a.iter().enumerate() {
-                        r.insert(format!("{name}{l}"), v.clone());
-                    }
-                }
-            }
-        }
-        rows.push(r);
+pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<ResultRow>> {
+    cells.iter().map(|c| collect_one(dir, c)).collect()
+}
+
+fn collect_one(dir: &SweepDir, cell: &Cell) -> Result<ResultRow> {
+    let run = dir.run(&cell.id);
+    let status = read_status(dir, &cell.id);
+    let mut r = ResultRow {
+        id: cell.id.clone(),
+        status: status
+            .as_ref()
+            .map_or_else(|| "pending".into(), |s| s.status.clone()),
+        error: status.as_ref().and_then(|s| s.error.clone()),
+        wall_s: status.as_ref().map(|s| s.wall_s),
+        swept: cell.values.clone(),
+        ..ResultRow::default()
+    };
+    if let Ok(cfg) = &cell.config {
+        r.set_config(cfg);
     }
-    Ok(rows)
+    let summary_path = run.join("summary.json");
+    if let Ok(text) = std::fs::read_to_string(&summary_path) {
+        let s: SummaryColumns = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&summary_path, e.to_string()))?;
+        r.steps = Some(s.steps);
+        r.tokens = Some(s.tokens);
+        r.val_loss = s.val_loss;
+        r.val_ppl = s.val_ppl;
+    }
+    let (train, eval) = last_rows(&run)?;
+    r.dropped_frac = train.and_then(|t| t.dropped_frac);
+    if let Some(ev) = &eval {
+        r.set_eval(ev);
+    }
+    Ok(r)
 }
 
 /// Column order: fixed columns, swept keys, then the rest sorted.
@@ -236,21 +383,22 @@ fn natural_key(s: &str) -> (String, usize) {
 }
 
 /// Write `results.jsonl` and `results.csv` into the sweep folder.
-pub fn write(dir: &SweepDir, rows: &[Map<String, Value>], swept: &[String]) -> Result<()> {
+pub fn write(dir: &SweepDir, rows: &[ResultRow], swept: &[String]) -> Result<()> {
+    let maps: Vec<Map<String, Value>> = rows.iter().map(ResultRow::to_json).collect();
     let mut jl = Vec::new();
-    for r in rows {
-        serde_json::to_writer(&mut jl, r).expect("json");
+    for m in &maps {
+        serde_json::to_writer(&mut jl, m).expect("json");
         jl.push(b'\n');
     }
     write_atomic(&dir.0.join("results.jsonl"), &jl)?;
-    let cols = columns(rows, swept);
+    let cols = columns(&maps, swept);
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(&cols)
         .map_err(|e| Error::Data(e.to_string()))?;
-    for r in rows {
+    for m in &maps {
         let rec: Vec<String> = cols
             .iter()
-            .map(|c| match r.get(c) {
+            .map(|c| match m.get(c) {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
                 Some(v) => v.to_string(),
@@ -264,7 +412,7 @@ pub fn write(dir: &SweepDir, rows: &[Map<String, Value>], swept: &[String]) -> R
 }
 
 /// Read `results.jsonl` back.
-pub fn read(dir: &SweepDir) -> Result<Vec<Map<String, Value>>> {
+pub fn read(dir: &SweepDir) -> Result<Vec<ResultRow>> {
     let p = dir.0.join("results.jsonl");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     text.lines()
@@ -273,4 +421,138 @@ pub fn read(dir: &SweepDir) -> Result<Vec<Map<String, Value>>> {
             serde_json::from_str(l).map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A sweep folder with one finished run whose files are in today's formats.
+    fn finished_run(dir: &Path) -> (SweepDir, Cell) {
+        let sweep = SweepDir(dir.to_path_buf());
+        let run = sweep.run("lam0.1-s3");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            sweep.status("lam0.1-s3"),
+            r#"{"status":"done","error":null,"wall_s":12.5,"pid":null}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            run.join("summary.json"),
+            r#"{"run_dir":"x","steps":40,"tokens":5120,"val_loss":4.5,"val_ppl":90.0,"val_tokens":512,"unigram_entropy":3.9,"params_total":1,"params_active":1,"wall_s":12.0}"#,
+        )
+        .unwrap();
+        let metrics = [
+            r#"{"kind":"start","params_active":8,"params_total":9,"source":"s","step":0,"tokenizer":"bytes","train_tokens":10,"unigram_entropy":3.9,"valid_tokens":5,"vocab_size":320}"#,
+            r#"{"dropped_frac":0.25,"elapsed_s":1.0,"grad_norm":1.0,"kind":"train","lm_loss":5.0,"loss":5.0,"lr":0.001,"orth_lambda":0.1,"orth_loss":null,"step":40,"tokens":5120,"tokens_per_s":100.0}"#,
+            r#"{"act_mso":[null,0.5],"act_mso_mean":0.5,"balance":[0.5,1.0],"dead_experts":[[1,2],[3]],"eval_s":0.5,"eval_tokens":512,"gap_ratio":[null,4.0],"gap_ratio_model":5.0,"kind":"eval","load":[[1,0,0,3],[1,1,1,0]],"load_entropy":[1.0,1.0],"max_violation":[2.0,null],"measure_tokens":4,"router_entropy":[1.0,null],"step":40,"tokens":5120,"val_loss":4.5,"val_ppl":90.0,"weight_mso":{"up":[0.125,0.1]},"weight_mso_mean":{"up":0.1125}}"#,
+        ];
+        // The last line torn by a kill, as a running sweep can leave it.
+        std::fs::write(
+            run.join("metrics.jsonl"),
+            format!("{}\n{{\"kind\":\"tra", metrics.join("\n")),
+        )
+        .unwrap();
+        let cell = Cell {
+            index: 0,
+            id: "lam0.1-s3".into(),
+            values: json!({"reg.orth_lambda": 0.1}).as_object().unwrap().clone(),
+            config: Err("not resolved in this test".into()),
+        };
+        (sweep, cell)
+    }
+
+    #[test]
+    fn collect_reads_status_summary_and_typed_metrics() {
+        let d = tempfile::tempdir().unwrap();
+        let (sweep, cell) = finished_run(d.path());
+        let pending = Cell {
+            index: 1,
+            id: "never-started".into(),
+            ..cell.clone()
+        };
+        let rows = collect(&sweep, &[cell, pending]).unwrap();
+        let r = &rows[0];
+        assert_eq!((r.status.as_str(), r.wall_s), ("done", Some(12.5)));
+        assert_eq!(
+            (r.steps, r.tokens, r.val_ppl),
+            (Some(40), Some(5120), Some(90.0))
+        );
+        assert_eq!(
+            (r.weight_mso, r.act_mso, r.gap_ratio),
+            (Some(0.1125), Some(0.5), Some(5.0))
+        );
+        // Nulls (non-finite values) are left out of means and maxima.
+        assert_eq!((r.router_entropy, r.balance), (Some(1.0), Some(0.75)));
+        assert_eq!((r.max_violation, r.dead_experts), (Some(2.0), Some(3)));
+        assert_eq!(r.dropped_frac, Some(0.25));
+        assert_eq!(r.layers.weight_mso, vec![Some(0.125), Some(0.1)]);
+        assert_eq!(r.layers.act_mso, vec![None, Some(0.5)]);
+        assert_eq!(r.swept["reg.orth_lambda"], json!(0.1));
+        assert_eq!(r.dataset, None, "the config did not resolve");
+        let p = &rows[1];
+        assert_eq!(
+            (p.status.as_str(), p.steps, p.weight_mso),
+            ("pending", None, None)
+        );
+    }
+
+    #[test]
+    fn a_metrics_line_that_does_not_parse_names_the_file_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let (sweep, cell) = finished_run(d.path());
+        let path = sweep.run(&cell.id).join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("\"lm_loss\":5.0", "\"lm_loss\":\"x\"", 1),
+        )
+        .unwrap();
+        let e = collect(&sweep, &[cell]).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn rows_write_as_csv_and_jsonl_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (sweep, cell) = finished_run(d.path());
+        let rows = collect(&sweep, &[cell]).unwrap();
+        write(&sweep, &rows, &["reg.orth_lambda".to_string()]).unwrap();
+        assert_eq!(read(&sweep).unwrap(), rows);
+
+        let jl = std::fs::read_to_string(d.path().join("results.jsonl")).unwrap();
+        let v: Value = serde_json::from_str(jl.lines().next().unwrap()).unwrap();
+        assert_eq!(v["reg.orth_lambda"], json!(0.1));
+        assert_eq!(
+            (v["act_mso_l0"].clone(), v["act_mso_l1"].clone()),
+            (Value::Null, json!(0.5))
+        );
+        assert_eq!(v["gap_ratio_l1"], json!(4.0));
+
+        let csv = std::fs::read_to_string(d.path().join("results.csv")).unwrap();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        assert_eq!(&header[..FIXED_COLUMNS.len()], FIXED_COLUMNS);
+        assert_eq!(
+            &header[FIXED_COLUMNS.len()..],
+            [
+                "reg.orth_lambda",
+                "act_mso_l0",
+                "act_mso_l1",
+                "gap_ratio_l0",
+                "gap_ratio_l1",
+                "weight_mso_l0",
+                "weight_mso_l1"
+            ]
+        );
+    }
+
+    #[test]
+    fn fixed_columns_are_the_row_fields() {
+        let mut keys: Vec<String> = ResultRow::default().to_json().keys().cloned().collect();
+        let mut fixed: Vec<String> = FIXED_COLUMNS.iter().map(|s| s.to_string()).collect();
+        keys.sort();
+        fixed.sort();
+        assert_eq!(keys, fixed);
+    }
 }

@@ -1,6 +1,6 @@
-//! Statistics of SPEC.md "Statistics": mean, sample standard deviation,
-//! paired and Welch t-tests (two-sided), Pearson r with its p-value and Fisher-z
-//! 95% interval, relative change. The t distribution comes from `statrs`.
+//! The statistics of a sweep report (docs/MEASURES.md "Statistics of sweeps"):
+//! mean, sample standard deviation, paired and Welch t-tests (two-sided),
+//! Pearson r with its p-value and Fisher-z 95% interval, relative change. The t distribution comes from `statrs`.
 
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn pearson_matches_spec_check_values() {
-        // SPEC.md: r = −0.293, n = 7 -> p = 0.5237, CI [−0.857, 0.590].
+        // docs/MEASURES.md's worked check: r = −0.293, n = 7 -> p = 0.5237, CI [−0.857, 0.590].
         let p = pearson_from_r(-0.293, 7);
         assert!((p.p - 0.5237).abs() < 5e-5, "{}", p.p);
         assert!(

@@ -5,6 +5,7 @@
 //! - [`model`]: the decoder (RMSNorm, RoPE, grouped-query attention, routed
 //!   and shared SwiGLU experts) as transformers defines it.
 //! - [`hub`]: `org/name` from the HF cache or the hub.
+//! - [`source`]: whether a `--model` argument names a moescope or a Hugging Face model.
 //! - [`analyze`]: every measure of `moescope analyze`, layer by layer, so a
 //!   model larger than memory is analysed with about one layer resident.
 //! - [`synth`]: random checkpoints in exact HF layout (benchmarks, demos).
@@ -13,10 +14,12 @@ pub mod analyze;
 pub mod config;
 pub mod hub;
 pub mod model;
+pub mod source;
 pub mod synth;
 pub mod weights;
 
 pub use config::{Arch, HfConfig, ModelFiles};
+pub use source::ModelSource;
 
 use crate::{Error, Result};
 use candle_core::Tensor;

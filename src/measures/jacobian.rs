@@ -20,6 +20,8 @@
 //! - estimate: per (token, expert) m·(2T + 2)·f·d flops, m·f floats per token;
 //! - `auto` picks exact when its flops are lower and K fits in 1 GiB, else estimate.
 
+pub use crate::config::JacobianMode;
+
 use super::pairs::{self, NullStats, PairSets, SetMean, TokenPairs};
 use crate::config::Activation;
 use crate::model::moe::{Expert, MoeLayer};
@@ -28,37 +30,6 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
-
-/// How alignment is computed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum JacobianMode {
-    Exact,
-    /// Hutchinson with this many probe vectors.
-    Estimate(usize),
-    Auto,
-    Off,
-}
-
-impl JacobianMode {
-    /// `exact`, `estimate` (64 probes), `estimate:M`, `auto`, `off`.
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "exact" => Ok(JacobianMode::Exact),
-            "auto" => Ok(JacobianMode::Auto),
-            "off" => Ok(JacobianMode::Off),
-            "estimate" => Ok(JacobianMode::Estimate(64)),
-            s if s.starts_with("estimate:") => s[9..]
-                .parse::<usize>()
-                .ok()
-                .filter(|m| *m >= 8)
-                .map(JacobianMode::Estimate)
-                .ok_or_else(|| format!("bad `{s}`: expected estimate:M with M ≥ 8 probe vectors")),
-            other => Err(format!(
-                "unknown Jacobian mode `{other}` (exact, estimate, estimate:M, auto, off)"
-            )),
-        }
-    }
-}
 
 /// (coefficients c_t (n×f), matrices M_t (f×d)) of an expert's Jacobian terms at inputs x (n×d).
 pub fn jacobian_terms(e: &Expert, x: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
@@ -831,16 +802,6 @@ pub fn to_f64(e: &Expert) -> Result<Expert> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_parse() {
-        assert_eq!(
-            JacobianMode::parse("estimate:128").unwrap(),
-            JacobianMode::Estimate(128)
-        );
-        assert!(JacobianMode::parse("estimate:2").is_err());
-        assert!(JacobianMode::parse("fast").is_err());
-    }
 
     #[test]
     fn plan_follows_auto_and_scales_with_tokens() {

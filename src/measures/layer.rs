@@ -10,7 +10,7 @@ use super::subspace::{layer_subspaces, Moments, PermutationNull, RankRule, Subsp
 use super::{gap_ratio, weight_overlap, Family, LayerAccumulator};
 use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
 use crate::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
 /// Everything one MoE layer needs to be measured.

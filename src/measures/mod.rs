@@ -15,47 +15,12 @@ use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A matrix family whose per-expert vectors are compared (SPEC "Weight overlap").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// W_up (default).
-    Up,
-    /// W_gate (SwiGLU experts only).
-    Gate,
-    /// W_down.
-    Down,
-    /// The expert's row of the router matrix W_r.
-    Router,
-}
+pub use crate::config::Family;
 
+/// Where each family's matrices live in an MoE layer.
 impl Family {
-    pub const ALL: [Family; 4] = [Family::Up, Family::Gate, Family::Down, Family::Router];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Up => "up",
-            Family::Gate => "gate",
-            Family::Down => "down",
-            Family::Router => "router",
-        }
-    }
-
-    /// Parse `up`, `gate`, `down` or `router`; `field` names the config key for errors.
-    pub fn parse(s: &str, field: &str) -> Result<Family> {
-        Family::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                Error::config(
-                    field,
-                    format!("unknown family `{s}` (expected up, gate, down or router)"),
-                )
-            })
-    }
-
     /// The per-expert tensors of this family in `moe` (None when the layer has
     /// no such matrices, e.g. `gate` of MLP experts). Router rows are (1, d) views.
     pub fn tensors(self, moe: &MoeLayer) -> Result<Option<Vec<Tensor>>> {

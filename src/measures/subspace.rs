@@ -7,56 +7,13 @@
 //! number of batches can be added; eigen- and singular-value decompositions
 //! use `faer`.
 
+pub use crate::config::RankRule;
+
 use super::jacobian::effective_rank;
 use super::pairs::{NullStats, PairSets};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-
-/// Subspace rank: fixed, or the smallest reaching a fraction τ of the variance (capped).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RankRule {
-    Fixed(usize),
-    /// (τ, cap)
-    Variance(f64, usize),
-    Off,
-}
-
-impl RankRule {
-    /// `16`, `var:0.9` (cap 16, SPEC's default rank), `var:0.9:32`, `off`.
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        if s == "off" {
-            return Ok(RankRule::Off);
-        }
-        if let Some(rest) = s.strip_prefix("var:") {
-            let mut it = rest.split(':');
-            let tau: f64 = it
-                .next()
-                .and_then(|v| v.parse().ok())
-                .filter(|t: &f64| *t > 0.0 && *t <= 1.0)
-                .ok_or_else(|| format!("bad `{s}`: τ must lie in (0, 1]"))?;
-            let cap = match it.next() {
-                Some(c) => c.parse().map_err(|_| format!("bad cap in `{s}`"))?,
-                None => 16,
-            };
-            return Ok(RankRule::Variance(tau, cap));
-        }
-        s.parse::<usize>()
-            .ok()
-            .filter(|r| *r > 0)
-            .map(RankRule::Fixed)
-            .ok_or_else(|| format!("bad subspace option `{s}` (RANK, var:τ, var:τ:CAP or off)"))
-    }
-
-    /// The rank cap (the number of rows an expert needs is more than this).
-    pub fn cap(&self) -> usize {
-        match self {
-            RankRule::Fixed(r) => *r,
-            RankRule::Variance(_, c) => *c,
-            RankRule::Off => 0,
-        }
-    }
-}
 
 /// Weighted first and second moments of one expert's rows.
 ///
@@ -528,16 +485,5 @@ mod tests {
             m.add(&t, None).unwrap();
         }
         assert!(m.outer.is_some() && m.rows.is_empty() && m.n == 2 * n);
-    }
-
-    #[test]
-    fn rank_rules_parse() {
-        assert_eq!(RankRule::parse("8").unwrap(), RankRule::Fixed(8));
-        assert_eq!(
-            RankRule::parse("var:0.9").unwrap(),
-            RankRule::Variance(0.9, 16)
-        );
-        assert_eq!(RankRule::parse("off").unwrap(), RankRule::Off);
-        assert!(RankRule::parse("var:1.5").is_err() && RankRule::parse("0").is_err());
     }
 }

@@ -10,11 +10,14 @@
 //! - [`causal_softmax`]: `softmax(scale · s + causal mask)` over the last
 //!   dimension of attention scores (…, t, t); backward `scale · y ⊙ (g − Σ g y)`.
 //!
-//! Each kernel is checked against the composed reference (values and
-//! gradients, f64) in the tests below. Non-CPU devices use the composed path.
+//! The arithmetic is `crate::kernels`' (shared with the training engine);
+//! this file only adapts candle's storage to it. Each op is checked against
+//! the composed reference (values and gradients, f64) in the tests below.
+//! Non-CPU devices use the composed path.
 
+use crate::kernels::{self, Real};
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -24,31 +27,74 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     Ok(&v[a..b])
 }
 
-fn targets(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<usize>> {
-    Ok(match s {
-        CpuStorage::U32(v) => contiguous(v, l)?.iter().map(|&t| t as usize).collect(),
-        CpuStorage::I64(v) => contiguous(v, l)?.iter().map(|&t| t as usize).collect(),
+/// Float storage the kernels run on, or an error naming the op.
+trait FloatStorage: Real {
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl FloatStorage for f32 {
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+        match s {
+            CpuStorage::F32(v) => contiguous(v, l),
+            _ => candle_core::bail!("{op}: all inputs must have one dtype, f32 or f64"),
+        }
+    }
+    fn storage(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl FloatStorage for f64 {
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f64]> {
+        match s {
+            CpuStorage::F64(v) => contiguous(v, l),
+            _ => candle_core::bail!("{op}: all inputs must have one dtype, f32 or f64"),
+        }
+    }
+    fn storage(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Runs `$body` with `$t` bound to the float type of `$s` (f32 or f64).
+macro_rules! by_dtype {
+    ($s:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $op),
+        }
+    };
+}
+
+/// Cross-entropy targets as u32 ids, each checked against the vocabulary `v`.
+fn targets(s: &CpuStorage, l: &Layout, n: usize, v: usize) -> candle_core::Result<Vec<u32>> {
+    let t: Vec<u32> = match s {
+        CpuStorage::U32(t) => contiguous(t, l)?.to_vec(),
+        CpuStorage::I64(t) => contiguous(t, l)?
+            .iter()
+            .map(|&t| u32::try_from(t).unwrap_or(u32::MAX))
+            .collect(),
         _ => candle_core::bail!("cross-entropy: targets must be u32 or i64"),
-    })
+    };
+    if t.len() != n || t.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!(
+            "cross-entropy: {} targets for {n} rows, or a target id ≥ vocabulary {v}",
+            t.len()
+        );
+    }
+    Ok(t)
 }
 
 /// Row-wise cross-entropy (forward).
 struct CrossEntropy;
-
-macro_rules! ce_rows {
-    ($x:expr, $t:expr, $v:expr, $ty:ty) => {{
-        let out: Vec<$ty> = $x
-            .par_chunks($v)
-            .zip($t.par_iter())
-            .map(|(row, &t)| {
-                let m = row.iter().copied().fold(<$ty>::NEG_INFINITY, <$ty>::max);
-                let s: $ty = row.iter().map(|&v| (v - m).exp()).sum();
-                m + s.ln() - row[t]
-            })
-            .collect();
-        out
-    }};
-}
 
 impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
@@ -62,18 +108,12 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let t = targets(s2, l2)?;
-        if t.len() != n || t.iter().any(|&t| t >= v) {
-            candle_core::bail!(
-                "cross-entropy: {} targets for {n} rows, or a target id ≥ vocabulary {v}",
-                t.len()
-            );
-        }
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(ce_rows!(contiguous(x, l1)?, t, v, f32)),
-            CpuStorage::F64(x) => CpuStorage::F64(ce_rows!(contiguous(x, l1)?, t, v, f64)),
-            _ => candle_core::bail!("cross-entropy: logits must be f32 or f64"),
-        };
+        let t = targets(s2, l2, n, v)?;
+        let out = by_dtype!(s1, self.name(), |F| {
+            let mut loss = vec![F::default(); n];
+            kernels::cross_entropy_rows(F::slice(s1, l1, self.name())?, &t, v, &mut loss);
+            F::storage(loss)
+        });
         Ok((out, Shape::from(n)))
     }
     fn bwd(
@@ -91,27 +131,6 @@ impl CustomOp2 for CrossEntropy {
 /// d loss_i / d logits_ij = (softmax_ij − [j = t_i]) · grad_i.
 struct CrossEntropyGrad;
 
-macro_rules! ce_grad {
-    ($x:expr, $t:expr, $g:expr, $v:expr, $ty:ty) => {{
-        let mut out: Vec<$ty> = vec![0.0; $x.len()];
-        out.par_chunks_mut($v)
-            .zip($x.par_chunks($v))
-            .zip($t.par_iter().zip($g.par_iter()))
-            .for_each(|((o, row), (&t, &g))| {
-                let m = row.iter().copied().fold(<$ty>::NEG_INFINITY, <$ty>::max);
-                let mut s: $ty = 0.0;
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = (x - m).exp();
-                    s += *o;
-                }
-                let k = g / s;
-                o.iter_mut().for_each(|o| *o *= k);
-                o[t] -= g;
-            });
-        out
-    }};
-}
-
 impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "fused-cross-entropy-grad"
@@ -125,17 +144,17 @@ impl CustomOp3 for CrossEntropyGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, v) = l1.shape().dims2()?;
-        let t = targets(s2, l2)?;
-        let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f32))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(ce_grad!(contiguous(x, l1)?, t, contiguous(g, l3)?, v, f64))
-            }
-            _ => candle_core::bail!("cross-entropy grad: dtype mismatch"),
-        };
+        let (n, v) = l1.shape().dims2()?;
+        let t = targets(s2, l2, n, v)?;
+        let out = by_dtype!(s1, self.name(), |F| {
+            let (x, g) = (
+                F::slice(s1, l1, self.name())?,
+                F::slice(s3, l3, self.name())?,
+            );
+            let mut dx = vec![F::default(); x.len()];
+            kernels::cross_entropy_rows_backward(x, &t, g, &mut dx);
+            F::storage(dx)
+        });
         Ok((out, l1.shape().clone()))
     }
 }
@@ -147,41 +166,9 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(logits.apply_op2(&targets, CrossEntropy)?)
 }
 
-fn f_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => contiguous(v, l),
-        _ => candle_core::bail!("fused kernel: expected f32"),
-    }
-}
-fn d_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f64]> {
-    match s {
-        CpuStorage::F64(v) => contiguous(v, l),
-        _ => candle_core::bail!("fused kernel: expected f64"),
-    }
-}
-
 /// LayerNorm forward: y = (x − μ)/√(σ² + eps) · w + b, per row.
 struct LayerNormOp {
     eps: f64,
-}
-
-macro_rules! ln_fwd {
-    ($x:expr, $w:expr, $b:expr, $d:expr, $eps:expr, $ty:ty) => {{
-        let (x, w, b) = ($x, $w, $b);
-        let mut out: Vec<$ty> = vec![0.0; x.len()];
-        out.par_chunks_mut($d)
-            .zip(x.par_chunks($d))
-            .for_each(|(o, row)| {
-                let n = $d as $ty;
-                let mu = row.iter().sum::<$ty>() / n;
-                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<$ty>() / n;
-                let rstd = 1.0 / (var + $eps as $ty).sqrt();
-                for i in 0..$d {
-                    o[i] = (row[i] - mu) * rstd * w[i] + b[i];
-                }
-            });
-        out
-    }};
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -198,25 +185,19 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *l1.shape().dims().last().unwrap_or(&1);
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(ln_fwd!(
-                f_slice(s1, l1)?,
-                f_slice(s2, l2)?,
-                f_slice(s3, l3)?,
-                d,
-                self.eps,
-                f32
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(ln_fwd!(
-                d_slice(s1, l1)?,
-                d_slice(s2, l2)?,
-                d_slice(s3, l3)?,
-                d,
-                self.eps,
-                f64
-            )),
-            _ => candle_core::bail!("layer norm: f32 or f64 only"),
-        };
+        let out = by_dtype!(s1, self.name(), |F| {
+            let op = self.name();
+            let (x, w, b) = (
+                F::slice(s1, l1, op)?,
+                F::slice(s2, l2, op)?,
+                F::slice(s3, l3, op)?,
+            );
+            let rows = x.len() / d.max(1);
+            let mut y = vec![F::default(); x.len()];
+            let (mut mean, mut rstd) = (vec![F::default(); rows], vec![F::default(); rows]);
+            kernels::layer_norm(x, w, Some(b), self.eps, &mut y, &mut mean, &mut rstd);
+            F::storage(y)
+        });
         Ok((out, l1.shape().clone()))
     }
     fn bwd(
@@ -242,49 +223,6 @@ struct LayerNormGrad {
     eps: f64,
 }
 
-macro_rules! ln_bwd {
-    ($x:expr, $w:expr, $g:expr, $d:expr, $eps:expr, $ty:ty) => {{
-        let (x, w, g) = ($x, $w, $g);
-        let rows = x.len() / $d;
-        let mut out: Vec<$ty> = vec![0.0; x.len() + 2 * $d];
-        let (dx, rest) = out.split_at_mut(x.len());
-        // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂)), ĝ = g ⊙ w; also keep x̂ for dw.
-        let stats: Vec<($ty, $ty)> = dx
-            .par_chunks_mut($d)
-            .zip(x.par_chunks($d).zip(g.par_chunks($d)))
-            .map(|(o, (row, gr))| {
-                let n = $d as $ty;
-                let mu = row.iter().sum::<$ty>() / n;
-                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<$ty>() / n;
-                let rstd = 1.0 / (var + $eps as $ty).sqrt();
-                let (mut s1, mut s2): ($ty, $ty) = (0.0, 0.0);
-                for i in 0..$d {
-                    let gh = gr[i] * w[i];
-                    s1 += gh;
-                    s2 += gh * (row[i] - mu) * rstd;
-                }
-                let (m1, m2) = (s1 / n, s2 / n);
-                for i in 0..$d {
-                    let xh = (row[i] - mu) * rstd;
-                    o[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
-                }
-                (mu, rstd)
-            })
-            .collect();
-        let (dw, db) = rest.split_at_mut($d);
-        for r in 0..rows {
-            let (mu, rstd) = stats[r];
-            let row = &x[r * $d..(r + 1) * $d];
-            let gr = &g[r * $d..(r + 1) * $d];
-            for i in 0..$d {
-                dw[i] += gr[i] * (row[i] - mu) * rstd;
-                db[i] += gr[i];
-            }
-        }
-        (out, rows)
-    }};
-}
-
 impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "fused-layer-norm-grad"
@@ -299,31 +237,23 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *l1.shape().dims().last().unwrap_or(&1);
-        let (out, rows) = match s1 {
-            CpuStorage::F32(_) => {
-                let (o, r) = ln_bwd!(
-                    f_slice(s1, l1)?,
-                    f_slice(s2, l2)?,
-                    f_slice(s3, l3)?,
-                    d,
-                    self.eps,
-                    f32
-                );
-                (CpuStorage::F32(o), r)
-            }
-            CpuStorage::F64(_) => {
-                let (o, r) = ln_bwd!(
-                    d_slice(s1, l1)?,
-                    d_slice(s2, l2)?,
-                    d_slice(s3, l3)?,
-                    d,
-                    self.eps,
-                    f64
-                );
-                (CpuStorage::F64(o), r)
-            }
-            _ => candle_core::bail!("layer norm: f32 or f64 only"),
-        };
+        let rows = l1.shape().elem_count() / d.max(1);
+        let out = by_dtype!(s1, self.name(), |F| {
+            let op = self.name();
+            let (x, w, g) = (
+                F::slice(s1, l1, op)?,
+                F::slice(s2, l2, op)?,
+                F::slice(s3, l3, op)?,
+            );
+            // The forward kept no statistics: recompute them (one pass over x).
+            let (mut mean, mut rstd) = (vec![F::default(); rows], vec![F::default(); rows]);
+            kernels::layer_norm_stats(x, d, self.eps, &mut mean, &mut rstd);
+            let mut out = vec![F::default(); x.len() + 2 * d];
+            let (dx, rest) = out.split_at_mut(x.len());
+            let (dw, db) = rest.split_at_mut(d);
+            kernels::layer_norm_backward(g, x, &mean, &rstd, w, dx, dw, Some(db), false);
+            F::storage(out)
+        });
         Ok((out, Shape::from((rows + 2, d))))
     }
 }
@@ -339,78 +269,37 @@ struct CausalSoftmax {
     scale: f64,
 }
 
-macro_rules! csm_fwd {
-    ($s:expr, $t:expr, $scale:expr, $ty:ty) => {{
-        let s = $s;
-        let mut out: Vec<$ty> = vec![0.0; s.len()];
-        out.par_chunks_mut($t)
-            .zip(s.par_chunks($t))
-            .enumerate()
-            .for_each(|(r, (o, row))| {
-                let q = r % $t; // query position: keys 0..=q are visible
-                let sc = $scale as $ty;
-                let m = row[..=q]
-                    .iter()
-                    .map(|v| v * sc)
-                    .fold(<$ty>::NEG_INFINITY, <$ty>::max);
-                let mut z: $ty = 0.0;
-                for k in 0..=q {
-                    o[k] = (row[k] * sc - m).exp();
-                    z += o[k];
-                }
-                let iz = 1.0 / z;
-                o[..=q].iter_mut().for_each(|v| *v *= iz);
-            });
-        out
-    }};
-}
-
-impl candle_core::CustomOp1 for CausalSoftmax {
+impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "fused-causal-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let t = *l.shape().dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(csm_fwd!(f_slice(s, l)?, t, self.scale, f32)),
-            CpuStorage::F64(_) => CpuStorage::F64(csm_fwd!(d_slice(s, l)?, t, self.scale, f64)),
-            _ => candle_core::bail!("causal softmax: f32 or f64 only"),
-        };
+        let out = by_dtype!(s, self.name(), |F| {
+            let mut att = F::slice(s, l, self.name())?.to_vec();
+            let scale = F::c(self.scale);
+            att.par_chunks_mut(t * t)
+                .for_each(|blk| kernels::causal_softmax(blk, t, scale));
+            F::storage(att)
+        });
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(res.apply_op2_no_bwd(
             &g.contiguous()?,
-            &SoftmaxGrad { scale: self.scale },
+            &CausalSoftmaxGrad { scale: self.scale },
         )?))
     }
 }
 
 /// ds = scale · y ⊙ (g − Σ g ⊙ y), per row.
-struct SoftmaxGrad {
+struct CausalSoftmaxGrad {
     scale: f64,
 }
 
-macro_rules! sm_bwd {
-    ($y:expr, $g:expr, $t:expr, $scale:expr, $ty:ty) => {{
-        let (y, g) = ($y, $g);
-        let mut out: Vec<$ty> = vec![0.0; y.len()];
-        out.par_chunks_mut($t)
-            .zip(y.par_chunks($t).zip(g.par_chunks($t)))
-            .for_each(|(o, (y, g))| {
-                let dot: $ty = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                let sc = $scale as $ty;
-                for i in 0..$t {
-                    o[i] = sc * y[i] * (g[i] - dot);
-                }
-            });
-        out
-    }};
-}
-
-impl CustomOp2 for SoftmaxGrad {
+impl CustomOp2 for CausalSoftmaxGrad {
     fn name(&self) -> &'static str {
-        "fused-softmax-grad"
+        "fused-causal-softmax-grad"
     }
     fn cpu_fwd(
         &self,
@@ -420,23 +309,15 @@ impl CustomOp2 for SoftmaxGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let t = *l1.shape().dims().last().unwrap_or(&1);
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(sm_bwd!(
-                f_slice(s1, l1)?,
-                f_slice(s2, l2)?,
-                t,
-                self.scale,
-                f32
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(sm_bwd!(
-                d_slice(s1, l1)?,
-                d_slice(s2, l2)?,
-                t,
-                self.scale,
-                f64
-            )),
-            _ => candle_core::bail!("softmax grad: f32 or f64 only"),
-        };
+        let out = by_dtype!(s1, self.name(), |F| {
+            let att = F::slice(s1, l1, self.name())?;
+            let mut ds = F::slice(s2, l2, self.name())?.to_vec();
+            let scale = F::c(self.scale);
+            ds.par_chunks_mut(t * t)
+                .zip(att.par_chunks(t * t))
+                .for_each(|(ds, att)| kernels::causal_softmax_backward(att, ds, t, scale));
+            F::storage(ds)
+        });
         Ok((out, l1.shape().clone()))
     }
 }

@@ -6,13 +6,16 @@
 //! ln_f ─ x · wteᵀ (tied) ─▶ logits (b·t, V)
 //! ```
 //!
-//! Parameter names (also the safetensors tensor names) are listed in FORMAT.md.
+//! Parameter names, shapes and order (also the safetensors tensor names,
+//! listed in FORMAT.md) come from [`layout::ModelLayout`].
 
 pub mod attention;
 pub mod fused;
 pub mod layers;
+pub mod layout;
 pub mod moe;
 pub mod params;
+pub mod sample;
 
 use crate::config::{ExpertKind, ModelConfig};
 use crate::{Error, Result};
@@ -147,7 +150,7 @@ impl Gpt {
                 "must be resolved from the tokeniser before building the model",
             ));
         }
-        let mut ps = ParamStore::new(dtype, device, seed);
+        let mut ps = ParamStore::for_layout(&layout::ModelLayout::new(cfg), dtype, device, seed);
         let d = cfg.d_model;
         let wte = ps.normal("wte.weight", &[cfg.vocab_size, d], cfg.init_std)?;
         let wpe = ps.normal("wpe.weight", &[cfg.seq_len, d], cfg.init_std)?;
@@ -155,6 +158,7 @@ impl Gpt {
             .map(|l| Block::new(&mut ps, l, cfg))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&mut ps, "ln_f", d, cfg.bias)?;
+        ps.assert_complete();
         Ok(Gpt {
             cfg: cfg.clone(),
             wte,

@@ -416,17 +416,14 @@ pub fn capacity(cf: f64, n: usize, k: usize, e: usize) -> usize {
 }
 
 /// Per row of a row-major (n × e) matrix, the indices of the `k` largest
-/// values, largest first; ties go to the lower index (SPEC.md).
+/// values, largest first; ties go to the lower index ([`crate::kernels::top_k`]).
 pub fn top_k_rows(p: &[f32], e: usize, k: usize) -> Vec<u32> {
-    let n = p.len() / e;
-    let mut out = Vec::with_capacity(n * k);
-    let mut idx: Vec<u32> = Vec::with_capacity(e);
-    for row in p.chunks_exact(e) {
-        idx.clear();
-        idx.extend(0..e as u32);
-        // Stable sort by descending value keeps lower indices first on ties.
-        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-        out.extend_from_slice(&idx[..k]);
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![0; p.len() / e * k];
+    for (row, sel) in p.chunks_exact(e).zip(out.chunks_exact_mut(k)) {
+        crate::kernels::top_k(row, sel);
     }
     out
 }

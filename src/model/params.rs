@@ -1,5 +1,6 @@
 //! Named, trainable parameters and their seeded initialisation.
 
+use super::layout::{ModelLayout, ParamSpec};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -17,6 +18,8 @@ pub struct ParamStore {
     dtype: DType,
     device: Device,
     rng: ChaCha8Rng,
+    /// The parameters the model must create, in order (see [`ParamStore::for_layout`]).
+    expected: Option<Vec<ParamSpec>>,
 }
 
 impl ParamStore {
@@ -29,6 +32,29 @@ impl ParamStore {
             dtype,
             device: device.clone(),
             rng: ChaCha8Rng::seed_from_u64(seed),
+            expected: None,
+        }
+    }
+
+    /// An empty store that admits exactly the parameters of `layout`, in its
+    /// order: the model's constructors and `model::layout` cannot drift apart.
+    pub fn for_layout(layout: &ModelLayout, dtype: DType, device: &Device, seed: u64) -> Self {
+        ParamStore {
+            expected: Some(layout.params().into_iter().cloned().collect()),
+            ..ParamStore::new(dtype, device, seed)
+        }
+    }
+
+    /// Panics unless every parameter of the layout was created.
+    pub fn assert_complete(&self) {
+        if let Some(want) = &self.expected {
+            assert_eq!(
+                self.names.len(),
+                want.len(),
+                "the model created {} parameters, model::layout lists {}",
+                self.names.len(),
+                want.len()
+            );
         }
     }
 
@@ -44,6 +70,18 @@ impl ParamStore {
             !self.index.contains_key(name),
             "parameter {name} created twice"
         );
+        if let Some(want) = &self.expected {
+            let got = ParamSpec {
+                name: name.to_string(),
+                shape: t.dims().to_vec(),
+            };
+            assert_eq!(
+                want.get(self.vars.len()),
+                Some(&got),
+                "the model and model::layout disagree at parameter {}",
+                self.vars.len()
+            );
+        }
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         self.index.insert(name.to_string(), self.vars.len());

@@ -6,11 +6,11 @@ use crate::config::Config;
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
+use crate::metrics::{CapturedMeasures, EvalMeasures};
 use crate::model::layers::cross_entropy_rows;
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use serde_json::json;
 use std::path::Path;
 
 /// Result of an evaluation pass.
@@ -124,15 +124,14 @@ pub fn evaluate_measured(
 }
 
 /// The measures logged with an evaluation: per-layer weight MSO per family,
-/// activation MSO, gap ratio and telemetry, plus model-level means.
-pub fn measures_json(
+/// and with captured evaluation windows the activation MSO, gap ratio and
+/// telemetry, plus model-level means.
+pub fn eval_measures(
     model: &Gpt,
     families: &[Family],
     accs: Option<&[LayerAccumulator]>,
-) -> Result<serde_json::Value> {
-    let mut m = serde_json::Map::new();
-    let mut wmso = serde_json::Map::new();
-    let mut wmean = serde_json::Map::new();
+) -> Result<EvalMeasures> {
+    let mut m = EvalMeasures::default();
     let mut up = None; // weight MSO (up) per layer, for the gap ratios
     for &f in families {
         let per = measures::model_weight_mso(model, f)?;
@@ -142,86 +141,56 @@ pub fn measures_json(
         if per.iter().all(Option::is_none) {
             continue;
         }
-        wmean.insert(f.name().into(), json!(measures::mean_present(&per)));
-        wmso.insert(f.name().into(), json!(per));
+        m.weight_mso_mean
+            .insert(f.name().into(), measures::mean_present(&per));
+        m.weight_mso.insert(f.name().into(), per);
     }
     let up = match up {
         Some(u) => u,
         None => measures::model_weight_mso(model, Family::Up)?,
     };
-    m.insert("weight_mso".into(), serde_json::Value::Object(wmso));
-    m.insert("weight_mso_mean".into(), serde_json::Value::Object(wmean));
-    if let Some(accs) = accs {
-        let act: Vec<Option<f64>> = accs.iter().map(|a| a.act_mso().ok()).collect();
-        let gap: Vec<Option<f64>> = act
-            .iter()
-            .zip(&up)
-            .map(|(a, w)| measures::gap_ratio(*a, *w))
-            .collect();
-        let act_mean = measures::mean_present(&act);
-        let up_mean = measures::mean_present(&up);
-        let tel: Vec<measures::Telemetry> = accs.iter().map(|a| a.telemetry()).collect();
-        m.insert(
-            "measure_tokens".into(),
-            json!(accs.first().map(|a| a.tokens).unwrap_or(0)),
-        );
-        m.insert("act_mso".into(), json!(act));
-        if act_mean.is_none() {
-            if let Some(Err(reason)) = accs.first().map(|a| a.act_mso()) {
-                m.insert("act_mso_null_reason".into(), json!(reason));
-            }
-        }
-        m.insert("act_mso_mean".into(), json!(act_mean));
-        m.insert("gap_ratio".into(), json!(gap));
-        m.insert(
-            "gap_ratio_model".into(),
-            json!(measures::gap_ratio(act_mean, up_mean)),
-        );
-        m.insert(
-            "router_entropy".into(),
-            json!(tel.iter().map(|t| t.router_entropy).collect::<Vec<_>>()),
-        );
-        m.insert(
-            "load_entropy".into(),
-            json!(tel.iter().map(|t| t.load_entropy).collect::<Vec<_>>()),
-        );
-        m.insert(
-            "balance".into(),
-            json!(tel.iter().map(|t| t.balance).collect::<Vec<_>>()),
-        );
-        m.insert(
-            "max_violation".into(),
-            json!(tel.iter().map(|t| t.max_violation).collect::<Vec<_>>()),
-        );
-        m.insert(
-            "dead_experts".into(),
-            json!(tel
-                .iter()
-                .map(|t| t.dead_experts.clone())
-                .collect::<Vec<_>>()),
-        );
-        m.insert(
-            "load".into(),
-            json!(tel.iter().map(|t| t.load.clone()).collect::<Vec<_>>()),
-        );
+    m.captured = accs.map(|accs| captured_measures(accs, &up));
+    Ok(m)
+}
+
+/// Activation MSO, gap ratios and telemetry of the captured windows.
+fn captured_measures(accs: &[LayerAccumulator], up: &[Option<f64>]) -> CapturedMeasures {
+    let act: Vec<Option<f64>> = accs.iter().map(|a| a.act_mso().ok()).collect();
+    let gap = act
+        .iter()
+        .zip(up)
+        .map(|(a, w)| measures::gap_ratio(*a, *w))
+        .collect();
+    let act_mean = measures::mean_present(&act);
+    let tel: Vec<measures::Telemetry> = accs.iter().map(|a| a.telemetry()).collect();
+    CapturedMeasures {
+        measure_tokens: accs.first().map_or(0, |a| a.tokens) as u64,
+        act_mso_null_reason: act_mean
+            .is_none()
+            .then(|| accs.first().and_then(|a| a.act_mso().err()))
+            .flatten(),
+        act_mso: act,
+        act_mso_mean: act_mean,
+        gap_ratio: gap,
+        gap_ratio_model: measures::gap_ratio(act_mean, measures::mean_present(up)),
+        router_entropy: tel.iter().map(|t| t.router_entropy).collect(),
+        load_entropy: tel.iter().map(|t| t.load_entropy).collect(),
+        balance: tel.iter().map(|t| t.balance).collect(),
+        max_violation: tel.iter().map(|t| t.max_violation).collect(),
+        dead_experts: tel.iter().map(|t| t.dead_experts.clone()).collect(),
+        load: tel.iter().map(|t| t.load.clone()).collect(),
     }
-    Ok(serde_json::Value::Object(m))
 }
 
 /// Every measure of `moescope analyze` on the start of the validation split,
 /// written to `RUN/analysis.json`.
 pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Result<()> {
     use crate::measures::analyze::{analyze_with, GeometryOptions, Source};
-    use crate::measures::jacobian::JacobianMode;
-    use crate::measures::subspace::RankRule;
     let n = cfg.measure.analysis_tokens.min(ds.valid.len());
-    let mut toks = Vec::with_capacity(n);
-    ds.valid.extend_into(&mut toks, 0, n);
+    let toks = data::analysis_tokens(&ds.valid, n);
     let geo = GeometryOptions {
-        jacobian: JacobianMode::parse(&cfg.measure.jacobian)
-            .map_err(|e| Error::config("measure.jacobian", e))?,
-        subspace: RankRule::parse(&cfg.measure.subspace)
-            .map_err(|e| Error::config("measure.subspace", e))?,
+        jacobian: cfg.measure.jacobian,
+        subspace: cfg.measure.subspace,
         seed: cfg.measure.seed,
         ..Default::default()
     };

@@ -20,15 +20,15 @@ use crate::data::{self, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family};
+use crate::metrics::{EvalRow, MetricRow, StartRow, TrainRow};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::DType;
 pub use eval::{
-    evaluate, evaluate_measured, final_analysis, measures_json, EvalResult, MeasureSpec,
+    eval_measures, evaluate, evaluate_measured, final_analysis, EvalResult, MeasureSpec,
 };
 use optim::{lr_at, AdamW};
 use run_dir::Metrics;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 pub use step::{StepPlan, StepStats, TrainStep};
@@ -67,6 +67,7 @@ pub struct TrainSummary {
 /// Train a model as `cfg` says, into `opts.out`.
 pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let out = opts.out.clone();
+    step::check_engine_choice(&cfg)?;
     run_dir::prepare_run_dir(&out, opts.resume)?;
     let ds = Dataset::load(&cfg.data, opts.progress && !opts.quiet)?;
     fit_vocab(&mut cfg, &ds)?;
@@ -201,12 +202,7 @@ impl<'o> Run<'o> {
         } else {
             let _ = std::fs::remove_file(&metrics_path);
         }
-        let measure_families = cfg
-            .measure
-            .families
-            .iter()
-            .map(|f| Family::parse(f, "measure.families"))
-            .collect::<Result<_>>()?;
+        let measure_families = cfg.measure.families.clone();
         let total = cfg.train.total_steps(cfg.model.seq_len);
         let run = Run {
             measure_families,
@@ -258,9 +254,17 @@ impl<'o> Run<'o> {
             ds.valid.len(),
         ));
         if self.state.step == 0 {
-            self.metrics.log(json!({"kind": "start", "step": 0, "params_total": p_total, "params_active": p_active,
-                "unigram_entropy": unigram, "train_tokens": ds.train.len(), "valid_tokens": ds.valid.len(),
-                "tokenizer": ds.tokenizer.id(), "vocab_size": cfg.model.vocab_size, "source": ds.source}))?;
+            self.metrics.log(&MetricRow::Start(StartRow {
+                step: 0,
+                params_total: p_total as u64,
+                params_active: p_active as u64,
+                unigram_entropy: unigram,
+                train_tokens: ds.train.len() as u64,
+                valid_tokens: ds.valid.len() as u64,
+                tokenizer: ds.tokenizer.id().to_string(),
+                vocab_size: cfg.model.vocab_size as u64,
+                source: ds.source.clone(),
+            }))?;
         }
         Ok(())
     }
@@ -302,34 +306,36 @@ impl<'o> Run<'o> {
             None => self.exec.orth_value()?,
         };
         let (cfg, s) = (&self.cfg, &self.state);
-        let mut row = json!({"kind": "train", "step": s.step, "tokens": s.tokens, "loss": stats.loss, "lm_loss": stats.lm_loss,
-            "orth_loss": orth, "orth_lambda": cfg.reg.orth_lambda, "lr": plan.lr,
-            "grad_norm": stats.grad_norm, "tokens_per_s": tps, "elapsed_s": s.elapsed_s});
-        let r = row.as_object_mut().expect("object");
-        for (name, v) in &stats.reg_terms {
-            r.insert((*name).into(), json!(v));
-        }
-        if let Some(v) = stats.grad_loss {
-            r.insert("grad_loss".into(), json!(v));
-        }
-        if cfg.model.capacity_factor > 0.0 && cfg.model.routing == Routing::Topk {
-            r.insert(
-                "dropped_frac".into(),
-                json!(stats.dropped as f64 / stats.assigned.max(1) as f64),
-            );
-        }
-        if cfg.train.topk_start > 0 {
-            r.insert("top_k".into(), json!(plan.top_k));
-        }
-        if cfg.reg.loss_free_gamma > 0.0 || cfg.reg.aux_lambda > 0.0 {
-            let viol: Vec<f64> = stats
-                .loads
+        let capacity = cfg.model.capacity_factor > 0.0 && cfg.model.routing == Routing::Topk;
+        let balancing = cfg.reg.loss_free_gamma > 0.0 || cfg.reg.aux_lambda > 0.0;
+        let row = TrainRow {
+            step: s.step as u64,
+            tokens: s.tokens,
+            loss: stats.loss,
+            lm_loss: stats.lm_loss,
+            orth_loss: orth,
+            orth_lambda: cfg.reg.orth_lambda,
+            lr: plan.lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_s: tps,
+            elapsed_s: s.elapsed_s,
+            grad_loss: stats.grad_loss,
+            dropped_frac: capacity.then(|| stats.dropped as f64 / stats.assigned.max(1) as f64),
+            top_k: (cfg.train.topk_start > 0).then_some(plan.top_k as u64),
+            train_max_violation: balancing.then(|| {
+                stats
+                    .loads
+                    .iter()
+                    .map(|l| measures::max_violation(l))
+                    .collect()
+            }),
+            reg_terms: stats
+                .reg_terms
                 .iter()
-                .map(|l| measures::max_violation(l))
-                .collect();
-            r.insert("train_max_violation".into(), json!(viol));
-        }
-        self.metrics.log(row)?;
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        };
+        self.metrics.log(&MetricRow::Train(row))?;
         self.bar
             .set_message(format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
         self.window = (Instant::now(), 0);
@@ -352,14 +358,16 @@ impl<'o> Run<'o> {
             Some(spec),
         )?;
         let s = &self.state;
-        let mut row = json!({"kind": "eval", "step": s.step, "tokens": s.tokens, "val_loss": ev.loss,
-            "val_ppl": ev.ppl, "eval_tokens": ev.tokens, "eval_s": t0.elapsed().as_secs_f64()});
-        if let serde_json::Value::Object(m) =
-            measures_json(model, &self.measure_families, accs.as_deref())?
-        {
-            row.as_object_mut().expect("object").extend(m);
-        }
-        self.metrics.log(row)?;
+        let row = EvalRow {
+            step: s.step as u64,
+            tokens: s.tokens,
+            val_loss: ev.loss,
+            val_ppl: ev.ppl,
+            eval_tokens: ev.tokens as u64,
+            eval_s: t0.elapsed().as_secs_f64(),
+            measures: eval_measures(model, &self.measure_families, accs.as_deref())?,
+        };
+        self.metrics.log(&MetricRow::Eval(row))?;
         self.bar.println(format!(
             "step {}: val loss {:.4}, ppl {:.2} ({} tokens)",
             s.step, ev.loss, ev.ppl, ev.tokens

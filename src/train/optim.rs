@@ -17,6 +17,14 @@ pub fn lr_at(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
     cfg.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (cfg.lr - cfg.min_lr)
 }
 
+/// AdamW's state of one parameter: the first and second moments (each of the
+/// parameter's shape).
+#[derive(Debug, Clone)]
+pub struct Moments {
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
 /// AdamW over every parameter of a [`ParamStore`]. Weight decay applies to
 /// tensors of rank ≥ 2 (matrices, embeddings), not to biases or norm gains.
 #[derive(Debug)]
@@ -132,6 +140,43 @@ impl AdamW {
             self.m[i] = m;
             self.v[i] = v;
         }
+        Ok(())
+    }
+
+    /// The moments of every parameter, by position in the [`ParamStore`].
+    pub fn moments(&self) -> Vec<Moments> {
+        self.m
+            .iter()
+            .zip(&self.v)
+            .map(|(m, v)| Moments {
+                m: m.clone(),
+                v: v.clone(),
+            })
+            .collect()
+    }
+
+    /// Replace the moments of every parameter (by position, as
+    /// [`AdamW::moments`] gives them) and the count of steps taken.
+    pub fn set_moments(&mut self, moments: Vec<Moments>, t: usize) -> Result<()> {
+        if moments.len() != self.m.len() {
+            return Err(Error::Data(format!(
+                "optimizer: {} moments for {} parameters",
+                moments.len(),
+                self.m.len()
+            )));
+        }
+        for (i, Moments { m, v }) in moments.into_iter().enumerate() {
+            if m.dims() != self.m[i].dims() || v.dims() != self.v[i].dims() {
+                return Err(Error::Data(format!(
+                    "optimizer: moments of shape {:?} for parameter {i} of shape {:?}",
+                    m.dims(),
+                    self.m[i].dims()
+                )));
+            }
+            self.m[i] = m.to_dtype(self.m[i].dtype())?;
+            self.v[i] = v.to_dtype(self.v[i].dtype())?;
+        }
+        self.t = t;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 use crate::checkpoint;
 use crate::fsutil::write_atomic;
+use crate::metrics::MetricRow;
 use crate::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,15 +36,9 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     };
     let mut keep = String::new();
     for line in text.lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if v.get("step")
-                .and_then(|s| s.as_u64())
-                .map(|s| s as usize <= step)
-                .unwrap_or(false)
-            {
-                keep.push_str(line);
-                keep.push('\n');
-            }
+        if MetricRow::from_line(line).is_ok_and(|r| r.step() <= step as u64) {
+            keep.push_str(line);
+            keep.push('\n');
         }
     }
     write_atomic(path, keep.as_bytes())
@@ -67,11 +62,9 @@ impl Metrics {
             path: path.to_path_buf(),
         })
     }
-    pub fn log(&mut self, row: serde_json::Value) -> Result<()> {
-        let mut line = serde_json::to_vec(&row).expect("json");
-        line.push(b'\n');
+    pub fn log(&mut self, row: &MetricRow) -> Result<()> {
         self.file
-            .write_all(&line)
+            .write_all(row.to_line().as_bytes())
             .map_err(|e| Error::io(&self.path, e))
     }
 }

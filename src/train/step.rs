@@ -2,10 +2,10 @@
 //! ([`FusedStep`]) or by the autodiff model ([`AutodiffStep`]). The training
 //! loop and `bench train` drive either through [`TrainStep`].
 
-use super::engine::{AdamParams, Engine, Profile};
+use super::engine::{self, AdamParams, Engine, Profile};
 use super::optim::AdamW;
 use super::reg;
-use crate::config::{Config, RegConfig};
+use crate::config::{Config, EngineChoice, RegConfig};
 use crate::data::Batch;
 use crate::measures::{self, Family};
 use crate::model::layers::cross_entropy;
@@ -81,34 +81,38 @@ pub trait TrainStep {
     }
 }
 
-/// The executor for `cfg`: the fused engine when it covers the config and
-/// `train.engine` allows it, else the autodiff model. The second value says
-/// why autodiff was taken (`None` for the engine).
-pub fn executor(cfg: &Config, model: Gpt, opt: AdamW) -> Result<(Box<dyn TrainStep>, String)> {
-    let gap = cfg.fused_engine_gap();
-    match (cfg.train.engine.as_str(), gap) {
-        ("autodiff", _) => Ok((
-            Box::new(AutodiffStep::new(cfg, model, opt)?),
-            "autodiff (train.engine = \"autodiff\")".into(),
-        )),
-        ("fused", Some(why)) => Err(Error::config(
+/// Refuse `train.engine = "fused"` for a config the engine does not cover
+/// (before anything is written).
+pub fn check_engine_choice(cfg: &Config) -> Result<()> {
+    match (cfg.train.engine, engine::unsupported(cfg)) {
+        (EngineChoice::Fused, Some(why)) => Err(Error::config(
             "train.engine",
             format!(
                 "the fused engine cannot train this config: {why}; use \"auto\" or \"autodiff\""
             ),
         )),
-        (_, Some(why)) => Ok((
-            Box::new(AutodiffStep::new(cfg, model, opt)?),
-            format!("autodiff ({why})"),
-        )),
-        (_, None) => {
-            let engine =
-                Engine::from_model(&cfg.model, &model.params, Some(&opt), adam_params(cfg))?;
-            let step =
-                FusedStep::new(engine, Some((model, opt))).with_orth_lambda(cfg.reg.orth_lambda);
-            Ok((Box::new(step), "fused CPU engine".into()))
-        }
+        _ => Ok(()),
     }
+}
+
+/// The executor for `cfg`: the fused engine when it covers the config and
+/// `train.engine` allows it, else the autodiff model; and a line saying which
+/// and why.
+pub fn executor(cfg: &Config, model: Gpt, opt: AdamW) -> Result<(Box<dyn TrainStep>, String)> {
+    check_engine_choice(cfg)?;
+    let why_not = match (cfg.train.engine, engine::unsupported(cfg)) {
+        (EngineChoice::Autodiff, _) => Some("train.engine = \"autodiff\""),
+        (_, gap) => gap,
+    };
+    if let Some(why) = why_not {
+        return Ok((
+            Box::new(AutodiffStep::new(cfg, model, opt)),
+            format!("autodiff ({why})"),
+        ));
+    }
+    let engine = Engine::from_model(&cfg.model, &model.params, Some(&opt), adam_params(cfg))?;
+    let step = FusedStep::new(engine, Some((model, opt))).with_orth_lambda(cfg.reg.orth_lambda);
+    Ok((Box::new(step), "fused CPU engine".into()))
 }
 
 /// The engine's AdamW hyper-parameters from `train.*`.
@@ -280,21 +284,21 @@ pub struct AutodiffStep {
 }
 
 impl AutodiffStep {
-    pub fn new(cfg: &Config, model: Gpt, opt: AdamW) -> Result<Self> {
-        Ok(AutodiffStep {
+    pub fn new(cfg: &Config, model: Gpt, opt: AdamW) -> Self {
+        AutodiffStep {
             model,
             opt,
             reg: cfg.reg.clone(),
             router_temperature: cfg.model.router_temperature,
             top_k: cfg.model.top_k,
-            orth_family: Family::parse(&cfg.reg.orth_family, "reg.orth_family")?,
-            grad_family: Family::parse(&cfg.reg.grad_family, "reg.grad_family")?,
+            orth_family: cfg.reg.orth_family,
+            grad_family: cfg.reg.grad_family,
             dispatch: Dispatch {
                 capture: false,
                 train: true,
                 keep_outputs: reg::needs_outputs(&cfg.reg),
             },
-        })
+        }
     }
 
     /// Forward and backward of one micro-batch of `accum`, gradients (divided

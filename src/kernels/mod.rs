@@ -1,6 +1,13 @@
-//! The engine's element-wise and row-wise kernels, each with its hand-written
-//! backward. Generic over the float type so that the tests can check every
-//! backward against float64 finite differences of the same forward.
+//! Numeric kernels on slices, each with its hand-written backward: LayerNorm,
+//! causal softmax, SiLU, row softmax, cross-entropy, top-k routing, and the
+//! strided matrix product ([`gemm`]).
+//!
+//! One implementation serves both executors: the autodiff model's candle
+//! custom ops (`model::fused`, f32 or f64 storage) and the fused training
+//! engine (`train::engine`). Generic over the float type so that the tests can
+//! check every backward against float64 finite differences of the same forward.
+
+pub mod gemm;
 
 use num_traits::Float;
 use rayon::prelude::*;
@@ -131,26 +138,44 @@ fn exp_shifted_sum<T: Real>(x: &mut [T], m: T) -> T {
     sum(x)
 }
 
-/// LayerNorm forward over rows of length `d` (eps 1e-5, as PyTorch): writes
-/// `y`, and each row's mean and 1/σ for the backward.
+/// Mean and 1/√(σ² + eps) of one row.
+#[inline(always)]
+fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
+    let inv_d = T::c(1.0 / x.len() as f64);
+    let mu = sum(x) * inv_d;
+    let var = sum_sq_dev(x, mu) * inv_d;
+    (mu, T::one() / (var + eps).sqrt())
+}
+
+/// LayerNorm's statistics alone: each row's mean and 1/σ (what
+/// [`layer_norm`] keeps for the backward), for callers that did not keep them.
+pub fn layer_norm_stats<T: Real>(x: &[T], d: usize, eps: f64, mean: &mut [T], rstd: &mut [T]) {
+    let eps = T::c(eps);
+    mean.par_iter_mut()
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(d))
+        .for_each(|((mu, rs), x)| (*mu, *rs) = row_stats(x, eps));
+}
+
+/// LayerNorm forward over rows of length `d` = `w.len()` (PyTorch uses eps
+/// 1e-5): writes `y`, and each row's mean and 1/σ for the backward.
 pub fn layer_norm<T: Real>(
     x: &[T],
     w: &[T],
     b: Option<&[T]>,
+    eps: f64,
     y: &mut [T],
     mean: &mut [T],
     rstd: &mut [T],
 ) {
     let d = w.len();
-    let inv_d = T::c(1.0 / d as f64);
+    let eps = T::c(eps);
     y.par_chunks_mut(ROWS * d)
         .zip(x.par_chunks(ROWS * d))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
         .for_each(|((y, x), (mean, rstd))| {
             for (r, (y, x)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
-                let mu = sum(x) * inv_d;
-                let var = sum_sq_dev(x, mu) * inv_d;
-                let rs = T::one() / (var + T::c(1e-5)).sqrt();
+                let (mu, rs) = row_stats(x, eps);
                 mean[r] = mu;
                 rstd[r] = rs;
                 for j in 0..d {
@@ -316,6 +341,22 @@ pub fn softmax_rows<T: Real>(x: &mut [T], e: usize) {
     }
 }
 
+/// One row of the cross-entropy, fused with its backward: returns
+/// logsumexp(row) − row[y] (in f64) and overwrites the row with
+/// `scale · (softmax(row) − onehot(y))`.
+#[inline(always)]
+fn cross_entropy_row<T: Real>(row: &mut [T], y: usize, scale: T) -> f64 {
+    let x_y = row[y];
+    let m = max(row);
+    let z = exp_shifted_sum(row, m);
+    let f = scale / z;
+    for x in row.iter_mut() {
+        *x = *x * f;
+    }
+    row[y] = row[y] - scale;
+    (m - x_y).into() + z.into().ln()
+}
+
 /// Cross-entropy over rows of `logits` (n × v), fused with its backward:
 /// returns Σ_rows (logsumexp − logit[target]) in f64 and overwrites the
 /// logits with `scale · (softmax − onehot(target))`, i.e. ∂(scale·Σ CE)/∂logits.
@@ -324,23 +365,66 @@ pub fn cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], v: usize, scale
         .par_chunks_mut(ROWS * v)
         .zip(targets.par_chunks(ROWS))
         .map(|(rows, targets)| {
-            let mut sum = 0.0f64;
-            for (row, &y) in rows.chunks_exact_mut(v).zip(targets) {
-                let m = max(row);
-                let z = exp_shifted_sum(row, m);
-                let p_y = row[y as usize] / z;
-                sum += -p_y.into().ln();
-                let f = scale / z;
-                for x in row.iter_mut() {
-                    *x = *x * f;
-                }
-                row[y as usize] = row[y as usize] - scale;
-            }
-            sum
+            rows.chunks_exact_mut(v)
+                .zip(targets)
+                .map(|(row, &y)| cross_entropy_row(row, y as usize, scale))
+                .sum::<f64>()
         })
         .collect::<Vec<f64>>()
         .iter()
         .sum() // fixed order: the same loss on every run
+}
+
+/// Per-row cross-entropy without the backward: `loss[i] = logsumexp(row_i) −
+/// row_i[targets[i]]` for logits (n × v), logits untouched.
+pub fn cross_entropy_rows<T: Real>(logits: &[T], targets: &[u32], v: usize, loss: &mut [T]) {
+    loss.par_iter_mut()
+        .zip(logits.par_chunks(v).zip(targets.par_iter()))
+        .for_each(|(l, (row, &y))| {
+            let m = max(row);
+            let z = sum_map(row, |x| (x - m).exp_fast());
+            *l = m + z.ln() - row[y as usize];
+        });
+}
+
+/// Backward of [`cross_entropy_rows`]: `dlogits` row i is written with
+/// `g[i] · (softmax(row_i) − onehot(targets[i]))`.
+pub fn cross_entropy_rows_backward<T: Real>(
+    logits: &[T],
+    targets: &[u32],
+    g: &[T],
+    dlogits: &mut [T],
+) {
+    let v = logits.len() / g.len().max(1);
+    dlogits
+        .par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .for_each(|((out, row), (&y, &g))| {
+            out.copy_from_slice(row);
+            cross_entropy_row(out, y as usize, g);
+        });
+}
+
+/// The `sel.len()` largest entries of `row`, largest first, ties to the lower
+/// index (the routing rule of SPEC.md, shared by the model and the engine).
+pub fn top_k<T: Real>(row: &[T], sel: &mut [u32]) {
+    let k = sel.len();
+    debug_assert!(k <= row.len(), "top-{k} of {} entries", row.len());
+    let mut len = 0;
+    for (x, &v) in row.iter().enumerate() {
+        // Insert after every kept entry ≥ v: equal values keep index order.
+        let mut pos = len;
+        while pos > 0 && row[sel[pos - 1] as usize] < v {
+            pos -= 1;
+        }
+        if pos < k {
+            let end = len.min(k - 1);
+            sel.copy_within(pos..end, pos + 1);
+            sel[pos] = x as u32;
+            len = (len + 1).min(k);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,12 +470,15 @@ mod tests {
         let c = rand_vec(n * d, 4);
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             let (mut y, mut m, mut r) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
-            layer_norm(x, w, Some(b), &mut y, &mut m, &mut r);
+            layer_norm(x, w, Some(b), 1e-5, &mut y, &mut m, &mut r);
             y.iter().zip(&c).map(|(y, c)| y * c).sum::<f64>()
         };
         // The forward against its definition.
         let (mut y, mut m, mut r) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
-        layer_norm(&x, &w, Some(&b), &mut y, &mut m, &mut r);
+        layer_norm(&x, &w, Some(&b), 1e-5, &mut y, &mut m, &mut r);
+        let (mut m2, mut r2) = (vec![0.0; n], vec![0.0; n]);
+        layer_norm_stats(&x, d, 1e-5, &mut m2, &mut r2);
+        assert_eq!((&m2, &r2), (&m, &r));
         for i in 0..n {
             let row = &x[i * d..(i + 1) * d];
             let mu = row.iter().sum::<f64>() / d as f64;
@@ -485,6 +572,47 @@ mod tests {
         let total = cross_entropy(&mut g, &y, v, scale);
         assert!((total - loss(&z)).abs() < 1e-10);
         close(&g, &fd(&z, |z| scale * loss(z)), 1e-7, "dlogits");
+    }
+
+    #[test]
+    fn row_wise_cross_entropy_matches_the_fused_one() {
+        let (n, v) = (5, 9);
+        let z: Vec<f64> = rand_vec(n * v, 11).iter().map(|x| 5.0 * x).collect();
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 2) % v as u32).collect();
+        let g = rand_vec(n, 12);
+        let mut loss = vec![0.0; n];
+        cross_entropy_rows(&z, &y, v, &mut loss);
+        let mut dz = vec![0.0; n * v];
+        cross_entropy_rows_backward(&z, &y, &g, &mut dz);
+        for i in 0..n {
+            let mut row = z[i * v..(i + 1) * v].to_vec();
+            let want = cross_entropy(&mut row, &y[i..=i], v, g[i]);
+            assert!((loss[i] - want).abs() < 1e-12);
+            close(&dz[i * v..(i + 1) * v], &row, 1e-15, "dlogits");
+        }
+    }
+
+    #[test]
+    fn top_k_is_largest_first_with_ties_to_the_lower_index() {
+        let mut sel = [0u32; 2];
+        top_k(&[0.1, 0.4, 0.4, 0.1], &mut sel);
+        assert_eq!(sel, [1, 2]);
+        let mut sel = [0u32; 3];
+        top_k(&[0.25f32; 4], &mut sel);
+        assert_eq!(sel, [0, 1, 2]);
+        let mut sel = [0u32; 4];
+        top_k(&[0.3, 0.1, 0.5, 0.2], &mut sel);
+        assert_eq!(sel, [2, 0, 3, 1]);
+        // Against a stable sort, on random rows with repeated values.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        for _ in 0..200 {
+            let row: Vec<f64> = (0..7).map(|_| rng.random_range(0..4) as f64).collect();
+            let mut idx: Vec<u32> = (0..7).collect();
+            idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let mut sel = [0u32; 3];
+            top_k(&row, &mut sel);
+            assert_eq!(sel[..], idx[..3], "{row:?}");
+        }
     }
 
     #[test]

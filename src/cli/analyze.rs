@@ -1,0 +1,263 @@
+//! `moescope analyze`: every measure on a moescope model or a Hugging Face
+//! checkpoint, written as JSON (and optionally SVG figures).
+
+use super::{progress, run_data_config};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use moescope::checkpoint::load_model;
+use moescope::config::{AnalysisSpace, DataConfig, Family, JacobianMode, RankRule};
+use moescope::data::{analysis_tokens, Dataset};
+use moescope::hf::{self, analyze::HfOptions, HfCheckpoint, ModelSource};
+use moescope::measures::analyze::{self, GeometryOptions, Report};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct AnalyzeArgs {
+    /// A moescope run/checkpoint folder or model.safetensors; a Hugging Face model folder
+    /// (config.json + *.safetensors); or a hub id `org/name` (HF cache, downloaded when online).
+    #[arg(long)]
+    model: String,
+    /// Hugging Face models: only these decoder layers (MoE layers, comma-separated); earlier
+    /// layers still run to produce their inputs.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Hugging Face models: tokens per window (default: min(512, max_position_embeddings)).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Hugging Face models: load every layer first instead of streaming one layer at a time.
+    #[arg(long)]
+    in_memory: bool,
+    /// Hugging Face hub revision (branch, tag or commit) for `org/name`.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Text corpus (file or folder) tokenised with the model's tokenizer; default: a moescope run's own
+    /// validation split, or the built-in corpus for Hugging Face models.
+    #[arg(long, conflicts_with = "token_ids")]
+    data: Option<PathBuf>,
+    /// Already tokenised input: a JSON array of integers or a 1-D .npy of integer ids.
+    #[arg(long)]
+    token_ids: Option<PathBuf>,
+    /// Tokens to analyse (the first N of the input).
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Weight-overlap families, comma-separated: up, gate, down, router.
+    #[arg(long, default_value = "up,gate,down,router", value_delimiter = ',')]
+    families: Vec<Family>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Cross-expert Jacobian alignment: exact, estimate (Hutchinson, 64 probes), estimate:M, auto, off.
+    #[arg(long, default_value = "auto")]
+    jacobian: JacobianMode,
+    /// Jacobian alignment over `routed` pairs (i<j both selected) or `all` pairs.
+    #[arg(long, default_value = "routed")]
+    jacobian_pairs: JacobianPairs,
+    /// Tokens (the first analysed) used for Jacobian alignment.
+    #[arg(long, default_value_t = 1024)]
+    jacobian_tokens: usize,
+    /// Routed tokens per expert whose Jacobian spectrum is computed (0 = none).
+    #[arg(long, default_value_t = 16)]
+    spectra_tokens: usize,
+    /// Expert subspaces: RANK (PCA rank), var:τ (smallest rank reaching τ of the variance, cap 16), var:τ:CAP, or off.
+    #[arg(long, default_value = "16")]
+    subspace: RankRule,
+    /// PCA of the experts' routed `input`s or their `output`s h_e.
+    #[arg(long, default_value = "input")]
+    space: AnalysisSpace,
+    /// Weight each routed row by its gate g_e.
+    #[arg(long)]
+    weighted: bool,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "report.json")]
+    out: PathBuf,
+    /// Also draw the report as SVG figures into this folder (measures by layer, E×E matrices).
+    #[arg(long)]
+    figures: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Which expert pairs Jacobian alignment covers.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JacobianPairs {
+    Routed,
+    All,
+}
+
+pub fn run(a: AnalyzeArgs) -> Result<()> {
+    // Options are checked (by clap) before any heavy work.
+    let geo = GeometryOptions {
+        jacobian: a.jacobian,
+        jacobian_all_pairs: a.jacobian_pairs == JacobianPairs::All,
+        jacobian_tokens: a.jacobian_tokens,
+        spectra_tokens: a.spectra_tokens,
+        subspace: a.subspace,
+        output_space: a.space == AnalysisSpace::Output,
+        weighted: a.weighted,
+        ..Default::default()
+    };
+    let source = ModelSource::detect(&a.model, &a.revision, progress())
+        .with_context(|| format!("--model {}", a.model))?;
+    match source {
+        ModelSource::HuggingFace(dir) => analyze_hf(&a, &dir, &geo),
+        ModelSource::Moescope(path) => analyze_moescope(&a, &path, &geo),
+    }
+}
+
+fn analyze_moescope(a: &AnalyzeArgs, model_path: &Path, geo: &GeometryOptions) -> Result<()> {
+    if a.layers.is_some() || a.seq_len.is_some() || a.in_memory {
+        bail!("--layers, --seq-len and --in-memory apply to Hugging Face checkpoints; {} is a moescope model", a.model);
+    }
+    let device = moescope::device::parse_device(&a.device)?;
+    let (model, run_cfg) = load_model(model_path, &device)?;
+    // The library checks the tokens (empty, out of vocabulary, fewer than --tokens).
+    let (tokens, data_desc) = load_tokens(a, || {
+        Ok(run_data_config(model_path, run_cfg, a.data.as_deref()))
+    })?;
+    let source = analyze::Source {
+        checkpoint: a.model.clone(),
+        data: data_desc.clone(),
+        seed: 0,
+    };
+    let report = analyze::analyze_with(
+        &model,
+        &tokens,
+        a.tokens,
+        a.batch.max(1),
+        &a.families,
+        geo,
+        source,
+    )
+    .with_context(|| format!("analysing {data_desc}"))?;
+    write_analysis(a, &report)
+}
+
+fn analyze_hf(a: &AnalyzeArgs, dir: &Path, geo: &GeometryOptions) -> Result<()> {
+    if a.device != "cpu" {
+        bail!(
+            "--device {}: Hugging Face checkpoints are analysed on the CPU",
+            a.device
+        );
+    }
+    let ck = HfCheckpoint::open(dir)?;
+    let cfg = &ck.cfg;
+    describe_hf(a, &ck, geo);
+    let (tokens, data_desc) = load_tokens(a, || {
+        let Some(tok) = &ck.files.tokenizer else {
+            bail!(
+                "{} has no tokenizer.json; pass already tokenised input with --token-ids",
+                dir.display()
+            );
+        };
+        Ok(DataConfig {
+            tokenizer: tok.display().to_string(),
+            path: a
+                .data
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    })?;
+    let opts = HfOptions {
+        tokens: a.tokens,
+        seq_len: a.seq_len.unwrap_or(cfg.max_position.min(512)),
+        batch: a.batch.max(1),
+        layers: a.layers.clone(),
+        in_memory: a.in_memory,
+        progress: progress(),
+    };
+    let source = analyze::Source {
+        checkpoint: format!("{} ({}, {})", a.model, cfg.arch.name(), ck.dtype()),
+        data: data_desc.clone(),
+        seed: 0,
+    };
+    let (report, timings) = hf::analyze::analyze(&ck, &tokens, &opts, &a.families, geo, source)
+        .with_context(|| format!("analysing {} on {data_desc}", a.model))?;
+    for t in &timings {
+        eprintln!(
+            "layer {:>3}: load {:>7.2} s, compute {:>7.2} s{}",
+            t.index,
+            t.load_s,
+            t.compute_s,
+            t.peak_rss_mb
+                .map(|m| format!(", peak RSS {m:.0} MiB"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(p) = &report.perplexity {
+        eprintln!(
+            "next-token loss {:.4}, perplexity {:.2} over {} tokens",
+            p.loss, p.ppl, p.tokens
+        );
+    }
+    write_analysis(a, &report)
+}
+
+/// The checkpoint's shape, and what Jacobian alignment will cost on it.
+fn describe_hf(a: &AnalyzeArgs, ck: &HfCheckpoint, geo: &GeometryOptions) {
+    let cfg = &ck.cfg;
+    eprintln!(
+        "{}: {} ({}), {} layers ({} MoE), {} experts, top-{}, d {}, expert d_ff {}{}",
+        a.model,
+        cfg.arch.name(),
+        ck.dtype(),
+        cfg.n_layers,
+        cfg.n_moe_layers(),
+        cfg.n_experts,
+        cfg.top_k,
+        cfg.hidden_size,
+        cfg.moe_d_ff,
+        cfg.shared
+            .map(|s| format!(", shared expert d_ff {}", s.d_ff))
+            .unwrap_or_default()
+    );
+    let jac_tokens = geo.jacobian_tokens.min(a.tokens);
+    if let Some((mode, flops)) = moescope::measures::jacobian::plan(
+        geo.jacobian,
+        cfg.hidden_size,
+        cfg.moe_d_ff,
+        cfg.n_experts,
+        2,
+        jac_tokens,
+        cfg.top_k,
+        geo.jacobian_all_pairs,
+    ) {
+        eprintln!(
+            "Jacobian alignment: {mode} mode on {jac_tokens} tokens, about {:.2} TFLOP (f64) per MoE layer; \
+             --jacobian-tokens N or --jacobian off for a quicker run",
+            flops / 1e12
+        );
+    }
+}
+
+/// The tokens to analyse and where they come from: `--token-ids` as given,
+/// else the start of the validation split of the corpus `data_cfg` names
+/// (asked for only then). Both kinds of model read the same count.
+fn load_tokens(
+    a: &AnalyzeArgs,
+    data_cfg: impl FnOnce() -> Result<DataConfig>,
+) -> Result<(Vec<u32>, String)> {
+    if let Some(p) = &a.token_ids {
+        return Ok((analyze::read_token_ids(p)?, p.display().to_string()));
+    }
+    let ds = Dataset::load(&data_cfg()?, progress())?;
+    Ok((
+        analysis_tokens(&ds.valid, a.tokens),
+        format!("{} (validation split)", ds.source),
+    ))
+}
+
+/// The report as JSON at `--out`, its summary table on stderr, and the figures.
+fn write_analysis(a: &AnalyzeArgs, report: &Report) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    moescope::fsutil::write_atomic(&a.out, &json)?;
+    eprint!("{}", analyze::summary_table(report));
+    eprintln!("report: {}", a.out.display());
+    if let Some(dir) = &a.figures {
+        let files = moescope::report::analysis::analysis_figures(report, dir)?;
+        eprintln!("figures: {} SVG files in {}", files.len(), dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! `moescope bench ...`: the benchmarks; each prints a summary on stderr and
+//! its result as one JSON line on stdout (what the comparison scripts read).
+
+use super::set_threads;
+use anyhow::{bail, Result};
+use clap::builder::TypedValueParser;
+use clap::{Args, Subcommand};
+use moescope::bench::{self, BenchOptions};
+use moescope::config::{Config, EngineChoice, JacobianMode, RankRule, PRESETS};
+use moescope::measures::analyze::GeometryOptions;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Jacobian alignment on a random MoE layer: exact vs Hutchinson vs naive autodiff Jacobians.
+    Jacobian(JacobianArgs),
+    /// Cost of logging the measures at evaluation (activation capture + weight MSO), in % of an eval pass.
+    Eval(EvalArgs),
+    /// Streaming analysis of a random Mixtral-shaped HF checkpoint written to disk: time and peak RSS per layer.
+    Hf(HfArgs),
+    /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct JacobianArgs {
+    #[arg(long, default_value_t = 512)]
+    d_model: usize,
+    #[arg(long, default_value_t = 2048)]
+    d_ff: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// SwiGLU experts (default MLP/SiLU).
+    #[arg(long)]
+    swiglu: bool,
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens on which the naive way is timed (then scaled to all).
+    #[arg(long, default_value_t = 2)]
+    naive_tokens: usize,
+    /// Skip exact mode and the naive way (e.g. Mixtral-sized layers).
+    #[arg(long)]
+    estimate_only: bool,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    preset: String,
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Validation tokens per eval pass.
+    #[arg(long, default_value_t = 32768)]
+    eval_tokens: usize,
+    /// Tokens on which activations are captured (default: the preset's measure.tokens).
+    #[arg(long)]
+    measure_tokens: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+pub struct HfArgs {
+    /// Where the random checkpoint is written (reused when it matches).
+    #[arg(long, default_value = "target/bench-mixtral")]
+    dir: PathBuf,
+    /// Decoder layers of the checkpoint (each is ~2.8 GB in bf16 at full size).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Tiny shapes instead of Mixtral-8x7B's (d 4096, f 14336, 8 experts, vocab 32000).
+    #[arg(long)]
+    tiny: bool,
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Load both layers first (compare peak memory with streaming).
+    #[arg(long)]
+    in_memory: bool,
+    /// Jacobian alignment mode (off, exact, estimate:M, auto).
+    #[arg(long, default_value = "off")]
+    jacobian: JacobianMode,
+    /// Expert subspaces (off or a rank).
+    #[arg(long, default_value = "off")]
+    subspace: RankRule,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Shapes: `tiny` and `small` are the PyTorch peer's configs of those names, `paper` the paper's.
+    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    preset: String,
+    /// Override model keys, e.g. --set model.d_model=512.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Vocabulary of the synthetic tokens (the peer's tiny uses 4096).
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Sequences per step (default: the preset's train.batch_size).
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long, default_value_t = 60)]
+    steps: usize,
+    /// Steps excluded from the median.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// `fused` (the training engine) or `autodiff` (the reference path).
+    #[arg(long, default_value = "fused", value_parser = bench_engine_parser())]
+    engine: EngineChoice,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// `fused` or `autodiff`: a benchmark times one step, so `auto` has no meaning.
+fn bench_engine_parser() -> impl TypedValueParser<Value = EngineChoice> {
+    clap::builder::PossibleValuesParser::new(["fused", "autodiff"])
+        .try_map(|s| s.parse::<EngineChoice>())
+}
+
+pub fn run(what: BenchCmd) -> Result<()> {
+    match what {
+        BenchCmd::Jacobian(a) => jacobian(a),
+        BenchCmd::Eval(a) => eval(a),
+        BenchCmd::Hf(a) => hf(a),
+        BenchCmd::Train(a) => train(a),
+    }
+}
+
+fn jacobian(a: JacobianArgs) -> Result<()> {
+    set_threads(a.threads);
+    if a.experts < 2 || a.tokens == 0 {
+        bail!("need at least 2 experts and 1 token");
+    }
+    let r = bench::bench_jacobian(
+        a.d_model,
+        a.d_ff,
+        a.experts,
+        a.swiglu,
+        a.tokens,
+        a.naive_tokens,
+        a.estimate_only,
+    )?;
+    eprintln!(
+        "bench jacobian d={} f={} E={} {}: {} instances | exact {} | estimate(64) {:.2} s | naive {} | speedup {} | max |ΔA| {} | auto picks {}",
+        r.d_model, r.d_ff, r.experts, r.expert, r.instances,
+        r.exact_s.map(|s| format!("{s:.2} s")).unwrap_or("-".into()),
+        r.estimate_s,
+        r.naive_s_extrapolated.map(|s| format!("{s:.0} s (extrapolated from {} tokens)", r.naive_tokens)).unwrap_or("-".into()),
+        r.speedup_exact_vs_naive.map(|s| format!("{s:.0}x")).unwrap_or("-".into()),
+        r.max_abs_diff.map(|s| format!("{s:.1e}")).unwrap_or("-".into()),
+        r.auto_picks
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    set_threads(a.threads);
+    let cfg = bench_config(&a.preset, &a.sets, a.vocab)?;
+    let mt = a.measure_tokens.unwrap_or(cfg.measure.tokens);
+    let r = bench::bench_eval(
+        &a.preset,
+        &cfg.model,
+        a.eval_tokens,
+        mt,
+        cfg.train.batch_size,
+        a.reps.max(1),
+    )?;
+    eprintln!(
+        "bench eval {}: {:.3} s plain, {:.3} s with measures on {} of {} tokens: +{:.1}%",
+        r.preset, r.plain_s, r.measured_s, r.measure_tokens, r.eval_tokens, r.overhead_pct
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn hf(a: HfArgs) -> Result<()> {
+    set_threads(a.threads);
+    let geo = GeometryOptions {
+        jacobian: a.jacobian,
+        jacobian_tokens: a.tokens,
+        spectra_tokens: 0,
+        subspace: a.subspace,
+        ..Default::default()
+    };
+    if a.layers == 0 || a.tokens == 0 {
+        bail!("need at least 1 layer and 1 token");
+    }
+    let r = bench::bench_hf(
+        &a.dir,
+        a.layers,
+        !a.tiny,
+        a.tokens,
+        a.seq_len,
+        a.in_memory,
+        &geo,
+    )?;
+    print_hf(&r)
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    set_threads(a.threads);
+    if a.steps <= a.warmup {
+        bail!("--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
+    }
+    // `tiny` and `small` are the peer's configs of the same names.
+    let sets: Vec<String> = bench::peer_sets(&a.preset)
+        .iter()
+        .map(|s| s.to_string())
+        .chain(a.sets)
+        .collect();
+    let cfg = bench_config(&a.preset, &sets, a.vocab)?;
+    let o = BenchOptions {
+        preset: a.preset,
+        batch: a.batch.unwrap_or(cfg.train.batch_size),
+        model: cfg.model,
+        steps: a.steps,
+        warmup: a.warmup,
+        seed: 0,
+        lr: 5e-4,
+        orth_lambda: cfg.reg.orth_lambda,
+        autodiff: a.engine == EngineChoice::Autodiff,
+    };
+    let r = bench::bench_train(&o, std::io::stderr().is_terminal())?;
+    print_train(&r)
+}
+
+/// A benchmark's config: the preset with `--set`s; synthetic tokens have `vocab` ids
+/// unless the config fixes `model.vocab_size`.
+fn bench_config(preset: &str, sets: &[String], vocab: usize) -> Result<Config> {
+    let mut cfg = Config::resolve(Some(preset), None, sets)?;
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = vocab;
+    }
+    Ok(cfg)
+}
+
+fn print_hf(r: &bench::HfBenchResult) -> Result<()> {
+    eprintln!(
+        "checkpoint {:.2} GB on disk, one layer {:.2} GB in f32, {} tokens ({}):",
+        r.disk_gb,
+        r.layer_f32_gb,
+        r.tokens,
+        if r.in_memory {
+            "in memory"
+        } else {
+            "streaming"
+        }
+    );
+    for t in &r.per_layer {
+        eprintln!(
+            "  layer {}: load {:.1} s, compute {:.1} s{}",
+            t.index,
+            t.load_s,
+            t.compute_s,
+            t.peak_rss_mb
+                .map(|m| format!(", peak RSS {:.2} GB", m * (1 << 20) as f64 / 1e9))
+                .unwrap_or_default()
+        );
+    }
+    eprintln!("total {:.1} s", r.total_s);
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
+}
+
+fn print_train(r: &bench::BenchResult) -> Result<()> {
+    eprintln!(
+        "bench train {} ({} engine): {:.0} tokens/s, {:.1} model GFLOP/s = {:.0}% of the measured GEMM ceiling ({:.0} GFLOP/s), median step {:.1} ms, cpu util {:.2}, peak RSS {:.0} MB",
+        r.preset, r.engine, r.tokens_per_s, r.gflops, 100.0 * r.ceiling_share, r.gemm_ceiling_gflops,
+        r.median_step_s * 1e3, r.cpu_util, r.peak_rss_mb
+    );
+    if !r.sections_ms.is_empty() {
+        let parts: Vec<String> = r
+            .sections_ms
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.1}"))
+            .collect();
+        eprintln!("ms per step: {}", parts.join(", "));
+    }
+    eprintln!("peer (same shapes): {}", r.peer_command);
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! One module per command: its flags (clap `Args`) and its `run`, which turns
+//! the flags into library calls and prints the outcome. Errors get their
+//! context here (anyhow); the library's own errors already name the key or
+//! file at fault.
+
+pub mod analyze;
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod sweep;
+pub mod train;
+
+use moescope::config::{Config, DataConfig};
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// Use `n` CPU threads (0 = all cores).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        // candle and gemm read RAYON_NUM_THREADS; rayon's global pool is built from it.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// Whether progress bars can be drawn.
+pub fn progress() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// The data config of a saved model's run (defaults when it has none), with the
+/// run's own copy of its tokenizer.json and `data` (a corpus path) applied.
+pub fn run_data_config(model: &Path, run_cfg: Option<Config>, data: Option<&Path>) -> DataConfig {
+    let mut cfg = run_cfg.map(|c| c.data).unwrap_or_default();
+    let run_tok = model.join("tokenizer.json");
+    if run_tok.is_file() {
+        cfg.tokenizer = run_tok.display().to_string();
+    }
+    if let Some(d) = data {
+        cfg.path = d.display().to_string();
+    }
+    cfg
+}

@@ -1,0 +1,168 @@
+//! `moescope sweep`, `reproduce` and `report`: many runs, then their report.
+
+use super::{progress, set_threads};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use moescope::experiments::sweep::{self, SweepDir, SweepSpec};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// Sweep file: name, preset, base, [set] and [grid] (see README).
+    spec: PathBuf,
+    /// Sweep folder (default: sweeps/<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Parallel worker processes (default: from cores and memory).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// CPU threads per worker (default: cores / jobs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a Slurm job-array script (one task per run) instead of running locally.
+    #[arg(long)]
+    slurm: bool,
+    /// Gather the runs' results into results.csv / results.jsonl and the report.
+    #[arg(long)]
+    collect: bool,
+    /// Run only the run with this index, in this process (what each worker runs).
+    #[arg(long, hide = true)]
+    run_one: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct ReproduceArgs {
+    /// quick (tiny, 3 λ, 2 seeds: minutes), cpu (small, 7 λ, 3 seeds: hours), paper (7 λ, 5 seeds, 3 corpora: GPU/Slurm).
+    #[arg(long, default_value = "cpu", value_parser = ["quick", "cpu", "paper"])]
+    scale: String,
+    /// Corpus for every run (default: built-in corpus; the paper scale uses TinyStories, WikiText-103, PTB).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Sweep folder (default: reproduce-<scale>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    jobs: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a Slurm job-array script instead of running locally.
+    #[arg(long)]
+    slurm: bool,
+}
+
+/// How a sweep's runs are carried out.
+struct Execution {
+    jobs: Option<usize>,
+    threads: Option<usize>,
+    slurm: bool,
+    collect_only: bool,
+}
+
+pub fn run(a: SweepArgs) -> Result<()> {
+    let spec = SweepSpec::from_file(&a.spec)?;
+    let dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("sweeps").join(&spec.name));
+    if let Some(i) = a.run_one {
+        return run_one(&spec, SweepDir(dir), i, a.threads);
+    }
+    let exec = Execution {
+        jobs: a.jobs,
+        threads: a.threads,
+        slurm: a.slurm,
+        collect_only: a.collect,
+    };
+    run_sweep(spec, SweepDir(dir), &exec)
+}
+
+pub fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let data = a.data.as_ref().map(|d| {
+        std::fs::canonicalize(d)
+            .unwrap_or(d.clone())
+            .display()
+            .to_string()
+    });
+    let spec = moescope::experiments::reproduce::spec(&a.scale, data.as_deref())?;
+    let dir = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
+    let exec = Execution {
+        jobs: a.jobs,
+        threads: a.threads,
+        slurm: a.slurm,
+        collect_only: false,
+    };
+    run_sweep(spec, SweepDir(dir), &exec)
+}
+
+pub fn report(dir: PathBuf) -> Result<()> {
+    let f = moescope::report::write_sweep_report(&SweepDir(dir))?;
+    eprintln!("report: {}", f.markdown.display());
+    println!("{}", f.html.display());
+    Ok(())
+}
+
+/// One run of the sweep in this process (what each worker runs).
+fn run_one(spec: &SweepSpec, dir: SweepDir, i: usize, threads: Option<usize>) -> Result<()> {
+    let cells = spec.cells()?;
+    let cell = cells
+        .get(i)
+        .with_context(|| format!("--run-one {i}: the sweep has {} runs", cells.len()))?;
+    set_threads(threads.unwrap_or(0));
+    let s = sweep::run_one(&dir, cell, threads)?;
+    if s.status != "done" {
+        bail!("run {} failed: {}", cell.id, s.error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution) -> Result<()> {
+    let cells = sweep::plan(&spec, &dir)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let jobs = exec
+        .jobs
+        .unwrap_or_else(|| sweep::default_jobs(&cells))
+        .max(1);
+    let threads = exec.threads.unwrap_or((cores / jobs).max(1));
+    if exec.slurm {
+        let p = sweep::write_slurm(&dir, &spec, &cells, threads)?;
+        eprintln!(
+            "wrote {} ({} array tasks, {threads} CPUs each)",
+            p.display(),
+            cells.len()
+        );
+        eprintln!("submit: sbatch {}", p.display());
+        eprintln!(
+            "then:   moescope sweep {} --out {} --collect",
+            dir.spec().display(),
+            dir.0.display()
+        );
+        println!("{}", p.display());
+        return Ok(());
+    }
+    if !exec.collect_only {
+        eprintln!(
+            "sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)",
+            spec.name,
+            cells.len(),
+            dir.0.display()
+        );
+        let c = sweep::run_local(&dir, &cells, jobs, threads, progress())?;
+        eprintln!(
+            "runs: {} done ({} already finished), {} failed",
+            c.done, c.skipped, c.failed
+        );
+    }
+    let f = moescope::report::write_sweep_report(&dir)?;
+    eprintln!(
+        "results: {} and {}",
+        dir.0.join("results.csv").display(),
+        dir.0.join("results.jsonl").display()
+    );
+    eprintln!("report:  {}", f.markdown.display());
+    println!("{}", f.html.display());
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The runs as the report sees them, grouped and compared.
+
+use super::table::{num, Table, TableCell};
+use crate::config::Routing;
+use crate::experiments::results::ResultRow;
+use crate::experiments::stats;
+
+/// A run of the sweep, with the report's defaults for what is unknown.
+#[derive(Debug, Clone)]
+pub(super) struct Run {
+    pub id: String,
+    pub dataset: String,
+    pub lambda: f64,
+    pub seed: u64,
+    pub status: String,
+    pub error: Option<String>,
+    pub ppl: Option<f64>,
+    pub wmso: Option<f64>,
+    pub amso: Option<f64>,
+    pub gap_layers: Vec<Option<f64>>,
+    /// `top-k`, `soft` or `expert-choice`, with the router temperature when not 1.
+    pub mode: String,
+    /// Regularisers / balancing (`none`, `orth 0.01`, `aux 0.01`, ...).
+    pub method: String,
+    pub balance: Option<f64>,
+    pub max_violation: Option<f64>,
+    pub dead: Option<f64>,
+    pub gap: Option<f64>,
+}
+
+impl Run {
+    pub fn from_row(r: &ResultRow) -> Run {
+        Run {
+            id: r.id.clone(),
+            dataset: r.dataset.clone().unwrap_or_else(|| "?".into()),
+            lambda: r.lambda.unwrap_or(f64::NAN),
+            seed: r.seed.unwrap_or(0),
+            status: r.status.clone(),
+            error: r.error.clone(),
+            ppl: r.val_ppl,
+            wmso: r.weight_mso,
+            amso: r.act_mso,
+            gap_layers: r.layers.gap_ratio.clone(),
+            mode: routing_mode(r),
+            method: r.method.clone().unwrap_or_else(|| "none".into()),
+            balance: r.balance,
+            max_violation: r.max_violation,
+            dead: r.dead_experts.map(|d| d as f64),
+            gap: r.gap_ratio,
+        }
+    }
+
+    /// Whether the run belongs to the λ study of Tables 1–4 (no regulariser but L_orth).
+    pub fn in_lambda_study(&self) -> bool {
+        self.method == "none" || (self.method.starts_with("orth ") && !self.method.contains(" + "))
+    }
+}
+
+/// `top-2`, `soft`, `expert-choice`, with ` (T = t)` for a router temperature t ≠ 1.
+fn routing_mode(r: &ResultRow) -> String {
+    let base = match r.routing {
+        Some(Routing::Soft) => "soft".to_string(),
+        Some(Routing::ExpertChoice) => "expert-choice".to_string(),
+        _ => format!("top-{}", r.top_k.unwrap_or(0)),
+    };
+    match r.router_temperature {
+        Some(t) if t != 1.0 => format!("{base} (T = {t})"),
+        _ => base,
+    }
+}
+
+/// The datasets of `runs`, sorted, each once.
+pub(super) fn datasets(runs: &[&Run]) -> Vec<String> {
+    let mut d: Vec<String> = runs.iter().map(|r| r.dataset.clone()).collect();
+    d.sort();
+    d.dedup();
+    d
+}
+
+/// Runs grouped by λ (sorted), each group by seed.
+pub(super) fn by_lambda<'a>(runs: &[&'a Run]) -> Vec<(f64, Vec<&'a Run>)> {
+    let mut g: Vec<(f64, Vec<&Run>)> = Vec::new();
+    for r in runs {
+        match g.iter_mut().find(|(l, _)| *l == r.lambda) {
+            Some((_, v)) => v.push(r),
+            None => g.push((r.lambda, vec![r])),
+        }
+    }
+    g.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (_, v) in &mut g {
+        v.sort_by_key(|r| r.seed);
+    }
+    g
+}
+
+/// Paired t by seed when both groups have the same seeds, else Welch.
+pub(super) fn compare(
+    base: &[&Run],
+    treated: &[&Run],
+    f: impl Fn(&Run) -> Option<f64>,
+) -> Option<(stats::TTest, &'static str)> {
+    let bs: Vec<u64> = base.iter().map(|r| r.seed).collect();
+    let ts: Vec<u64> = treated.iter().map(|r| r.seed).collect();
+    let bv: Vec<f64> = base.iter().filter_map(|r| f(r)).collect();
+    let tv: Vec<f64> = treated.iter().filter_map(|r| f(r)).collect();
+    if bs == ts && bv.len() == base.len() && tv.len() == treated.len() {
+        stats::paired_t(&bv, &tv).map(|t| (t, "paired t"))
+    } else {
+        stats::welch_t(&bv, &tv).map(|t| (t, "Welch t"))
+    }
+}
+
+/// The known values of `f` over `runs`.
+pub(super) fn vals(runs: &[&Run], f: impl Fn(&Run) -> Option<f64>) -> Vec<f64> {
+    runs.iter().filter_map(|r| f(r)).collect()
+}
+
+/// Every run with its outcome, linked to its metrics.
+pub(super) fn runs_table(all: &[Run]) -> Table {
+    let count = |f: &dyn Fn(&Run) -> bool| all.iter().filter(|r| f(r)).count();
+    Table {
+        title: "Runs".into(),
+        header: vec![
+            "run", "status", "dataset", "method", "seed", "val PPL", "error",
+        ],
+        rows: all
+            .iter()
+            .map(|r| {
+                vec![
+                    TableCell {
+                        text: r.id.clone(),
+                        links: vec![("metrics".into(), format!("runs/{}/metrics.jsonl", r.id))],
+                    },
+                    TableCell::from(r.status.clone()),
+                    TableCell::from(r.dataset.clone()),
+                    TableCell::from(r.method.clone()),
+                    TableCell::from(r.seed.to_string()),
+                    TableCell::from(r.ppl.map(num).unwrap_or_default()),
+                    TableCell::from(r.error.clone().unwrap_or_default()),
+                ]
+            })
+            .collect(),
+        note: format!(
+            "{} runs: {} done, {} failed, {} not finished.",
+            all.len(),
+            count(&|r| r.status == "done"),
+            count(&|r| r.status == "failed"),
+            count(&|r| r.status != "done" && r.status != "failed"),
+        ),
+    }
+}
