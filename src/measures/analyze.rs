@@ -58,7 +58,7 @@ impl Default for GeometryOptions {
     fn default() -> Self {
         GeometryOptions {
             jacobian: JacobianMode::Off,
-            jacobian_all_pairs: false,
+            jacobian_all_pairs: true,
             jacobian_tokens: 1024,
             spectra_tokens: 16,
             top_singular_values: 8,
@@ -95,6 +95,8 @@ pub struct Options {
     pub subspace: String,
     pub subspace_space: &'static str,
     pub subspace_weighted: bool,
+    /// Draws of each null (0 = none).
+    pub null_draws: usize,
 }
 
 /// One MoE layer's measures.
@@ -161,6 +163,60 @@ pub struct Summary {
     pub balance: f64,
     pub dead_experts: usize,
     pub max_violation: f64,
+    /// The pairwise measures under the three pair sets, and their nulls,
+    /// averaged over layers (docs/MEASURES.md, "Pair sets" and "Nulls").
+    pub geometry: GeometrySummary,
+}
+
+/// Model-level means (over MoE layers) of the pair-set measures and nulls.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GeometrySummary {
+    pub act_mso: PairSets<f64>,
+    /// Mean Jacobian alignment A.
+    pub jacobian: PairSets<f64>,
+    /// Mean A with routing shuffled across tokens (`routed`, `gate_weighted`).
+    pub jacobian_null_shuffled: PairSets<f64>,
+    /// Mean all-pairs A of independently initialised experts.
+    pub jacobian_null_init: Option<f64>,
+    /// Mean subspace overlap.
+    pub subspace_overlap: PairSets<f64>,
+    pub subspace_geodesic_normalised: Option<f64>,
+    /// Permutation null of the overlap (mean) and the layers' mean z.
+    pub subspace_null_overlap: Option<f64>,
+    pub subspace_z: Option<f64>,
+    /// Random-subspace overlap r/d.
+    pub subspace_random_overlap: Option<f64>,
+    /// Why the subspace numbers are degenerate, when they are.
+    pub subspace_degenerate: Option<String>,
+}
+
+impl GeometrySummary {
+    /// Means over `layers` of each present value.
+    #[allow(clippy::type_complexity)]
+    pub fn of(layers: &[LayerReport]) -> Self {
+        let mean = |f: &dyn Fn(&LayerReport) -> Option<f64>| {
+            mean_present(&layers.iter().map(f).collect::<Vec<_>>())
+        };
+        let sets = |f: &dyn Fn(&LayerReport, usize) -> Option<f64>| {
+            PairSets::from_fn(|s| mean(&|l| f(l, s)))
+        };
+        let pick = |p: &PairSets<f64>, s: usize| [p.routed, p.all, p.gate_weighted][s];
+        let pick_mean = |p: &PairSets<SetMean>, s: usize| [p.routed, p.all, p.gate_weighted][s].map(|m| m.mean);
+        GeometrySummary {
+            act_mso: sets(&|l, s| pick_mean(&l.act_mso_sets, s)),
+            jacobian: sets(&|l, s| l.jacobian.as_ref().and_then(|j| pick_mean(&j.sets, s))),
+            jacobian_null_shuffled: sets(&|l, s| {
+                l.jacobian.as_ref().and_then(|j| [j.null.shuffled_routing.routed, None, j.null.shuffled_routing.gate_weighted][s].map(|n| n.mean))
+            }),
+            jacobian_null_init: mean(&|l| l.jacobian.as_ref().and_then(|j| j.null.random_init.map(|m| m.mean))),
+            subspace_overlap: sets(&|l, s| l.subspace.as_ref().and_then(|r| pick(&r.sets, s))),
+            subspace_geodesic_normalised: mean(&|l| l.subspace.as_ref().and_then(|r| r.mean_geodesic_normalised)),
+            subspace_null_overlap: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.map(|n| n.mean_overlap))),
+            subspace_z: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.and_then(|n| n.z))),
+            subspace_random_overlap: mean(&|l| l.subspace.as_ref().map(|r| r.random_overlap)),
+            subspace_degenerate: layers.iter().find_map(|l| l.subspace.as_ref().and_then(|r| r.degenerate.clone())),
+        }
+    }
 }
 
 /// The analysis document.
@@ -452,6 +508,7 @@ impl Options {
             },
             subspace_space: if geo.output_space { "output" } else { "input" },
             subspace_weighted: geo.weighted,
+            null_draws: geo.null_draws,
         }
     }
 }
@@ -487,6 +544,7 @@ pub fn summarize(layers: &[LayerReport], families: &[Family]) -> Summary {
             .iter()
             .map(|l| l.telemetry.max_violation)
             .fold(0.0, f64::max),
+        geometry: GeometrySummary::of(layers),
     }
 }
 
