@@ -210,18 +210,7 @@ pub fn analyze(
         *selected.last().expect("non-empty")
     };
     let windows = crate::data::eval_windows(n + 1, opts.seq_len, 0);
-    let batches: Vec<(usize, usize, Vec<u32>)> =
-        crate::data::batch_ranges(&windows, opts.batch, |a, b| a.1 == b.1)
-            .into_iter()
-            .map(|r| {
-                let (b, len) = (r.len(), windows[r.start].1);
-                let mut ids = Vec::with_capacity(b * len);
-                for &(s, l) in &windows[r] {
-                    ids.extend_from_slice(&tokens[s..s + l]);
-                }
-                (b, len, ids)
-            })
-            .collect();
+    let batches = batch_windows(tokens, &windows, opts.batch);
     let rope = Rope::new(cfg.head_dim, cfg.rope_theta, opts.seq_len.min(n.max(1)))?;
     let renorm = cfg.norm_topk;
     let mut measured: Vec<Option<Measured>> = (0..cfg.n_layers)
@@ -232,83 +221,22 @@ pub fn analyze(
             })
         })
         .collect();
-    let bar = if opts.progress {
-        let b = ProgressBar::new(last as u64 + 1);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} layer {pos}/{len} [{bar:30}] {elapsed} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
+    let run = LayerRun {
+        ck,
+        batches: &batches,
+        rope: &rope,
+        families,
+        geo,
+        last,
+        bar: progress_bar(opts.progress, last + 1),
     };
-
-    // Hidden states of every batch: (b·t, d).
-    let embed = model::load_embeddings(&ck.weights, cfg)?;
-    let mut xs: Vec<Tensor> = batches
-        .iter()
-        .map(|(_, _, ids)| model::embed(&embed, ids))
-        .collect::<Result<_>>()?;
-    drop(embed);
-
-    let mut timings = Vec::new();
-    let mut reports: Vec<LayerReport> = Vec::new();
-    if opts.in_memory {
-        let mut layers = Vec::new();
-        for l in 0..=last {
-            let t0 = Instant::now();
-            layers.push(DecoderLayer::load(&ck.weights, cfg, l)?);
-            timings.push(LayerTiming {
-                index: l,
-                load_s: t0.elapsed().as_secs_f64(),
-                compute_s: 0.0,
-                peak_rss_mb: None,
-            });
-            bar.set_message(format!("loaded layer {l}"));
-            bar.inc(1);
-        }
-        for (x, (b, t, _)) in xs.iter_mut().zip(&batches) {
-            for layer in &layers {
-                let t0 = Instant::now();
-                let l = layer.index;
-                *x = run_layer(layer, x, *b, *t, &rope, measured[l].as_mut(), geo)?;
-                timings[l].compute_s += t0.elapsed().as_secs_f64();
-            }
-        }
-        for layer in &layers {
-            if let Some(m) = measured[layer.index].take() {
-                let t0 = Instant::now();
-                reports.push(m.finish(layer, ck, families, geo)?);
-                timings[layer.index].compute_s += t0.elapsed().as_secs_f64();
-            }
-        }
+    let mut xs = embed_batches(ck, &batches)?;
+    let (reports, timings) = if opts.in_memory {
+        run.in_memory(&mut xs, &mut measured)?
     } else {
-        for (l, m) in measured.iter_mut().enumerate().take(last + 1) {
-            crate::memory::reset_peak_rss();
-            let t0 = Instant::now();
-            bar.set_message(format!("loading layer {l}"));
-            let layer = DecoderLayer::load(&ck.weights, cfg, l)?;
-            let load_s = t0.elapsed().as_secs_f64();
-            bar.set_message(format!("running layer {l} (loaded in {load_s:.1}s)"));
-            let t1 = Instant::now();
-            for (x, (b, t, _)) in xs.iter_mut().zip(&batches) {
-                *x = run_layer(&layer, x, *b, *t, &rope, m.as_mut(), geo)?;
-            }
-            if let Some(m) = m.take() {
-                reports.push(m.finish(&layer, ck, families, geo)?);
-            }
-            drop(layer);
-            timings.push(LayerTiming {
-                index: l,
-                load_s,
-                compute_s: t1.elapsed().as_secs_f64(),
-                peak_rss_mb: crate::memory::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
-            });
-            bar.inc(1);
-        }
-    }
-    bar.finish_and_clear();
+        run.streaming(&mut xs, &mut measured)?
+    };
+    run.bar.finish_and_clear();
 
     let perplexity = if full {
         let head = Head::load(&ck.weights, cfg)?;
@@ -339,6 +267,137 @@ pub fn analyze(
     ))
 }
 
+/// One forward pass's worth of windows: (windows, window length, their token
+/// ids back to back).
+type Batch = (usize, usize, Vec<u32>);
+
+/// Group the `(start, len)` windows into batches of up to `batch` windows of
+/// equal length.
+fn batch_windows(tokens: &[u32], windows: &[(usize, usize)], batch: usize) -> Vec<Batch> {
+    crate::data::batch_ranges(windows, batch, |a, b| a.1 == b.1)
+        .into_iter()
+        .map(|r| {
+            let (b, len) = (r.len(), windows[r.start].1);
+            let mut ids = Vec::with_capacity(b * len);
+            for &(s, l) in &windows[r] {
+                ids.extend_from_slice(&tokens[s..s + l]);
+            }
+            (b, len, ids)
+        })
+        .collect()
+}
+
+/// The input hidden states of every batch: (b·t, d) each.
+fn embed_batches(ck: &HfCheckpoint, batches: &[Batch]) -> Result<Vec<Tensor>> {
+    let embed = model::load_embeddings(&ck.weights, &ck.cfg)?;
+    batches
+        .iter()
+        .map(|(_, _, ids)| model::embed(&embed, ids))
+        .collect()
+}
+
+/// A bar over the decoder layers, or a hidden one.
+fn progress_bar(show: bool, layers: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(layers as u64);
+    b.set_style(
+        ProgressStyle::with_template("{spinner} layer {pos}/{len} [{bar:30}] {elapsed} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Runs the batches through layers `0..=last`, measuring the selected ones;
+/// both orders below produce the same reports.
+struct LayerRun<'a> {
+    ck: &'a HfCheckpoint,
+    batches: &'a [Batch],
+    rope: &'a Rope,
+    families: &'a [Family],
+    geo: &'a GeometryOptions,
+    last: usize,
+    bar: ProgressBar,
+}
+
+impl LayerRun<'_> {
+    /// Load every layer first, then run batch by batch through the whole model.
+    fn in_memory(
+        &self,
+        xs: &mut [Tensor],
+        measured: &mut [Option<Measured>],
+    ) -> Result<(Vec<LayerReport>, Vec<LayerTiming>)> {
+        let mut layers = Vec::new();
+        let mut timings = Vec::new();
+        for l in 0..=self.last {
+            let t0 = Instant::now();
+            layers.push(DecoderLayer::load(&self.ck.weights, &self.ck.cfg, l)?);
+            timings.push(LayerTiming {
+                index: l,
+                load_s: t0.elapsed().as_secs_f64(),
+                compute_s: 0.0,
+                peak_rss_mb: None,
+            });
+            self.bar.set_message(format!("loaded layer {l}"));
+            self.bar.inc(1);
+        }
+        for (x, (b, t, _)) in xs.iter_mut().zip(self.batches) {
+            for layer in &layers {
+                let t0 = Instant::now();
+                let l = layer.index;
+                *x = run_layer(layer, x, *b, *t, self.rope, measured[l].as_mut(), self.geo)?;
+                timings[l].compute_s += t0.elapsed().as_secs_f64();
+            }
+        }
+        let mut reports = Vec::new();
+        for layer in &layers {
+            if let Some(m) = measured[layer.index].take() {
+                let t0 = Instant::now();
+                reports.push(m.finish(layer, self.ck, self.families, self.geo)?);
+                timings[layer.index].compute_s += t0.elapsed().as_secs_f64();
+            }
+        }
+        Ok((reports, timings))
+    }
+
+    /// One layer at a time: load it, run every batch through it, measure, drop it.
+    fn streaming(
+        &self,
+        xs: &mut [Tensor],
+        measured: &mut [Option<Measured>],
+    ) -> Result<(Vec<LayerReport>, Vec<LayerTiming>)> {
+        let mut reports = Vec::new();
+        let mut timings = Vec::new();
+        for (l, m) in measured.iter_mut().enumerate().take(self.last + 1) {
+            crate::memory::reset_peak_rss();
+            let t0 = Instant::now();
+            self.bar.set_message(format!("loading layer {l}"));
+            let layer = DecoderLayer::load(&self.ck.weights, &self.ck.cfg, l)?;
+            let load_s = t0.elapsed().as_secs_f64();
+            self.bar
+                .set_message(format!("running layer {l} (loaded in {load_s:.1}s)"));
+            let t1 = Instant::now();
+            for (x, (b, t, _)) in xs.iter_mut().zip(self.batches) {
+                *x = run_layer(&layer, x, *b, *t, self.rope, m.as_mut(), self.geo)?;
+            }
+            if let Some(m) = m.take() {
+                reports.push(m.finish(&layer, self.ck, self.families, self.geo)?);
+            }
+            drop(layer);
+            timings.push(LayerTiming {
+                index: l,
+                load_s,
+                compute_s: t1.elapsed().as_secs_f64(),
+                peak_rss_mb: crate::memory::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+            });
+            self.bar.inc(1);
+        }
+        Ok((reports, timings))
+    }
+}
+
 /// One layer on one batch, measured when `m` is given.
 fn run_layer(
     layer: &DecoderLayer,
@@ -360,7 +419,7 @@ fn run_layer(
 fn loss(
     head: &Head,
     xs: &[Tensor],
-    batches: &[(usize, usize, Vec<u32>)],
+    batches: &[Batch],
     windows: &[(usize, usize)],
     tokens: &[u32],
 ) -> Result<Perplexity> {

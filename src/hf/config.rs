@@ -194,6 +194,9 @@ impl HfConfig {
     }
 
     /// Parse a config.json value (`path` is only used in messages).
+    ///
+    /// Keys are read in a fixed order (common keys, then the family's, then
+    /// the rest), so a file with several faults always names the same one.
     pub fn from_value(v: &Value, path: &Path) -> Result<HfConfig> {
         let k = Keys { path, v };
         if v.get("moescope").is_some() {
@@ -202,62 +205,9 @@ impl HfConfig {
                 "this is a moescope checkpoint, not a Hugging Face one; load it as a moescope model",
             ));
         }
-        let mt = k.str_or("model_type", "")?;
-        let arch = Arch::parse(mt).ok_or_else(|| {
-            let why = if mt.is_empty() {
-                "missing".to_string()
-            } else {
-                format!("`{mt}` is not supported")
-            };
-            k.err(
-                "model_type",
-                format!(
-                    "{why}; supported: {} (DeepSeek-V2/V3 with multi-head latent attention are not)",
-                    SUPPORTED.join(", ")
-                ),
-            )
-        })?;
-        let act = k.str_or("hidden_act", "silu")?;
-        if act != "silu" {
-            return Err(k.err(
-                "hidden_act",
-                format!("`{act}` is not supported (the experts must be SwiGLU with silu)"),
-            ));
-        }
-        // RoPE: `rope_theta` / `rope_scaling` (transformers 4) or
-        // `rope_parameters = {rope_theta, rope_type}` (transformers 5).
-        let params = k.get("rope_parameters");
-        for (key, rs) in [
-            ("rope_scaling", k.get("rope_scaling")),
-            ("rope_parameters", params),
-        ] {
-            let Some(rs) = rs else { continue };
-            let ty = rs
-                .get("rope_type")
-                .or_else(|| rs.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if ty != "default" {
-                return Err(k.err(
-                    key,
-                    format!("RoPE type `{ty}` is not supported; only unscaled (`default`) RoPE is"),
-                ));
-            }
-        }
-        let theta_default = if arch == Arch::Mixtral { 1e6 } else { 10000.0 };
-        let rope_theta = match (
-            k.get("rope_theta"),
-            params.and_then(|p| p.get("rope_theta")),
-        ) {
-            (Some(_), _) => k.f64_or("rope_theta", theta_default)?,
-            (None, Some(v)) => v.as_f64().ok_or_else(|| {
-                k.err(
-                    "rope_parameters.rope_theta",
-                    format!("expected a number, found {v}"),
-                )
-            })?,
-            (None, None) => theta_default,
-        };
+        let arch = read_arch(&k)?;
+        check_activation(&k)?;
+        let rope_theta = read_rope_theta(&k, arch)?;
         let hidden_size = k.usize("hidden_size")?;
         let n_layers = k.usize("num_hidden_layers")?;
         let n_heads = k.usize("num_attention_heads")?;
@@ -266,85 +216,11 @@ impl HfConfig {
         let max_position = k.usize_or("max_position_embeddings", Some(4096))?;
         let attention_bias = k.bool_or("attention_bias", false)?;
         let dense_d_ff = k.usize_or("intermediate_size", Some(0))?;
-        let (n_experts, moe_d_ff, shared, moe_layers, norm_default, qk_norm, qkv_bias) = match arch
-        {
-            Arch::Mixtral => (
-                k.first_usize(&["num_local_experts", "num_experts"])?,
-                k.usize("intermediate_size")?,
-                None,
-                vec![true; n_layers],
-                true,
-                QkNorm::None,
-                false,
-            ),
-            Arch::Qwen2Moe | Arch::Qwen3Moe => {
-                let n = k.first_usize(&["num_experts", "num_local_experts"])?;
-                let step = k.usize_or("decoder_sparse_step", Some(1))?.max(1);
-                let only = k.usize_list("mlp_only_layers")?;
-                let layers = (0..n_layers)
-                    .map(|l| !only.contains(&l) && n > 0 && (l + 1) % step == 0)
-                    .collect();
-                let shared = if arch == Arch::Qwen2Moe {
-                    let f = k.usize_or("shared_expert_intermediate_size", Some(0))?;
-                    (f > 0).then_some(SharedSpec {
-                        d_ff: f,
-                        gated: true,
-                    })
-                } else {
-                    None
-                };
-                (
-                    n,
-                    k.usize("moe_intermediate_size")?,
-                    shared,
-                    layers,
-                    false,
-                    if arch == Arch::Qwen3Moe {
-                        QkNorm::PerHead
-                    } else {
-                        QkNorm::None
-                    },
-                    arch == Arch::Qwen2Moe || attention_bias,
-                )
-            }
-            Arch::Olmoe => (
-                k.first_usize(&["num_experts", "num_local_experts"])?,
-                k.usize("intermediate_size")?,
-                None,
-                vec![true; n_layers],
-                false,
-                QkNorm::Full,
-                attention_bias,
-            ),
-            Arch::Deepseek => {
-                let scoring = k.str_or("scoring_func", "softmax")?;
-                if scoring != "softmax" {
-                    return Err(k.err(
-                        "scoring_func",
-                        format!("`{scoring}` is not supported (softmax is)"),
-                    ));
-                }
-                let n = k.usize("n_routed_experts")?;
-                let f = k.usize("moe_intermediate_size")?;
-                let first_dense = k.usize_or("first_k_dense_replace", Some(0))?;
-                let freq = k.usize_or("moe_layer_freq", Some(1))?.max(1);
-                let layers = (0..n_layers)
-                    .map(|l| n > 0 && l >= first_dense && l % freq == 0)
-                    .collect();
-                let n_shared = k.usize_or("n_shared_experts", Some(0))?;
-                (
-                    n,
-                    f,
-                    (n_shared > 0).then_some(SharedSpec {
-                        d_ff: f * n_shared,
-                        gated: false,
-                    }),
-                    layers,
-                    false,
-                    QkNorm::None,
-                    attention_bias,
-                )
-            }
+        let family = match arch {
+            Arch::Mixtral => mixtral_fields(&k, n_layers)?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe => qwen_fields(&k, arch, n_layers, attention_bias)?,
+            Arch::Olmoe => olmoe_fields(&k, n_layers, attention_bias)?,
+            Arch::Deepseek => deepseek_fields(&k, n_layers, attention_bias)?,
         };
         let cfg = HfConfig {
             arch,
@@ -356,37 +232,31 @@ impl HfConfig {
             head_dim,
             rms_eps: k.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
-            qkv_bias,
+            qkv_bias: family.qkv_bias,
             o_bias: matches!(arch, Arch::Olmoe | Arch::Qwen3Moe | Arch::Deepseek) && attention_bias,
-            qk_norm,
+            qk_norm: family.qk_norm,
             clip_qkv: if arch == Arch::Olmoe {
                 k.opt_f64("clip_qkv")?
             } else {
                 None
             },
             sliding_window: if arch == Arch::Mixtral {
-                k.get("sliding_window")
-                    .map(|v| {
-                        v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                            k.err("sliding_window", format!("expected an integer, found {v}"))
-                        })
-                    })
-                    .transpose()?
+                read_sliding_window(&k)?
             } else {
                 None
             },
             max_position,
-            n_experts,
+            n_experts: family.n_experts,
             top_k: k.usize("num_experts_per_tok")?,
             norm_topk: if arch == Arch::Mixtral {
                 true
             } else {
-                k.bool_or("norm_topk_prob", norm_default)?
+                k.bool_or("norm_topk_prob", family.norm_topk_default)?
             },
-            moe_d_ff,
+            moe_d_ff: family.moe_d_ff,
             dense_d_ff,
-            shared,
-            moe_layers,
+            shared: family.shared,
+            moe_layers: family.moe_layers,
             tie_embeddings: k.bool_or("tie_word_embeddings", false)?,
         };
         cfg.check(path)?;
@@ -478,6 +348,199 @@ impl HfConfig {
             format!("{block}.shared_experts")
         }
     }
+}
+
+/// `model_type`, which must be one of [`SUPPORTED`].
+fn read_arch(k: &Keys) -> Result<Arch> {
+    let mt = k.str_or("model_type", "")?;
+    Arch::parse(mt).ok_or_else(|| {
+        let why = if mt.is_empty() {
+            "missing".to_string()
+        } else {
+            format!("`{mt}` is not supported")
+        };
+        k.err(
+            "model_type",
+            format!(
+                "{why}; supported: {} (DeepSeek-V2/V3 with multi-head latent attention are not)",
+                SUPPORTED.join(", ")
+            ),
+        )
+    })
+}
+
+/// `hidden_act`: the experts must be SwiGLU with silu.
+fn check_activation(k: &Keys) -> Result<()> {
+    let act = k.str_or("hidden_act", "silu")?;
+    if act != "silu" {
+        return Err(k.err(
+            "hidden_act",
+            format!("`{act}` is not supported (the experts must be SwiGLU with silu)"),
+        ));
+    }
+    Ok(())
+}
+
+/// RoPE base, from `rope_theta` / `rope_scaling` (transformers 4) or
+/// `rope_parameters = {rope_theta, rope_type}` (transformers 5); only
+/// unscaled RoPE is accepted.
+fn read_rope_theta(k: &Keys, arch: Arch) -> Result<f64> {
+    let params = k.get("rope_parameters");
+    for (key, rs) in [
+        ("rope_scaling", k.get("rope_scaling")),
+        ("rope_parameters", params),
+    ] {
+        let Some(rs) = rs else { continue };
+        let ty = rs
+            .get("rope_type")
+            .or_else(|| rs.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if ty != "default" {
+            return Err(k.err(
+                key,
+                format!("RoPE type `{ty}` is not supported; only unscaled (`default`) RoPE is"),
+            ));
+        }
+    }
+    let theta_default = if arch == Arch::Mixtral { 1e6 } else { 10000.0 };
+    Ok(
+        match (
+            k.get("rope_theta"),
+            params.and_then(|p| p.get("rope_theta")),
+        ) {
+            (Some(_), _) => k.f64_or("rope_theta", theta_default)?,
+            (None, Some(v)) => v.as_f64().ok_or_else(|| {
+                k.err(
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {v}"),
+                )
+            })?,
+            (None, None) => theta_default,
+        },
+    )
+}
+
+/// Mistral's `sliding_window`, when set.
+fn read_sliding_window(k: &Keys) -> Result<Option<usize>> {
+    k.get("sliding_window")
+        .map(|v| {
+            v.as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| k.err("sliding_window", format!("expected an integer, found {v}")))
+        })
+        .transpose()
+}
+
+/// What the model families spell differently: the MoE layout and a few
+/// attention details.
+struct FamilyFields {
+    n_experts: usize,
+    moe_d_ff: usize,
+    shared: Option<SharedSpec>,
+    moe_layers: Vec<bool>,
+    /// `norm_topk_prob` when the file does not say.
+    norm_topk_default: bool,
+    qk_norm: QkNorm,
+    qkv_bias: bool,
+}
+
+/// Mixtral: every layer MoE, experts as wide as `intermediate_size`.
+fn mixtral_fields(k: &Keys, n_layers: usize) -> Result<FamilyFields> {
+    Ok(FamilyFields {
+        n_experts: k.first_usize(&["num_local_experts", "num_experts"])?,
+        moe_d_ff: k.usize("intermediate_size")?,
+        shared: None,
+        moe_layers: vec![true; n_layers],
+        norm_topk_default: true,
+        qk_norm: QkNorm::None,
+        qkv_bias: false,
+    })
+}
+
+/// Qwen2-MoE and Qwen3-MoE: MoE every `decoder_sparse_step`-th layer except
+/// `mlp_only_layers`; Qwen2 adds a gated shared expert and qkv bias, Qwen3
+/// per-head q/k norms.
+fn qwen_fields(
+    k: &Keys,
+    arch: Arch,
+    n_layers: usize,
+    attention_bias: bool,
+) -> Result<FamilyFields> {
+    let n = k.first_usize(&["num_experts", "num_local_experts"])?;
+    let step = k.usize_or("decoder_sparse_step", Some(1))?.max(1);
+    let only = k.usize_list("mlp_only_layers")?;
+    let moe_layers = (0..n_layers)
+        .map(|l| !only.contains(&l) && n > 0 && (l + 1) % step == 0)
+        .collect();
+    let shared = if arch == Arch::Qwen2Moe {
+        let f = k.usize_or("shared_expert_intermediate_size", Some(0))?;
+        (f > 0).then_some(SharedSpec {
+            d_ff: f,
+            gated: true,
+        })
+    } else {
+        None
+    };
+    Ok(FamilyFields {
+        n_experts: n,
+        moe_d_ff: k.usize("moe_intermediate_size")?,
+        shared,
+        moe_layers,
+        norm_topk_default: false,
+        qk_norm: if arch == Arch::Qwen3Moe {
+            QkNorm::PerHead
+        } else {
+            QkNorm::None
+        },
+        qkv_bias: arch == Arch::Qwen2Moe || attention_bias,
+    })
+}
+
+/// OLMoE: every layer MoE, q/k norms over the whole projection.
+fn olmoe_fields(k: &Keys, n_layers: usize, attention_bias: bool) -> Result<FamilyFields> {
+    Ok(FamilyFields {
+        n_experts: k.first_usize(&["num_experts", "num_local_experts"])?,
+        moe_d_ff: k.usize("intermediate_size")?,
+        shared: None,
+        moe_layers: vec![true; n_layers],
+        norm_topk_default: false,
+        qk_norm: QkNorm::Full,
+        qkv_bias: attention_bias,
+    })
+}
+
+/// DeepSeek-MoE: softmax scoring only; dense first `first_k_dense_replace`
+/// layers, then MoE every `moe_layer_freq`-th; ungated shared experts fused
+/// into one of width `n_shared_experts · moe_intermediate_size`.
+fn deepseek_fields(k: &Keys, n_layers: usize, attention_bias: bool) -> Result<FamilyFields> {
+    let scoring = k.str_or("scoring_func", "softmax")?;
+    if scoring != "softmax" {
+        return Err(k.err(
+            "scoring_func",
+            format!("`{scoring}` is not supported (softmax is)"),
+        ));
+    }
+    let n = k.usize("n_routed_experts")?;
+    let f = k.usize("moe_intermediate_size")?;
+    let first_dense = k.usize_or("first_k_dense_replace", Some(0))?;
+    let freq = k.usize_or("moe_layer_freq", Some(1))?.max(1);
+    let moe_layers = (0..n_layers)
+        .map(|l| n > 0 && l >= first_dense && l % freq == 0)
+        .collect();
+    let n_shared = k.usize_or("n_shared_experts", Some(0))?;
+    Ok(FamilyFields {
+        n_experts: n,
+        moe_d_ff: f,
+        shared: (n_shared > 0).then_some(SharedSpec {
+            d_ff: f * n_shared,
+            gated: false,
+        }),
+        moe_layers,
+        norm_topk_default: false,
+        qk_norm: QkNorm::None,
+        qkv_bias: attention_bias,
+    })
 }
 
 /// [gate, up, down] names of a SwiGLU MLP with `gate_proj`/`up_proj`/`down_proj`.

@@ -218,7 +218,8 @@ impl MoeLayer {
         Ok((o.y, o.capture))
     }
 
-    /// The forward pass with everything the measures and regularisers may need.
+    /// The forward pass with everything the measures and regularisers may need:
+    /// route on the host, gate, run each expert on its tokens, scatter-add back.
     pub fn forward_with(&self, x: &Tensor, mode: Dispatch) -> Result<MoeOutput> {
         let (logits, probs) = self.router_logits_probs(x)?; // (n, E)
         let p_host: Vec<f32> = probs
@@ -227,126 +228,163 @@ impl MoeLayer {
             .flatten_all()?
             .to_vec1()?;
         let (n, _) = x.dims2()?;
-        let e_count = self.n_experts();
-        // Routing decision on the host: per token its slots, per expert its tokens.
-        let (selected, k, gate_src, dropped, assigned) = match self.routing {
-            Routing::Topk => {
-                let scores = match &self.balance_bias {
-                    Some(b) => {
-                        let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
-                        p_host
-                            .chunks_exact(e_count)
-                            .flat_map(|r| r.iter().zip(&b).map(|(p, b)| p + b))
-                            .collect()
-                    }
-                    None => p_host.clone(),
-                };
-                let k = self.top_k;
-                let routed = top_k_rows(&scores, e_count, k);
-                let mut kept = routed.clone();
-                let mut dropped = 0;
-                if mode.train && self.capacity_factor > 0.0 {
-                    let cap = capacity(self.capacity_factor, n, k, e_count);
-                    let mut count = vec![0usize; e_count];
-                    // GShard priority: every token's first choice, then second, ...
-                    for s in 0..k {
-                        for t in 0..n {
-                            let e = routed[t * k + s] as usize;
-                            if count[e] < cap {
-                                count[e] += 1;
-                            } else {
-                                kept[t * k + s] = NO_EXPERT;
-                                dropped += 1;
-                            }
-                        }
-                    }
-                }
-                (kept, k, Some(routed), dropped, n * k)
-            }
-            Routing::Soft => (
-                top_k_rows(&p_host, e_count, e_count),
-                e_count,
-                None,
-                0,
-                n * e_count,
-            ),
-            Routing::ExpertChoice => {
-                let cf = if self.capacity_factor > 0.0 {
-                    self.capacity_factor
-                } else {
-                    1.0
-                };
-                let cap = capacity(cf, n, self.top_k, e_count).min(n);
-                let mut chosen = vec![vec![NO_EXPERT; e_count]; n];
-                let mut col: Vec<u32> = Vec::with_capacity(n);
-                for e in 0..e_count {
-                    col.clear();
-                    col.extend(0..n as u32);
-                    // Highest probability first; ties to the lower token index.
-                    col.sort_by(|&a, &b| {
-                        p_host[b as usize * e_count + e]
-                            .total_cmp(&p_host[a as usize * e_count + e])
-                    });
-                    for &t in &col[..cap] {
-                        chosen[t as usize][e] = e as u32;
-                    }
-                }
-                // Slots per token: the experts that chose it, ascending, then empty.
-                let sel: Vec<u32> = chosen
-                    .into_iter()
-                    .flat_map(|row| {
-                        let mut r: Vec<u32> = row.into_iter().filter(|&e| e != NO_EXPERT).collect();
-                        r.resize(e_count, NO_EXPERT);
-                        r
-                    })
-                    .collect();
-                (sel, e_count, None, 0, cap * e_count)
-            }
-        };
+        let route = self.route(&p_host, n, mode.train)?;
+        let gates = self.gates(&probs, &route, n)?;
+        let rows = self.run_experts(x, &route, mode)?;
+        let y = combine(x, &rows, &gates)?;
+        let routed_load = route.routed_load(self.n_experts());
+        let capture = mode.capture.then(|| MoeCapture {
+            probs: p_host,
+            selected: route.selected.clone(),
+            k: route.k,
+            expert_outputs: rows.captured,
+        });
+        let outputs = mode
+            .keep_outputs
+            .then_some((rows.h, rows.order, rows.row_expert));
+        Ok(MoeOutput {
+            y,
+            capture,
+            aux: MoeAux {
+                logits,
+                probs,
+                selected: route.selected,
+                k: route.k,
+                outputs,
+                dropped: route.dropped,
+                assigned: route.assigned,
+                routed_load,
+            },
+        })
+    }
 
-        // Gate of each (token, slot): the probability, renormalised over the
-        // router's top-k when asked (before any drop, as GShard).
-        let gates = match (&gate_src, self.routing) {
+    /// The routing decision on the host (`p` row-major n × E): per token its
+    /// slots. Only a training pass applies the top-k capacity limit.
+    fn route(&self, p: &[f32], n: usize, train: bool) -> Result<RouteDecision> {
+        let e_count = self.n_experts();
+        Ok(match self.routing {
+            Routing::Topk => {
+                let routed = top_k_rows(&self.selection_scores(p)?, e_count, self.top_k);
+                let (selected, dropped) = if train && self.capacity_factor > 0.0 {
+                    let cap = capacity(self.capacity_factor, n, self.top_k, e_count);
+                    drop_over_capacity(&routed, n, self.top_k, e_count, cap)
+                } else {
+                    (routed.clone(), 0)
+                };
+                RouteDecision {
+                    selected,
+                    k: self.top_k,
+                    routed: Some(routed),
+                    dropped,
+                    assigned: n * self.top_k,
+                }
+            }
+            Routing::Soft => RouteDecision {
+                selected: top_k_rows(p, e_count, e_count),
+                k: e_count,
+                routed: None,
+                dropped: 0,
+                assigned: n * e_count,
+            },
+            Routing::ExpertChoice => self.route_expert_choice(p, n),
+        })
+    }
+
+    /// What top-k selects on: the probabilities plus the loss-free balancing
+    /// bias when there is one (the gates stay the plain probabilities).
+    fn selection_scores(&self, p: &[f32]) -> Result<Vec<f32>> {
+        Ok(match &self.balance_bias {
+            Some(b) => {
+                let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
+                p.chunks_exact(self.n_experts())
+                    .flat_map(|r| r.iter().zip(&b).map(|(p, b)| p + b))
+                    .collect()
+            }
+            None => p.to_vec(),
+        })
+    }
+
+    /// Expert choice: each expert takes its `capacity` most probable tokens;
+    /// a token's slots are the experts that chose it, ascending, then empty.
+    fn route_expert_choice(&self, p: &[f32], n: usize) -> RouteDecision {
+        let e_count = self.n_experts();
+        let cf = if self.capacity_factor > 0.0 {
+            self.capacity_factor
+        } else {
+            1.0
+        };
+        let cap = capacity(cf, n, self.top_k, e_count).min(n);
+        let mut chosen = vec![vec![NO_EXPERT; e_count]; n];
+        let mut col: Vec<u32> = Vec::with_capacity(n);
+        for e in 0..e_count {
+            col.clear();
+            col.extend(0..n as u32);
+            // Highest probability first; ties to the lower token index.
+            col.sort_by(|&a, &b| {
+                p[b as usize * e_count + e].total_cmp(&p[a as usize * e_count + e])
+            });
+            for &t in &col[..cap] {
+                chosen[t as usize][e] = e as u32;
+            }
+        }
+        let selected: Vec<u32> = chosen
+            .into_iter()
+            .flat_map(|row| {
+                let mut r: Vec<u32> = row.into_iter().filter(|&e| e != NO_EXPERT).collect();
+                r.resize(e_count, NO_EXPERT);
+                r
+            })
+            .collect();
+        RouteDecision {
+            selected,
+            k: e_count,
+            routed: None,
+            dropped: 0,
+            assigned: cap * e_count,
+        }
+    }
+
+    /// Gate of each (token, slot), flat with slot s of token t at t·k + s: the
+    /// probability, renormalised over the router's top-k when asked (before
+    /// any drop, as GShard).
+    fn gates(&self, probs: &Tensor, route: &RouteDecision, n: usize) -> Result<Tensor> {
+        let (k, e_count) = (route.k, self.n_experts());
+        match (&route.routed, self.routing) {
             (Some(routed), Routing::Topk) => {
-                let sel = Tensor::from_vec(routed.clone(), (n, k), x.device())?;
+                let sel = Tensor::from_vec(routed.clone(), (n, k), probs.device())?;
                 let mut g = probs.gather(&sel, 1)?;
                 if self.norm_topk {
                     g = g.broadcast_div(&g.sum_keepdim(1)?)?;
                 }
-                g.flatten_all()? // slot s of token t at t·k + s
+                Ok(g.flatten_all()?)
             }
             _ => {
                 // Soft and expert choice: the plain probability p_e(x) of slot (t, e).
                 let idx: Vec<u32> = (0..n * k)
                     .map(|i| {
-                        let e = selected[i];
+                        let e = route.selected[i];
                         let t = i / k;
                         (t * e_count) as u32 + if e == NO_EXPERT { 0 } else { e }
                     })
                     .collect();
-                probs
+                Ok(probs
                     .flatten_all()?
-                    .index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
-            }
-        };
-
-        // Group the kept assignments by expert: token ids and gate slots, expert-major.
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); e_count];
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
-        for t in 0..n {
-            for s in 0..k {
-                let e = selected[t * k + s];
-                if e != NO_EXPERT {
-                    tokens[e as usize].push(t as u32);
-                    slots[e as usize].push((t * k + s) as u32);
-                }
+                    .index_select(&Tensor::new(idx.as_slice(), probs.device())?, 0)?)
             }
         }
-        let mut outs = Vec::with_capacity(e_count);
-        let mut order: Vec<u32> = Vec::with_capacity(n * k);
-        let mut slot_order: Vec<u32> = Vec::with_capacity(n * k);
-        let mut row_expert: Vec<u32> = Vec::new();
-        let mut captured = Vec::new();
+    }
+
+    /// Run each expert once on exactly the tokens routed to it; the rows come
+    /// back expert-major with their tokens and gate slots.
+    fn run_experts(&self, x: &Tensor, route: &RouteDecision, mode: Dispatch) -> Result<ExpertRows> {
+        let n = x.dims2()?.0;
+        let (tokens, slots) = group_by_expert(&route.selected, n, route.k, self.n_experts());
+        let mut outs = Vec::with_capacity(self.n_experts());
+        let (mut order, mut slot_order) = (
+            Vec::with_capacity(n * route.k),
+            Vec::with_capacity(n * route.k),
+        );
+        let (mut row_expert, mut captured) = (Vec::new(), Vec::new());
         for (e, expert) in self.experts.iter().enumerate() {
             if tokens[e].is_empty() {
                 if mode.capture {
@@ -370,44 +408,115 @@ impl MoeLayer {
             order.extend_from_slice(&tokens[e]);
             slot_order.extend_from_slice(&slots[e]);
         }
-        let h = Tensor::cat(&outs, 0)?; // (rows, d), expert-major
-        let g = gates
-            .index_select(&Tensor::new(slot_order.as_slice(), x.device())?, 0)?
-            .unsqueeze(1)?;
-        let order_t = Tensor::new(order.as_slice(), x.device())?;
-        let y = Tensor::zeros(x.dims(), x.dtype(), x.device())?.index_add(
-            &order_t,
-            &h.broadcast_mul(&g)?,
-            0,
-        )?;
-        let capture = mode.capture.then(|| MoeCapture {
-            probs: p_host,
-            selected: selected.clone(),
-            k,
-            expert_outputs: captured,
-        });
-        let outputs = mode.keep_outputs.then_some((h, order, row_expert));
-        let mut routed_load = vec![0u64; e_count];
-        for &e in gate_src.as_ref().unwrap_or(&selected) {
-            if e != NO_EXPERT {
-                routed_load[e as usize] += 1;
-            }
-        }
-        Ok(MoeOutput {
-            y,
-            capture,
-            aux: MoeAux {
-                logits,
-                probs,
-                selected,
-                k,
-                outputs,
-                dropped,
-                assigned,
-                routed_load,
-            },
+        Ok(ExpertRows {
+            h: Tensor::cat(&outs, 0)?, // (rows, d), expert-major
+            order,
+            slot_order,
+            row_expert,
+            captured,
         })
     }
+}
+
+/// One forward pass's routing decision, made on the host.
+struct RouteDecision {
+    /// Per token, `k` slots of expert ids ([`NO_EXPERT`] = empty), after any drop.
+    selected: Vec<u32>,
+    k: usize,
+    /// Top-k only: the router's choice before any drop (the gates and the
+    /// routed load come from it).
+    routed: Option<Vec<u32>>,
+    dropped: usize,
+    assigned: usize,
+}
+
+impl RouteDecision {
+    /// Per expert: assignments the router made to it, before any drop.
+    fn routed_load(&self, e_count: usize) -> Vec<u64> {
+        let mut load = vec![0u64; e_count];
+        for &e in self.routed.as_ref().unwrap_or(&self.selected) {
+            if e != NO_EXPERT {
+                load[e as usize] += 1;
+            }
+        }
+        load
+    }
+}
+
+/// The experts' outputs of one forward pass, expert-major.
+struct ExpertRows {
+    /// h_e(x) of every kept assignment (rows, d), on the graph.
+    h: Tensor,
+    /// Token of each row.
+    order: Vec<u32>,
+    /// Gate slot (t·k + s) of each row.
+    slot_order: Vec<u32>,
+    /// Expert of each row, only filled when `keep_outputs` was asked.
+    row_expert: Vec<u32>,
+    /// Per expert its tokens and detached outputs, only filled when `capture` was asked.
+    captured: Vec<(Vec<u32>, Option<Tensor>)>,
+}
+
+/// GShard priority: every token's first choice, then second, ..., each expert
+/// taking at most `cap`; the rest become [`NO_EXPERT`]. Returns the kept
+/// slots and how many were dropped.
+fn drop_over_capacity(
+    routed: &[u32],
+    n: usize,
+    k: usize,
+    e_count: usize,
+    cap: usize,
+) -> (Vec<u32>, usize) {
+    let mut kept = routed.to_vec();
+    let mut count = vec![0usize; e_count];
+    let mut dropped = 0;
+    for s in 0..k {
+        for t in 0..n {
+            let e = routed[t * k + s] as usize;
+            if count[e] < cap {
+                count[e] += 1;
+            } else {
+                kept[t * k + s] = NO_EXPERT;
+                dropped += 1;
+            }
+        }
+    }
+    (kept, dropped)
+}
+
+/// Group the kept assignments by expert: per expert its token ids and gate
+/// slots (t·k + s), tokens ascending.
+fn group_by_expert(
+    selected: &[u32],
+    n: usize,
+    k: usize,
+    e_count: usize,
+) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+    let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+    for t in 0..n {
+        for s in 0..k {
+            let e = selected[t * k + s];
+            if e != NO_EXPERT {
+                tokens[e as usize].push(t as u32);
+                slots[e as usize].push((t * k + s) as u32);
+            }
+        }
+    }
+    (tokens, slots)
+}
+
+/// y = Σ_rows gate · h_e(x), scatter-added onto each row's token: (n, d).
+fn combine(x: &Tensor, rows: &ExpertRows, gates: &Tensor) -> Result<Tensor> {
+    let g = gates
+        .index_select(&Tensor::new(rows.slot_order.as_slice(), x.device())?, 0)?
+        .unsqueeze(1)?;
+    let order_t = Tensor::new(rows.order.as_slice(), x.device())?;
+    Ok(Tensor::zeros(x.dims(), x.dtype(), x.device())?.index_add(
+        &order_t,
+        &rows.h.broadcast_mul(&g)?,
+        0,
+    )?)
 }
 
 /// ⌈cf · n · k / E⌉, at least 1.
