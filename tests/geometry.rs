@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use moescope::config::{Activation, ExpertKind, ModelConfig, Routing};
-use moescope::measures::jacobian::{explicit_jacobian, layer_jacobian, JacobianMode};
+use moescope::measures::jacobian::{explicit_jacobian, layer_jacobian_uniform, JacobianMode};
 use moescope::measures::subspace::{
     grassmann, layer_subspaces, principal_angles, Moments, RankRule,
 };
@@ -164,7 +164,7 @@ fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
         }
         // All pairs on every token, exact mode.
         let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-        let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0)
+        let r = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0)
             .unwrap()
             .unwrap();
         let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
@@ -194,7 +194,7 @@ fn routed_pairs_follow_the_selection() {
     let x = randn(&mut rng, 4, 6);
     // Tokens 0,1 route to (0,1); tokens 2,3 to (2,1).
     let sel = vec![0u32, 1, 1, 0, 2, 1, 1, 2];
-    let r = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0)
+    let r = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0)
         .unwrap()
         .unwrap();
     assert_eq!(r.instances, 4);
@@ -218,7 +218,7 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
     let n = 40;
     let x = randn(&mut rng, n, 6);
     let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-    let exact = layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0)
+    let exact = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0)
         .unwrap()
         .unwrap();
     let mut errs = Vec::new();
@@ -227,7 +227,7 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
         let mut e = 0.0;
         let mut se = 0.0;
         for seed in 0..6 {
-            let r = layer_jacobian(
+            let r = layer_jacobian_uniform(
                 &moe,
                 &x,
                 &sel,

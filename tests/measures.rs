@@ -203,7 +203,7 @@ fn activation_mso_and_telemetry_match_loops() {
                     .unwrap()
             })
             .collect();
-        acc.add_all_pairs(&outs, c.d_model);
+        acc.add_all_pairs(&outs, c.d_model, &[]);
         assert!((acc.act_mso_all().unwrap() - all / n as f64).abs() < tol);
 
         let tel = acc.telemetry();

@@ -2,7 +2,7 @@
 //! exact vs estimate vs the naive way (autodiff Jacobians, Frobenius products).
 
 use crate::config::{ExpertKind, ModelConfig};
-use crate::measures::jacobian::{layer_jacobian, JacobianMode};
+use crate::measures::jacobian::{layer_jacobian_uniform, JacobianMode};
 use crate::model::moe::MoeLayer;
 use crate::model::params::ParamStore;
 use crate::Result;
@@ -50,7 +50,7 @@ pub fn bench_jacobian(
     let moe = random_moe_layer(d, f, e, swiglu)?;
     let (x, sel) = random_tokens_and_routes(tokens, d, e)?;
     let t0 = Instant::now();
-    let est = layer_jacobian(
+    let est = layer_jacobian_uniform(
         &moe,
         &x,
         &sel,
@@ -81,7 +81,7 @@ pub fn bench_jacobian(
     let (mut exact_s, mut naive, mut diff) = (None, None, None);
     if !skip_exact {
         let t0 = Instant::now();
-        layer_jacobian(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?;
+        layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?;
         exact_s = Some(t0.elapsed().as_secs_f64());
         let (per_token_s, max_diff) = time_naive(&moe, &x, &sel, naive_tokens.min(tokens))?;
         naive = Some(per_token_s * tokens as f64);
@@ -166,7 +166,7 @@ fn time_naive(moe: &MoeLayer, x: &Tensor, sel: &[u32], n: usize) -> Result<(f64,
         );
         let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(x, y)| x * y).sum::<f64>();
         let naive_a = dot(&ja, &jb) / (dot(&ja, &ja) * dot(&jb, &jb)).sqrt();
-        let one = layer_jacobian(
+        let one = layer_jacobian_uniform(
             moe,
             &xt,
             &sel[2 * t..2 * t + 2],

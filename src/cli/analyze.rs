@@ -49,8 +49,10 @@ pub struct AnalyzeArgs {
     /// Cross-expert Jacobian alignment: exact, estimate (Hutchinson, 64 probes), estimate:M, auto, off.
     #[arg(long, default_value = "auto")]
     jacobian: JacobianMode,
-    /// Jacobian alignment over `routed` pairs (i<j both selected) or `all` pairs.
-    #[arg(long, default_value = "routed")]
+    /// Jacobian alignment over `all` pairs on every token (gives all three pair
+    /// sets, routed, all and gate_weighted, and the shuffled-routing null) or
+    /// only the `routed` pairs (cheaper: E(E−1)/2 / (k(k−1)/2) times fewer instances).
+    #[arg(long, default_value = "all")]
     jacobian_pairs: JacobianPairs,
     /// Tokens (the first analysed) used for Jacobian alignment.
     #[arg(long, default_value_t = 1024)]
@@ -67,6 +69,13 @@ pub struct AnalyzeArgs {
     /// Weight each routed row by its gate g_e.
     #[arg(long)]
     weighted: bool,
+    /// Draws of each null: the subspace permutation null (experts given random
+    /// token sets of their sizes) and the shuffled-routing Jacobian null; 0 = none.
+    #[arg(long, default_value_t = 20)]
+    null_draws: usize,
+    /// Tokens per layer kept as the subspace null's pool (memory: tokens × d × (E+1) floats).
+    #[arg(long, default_value_t = 4096)]
+    null_tokens: usize,
     /// Where to write the JSON report.
     #[arg(long, default_value = "report.json")]
     out: PathBuf,
@@ -95,6 +104,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         subspace: a.subspace,
         output_space: a.space == AnalysisSpace::Output,
         weighted: a.weighted,
+        null_draws: a.null_draws,
+        null_tokens: a.null_tokens,
         ..Default::default()
     };
     let source = ModelSource::detect(&a.model, &a.revision, progress())

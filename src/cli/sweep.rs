@@ -25,6 +25,10 @@ pub struct SweepArgs {
     /// Gather the runs' results into results.csv / results.jsonl and the report.
     #[arg(long)]
     collect: bool,
+    /// Set KEY=VALUE for every run (added to the sweep file's [set]; kept in
+    /// the sweep folder's sweep.toml), e.g. --set data.path=/data/ptb.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
     /// Run only the run with this index, in this process (what each worker runs).
     #[arg(long, hide = true)]
     run_one: Option<usize>,
@@ -59,7 +63,10 @@ struct Execution {
 }
 
 pub fn run(a: SweepArgs) -> Result<()> {
-    let spec = SweepSpec::from_file(&a.spec)?;
+    let mut spec = SweepSpec::from_file(&a.spec)?;
+    for s in &a.sets {
+        spec.set_override(s).with_context(|| format!("--set {s}"))?;
+    }
     let dir = a
         .out
         .clone()

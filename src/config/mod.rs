@@ -346,6 +346,15 @@ pub struct MeasureConfig {
     pub jacobian: JacobianMode,
     /// Subspace option of that analysis: RANK, var:τ, var:τ:CAP, off.
     pub subspace: RankRule,
+    /// PCA of the experts' routed `input`s or of their `output`s h_e(x)
+    /// (soft routing sends every token to every expert, so unweighted input
+    /// PCA cannot tell its experts apart).
+    pub subspace_space: AnalysisSpace,
+    /// Weight each routed row by its gate g_e(x) in that PCA.
+    pub subspace_weighted: bool,
+    /// Draws of each null of that analysis (subspace permutation null,
+    /// shuffled-routing Jacobian null); 0 = none.
+    pub null_draws: usize,
 }
 
 impl Default for MeasureConfig {
@@ -358,6 +367,9 @@ impl Default for MeasureConfig {
             analysis_tokens: 2048,
             jacobian: JacobianMode::Auto,
             subspace: RankRule::Fixed(16),
+            subspace_space: AnalysisSpace::Input,
+            subspace_weighted: false,
+            null_draws: 20,
         }
     }
 }

@@ -135,6 +135,23 @@ impl SweepSpec {
         Ok(spec)
     }
 
+    /// Add `key=value` to `[set]` (the value read as TOML, else as a string).
+    pub fn set_override(&mut self, kv: &str) -> Result<()> {
+        let (key, value) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::config(kv, "expected KEY=VALUE"))?;
+        let key = key.trim();
+        if key.is_empty() || key.contains('\n') || value.contains('\n') {
+            return Err(Error::config(kv, "expected KEY=VALUE on one line"));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        self.set.insert(key.to_string(), value);
+        Ok(())
+    }
+
     /// The runs of this sweep, in a fixed order (keys sorted, values as listed).
     pub fn cells(&self) -> Result<Vec<Cell>> {
         let mut sets = Vec::new();

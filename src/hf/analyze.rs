@@ -216,7 +216,7 @@ pub fn analyze(
     let mut measured: Vec<Option<Measured>> = (0..cfg.n_layers)
         .map(|l| {
             selected.contains(&l).then(|| Measured {
-                an: LayerAnalyzer::new(l, cfg.n_experts, cfg.top_k, cfg.hidden_size, renorm),
+                an: LayerAnalyzer::new(l, cfg.n_experts, cfg.top_k, cfg.hidden_size, renorm, geo),
                 shared: cfg.shared.map(|_| SharedAcc::default()),
             })
         })

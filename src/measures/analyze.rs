@@ -2,13 +2,14 @@
 //! the JSON document described in FORMAT.md ("Analysis")
 //! (schema `moescope.analysis/1`).
 
-use super::jacobian::{layer_jacobian, JacobianMode, JacobianReport};
-use super::subspace::{layer_subspaces, Moments, RankRule, SubspaceReport};
-use super::{gap_ratio, mean_present, weight_overlap, Family, LayerAccumulator, Telemetry};
-use crate::model::moe::{MoeCapture, MoeLayer};
+pub use super::layer::LayerAnalyzer;
+use super::jacobian::{JacobianMode, JacobianReport};
+use super::pairs::{PairSets, SetMean};
+use super::subspace::{RankRule, SubspaceReport};
+use super::{gap_ratio, mean_present, Family, Telemetry};
 use crate::model::Gpt;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,13 +43,22 @@ pub struct GeometryOptions {
     /// Weight rows by the gate g_e.
     pub weighted: bool,
     pub seed: u64,
+    /// Draws of each null (permutation null of subspaces, shuffled routing
+    /// of Jacobian alignment); 0 = no nulls.
+    pub null_draws: usize,
+    /// Tokens kept per layer for the subspace permutation null (its pool).
+    pub null_tokens: usize,
+    /// Tokens on which independently initialised experts are measured.
+    pub null_init_tokens: usize,
+    /// Soft routing: the k whose top-k-by-gate pairs are `routed` (the model's `top_k`).
+    pub reference_k: Option<usize>,
 }
 
 impl Default for GeometryOptions {
     fn default() -> Self {
         GeometryOptions {
             jacobian: JacobianMode::Off,
-            jacobian_all_pairs: false,
+            jacobian_all_pairs: true,
             jacobian_tokens: 1024,
             spectra_tokens: 16,
             top_singular_values: 8,
@@ -56,6 +66,10 @@ impl Default for GeometryOptions {
             output_space: false,
             weighted: false,
             seed: 0,
+            null_draws: 20,
+            null_tokens: 4096,
+            null_init_tokens: 256,
+            reference_k: None,
         }
     }
 }
@@ -81,6 +95,8 @@ pub struct Options {
     pub subspace: String,
     pub subspace_space: &'static str,
     pub subspace_weighted: bool,
+    /// Draws of each null (0 = none).
+    pub null_draws: usize,
 }
 
 /// One MoE layer's measures.
@@ -96,6 +112,8 @@ pub struct LayerReport {
     pub act_mso_null_reason: Option<String>,
     /// Activation MSO over all E(E−1)/2 pairs.
     pub act_mso_all: Option<f64>,
+    /// Activation MSO under the three pair sets (docs/MEASURES.md, "Pair sets").
+    pub act_mso_sets: PairSets<SetMean>,
     /// E×E mean cos² of co-routed pairs (null diagonal / never co-routed).
     pub act_overlap: Vec<Vec<Option<f64>>>,
     /// act_mso / weight_mso(up).
@@ -145,6 +163,60 @@ pub struct Summary {
     pub balance: f64,
     pub dead_experts: usize,
     pub max_violation: f64,
+    /// The pairwise measures under the three pair sets, and their nulls,
+    /// averaged over layers (docs/MEASURES.md, "Pair sets" and "Nulls").
+    pub geometry: GeometrySummary,
+}
+
+/// Model-level means (over MoE layers) of the pair-set measures and nulls.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GeometrySummary {
+    pub act_mso: PairSets<f64>,
+    /// Mean Jacobian alignment A.
+    pub jacobian: PairSets<f64>,
+    /// Mean A with routing shuffled across tokens (`routed`, `gate_weighted`).
+    pub jacobian_null_shuffled: PairSets<f64>,
+    /// Mean all-pairs A of independently initialised experts.
+    pub jacobian_null_init: Option<f64>,
+    /// Mean subspace overlap.
+    pub subspace_overlap: PairSets<f64>,
+    pub subspace_geodesic_normalised: Option<f64>,
+    /// Permutation null of the overlap (mean) and the layers' mean z.
+    pub subspace_null_overlap: Option<f64>,
+    pub subspace_z: Option<f64>,
+    /// Random-subspace overlap r/d.
+    pub subspace_random_overlap: Option<f64>,
+    /// Why the subspace numbers are degenerate, when they are.
+    pub subspace_degenerate: Option<String>,
+}
+
+impl GeometrySummary {
+    /// Means over `layers` of each present value.
+    #[allow(clippy::type_complexity)]
+    pub fn of(layers: &[LayerReport]) -> Self {
+        let mean = |f: &dyn Fn(&LayerReport) -> Option<f64>| {
+            mean_present(&layers.iter().map(f).collect::<Vec<_>>())
+        };
+        let sets = |f: &dyn Fn(&LayerReport, usize) -> Option<f64>| {
+            PairSets::from_fn(|s| mean(&|l| f(l, s)))
+        };
+        let pick = |p: &PairSets<f64>, s: usize| [p.routed, p.all, p.gate_weighted][s];
+        let pick_mean = |p: &PairSets<SetMean>, s: usize| [p.routed, p.all, p.gate_weighted][s].map(|m| m.mean);
+        GeometrySummary {
+            act_mso: sets(&|l, s| pick_mean(&l.act_mso_sets, s)),
+            jacobian: sets(&|l, s| l.jacobian.as_ref().and_then(|j| pick_mean(&j.sets, s))),
+            jacobian_null_shuffled: sets(&|l, s| {
+                l.jacobian.as_ref().and_then(|j| [j.null.shuffled_routing.routed, None, j.null.shuffled_routing.gate_weighted][s].map(|n| n.mean))
+            }),
+            jacobian_null_init: mean(&|l| l.jacobian.as_ref().and_then(|j| j.null.random_init.map(|m| m.mean))),
+            subspace_overlap: sets(&|l, s| l.subspace.as_ref().and_then(|r| pick(&r.sets, s))),
+            subspace_geodesic_normalised: mean(&|l| l.subspace.as_ref().and_then(|r| r.mean_geodesic_normalised)),
+            subspace_null_overlap: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.map(|n| n.mean_overlap))),
+            subspace_z: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.and_then(|n| n.z))),
+            subspace_random_overlap: mean(&|l| l.subspace.as_ref().map(|r| r.random_overlap)),
+            subspace_degenerate: layers.iter().find_map(|l| l.subspace.as_ref().and_then(|r| r.degenerate.clone())),
+        }
+    }
 }
 
 /// The analysis document.
@@ -322,9 +394,14 @@ pub fn analyze_with(
     let t = model.cfg.seq_len;
     let k = model.cfg.active_experts();
     let renorm = model.cfg.norm_topk && model.cfg.routing == crate::config::Routing::Topk;
+    let mut geo = geo.clone();
+    if model.cfg.routing == crate::config::Routing::Soft {
+        geo.reference_k = Some(model.cfg.top_k.min(model.cfg.n_experts));
+    }
+    let geo = &geo;
     let mut analyzers: Vec<LayerAnalyzer> = moe_layers
         .iter()
-        .map(|&l| LayerAnalyzer::new(l, model.cfg.n_experts, k, model.cfg.d_model, renorm))
+        .map(|&l| LayerAnalyzer::new(l, model.cfg.n_experts, k, model.cfg.d_model, renorm, geo))
         .collect();
     let windows = crate::data::eval_windows(n + 1, t, 0); // inputs cover tokens[0..n]
     for r in crate::data::batch_ranges(&windows, batch, |a, b| a.1 == b.1) {
@@ -431,145 +508,8 @@ impl Options {
             },
             subspace_space: if geo.output_space { "output" } else { "input" },
             subspace_weighted: geo.weighted,
+            null_draws: geo.null_draws,
         }
-    }
-}
-
-/// Everything one MoE layer needs to be measured: fed batch by batch with
-/// the layer's input and what the layer routed, then finished into a
-/// [`LayerReport`]. The same code serves our models (all layers per batch)
-/// and Hugging Face checkpoints streamed one layer at a time.
-pub struct LayerAnalyzer {
-    index: usize,
-    /// Gates are renormalised over the selected experts (weighted PCA).
-    renorm: bool,
-    acc: LayerAccumulator,
-    moments: Vec<Moments>,
-    /// Inputs and selections kept for the Jacobian measures (first `jacobian_tokens` tokens).
-    jac_inputs: Vec<Tensor>,
-    jac_sel: Vec<u32>,
-    /// Slots per token in the captured selections (k, or E for soft / expert choice).
-    slots: usize,
-    jac_n: usize,
-}
-
-impl LayerAnalyzer {
-    /// An analyzer for block `index` with `n_experts` experts, k active per token.
-    pub fn new(index: usize, n_experts: usize, k: usize, d: usize, renorm: bool) -> Self {
-        LayerAnalyzer {
-            index,
-            renorm,
-            acc: LayerAccumulator::new(n_experts, k),
-            moments: (0..n_experts).map(|_| Moments::new(d)).collect(),
-            jac_inputs: Vec::new(),
-            jac_sel: Vec::new(),
-            slots: k,
-            jac_n: 0,
-        }
-    }
-
-    /// Tokens observed so far.
-    pub fn tokens(&self) -> usize {
-        self.acc.tokens
-    }
-
-    /// Add one batch: `input` (n, d) is the MoE input, `cap` what `moe` did with it.
-    pub fn observe(
-        &mut self,
-        moe: &MoeLayer,
-        input: &Tensor,
-        cap: &MoeCapture,
-        geo: &GeometryOptions,
-    ) -> Result<()> {
-        self.acc.add(cap)?;
-        self.slots = cap.k;
-        let (batch_n, d) = input.dims2()?;
-        let take = geo.jacobian_tokens.saturating_sub(self.jac_n).min(batch_n);
-        if geo.jacobian != JacobianMode::Off && take > 0 {
-            self.jac_inputs.push(input.narrow(0, 0, take)?);
-            self.jac_sel
-                .extend_from_slice(&cap.selected[..take * cap.k]);
-        }
-        self.jac_n += take;
-        if geo.subspace != RankRule::Off {
-            add_moments(&mut self.moments, input, cap, geo, self.renorm)?;
-        }
-        // All pairs: every expert on every token of this layer's input.
-        let outs: Vec<Vec<f32>> = moe
-            .experts
-            .iter()
-            .map(|e| {
-                e.forward(input)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()
-                    .map_err(Into::into)
-            })
-            .collect::<Result<_>>()?;
-        self.acc.add_all_pairs(&outs, d);
-        Ok(())
-    }
-
-    /// The layer's measures (weights from `moe`, the rest from what was observed).
-    pub fn finish(
-        self,
-        moe: &MoeLayer,
-        families: &[Family],
-        geo: &GeometryOptions,
-    ) -> Result<LayerReport> {
-        let mut wm = BTreeMap::new();
-        let mut wo = BTreeMap::new();
-        for &f in families {
-            if let Some(w) = weight_overlap(moe, f)? {
-                wm.insert(f.name(), w.mso);
-                wo.insert(f.name(), w.matrix);
-            }
-        }
-        let up = match wm.get(Family::Up.name()) {
-            Some(&v) => Some(v),
-            None => weight_overlap(moe, Family::Up)?.map(|w| w.mso),
-        };
-        let jacobian = if geo.jacobian != JacobianMode::Off && !self.jac_inputs.is_empty() {
-            let x = Tensor::cat(&self.jac_inputs, 0)?;
-            layer_jacobian(
-                moe,
-                &x,
-                &self.jac_sel,
-                self.slots,
-                geo.jacobian,
-                geo.jacobian_all_pairs,
-                geo.spectra_tokens,
-                geo.top_singular_values,
-                geo.seed + self.index as u64,
-            )?
-        } else {
-            None
-        };
-        let subspace = layer_subspaces(
-            &self.moments,
-            geo.subspace,
-            if geo.output_space { "output" } else { "input" },
-            geo.weighted,
-        );
-        let (act, reason) = match self.acc.act_mso() {
-            Ok(v) => (Some(v), None),
-            Err(r) => (None, Some(r)),
-        };
-        Ok(LayerReport {
-            index: self.index,
-            weight_mso: wm,
-            weight_overlap: wo,
-            weight_mso_up: up,
-            act_mso: act,
-            act_mso_null_reason: reason,
-            act_mso_all: self.acc.act_mso_all(),
-            act_overlap: self.acc.act_overlap(),
-            gap_ratio: gap_ratio(act, up),
-            telemetry: self.acc.telemetry(),
-            jacobian,
-            subspace,
-            shared_expert: None,
-        })
     }
 }
 
@@ -604,52 +544,8 @@ pub fn summarize(layers: &[LayerReport], families: &[Family]) -> Summary {
             .iter()
             .map(|l| l.telemetry.max_violation)
             .fold(0.0, f64::max),
+        geometry: GeometrySummary::of(layers),
     }
-}
-
-/// Add each expert's routed rows (inputs, or outputs with `output_space`) to its moments.
-fn add_moments(
-    m: &mut [Moments],
-    input: &Tensor,
-    cap: &MoeCapture,
-    geo: &GeometryOptions,
-    renorm: bool,
-) -> Result<()> {
-    let e_n = m.len();
-    let k = cap.k;
-    for (e, (toks, h)) in cap.expert_outputs.iter().enumerate() {
-        if toks.is_empty() {
-            continue;
-        }
-        let rows = if geo.output_space {
-            match h {
-                Some(h) => h.clone(),
-                None => continue,
-            }
-        } else {
-            input.index_select(&Tensor::new(toks.as_slice(), input.device())?, 0)?
-        };
-        let w: Option<Vec<f64>> = geo.weighted.then(|| {
-            toks.iter()
-                .map(|&t| {
-                    let t = t as usize;
-                    let p = &cap.probs[t * e_n..(t + 1) * e_n];
-                    let denom: f64 = if renorm {
-                        cap.selected[t * k..(t + 1) * k]
-                            .iter()
-                            .filter(|&&s| s != crate::model::moe::NO_EXPERT)
-                            .map(|&s| p[s as usize] as f64)
-                            .sum()
-                    } else {
-                        1.0
-                    };
-                    p[e] as f64 / denom
-                })
-                .collect()
-        });
-        m[e].add(&rows, w.as_deref())?;
-    }
-    Ok(())
 }
 
 /// A short human-readable table of a report.
@@ -693,30 +589,16 @@ pub fn summary_table(r: &Report) -> String {
     let m = &r.summary;
     for l in &r.layers {
         if let Some(j) = &l.jacobian {
-            s += &format!(
-                "layer {} Jacobian alignment ({}, {} pairs, {} instances): mean {} | mean |A| {} | mean A² {}{}\n",
-                l.index,
-                j.mode,
-                j.pairs,
-                j.instances,
-                f(j.mean),
-                f(j.mean_abs),
-                f(j.mean_sq),
-                j.stderr.map(|e| format!(" | stderr {e:.4}")).unwrap_or_default()
-            );
+            s += &jacobian_line(l.index, j);
         }
         if let Some(sp) = &l.subspace {
-            s += &format!(
-                "layer {} subspaces ({}): mean overlap {} (random {:.4}) | mean normalised geodesic {} | skipped {}\n",
-                l.index,
-                sp.space,
-                f(sp.mean_overlap),
-                sp.random_overlap,
-                f(sp.mean_geodesic_normalised),
-                sp.skipped.len()
-            );
+            s += &subspace_line(l.index, sp);
         }
     }
+    s += &format!(
+        "pair sets (routed / all / gate_weighted): act MSO {}\n",
+        sets_text(&m.geometry.act_mso)
+    );
     s += &format!(
         "model weight MSO(up) {} | act MSO {} | act MSO (all pairs) {} | gap ratio {} | over {} tokens\n",
         e(m.weight_mso.get("up").copied()),
@@ -726,6 +608,64 @@ pub fn summary_table(r: &Report) -> String {
         r.tokens
     );
     s
+}
+
+fn opt4(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "null".into())
+}
+
+fn sets_text(p: &PairSets<f64>) -> String {
+    format!("{} / {} / {}", opt4(p.routed), opt4(p.all), opt4(p.gate_weighted))
+}
+
+/// One layer's Jacobian line: the instance means, the three pair sets and the nulls.
+fn jacobian_line(index: usize, j: &JacobianReport) -> String {
+    let mean = |p: &PairSets<SetMean>| PairSets {
+        routed: p.routed.map(|m| m.mean),
+        all: p.all.map(|m| m.mean),
+        gate_weighted: p.gate_weighted.map(|m| m.mean),
+    };
+    let shuffled = &j.null.shuffled_routing;
+    format!(
+        "layer {index} Jacobian alignment ({}, {} pairs, {} instances): mean {} | mean |A| {} | mean A² {}{}\n  pair sets (routed / all / gate_weighted): {} | shuffled-routing null: routed {} (z {}), gate_weighted {} (z {}) | random-init experts: {}\n",
+        j.mode,
+        j.pairs,
+        j.instances,
+        opt4(j.mean),
+        opt4(j.mean_abs),
+        opt4(j.mean_sq),
+        j.stderr.map(|e| format!(" | stderr {e:.4}")).unwrap_or_default(),
+        sets_text(&mean(&j.sets)),
+        opt4(shuffled.routed.map(|n| n.mean)),
+        opt4(shuffled.routed.and_then(|n| n.z)),
+        opt4(shuffled.gate_weighted.map(|n| n.mean)),
+        opt4(shuffled.gate_weighted.and_then(|n| n.z)),
+        opt4(j.null.random_init.map(|m| m.mean)),
+    )
+}
+
+/// One layer's subspace line, with the pair sets, the permutation null and
+/// the degenerate label.
+fn subspace_line(index: usize, sp: &SubspaceReport) -> String {
+    let null = match &sp.null {
+        Some(n) => format!("null {:.4} ± {:.4}, z {}", n.mean_overlap, n.sd, opt4(n.z)),
+        None => "null: none".into(),
+    };
+    let degenerate = sp
+        .degenerate
+        .as_ref()
+        .map(|d| format!("  DEGENERATE: {d}\n"))
+        .unwrap_or_default();
+    format!(
+        "layer {index} subspaces ({}{}): mean overlap {} (random {:.4}) | {null} | mean normalised geodesic {} | skipped {}\n  pair sets (routed / all / gate_weighted): {}\n{degenerate}",
+        sp.space,
+        if sp.weighted { ", gate-weighted" } else { "" },
+        opt4(sp.mean_overlap),
+        sp.random_overlap,
+        opt4(sp.mean_geodesic_normalised),
+        sp.skipped.len(),
+        sets_text(&sp.sets),
+    )
 }
 
 #[cfg(test)]

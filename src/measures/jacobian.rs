@@ -22,6 +22,7 @@
 
 pub use crate::config::JacobianMode;
 
+use super::pairs::{self, NullStats, PairSets, SetMean, TokenPairs};
 use crate::config::Activation;
 use crate::model::moe::{Expert, MoeLayer};
 use crate::Result;
@@ -103,6 +104,11 @@ pub struct JacobianReport {
     pub stderr: Option<f64>,
     /// E×E mean A per pair (diagonal and never-occurring pairs null).
     pub matrix: Vec<Vec<Option<f64>>>,
+    /// A under the three pair sets (docs/MEASURES.md, "Pair sets"); `all`
+    /// and `gate_weighted` need `pairs = all`.
+    pub sets: PairSets<SetMean>,
+    /// Chance levels: shuffled routing and independently initialised experts.
+    pub null: JacobianNull,
     /// Per expert: top singular values of J_e(x), averaged over its routed tokens (spectra sample).
     pub spectra: Vec<Option<Vec<f64>>>,
     /// Per expert: mean over tokens of exp(H(σ²/Σσ²)).
@@ -259,29 +265,30 @@ fn cost_estimate(d: usize, f: usize, t: usize, tokens: usize, k: usize, m: usize
     (tokens * k) as f64 * m as f64 * (2.0 * t as f64 + 2.0) * f as f64 * d as f64
 }
 
-/// Function-space measures of one MoE layer on inputs x (n×d) with each
-/// token's selection (n × k).
-#[allow(clippy::too_many_arguments)]
-pub fn layer_jacobian(
-    moe: &MoeLayer,
+/// Alignment of one set of (token, pair) instances.
+struct AlignTable {
+    /// A per token and pair (n × E(E−1)/2, [`pairs::pair_index`] order); NaN
+    /// where the instance was not measured.
+    values: Vec<f64>,
+    /// Mean standard error of A over instances (estimate mode).
+    stderr: Option<f64>,
+    exact: bool,
+    samples: usize,
+}
+
+/// A_ij(x) for every instance of `inst`, exactly or by Hutchinson probes.
+fn align_table(
+    src: &[Expert],
     x: &Tensor,
-    selected: &[u32],
-    k: usize,
+    inst: &Instances,
     mode: JacobianMode,
-    all_pairs: bool,
-    spectra_tokens: usize,
-    top_sv: usize,
+    k: usize,
     seed: u64,
-) -> Result<Option<JacobianReport>> {
-    if mode == JacobianMode::Off {
-        return Ok(None);
-    }
-    let x = x.to_dtype(DType::F64)?;
+) -> Result<AlignTable> {
     let (n, d) = x.dims2()?;
-    let e_n = moe.n_experts();
-    let f = moe.experts[0].up.weight.dim(0)?;
-    let t = if moe.experts[0].gate.is_some() { 2 } else { 1 };
-    let inst = Instances::new(selected, k, n, e_n, all_pairs);
+    let e_n = src.len();
+    let f = src[0].up.weight.dim(0)?;
+    let t = if src[0].gate.is_some() { 2 } else { 1 };
     let exact = match mode {
         JacobianMode::Exact => true,
         JacobianMode::Estimate(_) => false,
@@ -295,158 +302,410 @@ pub fn layer_jacobian(
     // the model dtype), at most two at a time: pairs come in (i, j) order, so
     // expert i stays while j changes, and a Mixtral-sized layer needs 2.8 GB
     // of f64 weights instead of 11 GB.
-    let mut experts = F64Experts::new(&moe.experts);
-    let mut sum = 0.0;
-    let mut sum_abs = 0.0;
-    let mut sum_sq = 0.0;
-    let mut se_sum = 0.0;
-    let mut count = 0usize;
-    let mut matrix = vec![vec![None; e_n]; e_n];
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut experts = F64Experts::new(src);
+    let np = pairs::n_pairs(e_n);
+    let mut values = vec![f64::NAN; n * np];
+    let (mut se_sum, mut count) = (0.0, 0usize);
     let probes = if exact {
         None
     } else {
-        let v: Vec<f64> = (0..m * d)
-            .map(|_| StandardNormal.sample(&mut rng))
-            .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..m * d).map(|_| StandardNormal.sample(&mut rng)).collect();
         Some(Tensor::from_vec(v, (m, d), &Device::Cpu)?)
     };
-    // Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
-    let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
-    if exact {
-        for (ei, norm) in norms.iter_mut().enumerate() {
-            let mut toks: Vec<u32> = inst
-                .by_pair
-                .iter()
-                .filter(|((i, j), _)| *i == ei || *j == ei)
-                .flat_map(|(_, t)| t.iter().copied())
-                .collect();
-            toks.sort_unstable();
-            toks.dedup();
-            if toks.is_empty() {
-                continue;
-            }
-            let xs = rows(&x, &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
-            let ex = experts.get(ei)?;
-            let c = jacobian_terms(ex, &xs)?;
-            let v = exact_inner(ex, ex, &c, &c)?.to_vec1::<f64>()?;
-            *norm = toks.into_iter().zip(v).collect();
-        }
-    }
+    let norms = if exact {
+        exact_norms(&mut experts, x, inst)?
+    } else {
+        Vec::new()
+    };
     for ((i, j), toks) in &inst.by_pair {
         if toks.is_empty() {
             continue;
         }
-        let idx = Tensor::new(toks.as_slice(), &Device::Cpu)?;
-        let xs = rows(&x, &idx)?;
+        let xs = rows(x, &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
         let (ei, ej) = experts.pair(*i, *j)?;
         let ci = jacobian_terms(ei, &xs)?;
         let cj = jacobian_terms(ej, &xs)?;
-        let (a, se): (Vec<f64>, Option<Vec<f64>>) = if exact {
+        let a: Vec<f64> = if exact {
             let ij = exact_inner(ei, ej, &ci, &cj)?.to_vec1::<f64>()?;
-            (
-                ij.iter()
-                    .zip(toks)
-                    .map(|(p, t)| align(*p, norms[*i][t], norms[*j][t]))
-                    .collect(),
-                None,
-            )
+            ij.iter()
+                .zip(toks)
+                .map(|(p, t)| align(*p, norms[*i][t], norms[*j][t]))
+                .collect()
         } else {
             let v = probes.as_ref().expect("probes");
-            let nt = toks.len();
-            let yi = jv(ei, &ci, v)?.reshape((nt, m, d))?;
-            let yj = jv(ej, &cj, v)?.reshape((nt, m, d))?;
-            let pij: Vec<Vec<f64>> = (&yi * &yj)?.sum(D::Minus1)?.to_vec2()?; // (n, m)
-            let pii: Vec<Vec<f64>> = yi.sqr()?.sum(D::Minus1)?.to_vec2()?;
-            let pjj: Vec<Vec<f64>> = yj.sqr()?.sum(D::Minus1)?.to_vec2()?;
-            let mut av = Vec::with_capacity(nt);
-            let mut sev = Vec::with_capacity(nt);
-            for r in 0..nt {
-                let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-                av.push(align(mean(&pij[r]), mean(&pii[r]), mean(&pjj[r])));
-                // Standard error of A from 8 batch means of the probes.
-                let b = 8;
-                let per = m / b;
-                let est: Vec<f64> = (0..b)
-                    .map(|q| {
-                        let s = q * per..(q + 1) * per;
-                        align(
-                            mean(&pij[r][s.clone()]),
-                            mean(&pii[r][s.clone()]),
-                            mean(&pjj[r][s]),
-                        )
-                    })
-                    .collect();
-                let mu = mean(&est);
-                let sd =
-                    (est.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (b - 1) as f64).sqrt();
-                sev.push(sd / (b as f64).sqrt());
-            }
-            (av, Some(sev))
+            let (av, sev) = estimate_pair(ei, ej, &ci, &cj, v, toks.len(), m, d)?;
+            se_sum += sev.iter().sum::<f64>();
+            av
         };
-        let pair_mean = a.iter().sum::<f64>() / a.len() as f64;
-        matrix[*i][*j] = Some(pair_mean);
-        matrix[*j][*i] = Some(pair_mean);
-        for v in &a {
-            sum += v;
-            sum_abs += v.abs();
-            sum_sq += v * v;
+        let p = pairs::pair_index(e_n, *i, *j);
+        for (&tok, v) in toks.iter().zip(&a) {
+            values[tok as usize * np + p] = *v;
         }
         count += a.len();
-        if let Some(se) = se {
-            se_sum += se.iter().sum::<f64>();
-        }
     }
-    // Spectra: per expert, over up to `spectra_tokens` of its routed tokens.
-    let mut spectra = vec![None; e_n];
-    let mut eff = vec![None; e_n];
-    if spectra_tokens > 0 {
-        for ei in 0..e_n {
-            let toks: Vec<usize> = (0..n)
-                .filter(|&r| selected[r * k..(r + 1) * k].contains(&(ei as u32)))
-                .take(spectra_tokens)
-                .collect();
-            if toks.is_empty() {
-                continue;
-            }
-            let ex = experts.get(ei)?;
-            let mut top = vec![0.0; top_sv.min(d)];
-            let mut er = 0.0;
-            for &r in &toks {
-                let j = explicit_jacobian(ex, &x.narrow(0, r, 1)?)?;
-                let sv = singular_values(&j.to_vec2::<f64>()?);
-                for (q, s) in top.iter_mut().zip(&sv) {
-                    *q += s;
-                }
-                er += effective_rank(&sv.iter().map(|s| s * s).collect::<Vec<_>>());
-            }
-            let nt = toks.len() as f64;
-            spectra[ei] = Some(top.iter().map(|v| v / nt).collect());
-            eff[ei] = Some(er / nt);
+    Ok(AlignTable {
+        values,
+        stderr: (!exact && count > 0).then(|| se_sum / count as f64),
+        exact,
+        samples: m,
+    })
+}
+
+/// Exact mode: ‖J_e(x)‖² once per expert for all the tokens it takes part in (K_ee once).
+fn exact_norms(
+    experts: &mut F64Experts,
+    x: &Tensor,
+    inst: &Instances,
+) -> Result<Vec<std::collections::HashMap<u32, f64>>> {
+    let e_n = experts.src.len();
+    let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
+    for (ei, norm) in norms.iter_mut().enumerate() {
+        let mut toks: Vec<u32> = inst
+            .by_pair
+            .iter()
+            .filter(|((i, j), _)| *i == ei || *j == ei)
+            .flat_map(|(_, t)| t.iter().copied())
+            .collect();
+        toks.sort_unstable();
+        toks.dedup();
+        if toks.is_empty() {
+            continue;
+        }
+        let xs = rows(x, &Tensor::new(toks.as_slice(), &Device::Cpu)?)?;
+        let ex = experts.get(ei)?;
+        let c = jacobian_terms(ex, &xs)?;
+        let v = exact_inner(ex, ex, &c, &c)?.to_vec1::<f64>()?;
+        *norm = toks.into_iter().zip(v).collect();
+    }
+    Ok(norms)
+}
+
+/// Hutchinson estimate of A for one pair on `nt` tokens, with the standard
+/// error of each from 8 batch means of the probes.
+#[allow(clippy::too_many_arguments)]
+fn estimate_pair(
+    ei: &Expert,
+    ej: &Expert,
+    ci: &[(Tensor, Tensor)],
+    cj: &[(Tensor, Tensor)],
+    v: &Tensor,
+    nt: usize,
+    m: usize,
+    d: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let yi = jv(ei, ci, v)?.reshape((nt, m, d))?;
+    let yj = jv(ej, cj, v)?.reshape((nt, m, d))?;
+    let pij: Vec<Vec<f64>> = (&yi * &yj)?.sum(D::Minus1)?.to_vec2()?; // (n, m)
+    let pii: Vec<Vec<f64>> = yi.sqr()?.sum(D::Minus1)?.to_vec2()?;
+    let pjj: Vec<Vec<f64>> = yj.sqr()?.sum(D::Minus1)?.to_vec2()?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut av = Vec::with_capacity(nt);
+    let mut sev = Vec::with_capacity(nt);
+    for r in 0..nt {
+        av.push(align(mean(&pij[r]), mean(&pii[r]), mean(&pjj[r])));
+        let b = 8;
+        let per = m / b;
+        let est: Vec<f64> = (0..b)
+            .map(|q| {
+                let s = q * per..(q + 1) * per;
+                align(mean(&pij[r][s.clone()]), mean(&pii[r][s.clone()]), mean(&pjj[r][s]))
+            })
+            .collect();
+        let mu = mean(&est);
+        let sd = (est.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (b - 1) as f64).sqrt();
+        sev.push(sd / (b as f64).sqrt());
+    }
+    Ok((av, sev))
+}
+
+/// What a layer's Jacobian measures are taken over: the tokens' inputs, their
+/// selections (n × k; for soft routing the top-k by gate) and router
+/// probabilities over all experts (n × E).
+pub struct JacobianInputs<'a> {
+    pub x: &'a Tensor,
+    pub selected: &'a [u32],
+    pub k: usize,
+    pub probs: &'a [f32],
+}
+
+/// How the Jacobian measures of a layer are taken.
+#[derive(Debug, Clone, Copy)]
+pub struct JacobianSettings {
+    pub mode: JacobianMode,
+    /// Measure every pair on every token (all three pair sets and the
+    /// shuffled-routing null), not only the routed pairs.
+    pub all_pairs: bool,
+    pub spectra_tokens: usize,
+    pub top_sv: usize,
+    pub seed: u64,
+    /// Draws of the shuffled-routing null (0 = off).
+    pub null_draws: usize,
+    /// Tokens on which independently initialised experts are measured (0 = off).
+    pub null_init_tokens: usize,
+}
+
+/// Function-space measures of one MoE layer.
+pub fn layer_jacobian(
+    moe: &MoeLayer,
+    input: &JacobianInputs,
+    s: &JacobianSettings,
+) -> Result<Option<JacobianReport>> {
+    if s.mode == JacobianMode::Off {
+        return Ok(None);
+    }
+    let x = input.x.to_dtype(DType::F64)?;
+    let n = x.dim(0)?;
+    let e_n = moe.n_experts();
+    let inst = Instances::new(input.selected, input.k, n, e_n, s.all_pairs);
+    let table = align_table(&moe.experts, &x, &inst, s.mode, input.k, s.seed)?;
+    let token_pairs: Vec<TokenPairs> = (0..n)
+        .map(|t| {
+            TokenPairs::new(
+                &input.selected[t * input.k..(t + 1) * input.k],
+                &input.probs[t * e_n..(t + 1) * e_n],
+            )
+        })
+        .collect();
+    let np = pairs::n_pairs(e_n);
+    let mut sets = pairs::PairMeans::default();
+    for (t, w) in token_pairs.iter().enumerate() {
+        sets.add(&table.values[t * np..(t + 1) * np], w);
+    }
+    let (stats, matrix) = instance_stats(&table.values, e_n);
+    let (spectra, effective_rank) = spectra(moe, &x, input, s)?;
+    let null = JacobianNull {
+        shuffled_routing: shuffled_routing_null(&table.values, &token_pairs, &sets.finish(), s),
+        random_init: random_init_null(moe, &x, s)?,
+    };
+    Ok(Some(JacobianReport {
+        mode: if table.exact { "exact" } else { "estimate" }.into(),
+        samples: (!table.exact).then_some(table.samples),
+        pairs: if s.all_pairs { "all" } else { "routed" }.into(),
+        instances: stats.3,
+        mean: stats.0,
+        mean_abs: stats.1,
+        mean_sq: stats.2,
+        stderr: table.stderr,
+        matrix,
+        sets: sets.finish(),
+        null,
+        spectra,
+        effective_rank,
+    }))
+}
+
+/// [`layer_jacobian`] with uniform gates and no nulls: for benchmarks and
+/// tests that give a selection but no router.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_jacobian_uniform(
+    moe: &MoeLayer,
+    x: &Tensor,
+    selected: &[u32],
+    k: usize,
+    mode: JacobianMode,
+    all_pairs: bool,
+    spectra_tokens: usize,
+    top_sv: usize,
+    seed: u64,
+) -> Result<Option<JacobianReport>> {
+    let (n, e) = (x.dim(0)?, moe.n_experts());
+    let probs = vec![1.0 / e as f32; n * e];
+    let input = JacobianInputs { x, selected, k, probs: &probs };
+    let settings = JacobianSettings {
+        mode,
+        all_pairs,
+        spectra_tokens,
+        top_sv,
+        seed,
+        null_draws: 0,
+        null_init_tokens: 0,
+    };
+    layer_jacobian(moe, &input, &settings)
+}
+
+/// Mean, mean |A|, mean A² and count over every measured instance, and the
+/// E×E mean A per pair.
+#[allow(clippy::type_complexity)]
+fn instance_stats(
+    values: &[f64],
+    e_n: usize,
+) -> ((Option<f64>, Option<f64>, Option<f64>, usize), Vec<Vec<Option<f64>>>) {
+    let np = pairs::n_pairs(e_n).max(1);
+    let (mut sum, mut sum_abs, mut sum_sq, mut count) = (0.0, 0.0, 0.0, 0usize);
+    let mut pair_sum = vec![(0.0, 0usize); np];
+    for (q, v) in values.iter().enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        sum += v;
+        sum_abs += v.abs();
+        sum_sq += v * v;
+        count += 1;
+        pair_sum[q % np].0 += v;
+        pair_sum[q % np].1 += 1;
+    }
+    let mut matrix = vec![vec![None; e_n]; e_n];
+    for (p, (i, j)) in pairs::all_pairs(e_n).enumerate() {
+        let (s, c) = pair_sum[p];
+        if c > 0 {
+            matrix[i][j] = Some(s / c as f64);
+            matrix[j][i] = Some(s / c as f64);
         }
     }
     let c = count as f64;
-    Ok(Some(JacobianReport {
-        mode: if exact {
-            "exact".into()
-        } else {
-            "estimate".into()
-        },
-        samples: (!exact).then_some(m),
-        pairs: if all_pairs {
-            "all".into()
-        } else {
-            "routed".into()
-        },
-        instances: count,
-        mean: (count > 0).then(|| sum / c),
-        mean_abs: (count > 0).then(|| sum_abs / c),
-        mean_sq: (count > 0).then(|| sum_sq / c),
-        stderr: (!exact && count > 0).then(|| se_sum / c),
-        matrix,
-        spectra,
-        effective_rank: eff,
-    }))
+    let some = |v: f64| (count > 0).then(|| v / c);
+    ((some(sum), some(sum_abs), some(sum_sq), count), matrix)
+}
+
+/// Spectra: per expert, over up to `spectra_tokens` of its routed tokens.
+#[allow(clippy::type_complexity)]
+fn spectra(
+    moe: &MoeLayer,
+    x: &Tensor,
+    input: &JacobianInputs,
+    s: &JacobianSettings,
+) -> Result<(Vec<Option<Vec<f64>>>, Vec<Option<f64>>)> {
+    let (n, d) = x.dims2()?;
+    let (e_n, k) = (moe.n_experts(), input.k);
+    let mut spectra = vec![None; e_n];
+    let mut eff = vec![None; e_n];
+    if s.spectra_tokens == 0 {
+        return Ok((spectra, eff));
+    }
+    let mut experts = F64Experts::new(&moe.experts);
+    for ei in 0..e_n {
+        let toks: Vec<usize> = (0..n)
+            .filter(|&r| input.selected[r * k..(r + 1) * k].contains(&(ei as u32)))
+            .take(s.spectra_tokens)
+            .collect();
+        if toks.is_empty() {
+            continue;
+        }
+        let ex = experts.get(ei)?;
+        let mut top = vec![0.0; s.top_sv.min(d)];
+        let mut er = 0.0;
+        for &r in &toks {
+            let j = explicit_jacobian(ex, &x.narrow(0, r, 1)?)?;
+            let sv = singular_values(&j.to_vec2::<f64>()?);
+            for (q, s) in top.iter_mut().zip(&sv) {
+                *q += s;
+            }
+            er += effective_rank(&sv.iter().map(|s| s * s).collect::<Vec<_>>());
+        }
+        let nt = toks.len() as f64;
+        spectra[ei] = Some(top.iter().map(|v| v / nt).collect());
+        eff[ei] = Some(er / nt);
+    }
+    Ok((spectra, eff))
+}
+
+/// The chance levels of Jacobian alignment (docs/MEASURES.md, "Nulls").
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JacobianNull {
+    /// The same experts with each token's routing (selection and gates)
+    /// taken from another token at random: what a random router gives.
+    /// `routed` and `gate_weighted` sets (`all` does not depend on routing).
+    pub shuffled_routing: PairSets<NullStats>,
+    /// All-pairs alignment of independently initialised experts of the same
+    /// shapes (normal weights with each matrix's standard deviation, zero
+    /// biases), on the first tokens.
+    pub random_init: Option<SetMean>,
+}
+
+/// Routing shuffled across tokens, `null_draws` times; needs every pair measured.
+fn shuffled_routing_null(
+    values: &[f64],
+    token_pairs: &[TokenPairs],
+    observed: &PairSets<SetMean>,
+    s: &JacobianSettings,
+) -> PairSets<NullStats> {
+    use rand::seq::SliceRandom;
+    let n = token_pairs.len();
+    if s.null_draws == 0 || n == 0 || values.iter().any(|v| v.is_nan()) {
+        return PairSets::default();
+    }
+    let np = values.len() / n;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed ^ 0x5eed_0001);
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut draws: [Vec<f64>; 3] = Default::default();
+    for _ in 0..s.null_draws {
+        perm.shuffle(&mut rng);
+        let mut pm = pairs::PairMeans::default();
+        for (t, &u) in perm.iter().enumerate() {
+            pm.add(&values[t * np..(t + 1) * np], &token_pairs[u]);
+        }
+        let r = pm.finish();
+        for (set, v) in [(0, r.routed), (2, r.gate_weighted)] {
+            if let Some(v) = v {
+                draws[set].push(v.mean);
+            }
+        }
+    }
+    let obs = [observed.routed, observed.all, observed.gate_weighted];
+    PairSets::from_fn(|set| {
+        let o = obs[set]?;
+        (set != 1).then(|| NullStats::new(o.mean, &draws[set])).flatten()
+    })
+}
+
+/// All-pairs alignment of independently initialised experts on the first
+/// `null_init_tokens` tokens.
+fn random_init_null(moe: &MoeLayer, x: &Tensor, s: &JacobianSettings) -> Result<Option<SetMean>> {
+    let n = x.dim(0)?.min(s.null_init_tokens);
+    if n == 0 || moe.n_experts() < 2 {
+        return Ok(None);
+    }
+    let experts = random_experts(&moe.experts, s.seed ^ 0x5eed_0002)?;
+    let e_n = experts.len();
+    let x = x.narrow(0, 0, n)?;
+    let inst = Instances::new(&[], 0, n, e_n, true);
+    let table = align_table(&experts, &x, &inst, s.mode, 2, s.seed)?;
+    let mut pm = pairs::PairMeans::default();
+    let ones = vec![1.0f32 / e_n as f32; e_n];
+    let w = TokenPairs::new(&[], &ones);
+    let np = pairs::n_pairs(e_n);
+    for t in 0..n {
+        pm.add(&table.values[t * np..(t + 1) * np], &w);
+    }
+    Ok(pm.finish().all)
+}
+
+/// Experts of the same shapes with independent N(0, σ²) weights, σ each
+/// source matrix's standard deviation, and zero biases (f64).
+pub fn random_experts(src: &[Expert], seed: u64) -> Result<Vec<Expert>> {
+    use crate::model::layers::Linear;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut like = |l: &Linear| -> Result<Linear> {
+        let w = l.weight.to_dtype(DType::F64)?;
+        let sd = w.flatten_all()?.var(0)?.to_scalar::<f64>()?.sqrt();
+        let dims = w.dims().to_vec();
+        let count: usize = dims.iter().product();
+        let v: Vec<f64> = (0..count)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                sd * z
+            })
+            .collect();
+        let bias = match &l.bias {
+            Some(b) => Some(Tensor::zeros(b.dims(), DType::F64, &Device::Cpu)?),
+            None => None,
+        };
+        Ok(Linear {
+            weight: Tensor::from_vec(v, dims, &Device::Cpu)?,
+            bias,
+        })
+    };
+    src.iter()
+        .map(|e| {
+            Ok(Expert {
+                up: like(&e.up)?,
+                gate: e.gate.as_ref().map(&mut like).transpose()?,
+                down: like(&e.down)?,
+                activation: e.activation,
+            })
+        })
+        .collect()
 }
 
 fn align(ij: f64, ii: f64, jj: f64) -> f64 {

@@ -7,6 +7,8 @@
 
 pub mod analyze;
 pub mod jacobian;
+pub mod layer;
+pub mod pairs;
 pub mod subspace;
 
 use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
@@ -264,6 +266,10 @@ pub struct LayerAccumulator {
     pair_count: Vec<u64>,
     load: Vec<u64>,
     router_entropy_sum: f64,
+    /// Soft routing: the top-k by gate whose pairs count as `routed`.
+    reference_k: Option<usize>,
+    /// Activation cos² under the three pair sets (all-pairs outputs only).
+    act_sets: pairs::PairMeans,
 }
 
 impl LayerAccumulator {
@@ -280,6 +286,32 @@ impl LayerAccumulator {
             pair_count: vec![0; n_experts * n_experts],
             load: vec![0; n_experts],
             router_entropy_sum: 0.0,
+            reference_k: None,
+            act_sets: pairs::PairMeans::default(),
+        }
+    }
+
+    /// Under soft routing (every expert takes every token), count as routed
+    /// the pairs among each token's top-`k` experts by gate: the pairs a
+    /// top-k router would have selected (see [`pairs`]).
+    pub fn with_reference_k(mut self, k: usize) -> Self {
+        self.reference_k = Some(k);
+        self
+    }
+
+    /// The slots whose pairs count as routed for a token: all of them, or
+    /// under soft routing with a reference k, the top-k by gate.
+    fn routed_slots(&self, slots: &[Option<(usize, usize)>], probs: &[f32]) -> Vec<(usize, usize)> {
+        let present: Vec<(usize, usize)> = slots.iter().flatten().copied().collect();
+        match self.reference_k {
+            Some(k) if present.len() == self.n_experts && k < present.len() => {
+                let top = pairs::top_k_selection(probs, self.n_experts, k);
+                present
+                    .into_iter()
+                    .filter(|(e, _)| top.contains(&(*e as u32)))
+                    .collect()
+            }
+            _ => present,
         }
     }
 
@@ -324,11 +356,10 @@ impl LayerAccumulator {
         for t in 0..n {
             let p = &cap.probs[t * e_n..(t + 1) * e_n];
             self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
-            let present: Vec<(usize, usize)> =
-                rows[t * k..(t + 1) * k].iter().flatten().copied().collect();
-            for &(e, _) in &present {
+            for &(e, _) in rows[t * k..(t + 1) * k].iter().flatten() {
                 self.load[e] += 1;
             }
+            let present = self.routed_slots(&rows[t * k..(t + 1) * k], p);
             let m = present.len();
             if m >= 2 {
                 let mut sum = 0.0;
@@ -352,26 +383,31 @@ impl LayerAccumulator {
     }
 
     /// Add all-pairs activation overlap: `outputs[e]` is expert e's output on
-    /// every token (n × d), row-major.
-    pub fn add_all_pairs(&mut self, outputs: &[Vec<f32>], d: usize) {
+    /// every token (n × d), row-major; `token_pairs` the tokens' pair weights
+    /// (for the three pair sets).
+    pub fn add_all_pairs(&mut self, outputs: &[Vec<f32>], d: usize, token_pairs: &[pairs::TokenPairs]) {
         let e_n = outputs.len();
         if e_n < 2 {
             return;
         }
         let n = outputs[0].len() / d;
+        let mut values = vec![0.0; pairs::n_pairs(e_n)];
         for t in 0..n {
-            let mut sum = 0.0;
-            for a in 0..e_n {
-                for b in a + 1..e_n {
-                    sum += cos2(
-                        &outputs[a][t * d..(t + 1) * d],
-                        &outputs[b][t * d..(t + 1) * d],
-                    );
-                }
+            let row = |e: usize| &outputs[e][t * d..(t + 1) * d];
+            for (v, (a, b)) in values.iter_mut().zip(pairs::all_pairs(e_n)) {
+                *v = cos2(row(a), row(b));
             }
-            self.act_all_sum += sum * 2.0 / (e_n * (e_n - 1)) as f64;
+            self.act_all_sum += values.iter().sum::<f64>() / values.len() as f64;
+            if let Some(w) = token_pairs.get(t) {
+                self.act_sets.add(&values, w);
+            }
         }
         self.act_all_tokens += n;
+    }
+
+    /// Activation MSO under the three pair sets (from [`Self::add_all_pairs`]).
+    pub fn act_sets(&self) -> pairs::PairSets<pairs::SetMean> {
+        self.act_sets.finish()
     }
 
     /// Activation MSO over routed pairs, or the reason it is undefined.

@@ -10,6 +10,7 @@
 pub use crate::config::RankRule;
 
 use super::jacobian::effective_rank;
+use super::pairs::{NullStats, PairSets};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -232,6 +233,37 @@ pub struct SubspaceReport {
     /// exp(H(λ/Σλ)) of each expert's covariance spectrum.
     pub effective_rank: Vec<Option<f64>>,
     pub skipped: Vec<Skipped>,
+    /// Mean overlap under the three pair sets (docs/MEASURES.md, "Pair
+    /// sets"): expert pairs weighted by co-selection counts (`routed`), 1
+    /// (`all`, = `mean_overlap`) or Σ_x g_i(x)·g_j(x) (`gate_weighted`).
+    pub sets: PairSets<f64>,
+    /// Why the numbers say nothing about the experts, when they cannot
+    /// (unweighted input-space PCA under soft routing).
+    pub degenerate: Option<String>,
+    /// Permutation null of `mean_overlap`: experts given random token sets of
+    /// the same sizes and weights.
+    pub null: Option<SubspaceNull>,
+}
+
+/// The permutation null of a layer's mean subspace overlap; z > 0 when the
+/// experts overlap less than random token sets of the same sizes would.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SubspaceNull {
+    pub mean_overlap: f64,
+    pub sd: f64,
+    pub z: Option<f64>,
+    pub draws: usize,
+}
+
+impl From<NullStats> for SubspaceNull {
+    fn from(n: NullStats) -> Self {
+        SubspaceNull {
+            mean_overlap: n.mean,
+            sd: n.sd,
+            z: n.z,
+            draws: n.draws,
+        }
+    }
 }
 
 /// Subspaces and pairwise distances from per-expert moments.
@@ -313,7 +345,61 @@ pub fn layer_subspaces(
         mean_geodesic_normalised: (np > 0).then(|| sg / np as f64),
         effective_rank: eff,
         skipped,
+        sets: PairSets::default(),
+        degenerate: None,
+        null: None,
     })
+}
+
+/// The permutation null of subspace overlap: each expert keeps its number of
+/// rows and its row weights, but its rows come from tokens drawn at random
+/// (without replacement) from a shared pool; the measure is recomputed.
+#[derive(Debug, Clone, Copy)]
+pub struct PermutationNull {
+    pub d: usize,
+    pub rule: RankRule,
+    pub weighted: bool,
+    pub draws: usize,
+    pub seed: u64,
+}
+
+impl PermutationNull {
+    /// `pools[e]`: the rows expert e would have on each pool token (n × d;
+    /// the same slice for every expert in input space, the expert's own
+    /// outputs in output space). `row_weights[e]`: expert e's observed row
+    /// weights (their count is its row count, capped at the pool's size).
+    /// Returns the mean overlap of each draw.
+    pub fn draw(&self, pools: &[&[f32]], row_weights: &[Vec<f64>]) -> Result<Vec<f64>> {
+        use rand::seq::{index::sample, SliceRandom};
+        use rand::SeedableRng;
+        let d = self.d;
+        let pool_n = pools.first().map_or(0, |p| p.len() / d.max(1));
+        if self.draws == 0 || pool_n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut out = Vec::with_capacity(self.draws);
+        for _ in 0..self.draws {
+            let mut moments: Vec<Moments> = (0..pools.len()).map(|_| Moments::new(d)).collect();
+            for (e, m) in moments.iter_mut().enumerate() {
+                let n_e = row_weights[e].len().min(pool_n);
+                if n_e == 0 {
+                    continue;
+                }
+                let toks = sample(&mut rng, pool_n, n_e).into_vec();
+                let rows: Vec<f32> = toks.iter().flat_map(|&t| pools[e][t * d..(t + 1) * d].iter().copied()).collect();
+                let mut w = row_weights[e].clone();
+                w.shuffle(&mut rng);
+                w.truncate(n_e);
+                let x = Tensor::from_vec(rows, (n_e, d), &Device::Cpu)?;
+                m.add(&x, self.weighted.then_some(w.as_slice()))?;
+            }
+            if let Some(v) = layer_subspaces(&moments, self.rule, "", self.weighted).and_then(|r| r.mean_overlap) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ pub(super) struct DatasetStudy<'a> {
     pub suffix: String,
 }
 
-/// The λ study of each dataset among the finished runs.
+/// The λ study of each (dataset, routing mode) among the finished runs:
+/// runs that differ in anything the λ tables do not show are never pooled.
+/// A group whose λ does not vary has no λ study.
 fn studies<'a>(finished: &[&'a Run]) -> Vec<DatasetStudy<'a>> {
     let done: Vec<&Run> = finished
         .iter()
@@ -28,27 +30,35 @@ fn studies<'a>(finished: &[&'a Run]) -> Vec<DatasetStudy<'a>> {
         .filter(|r| r.in_lambda_study())
         .collect();
     let names = datasets(&done);
-    names
-        .iter()
-        .map(|ds| {
-            let runs: Vec<&Run> = done.iter().copied().filter(|r| &r.dataset == ds).collect();
+    let mut modes: Vec<&str> = done.iter().map(|r| r.mode.as_str()).collect();
+    modes.sort_unstable();
+    modes.dedup();
+    let mut out = Vec::new();
+    for ds in &names {
+        for mode in &modes {
+            let runs: Vec<&Run> =
+                done.iter().copied().filter(|r| &r.dataset == ds && r.mode == *mode).collect();
             let groups = by_lambda(&runs);
-            let base = groups
-                .iter()
-                .find(|(l, _)| *l == 0.0)
-                .map(|(_, v)| v.clone());
-            DatasetStudy {
+            if groups.len() < 2 {
+                continue;
+            }
+            let base = groups.iter().find(|(l, _)| *l == 0.0).map(|(_, v)| v.clone());
+            let mut parts = Vec::new();
+            if names.len() > 1 {
+                parts.push(ds.clone());
+            }
+            if modes.len() > 1 {
+                parts.push(mode.to_string());
+            }
+            out.push(DatasetStudy {
                 dataset: ds.clone(),
                 groups,
                 base,
-                suffix: if names.len() > 1 {
-                    format!(" — {ds}")
-                } else {
-                    String::new()
-                },
-            }
-        })
-        .collect()
+                suffix: if parts.is_empty() { String::new() } else { format!(" — {}", parts.join(", ")) },
+            });
+        }
+    }
+    out
 }
 
 /// Tables 1–3 and the figures of each dataset, then Table 4 across datasets.
@@ -62,7 +72,9 @@ pub(super) fn section(dir: &SweepDir, finished: &[&Run]) -> Section {
         table4_rows.extend(table4_row(study));
         s.figures.extend(figures::lambda_figures(dir, study));
     }
-    s.tables.push(table4(table4_rows));
+    if !table4_rows.is_empty() {
+        s.tables.push(table4(table4_rows));
+    }
     s
 }
 

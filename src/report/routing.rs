@@ -6,6 +6,7 @@ use super::runs::Run;
 use super::svg::{self, Chart, Series};
 use super::table::{mean_sd, sanitize, Table, TableCell};
 use super::{Figure, Section};
+use crate::experiments::stats;
 use crate::experiments::sweep::SweepDir;
 use serde::Deserialize;
 
@@ -13,31 +14,74 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 struct Analysis {
     layers: Vec<AnalysisLayer>,
+    #[serde(default)]
+    summary: AnalysisSummary,
+    #[serde(default)]
+    options: AnalysisOptions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AnalysisSummary {
+    #[serde(default)]
+    geometry: Geometry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AnalysisOptions {
+    #[serde(default)]
+    subspace_space: String,
+    #[serde(default)]
+    subspace_weighted: bool,
+}
+
+/// `summary.geometry`: layer means of the pair-set measures and their nulls.
+#[derive(Debug, Default, Deserialize)]
+struct Geometry {
+    #[serde(default)]
+    act_mso: Sets,
+    #[serde(default)]
+    jacobian: Sets,
+    #[serde(default)]
+    jacobian_null_shuffled: Sets,
+    jacobian_null_init: Option<f64>,
+    #[serde(default)]
+    subspace_overlap: Sets,
+    subspace_geodesic_normalised: Option<f64>,
+    subspace_null_overlap: Option<f64>,
+    subspace_z: Option<f64>,
+    subspace_random_overlap: Option<f64>,
+    subspace_degenerate: Option<String>,
+}
+
+/// A value per pair set (docs/MEASURES.md, "Pair sets").
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+struct Sets {
+    routed: Option<f64>,
+    all: Option<f64>,
+    gate_weighted: Option<f64>,
+}
+
+impl Sets {
+    fn get(&self, set: usize) -> Option<f64> {
+        [self.routed, self.all, self.gate_weighted][set]
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct AnalysisLayer {
     index: usize,
-    act_mso: Option<f64>,
-    act_mso_all: Option<f64>,
     jacobian: Option<JacobianSummary>,
     subspace: Option<SubspaceSummary>,
 }
 
 #[derive(Debug, Deserialize)]
 struct JacobianSummary {
-    mean: Option<f64>,
-    mean_abs: Option<f64>,
-    mean_sq: Option<f64>,
     /// E×E mean alignment A_ij.
     matrix: Vec<Vec<Option<f64>>>,
 }
 
 #[derive(Debug, Deserialize)]
 struct SubspaceSummary {
-    mean_overlap: Option<f64>,
-    random_overlap: Option<f64>,
-    mean_geodesic_normalised: Option<f64>,
     /// E×E subspace overlap O_ij.
     overlap: Vec<Vec<Option<f64>>>,
 }
@@ -49,30 +93,6 @@ impl AnalysisLayer {
     fn subspace_overlap(&self) -> &[Vec<Option<f64>>] {
         self.subspace.as_ref().map_or(&[], |s| &s.overlap)
     }
-}
-
-/// The columns of the routing table after the mode, each a layer mean.
-const COLUMNS: usize = 8;
-
-/// Layer means of one analysis: act, act (all pairs), Jacobian mean, |A|, A²,
-/// subspace overlap, random overlap, normalised geodesic.
-fn layer_means(a: &Analysis) -> [Option<f64>; COLUMNS] {
-    let avg = |f: &dyn Fn(&AnalysisLayer) -> Option<f64>| -> Option<f64> {
-        let v: Vec<f64> = a.layers.iter().filter_map(f).collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-    };
-    let jac = |f: fn(&JacobianSummary) -> Option<f64>| avg(&|l| l.jacobian.as_ref().and_then(f));
-    let sub = |f: fn(&SubspaceSummary) -> Option<f64>| avg(&|l| l.subspace.as_ref().and_then(f));
-    [
-        avg(&|l| l.act_mso),
-        avg(&|l| l.act_mso_all),
-        jac(|j| j.mean),
-        jac(|j| j.mean_abs),
-        jac(|j| j.mean_sq),
-        sub(|s| s.mean_overlap),
-        sub(|s| s.random_overlap),
-        sub(|s| s.mean_geodesic_normalised),
-    ]
 }
 
 /// The finished runs that have an analysis.json, grouped by routing mode (sorted).
@@ -94,51 +114,117 @@ fn runs_by_mode<'a>(dir: &SweepDir, done: &[&'a Run]) -> Vec<(String, Vec<(&'a R
     by_mode
 }
 
-/// The routing table and figures; empty unless two modes have analyses.
+/// The routing tables and figures; empty unless two modes have analyses.
+/// One row per routing mode (never pooled), every mode with the same
+/// columns: each pair set, the nulls, and a paired test against top-2.
 pub(super) fn section(dir: &SweepDir, done: &[&Run]) -> Section {
     let by_mode = runs_by_mode(dir, done);
     let mut s = Section::default();
     if by_mode.len() < 2 {
         return s;
     }
-    let mut rows = Vec::new();
+    let base = by_mode.iter().find(|(m, _)| m == "top-2").map(|(_, r)| r.as_slice());
+    let mut act_rows = Vec::new();
+    let mut jac_rows = Vec::new();
+    let mut sub_rows = Vec::new();
     for (mode, runs) in &by_mode {
-        rows.push(mode_row(mode, runs));
+        let g = |f: &dyn Fn(&Geometry) -> Option<f64>| -> Vec<(u64, f64)> {
+            runs.iter().filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v))).collect()
+        };
+        let cmp = |f: &dyn Fn(&Geometry) -> Option<f64>| compared(&g(f), base.map(|b| seeds_of(b, f)));
+        let mut act = vec![mode_cell(mode, runs), plain(&runs.iter().filter_map(|(r, _)| r.ppl).collect::<Vec<_>>())];
+        let mut jac = vec![mode_cell(mode, runs)];
+        let mut sub = vec![mode_cell(mode, runs), TableCell::from(space_of(runs))];
+        for set in 0..3 {
+            act.push(cmp(&|x| x.act_mso.get(set)));
+            jac.push(cmp(&|x| x.jacobian.get(set)));
+            sub.push(cmp(&|x| x.subspace_overlap.get(set)));
+        }
+        jac.push(plain_of(&g(&|x| x.jacobian_null_shuffled.routed)));
+        jac.push(plain_of(&g(&|x| x.jacobian_null_shuffled.gate_weighted)));
+        jac.push(plain_of(&g(&|x| x.jacobian_null_init)));
+        sub.push(plain_of(&g(&|x| x.subspace_null_overlap)));
+        sub.push(plain_of(&g(&|x| x.subspace_z)));
+        sub.push(plain_of(&g(&|x| x.subspace_random_overlap)));
+        sub.push(plain_of(&g(&|x| x.subspace_geodesic_normalised)));
+        let degenerate = runs.iter().find_map(|(_, a)| a.summary.geometry.subspace_degenerate.clone());
+        sub.push(TableCell::from(degenerate.map_or(String::new(), |_| "DEGENERATE (soft routing, unweighted input PCA)".into())));
+        act_rows.push(act);
+        jac_rows.push(jac);
+        sub_rows.push(sub);
         s.figures.extend(heatmaps(mode, runs));
     }
+    let test_note = "Each cell: mean ± sd over seeds of the layer means; (p) a paired t-test against top-2 over the seeds both modes have (— for top-2 itself). Pair sets (docs/MEASURES.md): routed = the pairs the router selected (soft routing: the top-k by gate), all = every pair, gate_weighted = every pair weighted by g_i·g_j; top-1 has no routed pair (null).";
     s.tables.push(Table {
-        title: "Routing: function vs representation space per routing mode".into(),
-        header: vec!["mode", "act MSO", "act MSO (all pairs)", "Jacobian mean A", "mean |A|", "mean A²", "subspace overlap", "random r/d", "norm. geodesic"],
-        rows,
-        note: "Layer means of each run's analysis.json (mean ± sd over seeds). Jacobian alignment over routed pairs (all pairs for top-1 have none: null); subspaces of routed inputs; random r/d is the expected overlap of random subspaces.".into(),
+        title: "Routing: perplexity and activation MSO by pair set".into(),
+        header: vec!["mode", "val PPL", "act MSO routed", "act MSO all", "act MSO gate_weighted"],
+        rows: act_rows,
+        note: test_note.into(),
+    });
+    s.tables.push(Table {
+        title: "Routing: Jacobian alignment (function space) by pair set, with nulls".into(),
+        header: vec!["mode", "A routed", "A all", "A gate_weighted", "null: shuffled routing (routed)", "null: shuffled routing (gate_weighted)", "null: independent init (all)"],
+        rows: jac_rows,
+        note: format!("{test_note} Nulls: the same experts with each token's routing taken from another token; experts of the same shapes initialised independently."),
+    });
+    s.tables.push(Table {
+        title: "Routing: expert subspaces (representation space) by pair set, with nulls".into(),
+        header: vec!["mode", "space", "overlap routed", "overlap all", "overlap gate_weighted", "permutation null", "z", "random r/d", "norm. geodesic", "note"],
+        rows: sub_rows,
+        note: format!("{test_note} Permutation null: each expert's rows from random token sets of its size and weights; z = (null − overlap)/sd, > 0 when experts are more separated than chance."),
     });
     s.figures.push(scatter(&by_mode));
     s
 }
 
-/// A mode's row: each column's mean ± sd over the mode's runs.
-fn mode_row(mode: &str, runs: &[(&Run, Analysis)]) -> Vec<TableCell> {
-    let means: Vec<[Option<f64>; COLUMNS]> = runs.iter().map(|(_, a)| layer_means(a)).collect();
+/// The mode's name, linking each seed's analysis.json.
+fn mode_cell(mode: &str, runs: &[(&Run, Analysis)]) -> TableCell {
     let mut first = TableCell::from(mode.to_string());
     first.links = runs
         .iter()
-        .map(|(r, _)| {
-            (
-                format!("s{}", r.seed),
-                format!("runs/{}/analysis.json", r.id),
-            )
-        })
+        .map(|(r, _)| (format!("s{}", r.seed), format!("runs/{}/analysis.json", r.id)))
         .collect();
-    let mut row = vec![first];
-    row.extend((0..COLUMNS).map(|k| {
-        let v: Vec<f64> = means.iter().filter_map(|m| m[k]).collect();
-        TableCell::from(if v.is_empty() {
-            "null".into()
-        } else {
-            mean_sd(&v)
+    first
+}
+
+/// `output, weighted` etc. for the mode's subspace analyses.
+fn space_of(runs: &[(&Run, Analysis)]) -> String {
+    runs.first()
+        .map(|(_, a)| {
+            let o = &a.options;
+            format!("{}{}", o.subspace_space, if o.subspace_weighted { ", weighted" } else { "" })
         })
-    }));
-    row
+        .unwrap_or_default()
+}
+
+/// (seed, value) of a mode's runs.
+fn seeds_of(runs: &[(&Run, Analysis)], f: &dyn Fn(&Geometry) -> Option<f64>) -> Vec<(u64, f64)> {
+    runs.iter().filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v))).collect()
+}
+
+fn plain(v: &[f64]) -> TableCell {
+    TableCell::from(if v.is_empty() { "null".into() } else { mean_sd(v) })
+}
+
+fn plain_of(v: &[(u64, f64)]) -> TableCell {
+    plain(&v.iter().map(|x| x.1).collect::<Vec<_>>())
+}
+
+/// mean ± sd, and the paired t-test's p against the base mode over shared seeds.
+fn compared(v: &[(u64, f64)], base: Option<Vec<(u64, f64)>>) -> TableCell {
+    let mut cell = plain_of(v);
+    let Some(base) = base else { return cell };
+    let pairs: Vec<(f64, f64)> =
+        v.iter().filter_map(|(s, x)| base.iter().find(|(bs, _)| bs == s).map(|(_, b)| (*b, *x))).collect();
+    if pairs.iter().all(|(b, x)| b == x) {
+        cell.text += " (—)";
+    } else if let Some(t) = stats::paired_t(
+        &pairs.iter().map(|p| p.0).collect::<Vec<_>>(),
+        &pairs.iter().map(|p| p.1).collect::<Vec<_>>(),
+    ) {
+        cell.text += &format!(" (p {:.3})", t.p);
+    }
+    cell
 }
 
 /// Jacobian and subspace heatmaps of the mode's lowest-seed run, per layer.

@@ -2,7 +2,7 @@
 //! measures logged with it (weight and activation overlap, telemetry), plus
 //! the end-of-run analysis.
 
-use crate::config::Config;
+use crate::config::{AnalysisSpace, Config};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
@@ -191,6 +191,9 @@ pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Re
     let geo = GeometryOptions {
         jacobian: cfg.measure.jacobian,
         subspace: cfg.measure.subspace,
+        output_space: cfg.measure.subspace_space == AnalysisSpace::Output,
+        weighted: cfg.measure.subspace_weighted,
+        null_draws: cfg.measure.null_draws,
         seed: cfg.measure.seed,
         ..Default::default()
     };
