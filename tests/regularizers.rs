@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use moescope::config::{Config, Routing};
-use moescope::model::moe::Dispatch;
+use moescope::model::moe::ForwardOptions;
 use std::path::Path;
 
 const STEPS: usize = 60;
@@ -128,7 +128,7 @@ fn router_logit_magnitude(run: &Path) -> (f64, f64) {
     let mut toks = Vec::new();
     ds.valid.extend_into(&mut toks, 0, 4 * 32);
     let x = Tensor::from_vec(toks, (4, 32), &Device::Cpu).unwrap();
-    let o = m.forward_with(&x, Dispatch::default()).unwrap();
+    let o = m.forward_with(&x, ForwardOptions::default()).unwrap();
     let f = |t: Tensor| {
         t.abs()
             .unwrap()

@@ -19,7 +19,7 @@ use super::config::{proj_names, Arch, HfConfig, QkNorm};
 use super::weights::WeightStore;
 use crate::config::{Activation, Routing};
 use crate::model::layers::{softmax_last, Linear};
-use crate::model::moe::{Expert, MoeCapture, MoeLayer};
+use crate::model::moe::{CapturedRouting, Expert, MoeLayer};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -274,7 +274,7 @@ pub struct SharedCapture {
 /// What a MoE layer saw and did on one batch.
 #[derive(Debug, Clone)]
 pub struct FfnCapture {
-    pub moe: MoeCapture,
+    pub moe: CapturedRouting,
     pub shared: Option<SharedCapture>,
 }
 

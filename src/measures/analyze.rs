@@ -2,8 +2,8 @@
 //! the JSON document described in FORMAT.md ("Analysis")
 //! (schema `moescope.analysis/1`).
 
-pub use super::layer::LayerAnalyzer;
 use super::jacobian::{JacobianMode, JacobianReport};
+pub use super::layer::LayerAnalyzer;
 use super::pairs::{PairSets, SetMean};
 use super::subspace::{RankRule, SubspaceReport};
 use super::{gap_ratio, mean_present, Family, Telemetry};
@@ -201,20 +201,40 @@ impl GeometrySummary {
             PairSets::from_fn(|s| mean(&|l| f(l, s)))
         };
         let pick = |p: &PairSets<f64>, s: usize| [p.routed, p.all, p.gate_weighted][s];
-        let pick_mean = |p: &PairSets<SetMean>, s: usize| [p.routed, p.all, p.gate_weighted][s].map(|m| m.mean);
+        let pick_mean =
+            |p: &PairSets<SetMean>, s: usize| [p.routed, p.all, p.gate_weighted][s].map(|m| m.mean);
         GeometrySummary {
             act_mso: sets(&|l, s| pick_mean(&l.act_mso_sets, s)),
             jacobian: sets(&|l, s| l.jacobian.as_ref().and_then(|j| pick_mean(&j.sets, s))),
             jacobian_null_shuffled: sets(&|l, s| {
-                l.jacobian.as_ref().and_then(|j| [j.null.shuffled_routing.routed, None, j.null.shuffled_routing.gate_weighted][s].map(|n| n.mean))
+                l.jacobian.as_ref().and_then(|j| {
+                    [
+                        j.null.shuffled_routing.routed,
+                        None,
+                        j.null.shuffled_routing.gate_weighted,
+                    ][s]
+                        .map(|n| n.mean)
+                })
             }),
-            jacobian_null_init: mean(&|l| l.jacobian.as_ref().and_then(|j| j.null.random_init.map(|m| m.mean))),
+            jacobian_null_init: mean(&|l| {
+                l.jacobian
+                    .as_ref()
+                    .and_then(|j| j.null.random_init.map(|m| m.mean))
+            }),
             subspace_overlap: sets(&|l, s| l.subspace.as_ref().and_then(|r| pick(&r.sets, s))),
-            subspace_geodesic_normalised: mean(&|l| l.subspace.as_ref().and_then(|r| r.mean_geodesic_normalised)),
-            subspace_null_overlap: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.map(|n| n.mean_overlap))),
+            subspace_geodesic_normalised: mean(&|l| {
+                l.subspace.as_ref().and_then(|r| r.mean_geodesic_normalised)
+            }),
+            subspace_null_overlap: mean(&|l| {
+                l.subspace
+                    .as_ref()
+                    .and_then(|r| r.null.map(|n| n.mean_overlap))
+            }),
             subspace_z: mean(&|l| l.subspace.as_ref().and_then(|r| r.null.and_then(|n| n.z))),
             subspace_random_overlap: mean(&|l| l.subspace.as_ref().map(|r| r.random_overlap)),
-            subspace_degenerate: layers.iter().find_map(|l| l.subspace.as_ref().and_then(|r| r.degenerate.clone())),
+            subspace_degenerate: layers
+                .iter()
+                .find_map(|l| l.subspace.as_ref().and_then(|r| r.degenerate.clone())),
         }
     }
 }
@@ -611,11 +631,17 @@ pub fn summary_table(r: &Report) -> String {
 }
 
 fn opt4(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "null".into())
+    v.map(|x| format!("{x:.4}"))
+        .unwrap_or_else(|| "null".into())
 }
 
 fn sets_text(p: &PairSets<f64>) -> String {
-    format!("{} / {} / {}", opt4(p.routed), opt4(p.all), opt4(p.gate_weighted))
+    format!(
+        "{} / {} / {}",
+        opt4(p.routed),
+        opt4(p.all),
+        opt4(p.gate_weighted)
+    )
 }
 
 /// One layer's Jacobian line: the instance means, the three pair sets and the nulls.

@@ -310,7 +310,9 @@ fn align_table(
         None
     } else {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..m * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let v: Vec<f64> = (0..m * d)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
         Some(Tensor::from_vec(v, (m, d), &Device::Cpu)?)
     };
     let norms = if exact {
@@ -409,7 +411,11 @@ fn estimate_pair(
         let est: Vec<f64> = (0..b)
             .map(|q| {
                 let s = q * per..(q + 1) * per;
-                align(mean(&pij[r][s.clone()]), mean(&pii[r][s.clone()]), mean(&pjj[r][s]))
+                align(
+                    mean(&pij[r][s.clone()]),
+                    mean(&pii[r][s.clone()]),
+                    mean(&pjj[r][s]),
+                )
             })
             .collect();
         let mu = mean(&est);
@@ -511,7 +517,12 @@ pub fn layer_jacobian_uniform(
 ) -> Result<Option<JacobianReport>> {
     let (n, e) = (x.dim(0)?, moe.n_experts());
     let probs = vec![1.0 / e as f32; n * e];
-    let input = JacobianInputs { x, selected, k, probs: &probs };
+    let input = JacobianInputs {
+        x,
+        selected,
+        k,
+        probs: &probs,
+    };
     let settings = JacobianSettings {
         mode,
         all_pairs,
@@ -530,7 +541,10 @@ pub fn layer_jacobian_uniform(
 fn instance_stats(
     values: &[f64],
     e_n: usize,
-) -> ((Option<f64>, Option<f64>, Option<f64>, usize), Vec<Vec<Option<f64>>>) {
+) -> (
+    (Option<f64>, Option<f64>, Option<f64>, usize),
+    Vec<Vec<Option<f64>>>,
+) {
     let np = pairs::n_pairs(e_n).max(1);
     let (mut sum, mut sum_abs, mut sum_sq, mut count) = (0.0, 0.0, 0.0, 0usize);
     let mut pair_sum = vec![(0.0, 0usize); np];
@@ -645,7 +659,9 @@ fn shuffled_routing_null(
     let obs = [observed.routed, observed.all, observed.gate_weighted];
     PairSets::from_fn(|set| {
         let o = obs[set]?;
-        (set != 1).then(|| NullStats::new(o.mean, &draws[set])).flatten()
+        (set != 1)
+            .then(|| NullStats::new(o.mean, &draws[set]))
+            .flatten()
     })
 }
 

@@ -6,9 +6,11 @@
 use super::analyze::{GeometryOptions, LayerReport};
 use super::jacobian::{layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings};
 use super::pairs::{self, NullStats, PairTotals, TokenPairs};
-use super::subspace::{layer_subspaces, Moments, PermutationNull, RankRule, SubspaceNull, SubspaceReport};
+use super::subspace::{
+    layer_subspaces, Moments, PermutationNull, RankRule, SubspaceNull, SubspaceReport,
+};
 use super::{gap_ratio, weight_overlap, Family, LayerAccumulator};
-use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
+use crate::model::moe::{CapturedRouting, MoeLayer, NO_EXPERT};
 use crate::Result;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -43,7 +45,14 @@ pub struct LayerAnalyzer {
 impl LayerAnalyzer {
     /// An analyzer for block `index` with `n_experts` experts, k active per
     /// token, model width `d`.
-    pub fn new(index: usize, n_experts: usize, k: usize, d: usize, renorm: bool, geo: &GeometryOptions) -> Self {
+    pub fn new(
+        index: usize,
+        n_experts: usize,
+        k: usize,
+        d: usize,
+        renorm: bool,
+        geo: &GeometryOptions,
+    ) -> Self {
         let mut acc = LayerAccumulator::new(n_experts, k);
         if let Some(rk) = geo.reference_k {
             acc = acc.with_reference_k(rk);
@@ -74,7 +83,11 @@ impl LayerAnalyzer {
 
     /// Each token's selection for the pair sets: what the router selected,
     /// or under soft routing (every expert selected) the top-k by gate.
-    fn reference_selection(&self, cap: &MoeCapture, geo: &GeometryOptions) -> (Vec<u32>, usize) {
+    fn reference_selection(
+        &self,
+        cap: &CapturedRouting,
+        geo: &GeometryOptions,
+    ) -> (Vec<u32>, usize) {
         match geo.reference_k {
             Some(rk) if cap.k == self.n_experts && rk < cap.k => {
                 (pairs::top_k_selection(&cap.probs, self.n_experts, rk), rk)
@@ -84,7 +97,13 @@ impl LayerAnalyzer {
     }
 
     /// Add one batch: `input` (n, d) is the MoE input, `cap` what `moe` did with it.
-    pub fn observe(&mut self, moe: &MoeLayer, input: &Tensor, cap: &MoeCapture, geo: &GeometryOptions) -> Result<()> {
+    pub fn observe(
+        &mut self,
+        moe: &MoeLayer,
+        input: &Tensor,
+        cap: &CapturedRouting,
+        geo: &GeometryOptions,
+    ) -> Result<()> {
         self.acc.add(cap)?;
         let (batch_n, d) = input.dims2()?;
         let e_n = self.n_experts;
@@ -108,7 +127,12 @@ impl LayerAnalyzer {
         let outs: Vec<Vec<f32>> = moe
             .experts
             .iter()
-            .map(|e| Ok(e.forward(input)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+            .map(|e| {
+                Ok(e.forward(input)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            })
             .collect::<Result<_>>()?;
         self.acc.add_all_pairs(&outs, d, &token_pairs);
         if geo.subspace != RankRule::Off && geo.null_draws > 0 {
@@ -119,7 +143,12 @@ impl LayerAnalyzer {
 
     /// Add each expert's routed rows (inputs, or outputs with `output_space`)
     /// to its moments, weighted by the gate with `weighted`.
-    fn add_moments(&mut self, input: &Tensor, cap: &MoeCapture, geo: &GeometryOptions) -> Result<()> {
+    fn add_moments(
+        &mut self,
+        input: &Tensor,
+        cap: &CapturedRouting,
+        geo: &GeometryOptions,
+    ) -> Result<()> {
         for (e, (toks, h)) in cap.expert_outputs.iter().enumerate() {
             if toks.is_empty() {
                 continue;
@@ -132,9 +161,11 @@ impl LayerAnalyzer {
             } else {
                 input.index_select(&Tensor::new(toks.as_slice(), input.device())?, 0)?
             };
-            let w: Option<Vec<f64>> = geo
-                .weighted
-                .then(|| toks.iter().map(|&t| gate_of(cap, self.n_experts, t as usize, e, self.renorm)).collect());
+            let w: Option<Vec<f64>> = geo.weighted.then(|| {
+                toks.iter()
+                    .map(|&t| gate_of(cap, self.n_experts, t as usize, e, self.renorm))
+                    .collect()
+            });
             self.moments[e].add(&rows, w.as_deref())?;
             match &w {
                 Some(w) => self.row_weights[e].extend_from_slice(w),
@@ -145,7 +176,12 @@ impl LayerAnalyzer {
     }
 
     /// Keep the batch's inputs and expert outputs while the pool has room.
-    fn add_to_pool(&mut self, input: &Tensor, outs: &[Vec<f32>], geo: &GeometryOptions) -> Result<()> {
+    fn add_to_pool(
+        &mut self,
+        input: &Tensor,
+        outs: &[Vec<f32>],
+        geo: &GeometryOptions,
+    ) -> Result<()> {
         let d = self.d;
         let have = self.pool_inputs.len() / d;
         let n = input.dim(0)?;
@@ -153,7 +189,11 @@ impl LayerAnalyzer {
         if take == 0 {
             return Ok(());
         }
-        let x = input.narrow(0, 0, take)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = input
+            .narrow(0, 0, take)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         self.pool_inputs.extend_from_slice(&x);
         for (pool, out) in self.pool_outputs.iter_mut().zip(outs) {
             pool.extend_from_slice(&out[..take * d]);
@@ -162,7 +202,12 @@ impl LayerAnalyzer {
     }
 
     /// The layer's measures (weights from `moe`, the rest from what was observed).
-    pub fn finish(self, moe: &MoeLayer, families: &[Family], geo: &GeometryOptions) -> Result<LayerReport> {
+    pub fn finish(
+        self,
+        moe: &MoeLayer,
+        families: &[Family],
+        geo: &GeometryOptions,
+    ) -> Result<LayerReport> {
         let mut wm = BTreeMap::new();
         let mut wo = BTreeMap::new();
         for &f in families {
@@ -199,7 +244,11 @@ impl LayerAnalyzer {
         })
     }
 
-    fn jacobian(&self, moe: &MoeLayer, geo: &GeometryOptions) -> Result<Option<super::jacobian::JacobianReport>> {
+    fn jacobian(
+        &self,
+        moe: &MoeLayer,
+        geo: &GeometryOptions,
+    ) -> Result<Option<super::jacobian::JacobianReport>> {
         if geo.jacobian == JacobianMode::Off || self.jac_inputs.is_empty() {
             return Ok(None);
         }
@@ -217,7 +266,11 @@ impl LayerAnalyzer {
             top_sv: geo.top_singular_values,
             seed: geo.seed + self.index as u64,
             null_draws: geo.null_draws,
-            null_init_tokens: if geo.null_draws > 0 { geo.null_init_tokens } else { 0 },
+            null_init_tokens: if geo.null_draws > 0 {
+                geo.null_init_tokens
+            } else {
+                0
+            },
         };
         layer_jacobian(moe, &input, &settings)
     }
@@ -238,12 +291,22 @@ impl LayerAnalyzer {
     }
 
     /// The permutation null of the layer's mean subspace overlap, from the pool.
-    fn permutation_null(&self, observed: &SubspaceReport, geo: &GeometryOptions) -> Result<Option<SubspaceNull>> {
+    fn permutation_null(
+        &self,
+        observed: &SubspaceReport,
+        geo: &GeometryOptions,
+    ) -> Result<Option<SubspaceNull>> {
         let Some(obs) = observed.mean_overlap else {
             return Ok(None);
         };
         let pools: Vec<&[f32]> = (0..self.n_experts)
-            .map(|e| if geo.output_space { self.pool_outputs[e].as_slice() } else { self.pool_inputs.as_slice() })
+            .map(|e| {
+                if geo.output_space {
+                    self.pool_outputs[e].as_slice()
+                } else {
+                    self.pool_inputs.as_slice()
+                }
+            })
             .collect();
         let null = PermutationNull {
             d: self.d,
@@ -259,7 +322,7 @@ impl LayerAnalyzer {
 
 /// g_e(x) of token `t` for expert `e`, renormalised over the token's selected
 /// experts when the model renormalises its top-k gates.
-fn gate_of(cap: &MoeCapture, e_n: usize, t: usize, e: usize, renorm: bool) -> f64 {
+fn gate_of(cap: &CapturedRouting, e_n: usize, t: usize, e: usize, renorm: bool) -> f64 {
     let p = &cap.probs[t * e_n..(t + 1) * e_n];
     let denom: f64 = if renorm {
         cap.selected[t * cap.k..(t + 1) * cap.k]

@@ -2,7 +2,7 @@
 //! activation overlap, routing telemetry, and the orthogonality loss.
 //!
 //! Weight measures read the parameters; activation measures and telemetry
-//! read a [`MoeCapture`] of a forward pass (the same pass that computes the
+//! read a [`CapturedRouting`] of a forward pass (the same pass that computes the
 //! loss, so logging them costs no second forward). Accumulation is in f64.
 
 pub mod analyze;
@@ -11,7 +11,7 @@ pub mod layer;
 pub mod pairs;
 pub mod subspace;
 
-use crate::model::moe::{MoeCapture, MoeLayer, NO_EXPERT};
+use crate::model::moe::{CapturedRouting, MoeLayer, NO_EXPERT};
 use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -316,7 +316,7 @@ impl LayerAccumulator {
     }
 
     /// Add the tokens of one captured forward pass.
-    pub fn add(&mut self, cap: &MoeCapture) -> Result<()> {
+    pub fn add(&mut self, cap: &CapturedRouting) -> Result<()> {
         let e_n = self.n_experts;
         let k = cap.k;
         let n = cap.probs.len() / e_n;
@@ -338,7 +338,7 @@ impl LayerAccumulator {
         let mut cursor = vec![0usize; e_n];
         // (expert, row in its outputs) per (token, slot); None for an empty slot.
         let mut rows: Vec<Option<(usize, usize)>> = vec![None; n * k];
-        // Dispatch lists tokens in ascending order per expert; replay that order.
+        // The dispatch lists tokens in ascending order per expert; replay that order.
         for t in 0..n {
             for s in 0..k {
                 let e = cap.selected[t * k + s];
@@ -385,7 +385,12 @@ impl LayerAccumulator {
     /// Add all-pairs activation overlap: `outputs[e]` is expert e's output on
     /// every token (n × d), row-major; `token_pairs` the tokens' pair weights
     /// (for the three pair sets).
-    pub fn add_all_pairs(&mut self, outputs: &[Vec<f32>], d: usize, token_pairs: &[pairs::TokenPairs]) {
+    pub fn add_all_pairs(
+        &mut self,
+        outputs: &[Vec<f32>],
+        d: usize,
+        token_pairs: &[pairs::TokenPairs],
+    ) {
         let e_n = outputs.len();
         if e_n < 2 {
             return;

@@ -387,14 +387,19 @@ impl PermutationNull {
                     continue;
                 }
                 let toks = sample(&mut rng, pool_n, n_e).into_vec();
-                let rows: Vec<f32> = toks.iter().flat_map(|&t| pools[e][t * d..(t + 1) * d].iter().copied()).collect();
+                let rows: Vec<f32> = toks
+                    .iter()
+                    .flat_map(|&t| pools[e][t * d..(t + 1) * d].iter().copied())
+                    .collect();
                 let mut w = row_weights[e].clone();
                 w.shuffle(&mut rng);
                 w.truncate(n_e);
                 let x = Tensor::from_vec(rows, (n_e, d), &Device::Cpu)?;
                 m.add(&x, self.weighted.then_some(w.as_slice()))?;
             }
-            if let Some(v) = layer_subspaces(&moments, self.rule, "", self.weighted).and_then(|r| r.mean_overlap) {
+            if let Some(v) =
+                layer_subspaces(&moments, self.rule, "", self.weighted).and_then(|r| r.mean_overlap)
+            {
                 out.push(v);
             }
         }

@@ -22,7 +22,7 @@ use crate::{Error, Result};
 use attention::CausalSelfAttention;
 use candle_core::{DType, Device, Tensor};
 use layers::{cross_entropy, LayerNorm};
-use moe::{Dispatch, Expert, MoeAux, MoeCapture, MoeLayer};
+use moe::{CapturedRouting, Expert, ForwardOptions, MoeLayer, RoutingOnGraph};
 use params::ParamStore;
 
 /// The feed-forward part of a block.
@@ -85,8 +85,8 @@ impl Block {
         x: &Tensor,
         b: usize,
         t: usize,
-        mode: Dispatch,
-    ) -> Result<(Tensor, Option<LayerCapture>, Option<MoeAux>)> {
+        mode: ForwardOptions,
+    ) -> Result<(Tensor, Option<LayerCapture>, Option<RoutingOnGraph>)> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, b, t)?)?;
         let h = self.ln2.forward(&x)?;
         let (y, cap, aux) = match &self.ffn {
@@ -112,7 +112,7 @@ impl Block {
 pub struct LayerCapture {
     /// The MoE input after the pre-norm (b·t, d), detached.
     pub input: Tensor,
-    pub moe: MoeCapture,
+    pub moe: CapturedRouting,
 }
 
 /// Output of a forward pass.
@@ -124,7 +124,7 @@ pub struct ForwardOutput {
     pub captures: Vec<LayerCapture>,
     /// One entry per MoE layer: router logits and probabilities on the graph,
     /// the selection, and (when asked) the expert outputs, for the regularisers.
-    pub aux: Vec<MoeAux>,
+    pub aux: Vec<RoutingOnGraph>,
 }
 
 /// The NanoGPT-MoE language model.
@@ -193,7 +193,7 @@ impl Gpt {
     pub fn forward(&self, tokens: &Tensor, capture: bool) -> Result<ForwardOutput> {
         self.forward_with(
             tokens,
-            Dispatch {
+            ForwardOptions {
                 capture,
                 ..Default::default()
             },
@@ -201,7 +201,7 @@ impl Gpt {
     }
 
     /// [`Gpt::forward`] with full control of the MoE dispatch (training passes).
-    pub fn forward_with(&self, tokens: &Tensor, mode: Dispatch) -> Result<ForwardOutput> {
+    pub fn forward_with(&self, tokens: &Tensor, mode: ForwardOptions) -> Result<ForwardOutput> {
         let (b, t) = tokens.dims2()?;
         if t > self.cfg.seq_len {
             return Err(Error::Data(format!(

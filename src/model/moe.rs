@@ -68,9 +68,11 @@ impl Expert {
 /// limit, or (expert choice) fewer experts than slots.
 pub const NO_EXPERT: u32 = u32::MAX;
 
-/// What one MoE forward pass routed and computed, for the measures.
+/// What one MoE forward pass routed and computed, captured off the graph as
+/// host copies for the measures (see [`RoutingOnGraph`] for what the
+/// regularisers get on the graph).
 #[derive(Debug, Clone)]
-pub struct MoeCapture {
+pub struct CapturedRouting {
     /// Router probabilities, row-major (n_tokens × n_experts).
     pub probs: Vec<f32>,
     /// The selected experts of each token, best first (n_tokens × k);
@@ -83,9 +85,10 @@ pub struct MoeCapture {
     pub expert_outputs: Vec<(Vec<u32>, Option<Tensor>)>,
 }
 
-/// How a forward pass dispatches and what it keeps.
+/// Options of one forward pass: whether it trains (the capacity limit
+/// applies), and what it keeps for the measures and the regularisers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Dispatch {
+pub struct ForwardOptions {
     /// Capture what was routed, detached (for the measures).
     pub capture: bool,
     /// A training pass: the capacity limit applies.
@@ -94,9 +97,11 @@ pub struct Dispatch {
     pub keep_outputs: bool,
 }
 
-/// What the regularisers and load balancing need from one MoE forward pass.
+/// What the regularisers and load balancing need from one MoE forward pass,
+/// as tensors on the autodiff graph (see [`CapturedRouting`] for the
+/// measures' detached copies).
 #[derive(Debug, Clone)]
-pub struct MoeAux {
+pub struct RoutingOnGraph {
     /// Router logits W_r x (n, E), on the graph.
     pub logits: Tensor,
     /// Router probabilities softmax(logits / T) (n, E), on the graph.
@@ -121,8 +126,8 @@ pub struct MoeAux {
 pub struct MoeOutput {
     /// (n, d).
     pub y: Tensor,
-    pub capture: Option<MoeCapture>,
-    pub aux: MoeAux,
+    pub capture: Option<CapturedRouting>,
+    pub aux: RoutingOnGraph,
 }
 
 /// A MoE FFN layer.
@@ -207,10 +212,10 @@ impl MoeLayer {
     }
 
     /// x: (n, d) -> (n, d). With `capture`, also returns what was routed.
-    pub fn forward(&self, x: &Tensor, capture: bool) -> Result<(Tensor, Option<MoeCapture>)> {
+    pub fn forward(&self, x: &Tensor, capture: bool) -> Result<(Tensor, Option<CapturedRouting>)> {
         let o = self.forward_with(
             x,
-            Dispatch {
+            ForwardOptions {
                 capture,
                 ..Default::default()
             },
@@ -220,7 +225,7 @@ impl MoeLayer {
 
     /// The forward pass with everything the measures and regularisers may need:
     /// route on the host, gate, run each expert on its tokens, scatter-add back.
-    pub fn forward_with(&self, x: &Tensor, mode: Dispatch) -> Result<MoeOutput> {
+    pub fn forward_with(&self, x: &Tensor, mode: ForwardOptions) -> Result<MoeOutput> {
         let (logits, probs) = self.router_logits_probs(x)?; // (n, E)
         let p_host: Vec<f32> = probs
             .detach()
@@ -233,7 +238,7 @@ impl MoeLayer {
         let rows = self.run_experts(x, &route, mode)?;
         let y = combine(x, &rows, &gates)?;
         let routed_load = route.routed_load(self.n_experts());
-        let capture = mode.capture.then(|| MoeCapture {
+        let capture = mode.capture.then(|| CapturedRouting {
             probs: p_host,
             selected: route.selected.clone(),
             k: route.k,
@@ -245,7 +250,7 @@ impl MoeLayer {
         Ok(MoeOutput {
             y,
             capture,
-            aux: MoeAux {
+            aux: RoutingOnGraph {
                 logits,
                 probs,
                 selected: route.selected,
@@ -376,7 +381,12 @@ impl MoeLayer {
 
     /// Run each expert once on exactly the tokens routed to it; the rows come
     /// back expert-major with their tokens and gate slots.
-    fn run_experts(&self, x: &Tensor, route: &RouteDecision, mode: Dispatch) -> Result<ExpertRows> {
+    fn run_experts(
+        &self,
+        x: &Tensor,
+        route: &RouteDecision,
+        mode: ForwardOptions,
+    ) -> Result<ExpertRows> {
         let n = x.dims2()?.0;
         let (tokens, slots) = group_by_expert(&route.selected, n, route.k, self.n_experts());
         let mut outs = Vec::with_capacity(self.n_experts());
@@ -556,7 +566,7 @@ mod tests {
         let mut ps = ParamStore::new(DType::F64, &Device::Cpu, 3);
         let m = MoeLayer::new(&mut ps, "moe", &cfg, 0.5, 0.5).unwrap();
         let x = Tensor::randn(0.0, 1.0, (10, 6), &Device::Cpu).unwrap();
-        let train = Dispatch {
+        let train = ForwardOptions {
             train: true,
             ..Default::default()
         };
@@ -592,7 +602,7 @@ mod tests {
         assert!(o.aux.dropped > 0, "the test should drop something");
         assert_eq!(o.aux.routed_load.iter().sum::<u64>(), 20);
         // Evaluation is dropless.
-        let e = m.forward_with(&x, Dispatch::default()).unwrap();
+        let e = m.forward_with(&x, ForwardOptions::default()).unwrap();
         assert_eq!((e.aux.dropped, e.aux.selected.clone()), (0, routed.clone()));
         // A dropped token-slot contributes nothing: the output equals the
         // dense sum over the kept assignments only.

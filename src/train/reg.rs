@@ -1,5 +1,5 @@
 //! The regulariser and load-balancing zoo. Every term is computed from the
-//! training forward pass's [`MoeAux`] (router logits and probabilities on the
+//! training forward pass's [`RoutingOnGraph`] (router logits and probabilities on the
 //! graph, the selection, the routed expert outputs), averaged over the MoE
 //! layers, weighted by its own λ and logged under its own name.
 //!
@@ -29,7 +29,7 @@
 use crate::config::RegConfig;
 use crate::measures::{gram_penalty, Family};
 use crate::model::layers::cross_entropy_rows_composed;
-use crate::model::moe::MoeAux;
+use crate::model::moe::RoutingOnGraph;
 use crate::model::Gpt;
 use crate::Result;
 use candle_core::{DType, Tensor, Var, D};
@@ -48,7 +48,7 @@ fn unit_rows(h: &Tensor) -> Result<Tensor> {
 
 /// Activation-space overlap of one layer (differentiable), or None when no
 /// token has two experts.
-pub fn act_overlap(aux: &MoeAux) -> Result<Option<Tensor>> {
+pub fn act_overlap(aux: &RoutingOnGraph) -> Result<Option<Tensor>> {
     let (h, token, _) = aux.outputs.as_ref().expect("keep_outputs was asked");
     let n = aux.selected.len() / aux.k;
     let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); n];
@@ -85,7 +85,7 @@ pub fn act_overlap(aux: &MoeAux) -> Result<Option<Tensor>> {
 
 /// InfoNCE of routed expert outputs against the experts' centroids, or None
 /// when fewer than two experts received tokens.
-pub fn contrastive(aux: &MoeAux, tau: f64) -> Result<Option<Tensor>> {
+pub fn contrastive(aux: &RoutingOnGraph, tau: f64) -> Result<Option<Tensor>> {
     let (h, _, expert) = aux.outputs.as_ref().expect("keep_outputs was asked");
     let e_n = aux.routed_load.len();
     let mut present = vec![false; e_n];
@@ -112,13 +112,13 @@ pub fn contrastive(aux: &MoeAux, tau: f64) -> Result<Option<Tensor>> {
 }
 
 /// H(p̄) of the batch's mean router distribution (nats).
-pub fn batch_entropy(aux: &MoeAux) -> Result<Tensor> {
+pub fn batch_entropy(aux: &RoutingOnGraph) -> Result<Tensor> {
     let pbar = aux.probs.mean(0)?;
     Ok((pbar.clone() * pbar.log()?)?.sum_all()?.neg()?)
 }
 
 /// Mean per-token router entropy, from the logits (stable when p underflows).
-pub fn token_entropy(aux: &MoeAux, temperature: f64) -> Result<Tensor> {
+pub fn token_entropy(aux: &RoutingOnGraph, temperature: f64) -> Result<Tensor> {
     let z = (&aux.logits / temperature)?;
     let m = z.max_keepdim(D::Minus1)?.detach();
     let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
@@ -127,7 +127,7 @@ pub fn token_entropy(aux: &MoeAux, temperature: f64) -> Result<Tensor> {
 }
 
 /// Switch-Transformer load-balancing loss E · Σ_e f_e P_e.
-pub fn switch_aux(aux: &MoeAux) -> Result<Tensor> {
+pub fn switch_aux(aux: &RoutingOnGraph) -> Result<Tensor> {
     let e_n = aux.routed_load.len();
     let total: u64 = aux.routed_load.iter().sum();
     let f: Vec<f64> = aux
@@ -140,7 +140,7 @@ pub fn switch_aux(aux: &MoeAux) -> Result<Tensor> {
 }
 
 /// Router z-loss mean_t (logsumexp_e logits_te)².
-pub fn z_loss(aux: &MoeAux) -> Result<Tensor> {
+pub fn z_loss(aux: &RoutingOnGraph) -> Result<Tensor> {
     let z = &aux.logits;
     let m = z.max_keepdim(D::Minus1)?.detach();
     let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
@@ -159,8 +159,8 @@ pub struct BatchTerms {
 }
 
 /// Compute every batch term whose λ is not zero.
-pub fn batch_terms(r: &RegConfig, aux: &[MoeAux], temperature: f64) -> Result<BatchTerms> {
-    type TermFn<'a> = Box<dyn Fn(&MoeAux) -> Result<Option<Tensor>> + 'a>;
+pub fn batch_terms(r: &RegConfig, aux: &[RoutingOnGraph], temperature: f64) -> Result<BatchTerms> {
+    type TermFn<'a> = Box<dyn Fn(&RoutingOnGraph) -> Result<Option<Tensor>> + 'a>;
     let terms: Vec<(&'static str, f64, TermFn)> = vec![
         ("act_loss", r.act_lambda, Box::new(act_overlap)),
         (
@@ -414,7 +414,7 @@ mod tests {
         }
     }
 
-    fn aux_of(f: &Fixture, logits: &Tensor, h: &Tensor) -> MoeAux {
+    fn aux_of(f: &Fixture, logits: &Tensor, h: &Tensor) -> RoutingOnGraph {
         let probs = crate::model::layers::softmax_last(logits).unwrap();
         let mut routed_load = vec![0u64; E];
         for &e in &f.selected {
@@ -423,7 +423,7 @@ mod tests {
             }
         }
         routed_load[3] += 1; // the dropped assignment still counts as routed
-        MoeAux {
+        RoutingOnGraph {
             logits: logits.clone(),
             probs,
             selected: f.selected.clone(),

@@ -9,7 +9,7 @@ use crate::config::{Config, EngineChoice, RegConfig};
 use crate::data::Batch;
 use crate::measures::{self, Family};
 use crate::model::layers::cross_entropy;
-use crate::model::{moe::Dispatch, Gpt};
+use crate::model::{moe::ForwardOptions, Gpt};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -280,7 +280,7 @@ pub struct AutodiffStep {
     top_k: usize,
     orth_family: Family,
     grad_family: Family,
-    dispatch: Dispatch,
+    forward: ForwardOptions,
 }
 
 impl AutodiffStep {
@@ -293,7 +293,7 @@ impl AutodiffStep {
             top_k: cfg.model.top_k,
             orth_family: cfg.reg.orth_family,
             grad_family: cfg.reg.grad_family,
-            dispatch: Dispatch {
+            forward: ForwardOptions {
                 capture: false,
                 train: true,
                 keep_outputs: reg::needs_outputs(&cfg.reg),
@@ -315,7 +315,7 @@ impl AutodiffStep {
         let x = Tensor::from_vec(batch.inputs.clone(), (batch.b, batch.t), dev)?;
         let y = Tensor::from_vec(batch.targets.clone(), batch.b * batch.t, dev)?;
         let t0 = Instant::now();
-        let fwd = self.model.forward_with(&x, self.dispatch)?;
+        let fwd = self.model.forward_with(&x, self.forward)?;
         let lm = cross_entropy(&fwd.logits, &y)?;
         let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         finite("loss", lv)?;
