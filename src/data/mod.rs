@@ -8,6 +8,7 @@ pub mod cache;
 pub mod corpus;
 pub mod datasets;
 pub mod synthetic;
+pub mod token_ids;
 pub mod tokenizer;
 
 use crate::config::DataConfig;

@@ -10,6 +10,7 @@ pub mod jacobian;
 pub mod layer;
 pub mod pairs;
 pub mod subspace;
+pub mod summary_table;
 
 use crate::model::moe::{CapturedRouting, MoeLayer, NO_EXPERT};
 use crate::model::Gpt;
