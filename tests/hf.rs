@@ -202,6 +202,15 @@ fn sharded_single_streaming_and_in_memory_give_identical_reports() {
         assert!(s.gate_mean.unwrap() > 0.0 && s.gate_mean.unwrap() < 1.0);
         assert!(s.act_cos2_routed > 0.0 && s.act_cos2_routed < 1.0);
         assert!(l.jacobian.is_some() && l.subspace.is_some());
+        // Pretrained models get the same pair sets and nulls as ours.
+        let sets = &l.act_mso_sets;
+        assert_eq!(sets.routed.map(|m| m.mean), l.act_mso, "layer {}", l.index);
+        assert!(sets.all.is_some() && sets.gate_weighted.is_some());
+        let j = l.jacobian.as_ref().unwrap();
+        assert!(j.sets.routed.is_some() && j.sets.all.is_some() && j.sets.gate_weighted.is_some());
+        assert!(j.null.shuffled_routing.routed.is_some() && j.null.random_init.is_some());
+        let sub = l.subspace.as_ref().unwrap();
+        assert!(sub.sets.all.is_some() && sub.degenerate.is_none());
     }
     let mut nll = 0.0;
     for (i, row) in r.logits.iter().enumerate() {
