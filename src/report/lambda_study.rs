@@ -36,13 +36,19 @@ fn studies<'a>(finished: &[&'a Run]) -> Vec<DatasetStudy<'a>> {
     let mut out = Vec::new();
     for ds in &names {
         for mode in &modes {
-            let runs: Vec<&Run> =
-                done.iter().copied().filter(|r| &r.dataset == ds && r.mode == *mode).collect();
+            let runs: Vec<&Run> = done
+                .iter()
+                .copied()
+                .filter(|r| &r.dataset == ds && r.mode == *mode)
+                .collect();
             let groups = by_lambda(&runs);
             if groups.len() < 2 {
                 continue;
             }
-            let base = groups.iter().find(|(l, _)| *l == 0.0).map(|(_, v)| v.clone());
+            let base = groups
+                .iter()
+                .find(|(l, _)| *l == 0.0)
+                .map(|(_, v)| v.clone());
             let mut parts = Vec::new();
             if names.len() > 1 {
                 parts.push(ds.clone());
@@ -54,7 +60,11 @@ fn studies<'a>(finished: &[&'a Run]) -> Vec<DatasetStudy<'a>> {
                 dataset: ds.clone(),
                 groups,
                 base,
-                suffix: if parts.is_empty() { String::new() } else { format!(" — {}", parts.join(", ")) },
+                suffix: if parts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", parts.join(", "))
+                },
             });
         }
     }
@@ -72,7 +82,9 @@ pub(super) fn section(dir: &SweepDir, finished: &[&Run]) -> Section {
         table4_rows.extend(table4_row(study));
         s.figures.extend(figures::lambda_figures(dir, study));
     }
-    if !table4_rows.is_empty() {
+    // No λ tables for runs whose λ does not vary; an empty Table 4 while no
+    // run has finished says so.
+    if !table4_rows.is_empty() || finished.is_empty() {
         s.tables.push(table4(table4_rows));
     }
     s

@@ -241,6 +241,60 @@ mod tests {
         );
     }
 
+    /// A routing sweep at λ = 0: no λ table pools its modes; with λ varying
+    /// under two modes, each mode gets its own λ tables.
+    #[test]
+    fn lambda_tables_only_when_lambda_varies_and_never_across_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = SweepDir(d.path().to_path_buf());
+        let mode = |mut r: ResultRow, k: usize| {
+            r.top_k = Some(k);
+            r
+        };
+        let routing: Vec<ResultRow> = (0..3)
+            .flat_map(|s| {
+                [
+                    mode(row(&format!("k1-s{s}"), "none", 0.0, s, 9.0), 1),
+                    mode(row(&format!("k2-s{s}"), "none", 0.0, s, 8.0), 2),
+                ]
+            })
+            .collect();
+        let c = build(&dir, &routing);
+        assert!(
+            c.tables.iter().all(|t| !t.title.starts_with("Table")),
+            "{:?}",
+            c.tables.iter().map(|t| &t.title).collect::<Vec<_>>()
+        );
+
+        let mut both = Vec::new();
+        for k in [1, 2] {
+            for (i, l) in [0.0, 0.1].into_iter().enumerate() {
+                for s in 0..2 {
+                    let m = if l == 0.0 {
+                        "none".to_string()
+                    } else {
+                        format!("orth {l}")
+                    };
+                    both.push(mode(row(&format!("k{k}-l{i}-s{s}"), &m, l, s, 8.0 + l), k));
+                }
+            }
+        }
+        let c = build(&dir, &both);
+        let t1: Vec<&Table> = c
+            .tables
+            .iter()
+            .filter(|t| t.title.starts_with("Table 1"))
+            .collect();
+        assert_eq!(t1.len(), 2, "one Table 1 per routing mode");
+        assert!(
+            t1[0].title.ends_with("top-1") && t1[1].title.ends_with("top-2"),
+            "{} / {}",
+            t1[0].title,
+            t1[1].title
+        );
+        assert!(t1.iter().all(|t| t.rows.len() == 2));
+    }
+
     #[test]
     fn a_sweep_without_finished_runs_still_reports_its_runs() {
         let d = tempfile::tempdir().unwrap();

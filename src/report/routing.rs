@@ -123,16 +123,25 @@ pub(super) fn section(dir: &SweepDir, done: &[&Run]) -> Section {
     if by_mode.len() < 2 {
         return s;
     }
-    let base = by_mode.iter().find(|(m, _)| m == "top-2").map(|(_, r)| r.as_slice());
+    let base = by_mode
+        .iter()
+        .find(|(m, _)| m == "top-2")
+        .map(|(_, r)| r.as_slice());
     let mut act_rows = Vec::new();
     let mut jac_rows = Vec::new();
     let mut sub_rows = Vec::new();
     for (mode, runs) in &by_mode {
         let g = |f: &dyn Fn(&Geometry) -> Option<f64>| -> Vec<(u64, f64)> {
-            runs.iter().filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v))).collect()
+            runs.iter()
+                .filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v)))
+                .collect()
         };
-        let cmp = |f: &dyn Fn(&Geometry) -> Option<f64>| compared(&g(f), base.map(|b| seeds_of(b, f)));
-        let mut act = vec![mode_cell(mode, runs), plain(&runs.iter().filter_map(|(r, _)| r.ppl).collect::<Vec<_>>())];
+        let cmp =
+            |f: &dyn Fn(&Geometry) -> Option<f64>| compared(&g(f), base.map(|b| seeds_of(b, f)));
+        let mut act = vec![
+            mode_cell(mode, runs),
+            plain(&runs.iter().filter_map(|(r, _)| r.ppl).collect::<Vec<_>>()),
+        ];
         let mut jac = vec![mode_cell(mode, runs)];
         let mut sub = vec![mode_cell(mode, runs), TableCell::from(space_of(runs))];
         for set in 0..3 {
@@ -147,8 +156,12 @@ pub(super) fn section(dir: &SweepDir, done: &[&Run]) -> Section {
         sub.push(plain_of(&g(&|x| x.subspace_z)));
         sub.push(plain_of(&g(&|x| x.subspace_random_overlap)));
         sub.push(plain_of(&g(&|x| x.subspace_geodesic_normalised)));
-        let degenerate = runs.iter().find_map(|(_, a)| a.summary.geometry.subspace_degenerate.clone());
-        sub.push(TableCell::from(degenerate.map_or(String::new(), |_| "DEGENERATE (soft routing, unweighted input PCA)".into())));
+        let degenerate = runs
+            .iter()
+            .find_map(|(_, a)| a.summary.geometry.subspace_degenerate.clone());
+        sub.push(TableCell::from(degenerate.map_or(String::new(), |_| {
+            "DEGENERATE (soft routing, unweighted input PCA)".into()
+        })));
         act_rows.push(act);
         jac_rows.push(jac);
         sub_rows.push(sub);
@@ -157,7 +170,13 @@ pub(super) fn section(dir: &SweepDir, done: &[&Run]) -> Section {
     let test_note = "Each cell: mean ± sd over seeds of the layer means; (p) a paired t-test against top-2 over the seeds both modes have (— for top-2 itself). Pair sets (docs/MEASURES.md): routed = the pairs the router selected (soft routing: the top-k by gate), all = every pair, gate_weighted = every pair weighted by g_i·g_j; top-1 has no routed pair (null).";
     s.tables.push(Table {
         title: "Routing: perplexity and activation MSO by pair set".into(),
-        header: vec!["mode", "val PPL", "act MSO routed", "act MSO all", "act MSO gate_weighted"],
+        header: vec![
+            "mode",
+            "val PPL",
+            "act MSO routed",
+            "act MSO all",
+            "act MSO gate_weighted",
+        ],
         rows: act_rows,
         note: test_note.into(),
     });
@@ -182,7 +201,12 @@ fn mode_cell(mode: &str, runs: &[(&Run, Analysis)]) -> TableCell {
     let mut first = TableCell::from(mode.to_string());
     first.links = runs
         .iter()
-        .map(|(r, _)| (format!("s{}", r.seed), format!("runs/{}/analysis.json", r.id)))
+        .map(|(r, _)| {
+            (
+                format!("s{}", r.seed),
+                format!("runs/{}/analysis.json", r.id),
+            )
+        })
         .collect();
     first
 }
@@ -192,18 +216,32 @@ fn space_of(runs: &[(&Run, Analysis)]) -> String {
     runs.first()
         .map(|(_, a)| {
             let o = &a.options;
-            format!("{}{}", o.subspace_space, if o.subspace_weighted { ", weighted" } else { "" })
+            format!(
+                "{}{}",
+                o.subspace_space,
+                if o.subspace_weighted {
+                    ", weighted"
+                } else {
+                    ""
+                }
+            )
         })
         .unwrap_or_default()
 }
 
 /// (seed, value) of a mode's runs.
 fn seeds_of(runs: &[(&Run, Analysis)], f: &dyn Fn(&Geometry) -> Option<f64>) -> Vec<(u64, f64)> {
-    runs.iter().filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v))).collect()
+    runs.iter()
+        .filter_map(|(r, a)| f(&a.summary.geometry).map(|v| (r.seed, v)))
+        .collect()
 }
 
 fn plain(v: &[f64]) -> TableCell {
-    TableCell::from(if v.is_empty() { "null".into() } else { mean_sd(v) })
+    TableCell::from(if v.is_empty() {
+        "null".into()
+    } else {
+        mean_sd(v)
+    })
 }
 
 fn plain_of(v: &[(u64, f64)]) -> TableCell {
@@ -214,8 +252,10 @@ fn plain_of(v: &[(u64, f64)]) -> TableCell {
 fn compared(v: &[(u64, f64)], base: Option<Vec<(u64, f64)>>) -> TableCell {
     let mut cell = plain_of(v);
     let Some(base) = base else { return cell };
-    let pairs: Vec<(f64, f64)> =
-        v.iter().filter_map(|(s, x)| base.iter().find(|(bs, _)| bs == s).map(|(_, b)| (*b, *x))).collect();
+    let pairs: Vec<(f64, f64)> = v
+        .iter()
+        .filter_map(|(s, x)| base.iter().find(|(bs, _)| bs == s).map(|(_, b)| (*b, *x)))
+        .collect();
     if pairs.iter().all(|(b, x)| b == x) {
         cell.text += " (—)";
     } else if let Some(t) = stats::paired_t(
