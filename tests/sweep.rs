@@ -234,10 +234,15 @@ fn routing_sweep_runs_into_the_report_routing_section() {
         );
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(
-        md.contains("Routing: function vs representation space"),
-        "{md}"
-    );
+    // Each measure side by side per routing mode, under the three pair sets.
+    for title in [
+        "Routing: perplexity and activation MSO by pair set",
+        "Routing: Jacobian alignment (function space) by pair set, with nulls",
+        "Routing: expert subspaces (representation space) by pair set, with nulls",
+    ] {
+        assert!(md.contains(title), "{md}");
+    }
+    assert!(md.contains("gate_weighted") && md.contains("permutation null"), "{md}");
     for mode in ["| top-1", "| top-2", "| soft", "| soft (T = 0.5)"] {
         assert!(md.contains(mode), "routing table lacks {mode}");
     }
