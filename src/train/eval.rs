@@ -2,7 +2,7 @@
 //! measures logged with it (weight and activation overlap, telemetry), plus
 //! the end-of-run analysis.
 
-use crate::config::{AnalysisSpace, Config};
+use crate::config::{AnalysisSpace, Config, Routing};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
@@ -76,7 +76,14 @@ pub fn evaluate_measured(
     let mut accs: Option<Vec<LayerAccumulator>> = measure.filter(|m| m.tokens > 0).map(|_| {
         model
             .moe_layers()
-            .map(|_| LayerAccumulator::new(model.cfg.n_experts, k))
+            .map(|_| {
+                let acc = LayerAccumulator::new(model.cfg.n_experts, k);
+                // Soft routing: `routed` = the top-k by gate (docs/MEASURES.md, "Pair sets").
+                match model.cfg.routing {
+                    Routing::Soft => acc.with_reference_k(model.cfg.top_k),
+                    _ => acc,
+                }
+            })
             .collect()
     });
     let dev = model.params.device().clone();
