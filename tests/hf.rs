@@ -205,7 +205,11 @@ fn sharded_single_streaming_and_in_memory_give_identical_reports() {
         // Pretrained models get the same pair sets and nulls as ours.
         let sets = &l.act_mso_sets;
         let (routed, act) = (sets.routed.unwrap().mean, l.act_mso.unwrap());
-        assert!((routed - act).abs() < 1e-7, "layer {}: {routed} vs {act}", l.index);
+        assert!(
+            (routed - act).abs() < 1e-7,
+            "layer {}: {routed} vs {act}",
+            l.index
+        );
         assert!(sets.all.is_some() && sets.gate_weighted.is_some());
         let j = l.jacobian.as_ref().unwrap();
         assert!(j.sets.routed.is_some() && j.sets.all.is_some() && j.sets.gate_weighted.is_some());

@@ -8,7 +8,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::reference::{cos2, expert_ref, router_probs, rows, top_k};
 use moescope::config::{ModelConfig, RankRule, Routing};
-use moescope::measures::jacobian::{layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings};
+use moescope::measures::jacobian::{
+    layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings,
+};
 use moescope::measures::pairs::{top_k_selection, TokenPairs};
 use moescope::measures::subspace::{layer_subspaces, Moments, PermutationNull};
 use moescope::measures::LayerAccumulator;
@@ -106,7 +108,9 @@ fn pair_sets_match_float64_loops() {
         let e = c.n_experts;
         let n = 23;
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let xv: Vec<f64> = (0..n * c.d_model).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let xv: Vec<f64> = (0..n * c.d_model)
+            .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+            .collect();
         let x = Tensor::from_vec(xv, (n, c.d_model), &Device::Cpu).unwrap();
         let (_, cap) = moe.forward(&x, true).unwrap();
         let cap = cap.unwrap();
@@ -116,10 +120,14 @@ fn pair_sets_match_float64_loops() {
         let wr = rows(&moe.router.weight);
         let probs: Vec<Vec<f64>> = xs.iter().map(|xt| router_probs(&wr, xt)).collect();
         let routed: Vec<Vec<usize>> = probs.iter().map(|p| top_k(p, k)).collect();
-        let h: Vec<Vec<Vec<f64>>> =
-            xs.iter().map(|xt| moe.experts.iter().map(|ex| expert_ref(ex, xt)).collect()).collect();
-        let jac: Vec<Vec<Vec<f64>>> =
-            xs.iter().map(|xt| moe.experts.iter().map(|ex| fd_jacobian(ex, xt)).collect()).collect();
+        let h: Vec<Vec<Vec<f64>>> = xs
+            .iter()
+            .map(|xt| moe.experts.iter().map(|ex| expert_ref(ex, xt)).collect())
+            .collect();
+        let jac: Vec<Vec<Vec<f64>>> = xs
+            .iter()
+            .map(|xt| moe.experts.iter().map(|ex| fd_jacobian(ex, xt)).collect())
+            .collect();
         let act_want = sets_ref(&|t, i, j| cos2(&h[t][i], &h[t][j]), &probs, &routed);
         let jac_want = sets_ref(&|t, i, j| align(&jac[t][i], &jac[t][j]), &probs, &routed);
 
@@ -130,7 +138,12 @@ fn pair_sets_match_float64_loops() {
             None => (cap.selected.clone(), cap.k),
         };
         let pairs: Vec<TokenPairs> = (0..n)
-            .map(|t| TokenPairs::new(&sel[t * slots..(t + 1) * slots], &cap.probs[t * e..(t + 1) * e]))
+            .map(|t| {
+                TokenPairs::new(
+                    &sel[t * slots..(t + 1) * slots],
+                    &cap.probs[t * e..(t + 1) * e],
+                )
+            })
             .collect();
         let mut acc = LayerAccumulator::new(e, cap.k);
         if let Some(rk) = reference_k {
@@ -140,19 +153,53 @@ fn pair_sets_match_float64_loops() {
         let outs: Vec<Vec<f32>> = moe
             .experts
             .iter()
-            .map(|ex| ex.forward(&x).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .map(|ex| {
+                ex.forward(&x)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
             .collect();
         acc.add_all_pairs(&outs, c.d_model, &pairs);
         let act = acc.act_sets();
         let what = format!("{routing:?} k={k}");
         let tol = 2e-6; // f32 host copies of the outputs
-        close(act.routed.map(|m| m.mean), act_want[0], tol, &format!("{what} act routed"));
-        close(act.all.map(|m| m.mean), act_want[1], tol, &format!("{what} act all"));
-        close(act.gate_weighted.map(|m| m.mean), act_want[2], tol, &format!("{what} act gate_weighted"));
+        close(
+            act.routed.map(|m| m.mean),
+            act_want[0],
+            tol,
+            &format!("{what} act routed"),
+        );
+        close(
+            act.all.map(|m| m.mean),
+            act_want[1],
+            tol,
+            &format!("{what} act all"),
+        );
+        close(
+            act.gate_weighted.map(|m| m.mean),
+            act_want[2],
+            tol,
+            &format!("{what} act gate_weighted"),
+        );
         // The routed activation MSO logged in training is the same number.
-        close(acc.act_mso().ok(), act_want[0], tol, &format!("{what} act_mso"));
+        close(
+            acc.act_mso().ok(),
+            act_want[0],
+            tol,
+            &format!("{what} act_mso"),
+        );
 
-        let input = JacobianInputs { x: &x, selected: &sel, k: slots, probs: &cap.probs };
+        let input = JacobianInputs {
+            x: &x,
+            selected: &sel,
+            k: slots,
+            probs: &cap.probs,
+        };
         let settings = JacobianSettings {
             mode: JacobianMode::Exact,
             all_pairs: true,
@@ -164,9 +211,24 @@ fn pair_sets_match_float64_loops() {
         };
         let r = layer_jacobian(&moe, &input, &settings).unwrap().unwrap();
         let tol = 1e-6; // finite differences
-        close(r.sets.routed.map(|m| m.mean), jac_want[0], tol, &format!("{what} jac routed"));
-        close(r.sets.all.map(|m| m.mean), jac_want[1], tol, &format!("{what} jac all"));
-        close(r.sets.gate_weighted.map(|m| m.mean), jac_want[2], tol, &format!("{what} jac gate_weighted"));
+        close(
+            r.sets.routed.map(|m| m.mean),
+            jac_want[0],
+            tol,
+            &format!("{what} jac routed"),
+        );
+        close(
+            r.sets.all.map(|m| m.mean),
+            jac_want[1],
+            tol,
+            &format!("{what} jac all"),
+        );
+        close(
+            r.sets.gate_weighted.map(|m| m.mean),
+            jac_want[2],
+            tol,
+            &format!("{what} jac gate_weighted"),
+        );
         assert_eq!(r.null.shuffled_routing.routed.is_some(), k >= 2, "{what}");
         assert!(r.null.shuffled_routing.all.is_none());
         assert_eq!(r.null.shuffled_routing.gate_weighted.unwrap().draws, 5);
@@ -184,7 +246,9 @@ fn planted(rng: &mut ChaCha8Rng, bases: &[Vec<Vec<f64>>], c: usize) -> Vec<f32> 
             *xi += z * bi;
         }
     }
-    x.iter().map(|v| (v + 0.01 * (rng.random::<f64>() - 0.5)) as f32).collect()
+    x.iter()
+        .map(|v| (v + 0.01 * (rng.random::<f64>() - 0.5)) as f32)
+        .collect()
 }
 
 /// Specialised experts (each fed one cluster's tokens) overlap far less than
@@ -194,13 +258,30 @@ fn planted(rng: &mut ChaCha8Rng, bases: &[Vec<Vec<f64>>], c: usize) -> Vec<f32> 
 fn permutation_null_separates_specialised_from_shared_experts() {
     let (d, e, per) = (24, 4, 60);
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let bases: Vec<Vec<Vec<f64>>> =
-        (0..e).map(|_| (0..3).map(|_| (0..d).map(|_| rng.random::<f64>() - 0.5).collect()).collect()).collect();
+    let bases: Vec<Vec<Vec<f64>>> = (0..e)
+        .map(|_| {
+            (0..3)
+                .map(|_| (0..d).map(|_| rng.random::<f64>() - 0.5).collect())
+                .collect()
+        })
+        .collect();
     // Pool: `per` tokens of each cluster, cluster-major.
-    let pool: Vec<f32> = (0..e).flat_map(|c| (0..per).flat_map(|_| planted(&mut rng, &bases, c)).collect::<Vec<_>>()).collect();
+    let pool: Vec<f32> = (0..e)
+        .flat_map(|c| {
+            (0..per)
+                .flat_map(|_| planted(&mut rng, &bases, c))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let n = e * per;
     let rule = RankRule::Fixed(3);
-    let null = PermutationNull { d, rule, weighted: false, draws: 30, seed: 1 };
+    let null = PermutationNull {
+        d,
+        rule,
+        weighted: false,
+        draws: 30,
+        seed: 1,
+    };
     let observed = |assign: &dyn Fn(usize) -> usize| {
         let mut ms: Vec<Moments> = (0..e).map(|_| Moments::new(d)).collect();
         let mut counts = vec![Vec::new(); e];
@@ -209,7 +290,10 @@ fn permutation_null_separates_specialised_from_shared_experts() {
             ms[assign(t)].add(&x, None).unwrap();
             counts[assign(t)].push(1.0);
         }
-        let o = layer_subspaces(&ms, rule, "input", false).unwrap().mean_overlap.unwrap();
+        let o = layer_subspaces(&ms, rule, "input", false)
+            .unwrap()
+            .mean_overlap
+            .unwrap();
         let pools = vec![pool.as_slice(); e];
         let draws = null.draw(&pools, &counts).unwrap();
         moescope::measures::pairs::NullStats::new(o, &draws).unwrap()
@@ -234,7 +318,9 @@ fn gate_weighted_pca_matches_a_float64_weighted_covariance() {
     let d = 7;
     for n in [5, 30] {
         let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
-        let x: Vec<f64> = (0..n * d).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let x: Vec<f64> = (0..n * d)
+            .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+            .collect();
         let w: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
         let mut m = Moments::new(d);
         // Two batches, so that the n > d case switches paths midway.
@@ -244,7 +330,9 @@ fn gate_weighted_pca_matches_a_float64_weighted_covariance() {
             m.add(&t, Some(&w[a..b])).unwrap();
         }
         let ws: f64 = w.iter().sum();
-        let mu: Vec<f64> = (0..d).map(|j| (0..n).map(|i| w[i] * x[i * d + j]).sum::<f64>() / ws).collect();
+        let mu: Vec<f64> = (0..d)
+            .map(|j| (0..n).map(|i| w[i] * x[i * d + j]).sum::<f64>() / ws)
+            .collect();
         let mut cov = vec![0.0; d * d];
         for i in 0..n {
             for a in 0..d {

@@ -242,7 +242,10 @@ fn routing_sweep_runs_into_the_report_routing_section() {
     ] {
         assert!(md.contains(title), "{md}");
     }
-    assert!(md.contains("gate_weighted") && md.contains("permutation null"), "{md}");
+    assert!(
+        md.contains("gate_weighted") && md.contains("permutation null"),
+        "{md}"
+    );
     for mode in ["| top-1", "| top-2", "| soft", "| soft (T = 0.5)"] {
         assert!(md.contains(mode), "routing table lacks {mode}");
     }
