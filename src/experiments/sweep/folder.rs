@@ -1,0 +1,147 @@
+//! The sweep folder: its layout, each run's status, the plan, and one run.
+
+use super::{Cell, RunStatus, SweepSpec};
+use crate::fsutil::write_atomic;
+use crate::train::{train, TrainOptions};
+use crate::{Error, Result};
+use std::path::PathBuf;
+
+/// Paths of a sweep folder.
+#[derive(Debug, Clone)]
+pub struct SweepDir(pub PathBuf);
+
+impl SweepDir {
+    pub fn spec(&self) -> PathBuf {
+        self.0.join("sweep.toml")
+    }
+    pub fn run(&self, id: &str) -> PathBuf {
+        self.0.join("runs").join(id)
+    }
+    pub fn status(&self, id: &str) -> PathBuf {
+        self.run(id).join("status.json")
+    }
+}
+
+/// Read a run's status (None when it never started).
+pub fn read_status(dir: &SweepDir, id: &str) -> Option<RunStatus> {
+    let text = std::fs::read_to_string(dir.status(id)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub(super) fn write_status(dir: &SweepDir, id: &str, s: &RunStatus) -> Result<()> {
+    write_atomic(
+        &dir.status(id),
+        &serde_json::to_vec_pretty(s).expect("json"),
+    )
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// Prepare a sweep folder: copy the spec in (refusing a different spec in an
+/// existing folder), write `plan.json`. Returns the cells.
+pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
+    let cells = spec.cells()?;
+    std::fs::create_dir_all(dir.0.join("runs")).map_err(|e| Error::io(&dir.0, e))?;
+    let text = toml::to_string_pretty(spec).expect("spec serialises");
+    if let Ok(old) = std::fs::read_to_string(dir.spec()) {
+        let old_spec: Option<SweepSpec> = toml::from_str(&old).ok();
+        let same = old_spec
+            .map(|o| toml::to_string_pretty(&o).ok() == Some(text.clone()))
+            .unwrap_or(false);
+        if !same {
+            return Err(Error::Data(format!(
+                "{} holds a different sweep; use another --out, or delete that folder to start over",
+                dir.0.display()
+            )));
+        }
+    } else {
+        write_atomic(&dir.spec(), text.as_bytes())?;
+    }
+    let plan: Vec<serde_json::Value> = cells
+        .iter()
+        .map(|c| serde_json::json!({"index": c.index, "id": c.id, "values": c.values}))
+        .collect();
+    write_atomic(
+        &dir.0.join("plan.json"),
+        &serde_json::to_vec_pretty(&plan).expect("json"),
+    )?;
+    Ok(cells)
+}
+
+/// Run one cell in this process: skip it when done, resume it when
+/// interrupted, record `done` or `failed` (with the error) in `status.json`.
+/// This is what every worker (local or Slurm array task) runs.
+pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<RunStatus> {
+    let run = dir.run(&cell.id);
+    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+    if let Some(s) = read_status(dir, &cell.id) {
+        if s.status == "done" {
+            return Ok(s);
+        }
+        if s.status == "running"
+            && s.pid
+                .is_some_and(|p| p != std::process::id() && pid_alive(p))
+        {
+            return Err(Error::Data(format!(
+                "run {} is being run by process {}",
+                cell.id,
+                s.pid.unwrap_or(0)
+            )));
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut cfg = match &cell.config {
+        Ok(c) => c.clone(),
+        Err(e) => {
+            let s = RunStatus {
+                status: "failed".into(),
+                error: Some(format!("config: {e}")),
+                wall_s: 0.0,
+                pid: None,
+            };
+            write_status(dir, &cell.id, &s)?;
+            return Ok(s);
+        }
+    };
+    if let Some(t) = threads {
+        cfg.train.threads = t;
+    }
+    write_atomic(&run.join("cell.toml"), cfg.to_toml().as_bytes())?;
+    write_status(
+        dir,
+        &cell.id,
+        &RunStatus {
+            status: "running".into(),
+            error: None,
+            wall_s: 0.0,
+            pid: Some(std::process::id()),
+        },
+    )?;
+    let resume = run.join("config.toml").is_file();
+    let opts = TrainOptions {
+        out: run.clone(),
+        resume,
+        progress: false,
+        quiet: true,
+        stop_after: None,
+    };
+    let s = match train(cfg, &opts) {
+        Ok(_) => RunStatus {
+            status: "done".into(),
+            error: None,
+            wall_s: start.elapsed().as_secs_f64(),
+            pid: None,
+        },
+        Err(e) => RunStatus {
+            status: "failed".into(),
+            error: Some(e.to_string()),
+            wall_s: start.elapsed().as_secs_f64(),
+            pid: None,
+        },
+    };
+    write_status(dir, &cell.id, &s)?;
+    Ok(s)
+}

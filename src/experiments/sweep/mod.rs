@@ -1,0 +1,331 @@
+//! Sweeps: the cartesian product of listed values over any config key, run as
+//! worker processes (locally or as a Slurm job array), resumable, with every
+//! run's outcome recorded.
+//!
+//! A sweep file:
+//!
+//! ```toml
+//! name = "lambda"
+//! preset = "tiny"                 # base preset (optional)
+//! base = "configs/small-ptb.toml" # base config file, relative to this file (optional)
+//!
+//! [set]                           # overrides shared by every run
+//! "train.max_steps" = 200
+//!
+//! [grid]                          # the product of these lists, one run per combination
+//! "reg.orth_lambda" = [0.0, 0.01, 0.1]
+//! "train.seed" = [0, 1, 2]
+//! # A list of tables is a list of variants, each setting several keys together:
+//! "model" = [{ routing = "topk", top_k = 1 }, { routing = "soft" }]
+//! ```
+//!
+//! Layout of the sweep folder: `sweep.toml` (the spec, with `base` made
+//! absolute), `plan.json` (every run: index, id, swept values),
+//! `runs/<id>/` (a normal run folder plus `cell.toml` and `status.json`),
+//! `results.csv` / `results.jsonl` (one row per run).
+
+mod folder;
+mod local;
+mod slurm;
+
+pub use folder::{plan, read_status, run_one, SweepDir};
+pub use local::{default_jobs, run_local, worker_command, SweepCounts};
+pub use slurm::write_slurm;
+
+use crate::config::Config;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A sweep specification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A base config file (relative paths are relative to the sweep file).
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Dotted key -> value, shared by every run.
+    #[serde(default)]
+    pub set: toml::Table,
+    /// Dotted key -> list of values.
+    #[serde(default)]
+    pub grid: toml::Table,
+}
+
+fn default_name() -> String {
+    "sweep".into()
+}
+
+/// One run of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub index: usize,
+    /// Readable id, also the folder name under `runs/`.
+    pub id: String,
+    /// The swept values of this run (dotted key -> value).
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// The resolved config, or why it could not be resolved.
+    #[serde(skip)]
+    pub config: std::result::Result<Config, String>,
+}
+
+/// Outcome of one run (`runs/<id>/status.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunStatus {
+    /// `done`, `failed` or `running`.
+    pub status: String,
+    pub error: Option<String>,
+    pub wall_s: f64,
+    pub pid: Option<u32>,
+}
+
+/// Flatten nested tables into dotted keys.
+fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(sub) => flatten(&key, sub, out),
+            v => out.push((key, v.clone())),
+        }
+    }
+}
+
+fn value_label(v: &toml::Value) -> String {
+    let s = match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let s: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('-').to_string();
+    if s.len() > 40 {
+        s[s.len() - 40..].to_string()
+    } else {
+        s
+    }
+}
+
+fn to_json(v: &toml::Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+impl SweepSpec {
+    /// Read a sweep file; `base` is made absolute.
+    pub fn from_file(path: &Path) -> Result<SweepSpec> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut spec: SweepSpec = toml::from_str(&text)
+            .map_err(|e| Error::bad_file(path, format!("not a valid sweep file: {e}")))?;
+        if let Some(b) = &spec.base {
+            let p = Path::new(b);
+            if p.is_relative() {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                spec.base = Some(dir.join(p).display().to_string());
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Add `key=value` to `[set]` (the value read as TOML, else as a string).
+    pub fn set_override(&mut self, kv: &str) -> Result<()> {
+        let (key, value) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::config(kv, "expected KEY=VALUE"))?;
+        let key = key.trim();
+        if key.is_empty() || key.contains('\n') || value.contains('\n') {
+            return Err(Error::config(kv, "expected KEY=VALUE on one line"));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        self.set.insert(key.to_string(), value);
+        Ok(())
+    }
+
+    /// The runs of this sweep, in a fixed order (keys sorted, values as listed).
+    pub fn cells(&self) -> Result<Vec<Cell>> {
+        let mut sets = Vec::new();
+        flatten("", &self.set, &mut sets);
+        let mut grid = Vec::new();
+        flatten("", &self.grid, &mut grid);
+        let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
+        for (k, v) in grid {
+            match v {
+                toml::Value::Array(a) if !a.is_empty() => axes.push((k, a)),
+                _ => {
+                    return Err(Error::config(
+                        format!("grid.{k}"),
+                        "must be a non-empty list of values",
+                    ))
+                }
+            }
+        }
+        let shorts: Vec<String> = axes
+            .iter()
+            .map(|(k, _)| {
+                let last = k.rsplit('.').next().unwrap_or(k).to_string();
+                if axes
+                    .iter()
+                    .filter(|(o, _)| o.rsplit('.').next() == Some(&last))
+                    .count()
+                    > 1
+                {
+                    k.replace('.', "-")
+                } else {
+                    last
+                }
+            })
+            .collect();
+        // Variant labels: the values ("topk-1"), or key-value pairs
+        // ("act_lambda-0.1") where values alone would not tell variants apart;
+        // an empty variant is "none".
+        let variant_label = |k: &str, t: &toml::Table, with_keys: bool| -> String {
+            let mut inner = Vec::new();
+            flatten(k, t, &mut inner);
+            if inner.is_empty() {
+                return "none".into();
+            }
+            inner
+                .iter()
+                .map(|(ik, v)| {
+                    if with_keys {
+                        format!("{}-{}", ik.rsplit('.').next().unwrap_or(ik), value_label(v))
+                    } else {
+                        value_label(v)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("-")
+        };
+        let keyed: Vec<bool> = axes
+            .iter()
+            .map(|(k, vals)| {
+                let labels: Vec<String> = vals
+                    .iter()
+                    .filter_map(|v| v.as_table().map(|t| variant_label(k, t, false)))
+                    .collect();
+                let mut uniq = labels.clone();
+                uniq.sort();
+                uniq.dedup();
+                uniq.len() < labels.len()
+            })
+            .collect();
+        let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+        let base = self.base.as_ref().map(PathBuf::from);
+        let mut cells = Vec::with_capacity(total);
+        for index in 0..total {
+            let mut rem = index;
+            let mut picks = vec![0; axes.len()];
+            for a in (0..axes.len()).rev() {
+                picks[a] = rem % axes[a].1.len();
+                rem /= axes[a].1.len();
+            }
+            let mut values = serde_json::Map::new();
+            let mut labels = Vec::new();
+            let mut all_sets: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            for (a, (k, vals)) in axes.iter().enumerate() {
+                let v = &vals[picks[a]];
+                values.insert(k.clone(), to_json(v));
+                match v {
+                    // A table is a variant: several keys under `k` set together.
+                    toml::Value::Table(t) => {
+                        let mut inner = Vec::new();
+                        flatten(k, t, &mut inner);
+                        labels.push(format!("{}={}", shorts[a], variant_label(k, t, keyed[a])));
+                        all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
+                    }
+                    v => {
+                        labels.push(format!("{}={}", shorts[a], value_label(v)));
+                        all_sets.push(format!("{k}={v}"));
+                    }
+                }
+            }
+            let id = if labels.is_empty() {
+                "run".to_string()
+            } else {
+                labels.join("_")
+            };
+            let config = Config::resolve(self.preset.as_deref(), base.as_deref(), &all_sets)
+                .map_err(|e| e.to_string());
+            cells.push(Cell {
+                index,
+                id,
+                values,
+                config,
+            });
+        }
+        Ok(cells)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_product_ids_and_config_errors() {
+        let spec: SweepSpec = toml::from_str(
+            "preset = \"tiny\"\n[set]\n\"train.max_steps\" = 3\n[grid]\n\"reg.orth_lambda\" = [0.0, 0.1]\n\"train.seed\" = [0, 1, 2]\n\"model.top_k\" = [2, 99]\n",
+        )
+        .unwrap();
+        let cells = spec.cells().unwrap();
+        assert_eq!(cells.len(), 12);
+        let ids: std::collections::HashSet<_> = cells.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids.len(), 12);
+        assert_eq!(cells[0].id, "top_k=2_orth_lambda=0.0_seed=0");
+        assert!(cells
+            .iter()
+            .filter(|c| c.config.is_err())
+            .all(|c| c.values["model.top_k"] == 99));
+        assert_eq!(cells.iter().filter(|c| c.config.is_err()).count(), 6);
+        let ok = cells.iter().find(|c| c.config.is_ok()).unwrap();
+        assert_eq!(ok.config.as_ref().unwrap().train.max_steps, 3);
+        let bad: Result<SweepSpec, _> = toml::from_str("[grids]\n\"a\" = [1]\n");
+        assert!(bad.is_err());
+    }
+
+    /// Every sweep file shipped in configs/sweeps resolves, every cell valid.
+    #[test]
+    fn shipped_sweeps_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sweeps");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let spec = SweepSpec::from_file(&p).unwrap();
+            for c in spec.cells().unwrap() {
+                c.config
+                    .as_ref()
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", p.display(), c.id));
+            }
+            n += 1;
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn reproduce_scales() {
+        use crate::experiments::reproduce::spec;
+        assert_eq!(spec("quick", None).unwrap().cells().unwrap().len(), 6);
+        assert_eq!(spec("cpu", None).unwrap().cells().unwrap().len(), 21);
+        assert_eq!(spec("paper", None).unwrap().cells().unwrap().len(), 105);
+        let c = spec("quick", Some("/data/x")).unwrap().cells().unwrap();
+        assert_eq!(c[0].config.as_ref().unwrap().data.path, "/data/x");
+        assert!(spec("huge", None).is_err());
+    }
+}
