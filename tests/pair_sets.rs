@@ -354,3 +354,52 @@ fn gate_weighted_pca_matches_a_float64_weighted_covariance() {
         }
     }
 }
+
+/// A soft-routed model: unweighted input PCA is labelled degenerate (every
+/// expert sees every token: overlap 1); output-space PCA gives an overlap
+/// clearly below 1 and gate-weighted PCA one that is not 1, each with its
+/// permutation null; the summary and the printed table carry the same.
+#[test]
+fn soft_routing_subspaces_are_measured_in_output_or_weighted_space() {
+    use moescope::measures::analyze::{analyze_with, summary_table, GeometryOptions, Source};
+    let cfg = ModelConfig {
+        routing: Routing::Soft,
+        ..common::micro_model()
+    };
+    let model = moescope::model::Gpt::new(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let tokens: Vec<u32> = (0..257).map(|_| rng.random_range(0..64)).collect();
+    let run = |output_space: bool, weighted: bool| {
+        let geo = GeometryOptions {
+            subspace: RankRule::Fixed(3),
+            output_space,
+            weighted,
+            null_draws: 8,
+            ..Default::default()
+        };
+        let src = Source {
+            checkpoint: "test".into(),
+            data: "random".into(),
+            seed: 0,
+        };
+        analyze_with(&model, &tokens, 256, 4, &[], &geo, src).unwrap()
+    };
+    let plain = run(false, false);
+    let s = plain.layers[0].subspace.as_ref().unwrap();
+    assert!((s.mean_overlap.unwrap() - 1.0).abs() < 1e-9 && s.degenerate.is_some());
+    assert!(plain.summary.geometry.subspace_degenerate.is_some());
+    assert!(summary_table(&plain).contains("DEGENERATE"));
+    for (output, weighted) in [(true, false), (false, true)] {
+        let r = run(output, weighted);
+        for l in &r.layers {
+            let s = l.subspace.as_ref().unwrap();
+            let o = s.mean_overlap.unwrap();
+            assert!(
+                o < 0.999,
+                "output {output} weighted {weighted}: overlap {o}"
+            );
+            assert!(s.degenerate.is_none() && s.null.unwrap().draws == 8);
+        }
+        assert!(!summary_table(&r).contains("DEGENERATE"));
+    }
+}
