@@ -35,9 +35,32 @@ pub(super) fn write_status(dir: &SweepDir, id: &str, s: &RunStatus) -> Result<()
     )
 }
 
+/// Whether process `pid` is still alive after waiting up to `secs` for it to exit.
+fn still_alive_after(pid: u32, secs: f64) -> bool {
+    let t0 = std::time::Instant::now();
+    while pid_alive(pid) {
+        if t0.elapsed().as_secs_f64() > secs {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Whether process `pid` exists and is not a zombie (a dead worker whose
+/// exit nobody has collected yet).
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    let exists = unsafe { libc::kill(pid as libc::pid_t, 0) == 0 };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    exists && !zombie
 }
 
 /// Prepare a sweep folder: copy the spec in (refusing a different spec in an
@@ -81,9 +104,12 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
         if s.status == "done" {
             return Ok(s);
         }
+        // A worker of a sweep that was just killed dies a moment after its
+        // parent (PR_SET_PDEATHSIG): give it that moment before calling the
+        // run taken.
         if s.status == "running"
             && s.pid
-                .is_some_and(|p| p != std::process::id() && pid_alive(p))
+                .is_some_and(|p| p != std::process::id() && still_alive_after(p, 5.0))
         {
             return Err(Error::Data(format!(
                 "run {} is being run by process {}",
