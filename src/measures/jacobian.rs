@@ -279,6 +279,7 @@ struct AlignTable {
 /// A_ij(x) for every instance of `inst`, exactly or by Hutchinson probes.
 fn align_table(
     src: &[Expert],
+    random_init: Option<u64>,
     x: &Tensor,
     inst: &Instances,
     mode: JacobianMode,
@@ -302,7 +303,10 @@ fn align_table(
     // the model dtype), at most two at a time: pairs come in (i, j) order, so
     // expert i stays while j changes, and a Mixtral-sized layer needs 2.8 GB
     // of f64 weights instead of 11 GB.
-    let mut experts = F64Experts::new(src);
+    let mut experts = match random_init {
+        Some(seed) => F64Experts::random_like(src, seed),
+        None => F64Experts::new(src),
+    };
     let np = pairs::n_pairs(e_n);
     let mut values = vec![f64::NAN; n * np];
     let (mut se_sum, mut count) = (0.0, 0usize);
@@ -360,7 +364,7 @@ fn exact_norms(
     x: &Tensor,
     inst: &Instances,
 ) -> Result<Vec<std::collections::HashMap<u32, f64>>> {
-    let e_n = experts.src.len();
+    let e_n = experts.len();
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     for (ei, norm) in norms.iter_mut().enumerate() {
         let mut toks: Vec<u32> = inst
@@ -464,7 +468,7 @@ pub fn layer_jacobian(
     let n = x.dim(0)?;
     let e_n = moe.n_experts();
     let inst = Instances::new(input.selected, input.k, n, e_n, s.all_pairs);
-    let table = align_table(&moe.experts, &x, &inst, s.mode, input.k, s.seed)?;
+    let table = align_table(&moe.experts, None, &x, &inst, s.mode, input.k, s.seed)?;
     let token_pairs: Vec<TokenPairs> = (0..n)
         .map(|t| {
             TokenPairs::new(
@@ -672,11 +676,11 @@ fn random_init_null(moe: &MoeLayer, x: &Tensor, s: &JacobianSettings) -> Result<
     if n == 0 || moe.n_experts() < 2 {
         return Ok(None);
     }
-    let experts = random_experts(&moe.experts, s.seed ^ 0x5eed_0002)?;
-    let e_n = experts.len();
+    let e_n = moe.n_experts();
     let x = x.narrow(0, 0, n)?;
     let inst = Instances::new(&[], 0, n, e_n, true);
-    let table = align_table(&experts, &x, &inst, s.mode, 2, s.seed)?;
+    let random = Some(s.seed ^ 0x5eed_0002);
+    let table = align_table(&moe.experts, random, &x, &inst, s.mode, 2, s.seed)?;
     let mut pm = pairs::PairMeans::default();
     let ones = vec![1.0f32 / e_n as f32; e_n];
     let w = TokenPairs::new(&[], &ones);
@@ -687,9 +691,10 @@ fn random_init_null(moe: &MoeLayer, x: &Tensor, s: &JacobianSettings) -> Result<
     Ok(pm.finish().all)
 }
 
-/// Experts of the same shapes with independent N(0, σ²) weights, σ each
-/// source matrix's standard deviation, and zero biases (f64).
-pub fn random_experts(src: &[Expert], seed: u64) -> Result<Vec<Expert>> {
+/// An expert of `src`'s shapes with independent N(0, σ²) weights, σ each
+/// source matrix's standard deviation, and zero biases (f64). Built one at a
+/// time (Mixtral's experts are 1.4 GB each in f64).
+pub fn random_expert(src: &Expert, seed: u64) -> Result<Expert> {
     use crate::model::layers::Linear;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut like = |l: &Linear| -> Result<Linear> {
@@ -712,16 +717,12 @@ pub fn random_experts(src: &[Expert], seed: u64) -> Result<Vec<Expert>> {
             bias,
         })
     };
-    src.iter()
-        .map(|e| {
-            Ok(Expert {
-                up: like(&e.up)?,
-                gate: e.gate.as_ref().map(&mut like).transpose()?,
-                down: like(&e.down)?,
-                activation: e.activation,
-            })
-        })
-        .collect()
+    Ok(Expert {
+        up: like(&src.up)?,
+        gate: src.gate.as_ref().map(&mut like).transpose()?,
+        down: like(&src.down)?,
+        activation: src.activation,
+    })
 }
 
 fn align(ij: f64, ii: f64, jj: f64) -> f64 {
@@ -757,16 +758,32 @@ pub fn singular_values(a: &[Vec<f64>]) -> Vec<f64> {
 
 /// f64 copies of a layer's experts, made on demand, at most two held.
 struct F64Experts<'a> {
-    src: &'a [Expert],
+    /// Builds expert e in f64 (a copy, or an independently initialised one).
+    make: Box<dyn Fn(usize) -> Result<Expert> + 'a>,
     held: Vec<Option<Expert>>,
 }
 
 impl<'a> F64Experts<'a> {
     fn new(src: &'a [Expert]) -> Self {
         F64Experts {
-            src,
+            make: Box::new(|e| to_f64(&src[e])),
             held: vec![None; src.len()],
         }
+    }
+
+    /// Experts of `src`'s shapes with independent weights (see
+    /// [`random_expert`]), built two at a time like the copies.
+    fn random_like(src: &'a [Expert], seed: u64) -> Self {
+        F64Experts {
+            make: Box::new(move |e| {
+                random_expert(&src[e], seed ^ (e as u64).wrapping_mul(0x9e37_79b9))
+            }),
+            held: vec![None; src.len()],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.held.len()
     }
 
     /// Hold exactly the experts in `keep` (converting the missing ones).
@@ -775,7 +792,7 @@ impl<'a> F64Experts<'a> {
             if !keep.contains(&e) {
                 *h = None;
             } else if h.is_none() {
-                *h = Some(to_f64(&self.src[e])?);
+                *h = Some((self.make)(e)?);
             }
         }
         Ok(())
