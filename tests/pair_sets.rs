@@ -232,7 +232,15 @@ fn pair_sets_match_float64_loops() {
         assert_eq!(r.null.shuffled_routing.routed.is_some(), k >= 2, "{what}");
         assert!(r.null.shuffled_routing.all.is_none());
         assert_eq!(r.null.shuffled_routing.gate_weighted.unwrap().draws, 5);
-        assert!(r.null.random_init.unwrap().mean.abs() < 1.0);
+        // The shuffled null re-pairs each token's values with another token's
+        // routing: its mean is not the observed one.
+        if let (Some(obs), Some(null)) = (r.sets.routed, r.null.shuffled_routing.routed) {
+            assert!(
+                (null.mean - obs.mean).abs() > 1e-9,
+                "{what}: the null did not shuffle"
+            );
+        }
+        assert_eq!(r.null.random_init.unwrap().tokens, 4, "{what}");
     }
 }
 
@@ -316,14 +324,15 @@ fn permutation_null_separates_specialised_from_shared_experts() {
 #[test]
 fn gate_weighted_pca_matches_a_float64_weighted_covariance() {
     let d = 7;
-    for n in [5, 30] {
+    for n in [5, 10, 30] {
         let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
         let x: Vec<f64> = (0..n * d)
             .map(|_| rng.random::<f64>() * 2.0 - 1.0)
             .collect();
         let w: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
         let mut m = Moments::new(d);
-        // Two batches, so that the n > d case switches paths midway.
+        // Two batches: n = 10 switches paths midway (5 kept rows, then 5
+        // more); n = 30 has more than d rows from the first batch.
         let half = n / 2;
         for (a, b) in [(0, half), (half, n)] {
             let t = Tensor::from_slice(&x[a * d..b * d], (b - a, d), &Device::Cpu).unwrap();

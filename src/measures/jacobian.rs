@@ -293,7 +293,14 @@ fn align_table(
     let exact = match mode {
         JacobianMode::Exact => true,
         JacobianMode::Estimate(_) => false,
-        _ => auto_picks_exact(d, f, e_n, t, inst.count(), n, k),
+        // The estimate evaluates two expert Jacobians per instance, so its
+        // cost follows the instances (all pairs: E−1 per token), as in `plan`.
+        _ => {
+            let k_eff = (2 * inst.count()).div_ceil(n.max(1));
+            let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
+            fits && cost_exact(d, f, e_n, t, inst.count(), n, k)
+                <= cost_estimate(d, f, t, n, k_eff, 64)
+        }
     };
     let m = match mode {
         JacobianMode::Estimate(m) => m,
@@ -482,10 +489,16 @@ pub fn layer_jacobian(
     for (t, w) in token_pairs.iter().enumerate() {
         sets.add(&table.values[t * np..(t + 1) * np], w);
     }
+    let mut set_means = sets.finish();
+    if !s.all_pairs {
+        // Only the routed instances were measured.
+        set_means.all = None;
+        set_means.gate_weighted = None;
+    }
     let (stats, matrix) = instance_stats(&table.values, e_n);
     let (spectra, effective_rank) = spectra(moe, &x, input, s)?;
     let null = JacobianNull {
-        shuffled_routing: shuffled_routing_null(&table.values, &token_pairs, &sets.finish(), s),
+        shuffled_routing: shuffled_routing_null(&table.values, &token_pairs, &set_means, s),
         random_init: random_init_null(moe, &x, s)?,
     };
     Ok(Some(JacobianReport {
@@ -498,7 +511,7 @@ pub fn layer_jacobian(
         mean_sq: stats.2,
         stderr: table.stderr,
         matrix,
-        sets: sets.finish(),
+        sets: set_means,
         null,
         spectra,
         effective_rank,

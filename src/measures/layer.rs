@@ -195,8 +195,10 @@ impl LayerAnalyzer {
             .flatten_all()?
             .to_vec1::<f32>()?;
         self.pool_inputs.extend_from_slice(&x);
-        for (pool, out) in self.pool_outputs.iter_mut().zip(outs) {
-            pool.extend_from_slice(&out[..take * d]);
+        if geo.output_space {
+            for (pool, out) in self.pool_outputs.iter_mut().zip(outs) {
+                pool.extend_from_slice(&out[..take * d]);
+            }
         }
         Ok(())
     }

@@ -256,6 +256,9 @@ fn compared(v: &[(u64, f64)], base: Option<Vec<(u64, f64)>>) -> TableCell {
         .iter()
         .filter_map(|(s, x)| base.iter().find(|(bs, _)| bs == s).map(|(_, b)| (*b, *x)))
         .collect();
+    if pairs.is_empty() {
+        return cell;
+    }
     if pairs.iter().all(|(b, x)| b == x) {
         cell.text += " (—)";
     } else if let Some(t) = stats::paired_t(
