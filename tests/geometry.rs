@@ -439,3 +439,40 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--jacobian"));
 }
+
+/// The Hutchinson estimate runs in chunks of 64 tokens: on 150 tokens every
+/// per-pair mean equals the token-weighted mean of the same estimate on the
+/// chunks' tokens alone (same probes), so no token is lost or misaligned at a
+/// chunk boundary.
+#[test]
+fn estimate_in_chunks_equals_the_estimate_on_each_chunk() {
+    let moe = layer(ExpertKind::Mlp, Activation::Silu, 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let n = 150;
+    let x = randn(&mut rng, n, 6);
+    let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 2]).collect();
+    let est = |x: &Tensor, sel: &[u32]| {
+        layer_jacobian_uniform(&moe, x, sel, 2, JacobianMode::Estimate(32), true, 0, 1, 7)
+            .unwrap()
+            .unwrap()
+    };
+    let whole = est(&x, &sel);
+    let mut sums = [[0.0f64; 3]; 3];
+    for (a, b) in [(0, 64), (64, 128), (128, 150)] {
+        let part = est(&x.narrow(0, a, b - a).unwrap(), &sel[2 * a..2 * b]);
+        for i in 0..3 {
+            for j in 0..3 {
+                if let Some(v) = part.matrix[i][j] {
+                    sums[i][j] += v * (b - a) as f64;
+                }
+            }
+        }
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            if let Some(v) = whole.matrix[i][j] {
+                assert!((v - sums[i][j] / n as f64).abs() < 1e-12, "pair ({i},{j})");
+            }
+        }
+    }
+}

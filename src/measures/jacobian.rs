@@ -265,6 +265,9 @@ fn cost_estimate(d: usize, f: usize, t: usize, tokens: usize, k: usize, m: usize
     (tokens * k) as f64 * m as f64 * (2.0 * t as f64 + 2.0) * f as f64 * d as f64
 }
 
+/// Tokens per Hutchinson batch (bounds the estimate's memory).
+const ESTIMATE_CHUNK: usize = 64;
+
 /// Alignment of one set of (token, pair) instances.
 struct AlignTable {
     /// A per token and pair (n × E(E−1)/2, [`pairs::pair_index`] order); NaN
@@ -346,9 +349,21 @@ fn align_table(
                 .map(|(p, t)| align(*p, norms[*i][t], norms[*j][t]))
                 .collect()
         } else {
+            // In chunks of tokens: J·v for all probes of a chunk is
+            // (chunk·m × f), 0.5 GB per chunk at Mixtral's f = 14336.
             let v = probes.as_ref().expect("probes");
-            let (av, sev) = estimate_pair(ei, ej, &ci, &cj, v, toks.len(), m, d)?;
-            se_sum += sev.iter().sum::<f64>();
+            let mut av = Vec::with_capacity(toks.len());
+            for start in (0..toks.len()).step_by(ESTIMATE_CHUNK) {
+                let len = ESTIMATE_CHUNK.min(toks.len() - start);
+                let part = |c: &[(Tensor, Tensor)]| -> Result<Vec<(Tensor, Tensor)>> {
+                    c.iter()
+                        .map(|(coef, mat)| Ok((coef.narrow(0, start, len)?, mat.clone())))
+                        .collect()
+                };
+                let (a, se) = estimate_pair(ei, ej, &part(&ci)?, &part(&cj)?, v, len, m, d)?;
+                se_sum += se.iter().sum::<f64>();
+                av.extend(a);
+            }
             av
         };
         let p = pairs::pair_index(e_n, *i, *j);
