@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::reference::{cos2, expert_ref, router_probs, rows, top_k};
 use moescope::config::{ModelConfig, RankRule, Routing};
+use moescope::measures::analyze::{GeometryOptions, LayerAnalyzer};
 use moescope::measures::jacobian::{
     layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings,
 };
@@ -241,6 +242,42 @@ fn pair_sets_match_float64_loops() {
             );
         }
         assert_eq!(r.null.random_init.unwrap().tokens, 4, "{what}");
+
+        // The same numbers through `analyze`'s per-layer analyzer, which picks
+        // the selection (soft routing: top-k by gate) and the gates itself.
+        let geo = GeometryOptions {
+            jacobian: JacobianMode::Exact,
+            jacobian_tokens: n,
+            spectra_tokens: 0,
+            null_draws: 0,
+            reference_k,
+            ..Default::default()
+        };
+        let mut an = LayerAnalyzer::new(0, e, cap.k, c.d_model, c.norm_topk, &geo);
+        an.observe(&moe, &x, &cap, &geo).unwrap();
+        let rep = an.finish(&moe, &[], &geo).unwrap();
+        let js = rep.jacobian.unwrap().sets;
+        for (s, (got_act, got_jac)) in [
+            (rep.act_mso_sets.routed, js.routed),
+            (rep.act_mso_sets.all, js.all),
+            (rep.act_mso_sets.gate_weighted, js.gate_weighted),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            close(
+                got_act.map(|m| m.mean),
+                act_want[s],
+                2e-6,
+                &format!("{what} analyzer act set {s}"),
+            );
+            close(
+                got_jac.map(|m| m.mean),
+                jac_want[s],
+                1e-6,
+                &format!("{what} analyzer jac set {s}"),
+            );
+        }
     }
 }
 
