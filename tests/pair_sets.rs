@@ -449,3 +449,21 @@ fn soft_routing_subspaces_are_measured_in_output_or_weighted_space() {
         assert!(!summary_table(&r).contains("DEGENERATE"));
     }
 }
+
+/// Soft routing with top_k = 1 as the reference has no routed pair: the
+/// routed activation MSO is null with the top-1 reason, not a missing-data one.
+#[test]
+fn soft_routing_with_a_top1_reference_has_no_routed_pairs() {
+    let (moe, c) = layer(Routing::Soft, 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let xv: Vec<f64> = (0..7 * c.d_model)
+        .map(|_| rng.random::<f64>() - 0.5)
+        .collect();
+    let x = Tensor::from_vec(xv, (7, c.d_model), &Device::Cpu).unwrap();
+    let (_, cap) = moe.forward(&x, true).unwrap();
+    let cap = cap.unwrap();
+    let mut acc = LayerAccumulator::new(c.n_experts, cap.k).with_reference_k(1);
+    acc.add(&cap).unwrap();
+    let reason = acc.act_mso().unwrap_err();
+    assert!(reason.contains("k = 1"), "{reason}");
+}

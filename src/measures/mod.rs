@@ -418,8 +418,10 @@ impl LayerAccumulator {
 
     /// Activation MSO over routed pairs, or the reason it is undefined.
     pub fn act_mso(&self) -> std::result::Result<f64, String> {
-        if self.k < 2 {
-            Err(format!("k = {}: each token is routed to a single expert, so there are no routed pairs (see act_mso_all)", self.k))
+        // Under soft routing the routed pairs are those of the top-k by gate.
+        let k = self.reference_k.unwrap_or(self.k).min(self.k);
+        if k < 2 {
+            Err(format!("k = {k}: each token is routed to a single expert, so there are no routed pairs (see act_mso_all)"))
         } else if self.tokens == 0 {
             Err("no tokens were evaluated".into())
         } else if self.act_tokens == 0 {

@@ -126,9 +126,18 @@ impl Moments {
     /// Eigenvalues of the covariance (descending, all d of them) and the
     /// eigenvectors of its non-zero ones (same order).
     pub fn spectrum(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
+        self.top_spectrum(usize::MAX)
+    }
+
+    /// [`Moments::spectrum`] with at most `vectors` eigenvectors (the
+    /// leading ones): a subspace of rank r needs r of them, and on the Gram
+    /// path each costs n·d.
+    pub fn top_spectrum(&self, vectors: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
         let d = self.d;
         if self.outer.is_some() {
-            return eigh_desc(&self.covariance(), d);
+            let (vals, mut vecs) = eigh_desc(&self.covariance(), d);
+            vecs.truncate(vectors);
+            return (vals, vecs);
         }
         // C = YᵀY with rows y_i = √(w_i/W)(x_i − μ); its non-zero spectrum is
         // that of the n×n Gram matrix K = YYᵀ, with u_k = Yᵀv_k / √λ_k.
@@ -157,7 +166,7 @@ impl Moments {
             if i < d {
                 eig[i] = l;
             }
-            if l > 1e-12 * top && l > 0.0 {
+            if l > 1e-12 * top && l > 0.0 && basis.len() < vectors {
                 let inv = 1.0 / l.sqrt();
                 basis.push(
                     (0..d)
@@ -287,7 +296,7 @@ pub fn layer_subspaces(
             skipped.push(Skipped { expert: i, n: m.n });
             continue;
         }
-        let (vals, vecs) = m.spectrum();
+        let (vals, vecs) = m.top_spectrum(rule.cap());
         let pos: Vec<f64> = vals.iter().map(|v| v.max(0.0)).collect();
         eff[i] = Some(effective_rank(&pos));
         let r = match rule {
