@@ -13,15 +13,8 @@ pub struct SweepArgs {
     /// Sweep folder (default: sweeps/<name>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Parallel worker processes (default: from cores and memory).
-    #[arg(long)]
-    jobs: Option<usize>,
-    /// CPU threads per worker (default: cores / jobs).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Write a Slurm job-array script (one task per run) instead of running locally.
-    #[arg(long)]
-    slurm: bool,
+    #[command(flatten)]
+    exec: Execution,
     /// Gather the runs' results into results.csv / results.jsonl and the report.
     #[arg(long)]
     collect: bool,
@@ -45,21 +38,22 @@ pub struct ReproduceArgs {
     /// Sweep folder (default: reproduce-<scale>).
     #[arg(long)]
     out: Option<PathBuf>,
-    #[arg(long)]
-    jobs: Option<usize>,
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Write a Slurm job-array script instead of running locally.
-    #[arg(long)]
-    slurm: bool,
+    #[command(flatten)]
+    exec: Execution,
 }
 
-/// How a sweep's runs are carried out.
+/// How a sweep's runs are carried out (the flags `sweep` and `reproduce` share).
+#[derive(Args)]
 struct Execution {
+    /// Parallel worker processes (default: from cores and memory).
+    #[arg(long)]
     jobs: Option<usize>,
+    /// CPU threads per worker (default: cores / jobs).
+    #[arg(long)]
     threads: Option<usize>,
+    /// Write a Slurm job-array script (one task per run) instead of running locally.
+    #[arg(long)]
     slurm: bool,
-    collect_only: bool,
 }
 
 pub fn run(a: SweepArgs) -> Result<()> {
@@ -72,15 +66,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("sweeps").join(&spec.name));
     if let Some(i) = a.run_one {
-        return run_one(&spec, SweepDir(dir), i, a.threads);
+        return run_one(&spec, SweepDir(dir), i, a.exec.threads);
     }
-    let exec = Execution {
-        jobs: a.jobs,
-        threads: a.threads,
-        slurm: a.slurm,
-        collect_only: a.collect,
-    };
-    run_sweep(spec, SweepDir(dir), &exec)
+    run_sweep(spec, SweepDir(dir), &a.exec, a.collect)
 }
 
 pub fn reproduce(a: ReproduceArgs) -> Result<()> {
@@ -94,13 +82,7 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     let dir = a
         .out
         .unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
-    let exec = Execution {
-        jobs: a.jobs,
-        threads: a.threads,
-        slurm: a.slurm,
-        collect_only: false,
-    };
-    run_sweep(spec, SweepDir(dir), &exec)
+    run_sweep(spec, SweepDir(dir), &a.exec, false)
 }
 
 pub fn report(dir: PathBuf) -> Result<()> {
@@ -124,7 +106,7 @@ fn run_one(spec: &SweepSpec, dir: SweepDir, i: usize, threads: Option<usize>) ->
     Ok(())
 }
 
-fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution) -> Result<()> {
+fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: bool) -> Result<()> {
     let cells = sweep::plan(&spec, &dir)?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -150,7 +132,7 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution) -> Result<()> {
         println!("{}", p.display());
         return Ok(());
     }
-    if !exec.collect_only {
+    if !collect_only {
         eprintln!(
             "sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)",
             spec.name,
