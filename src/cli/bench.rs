@@ -46,14 +46,42 @@ pub struct JacobianArgs {
     threads: usize,
 }
 
+/// The model a benchmark runs: a preset, `--set` overrides and the
+/// vocabulary of the synthetic tokens (shared by `bench train` and `bench eval`).
 #[derive(Args)]
-pub struct EvalArgs {
+pub struct Shape {
+    /// The preset the shapes start from (`bench train` uses the PyTorch peer's `tiny` and `small`).
     #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
     preset: String,
+    /// Override model keys, e.g. --set model.d_model=512.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     sets: Vec<String>,
+    /// Vocabulary of the synthetic tokens (the peer's tiny uses 4096).
     #[arg(long, default_value_t = 4096)]
     vocab: usize,
+}
+
+impl Shape {
+    /// The preset with `before` then the user's `--set`s; synthetic tokens
+    /// have `vocab` ids unless the config fixes `model.vocab_size`.
+    fn config(&self, before: &[&str]) -> Result<Config> {
+        let sets: Vec<String> = before
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.sets.iter().cloned())
+            .collect();
+        let mut cfg = Config::resolve(Some(&self.preset), None, &sets)?;
+        if cfg.model.vocab_size == 0 {
+            cfg.model.vocab_size = self.vocab;
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    shape: Shape,
     /// Validation tokens per eval pass.
     #[arg(long, default_value_t = 32768)]
     eval_tokens: usize,
@@ -96,15 +124,8 @@ pub struct HfArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Shapes: `tiny` and `small` are the PyTorch peer's configs of those names, `paper` the paper's.
-    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
-    preset: String,
-    /// Override model keys, e.g. --set model.d_model=512.
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    sets: Vec<String>,
-    /// Vocabulary of the synthetic tokens (the peer's tiny uses 4096).
-    #[arg(long, default_value_t = 4096)]
-    vocab: usize,
+    #[command(flatten)]
+    shape: Shape,
     /// Sequences per step (default: the preset's train.batch_size).
     #[arg(long)]
     batch: Option<usize>,
@@ -166,10 +187,10 @@ fn jacobian(a: JacobianArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     set_threads(a.threads);
-    let cfg = bench_config(&a.preset, &a.sets, a.vocab)?;
+    let cfg = a.shape.config(&[])?;
     let mt = a.measure_tokens.unwrap_or(cfg.measure.tokens);
     let r = bench::bench_eval(
-        &a.preset,
+        &a.shape.preset,
         &cfg.model,
         a.eval_tokens,
         mt,
@@ -214,14 +235,9 @@ fn train(a: TrainArgs) -> Result<()> {
         bail!("--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
     }
     // `tiny` and `small` are the peer's configs of the same names.
-    let sets: Vec<String> = bench::peer_sets(&a.preset)
-        .iter()
-        .map(|s| s.to_string())
-        .chain(a.sets)
-        .collect();
-    let cfg = bench_config(&a.preset, &sets, a.vocab)?;
+    let cfg = a.shape.config(bench::peer_sets(&a.shape.preset))?;
     let o = BenchOptions {
-        preset: a.preset,
+        preset: a.shape.preset,
         batch: a.batch.unwrap_or(cfg.train.batch_size),
         model: cfg.model,
         steps: a.steps,
@@ -233,16 +249,6 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let r = bench::bench_train(&o, std::io::stderr().is_terminal())?;
     print_train(&r)
-}
-
-/// A benchmark's config: the preset with `--set`s; synthetic tokens have `vocab` ids
-/// unless the config fixes `model.vocab_size`.
-fn bench_config(preset: &str, sets: &[String], vocab: usize) -> Result<Config> {
-    let mut cfg = Config::resolve(Some(preset), None, sets)?;
-    if cfg.model.vocab_size == 0 {
-        cfg.model.vocab_size = vocab;
-    }
-    Ok(cfg)
 }
 
 fn print_hf(r: &bench::HfBenchResult) -> Result<()> {
