@@ -189,20 +189,7 @@ fn activation_mso_and_telemetry_match_loops() {
             }
         }
         // All pairs through the public API: expert outputs on every token.
-        let outs: Vec<Vec<f32>> = moe
-            .experts
-            .iter()
-            .map(|e| {
-                e.forward(&x)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect();
+        let outs = moe.every_expert_output(&x).unwrap();
         acc.add_all_pairs(&outs, c.d_model, &[]);
         assert!((acc.act_mso_all().unwrap() - all / n as f64).abs() < tol);
 

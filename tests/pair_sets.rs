@@ -151,20 +151,7 @@ fn pair_sets_match_float64_loops() {
             acc = acc.with_reference_k(rk);
         }
         acc.add(&cap).unwrap();
-        let outs: Vec<Vec<f32>> = moe
-            .experts
-            .iter()
-            .map(|ex| {
-                ex.forward(&x)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect();
+        let outs = moe.every_expert_output(&x).unwrap();
         acc.add_all_pairs(&outs, c.d_model, &pairs);
         let act = acc.act_sets();
         let what = format!("{routing:?} k={k}");

@@ -124,16 +124,7 @@ impl LayerAnalyzer {
             self.add_moments(input, cap, geo)?;
         }
         // All pairs: every expert on every token of this layer's input.
-        let outs: Vec<Vec<f32>> = moe
-            .experts
-            .iter()
-            .map(|e| {
-                Ok(e.forward(input)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?)
-            })
-            .collect::<Result<_>>()?;
+        let outs = moe.every_expert_output(input)?;
         self.acc.add_all_pairs(&outs, d, &token_pairs);
         if geo.subspace != RankRule::Off && geo.null_draws > 0 {
             self.add_to_pool(input, &outs, geo)?;

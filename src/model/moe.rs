@@ -196,6 +196,20 @@ impl MoeLayer {
         self.experts.len()
     }
 
+    /// Every expert on every row of `x` (n, d), as host f32 copies (one
+    /// n×d row-major vector per expert): what all-pairs measures compare.
+    pub fn every_expert_output(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        self.experts
+            .iter()
+            .map(|e| {
+                Ok(e.forward(x)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            })
+            .collect()
+    }
+
     /// Router probabilities p = softmax(W_r x / T): (n, E).
     pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
         self.router_logits_probs(x).map(|(_, p)| p)
