@@ -108,10 +108,8 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let peak_rss_mb = crate::memory::peak_rss_bytes().unwrap_or(0) as f64 / 1e6;
     let ceiling = gemm_ceiling_gflops();
     let timed = times.len();
-    let mut sorted = times.clone();
-    let med = median(&mut times);
-    sorted.sort_by(f64::total_cmp);
-    let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    let med = median(&mut times); // sorts `times`
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
     let (p_total, p_active) = cfg.param_counts();
     let fpt = cfg.flops_per_token();
     let tps = (o.batch * cfg.seq_len) as f64 / med;

@@ -204,7 +204,6 @@ pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Re
         seed: cfg.measure.seed,
         ..Default::default()
     };
-    let families: Vec<Family> = Family::ALL.to_vec();
     let source = Source {
         checkpoint: out.display().to_string(),
         data: format!("{} (validation split)", ds.source),
@@ -215,7 +214,7 @@ pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Re
         &toks,
         n,
         cfg.train.batch_size,
-        &families,
+        &Family::ALL,
         &geo,
         source,
     )?;

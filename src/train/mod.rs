@@ -19,7 +19,7 @@ use crate::config::{Config, Routing};
 use crate::data::{self, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
-use crate::measures::{self, Family};
+use crate::measures;
 use crate::metrics::{EvalRow, MetricRow, StartRow, TrainRow};
 use crate::model::Gpt;
 use crate::{Error, Result};
@@ -67,7 +67,7 @@ pub struct TrainSummary {
 /// Train a model as `cfg` says, into `opts.out`.
 pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let out = opts.out.clone();
-    step::check_engine_choice(&cfg)?;
+    step::engine_choice(&cfg)?;
     run_dir::prepare_run_dir(&out, opts.resume)?;
     let ds = Dataset::load(&cfg.data, opts.progress && !opts.quiet)?;
     fit_vocab(&mut cfg, &ds)?;
@@ -179,7 +179,8 @@ struct Run<'o> {
     state: TrainState,
     metrics: Metrics,
     bar: indicatif::ProgressBar,
-    measure_families: Vec<Family>,
+    /// Entropy of the training split's unigram distribution (nats).
+    unigram: f64,
     last_eval: Option<EvalResult>,
     /// Wall time and tokens since the last logged row (tokens/s).
     window: (Instant, u64),
@@ -202,10 +203,10 @@ impl<'o> Run<'o> {
         } else {
             let _ = std::fs::remove_file(&metrics_path);
         }
-        let measure_families = cfg.measure.families.clone();
+        let unigram = data::unigram_entropy(&ds.train);
         let total = cfg.train.total_steps(cfg.model.seq_len);
         let run = Run {
-            measure_families,
+            unigram,
             metrics: Metrics::open(&metrics_path)?,
             bar: progress_bar(opts.progress && !opts.quiet, total, state.step),
             clock: (Instant::now(), state.elapsed_s),
@@ -231,7 +232,7 @@ impl<'o> Run<'o> {
     fn announce(&mut self, engine_note: &str) -> Result<()> {
         let (cfg, ds) = (&self.cfg, &self.ds);
         let (p_total, p_active) = cfg.model.param_counts();
-        let unigram = data::unigram_entropy(&ds.train);
+        let unigram = self.unigram;
         let k = if cfg.model.routing == Routing::Topk {
             format!(" top-{}", cfg.model.top_k)
         } else {
@@ -365,7 +366,7 @@ impl<'o> Run<'o> {
             val_ppl: ev.ppl,
             eval_tokens: ev.tokens as u64,
             eval_s: t0.elapsed().as_secs_f64(),
-            measures: eval_measures(model, &self.measure_families, accs.as_deref())?,
+            measures: eval_measures(model, &self.cfg.measure.families, accs.as_deref())?,
         };
         self.metrics.log(&MetricRow::Eval(row))?;
         self.bar.println(format!(
@@ -410,7 +411,7 @@ impl<'o> Run<'o> {
             val_loss: ev.loss,
             val_ppl: ev.ppl,
             val_tokens: ev.tokens,
-            unigram_entropy: data::unigram_entropy(&self.ds.train),
+            unigram_entropy: self.unigram,
             params_total,
             params_active,
             wall_s: self.state.elapsed_s,

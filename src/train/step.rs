@@ -7,7 +7,7 @@ use super::optim::AdamW;
 use super::reg;
 use crate::config::{Config, EngineChoice, RegConfig};
 use crate::data::Batch;
-use crate::measures::{self, Family};
+use crate::measures;
 use crate::model::layers::cross_entropy;
 use crate::model::{moe::ForwardOptions, Gpt};
 use crate::{Error, Result};
@@ -27,6 +27,13 @@ pub struct StepPlan {
     /// Compute the gradient norm (training always does; the benchmark, like
     /// the PyTorch peer, skips the pass when it does not clip).
     pub grad_norm: bool,
+}
+
+impl StepPlan {
+    /// Whether the step needs the global gradient norm: asked for, or for clipping.
+    pub fn needs_norm(&self) -> bool {
+        self.grad_norm || self.grad_clip > 0.0
+    }
 }
 
 /// Forward, backward and optimiser seconds of one step.
@@ -81,9 +88,10 @@ pub trait TrainStep {
     }
 }
 
-/// Refuse `train.engine = "fused"` for a config the engine does not cover
-/// (before anything is written).
-pub fn check_engine_choice(cfg: &Config) -> Result<()> {
+/// Why `cfg` runs on autodiff (`None`: the fused engine), or an error for
+/// `train.engine = "fused"` on a config the engine does not cover. Checked
+/// before anything is written.
+pub fn engine_choice(cfg: &Config) -> Result<Option<&'static str>> {
     match (cfg.train.engine, engine::unsupported(cfg)) {
         (EngineChoice::Fused, Some(why)) => Err(Error::config(
             "train.engine",
@@ -91,19 +99,14 @@ pub fn check_engine_choice(cfg: &Config) -> Result<()> {
                 "the fused engine cannot train this config: {why}; use \"auto\" or \"autodiff\""
             ),
         )),
-        _ => Ok(()),
+        (EngineChoice::Autodiff, _) => Ok(Some("train.engine = \"autodiff\"")),
+        (_, gap) => Ok(gap),
     }
 }
 
-/// The executor for `cfg`: the fused engine when it covers the config and
-/// `train.engine` allows it, else the autodiff model; and a line saying which
-/// and why.
+/// The executor for `cfg` (see [`engine_choice`]) and a line saying which and why.
 pub fn executor(cfg: &Config, model: Gpt, opt: AdamW) -> Result<(Box<dyn TrainStep>, String)> {
-    check_engine_choice(cfg)?;
-    let why_not = match (cfg.train.engine, engine::unsupported(cfg)) {
-        (EngineChoice::Autodiff, _) => Some("train.engine = \"autodiff\""),
-        (_, gap) => gap,
-    };
+    let why_not = engine_choice(cfg)?;
     if let Some(why) = why_not {
         return Ok((
             Box::new(AutodiffStep::new(cfg, model, opt)),
@@ -204,14 +207,13 @@ impl TrainStep for FusedStep {
         } else {
             None
         };
-        let grad_norm = if plan.grad_norm {
-            e.grad_norm()
+        let grad_norm = if plan.needs_norm() {
+            let g = e.grad_norm();
+            finite("gradient norm", g)?;
+            g
         } else {
             f64::NAN
         };
-        if plan.grad_norm {
-            finite("gradient norm", grad_norm)?;
-        }
         let t_opt = Instant::now();
         e.adamw_step(plan.lr, clip_scale(plan.grad_clip, grad_norm));
         let phases = PhaseTimes {
@@ -278,8 +280,6 @@ pub struct AutodiffStep {
     reg: RegConfig,
     router_temperature: f64,
     top_k: usize,
-    orth_family: Family,
-    grad_family: Family,
     forward: ForwardOptions,
 }
 
@@ -291,8 +291,6 @@ impl AutodiffStep {
             reg: cfg.reg.clone(),
             router_temperature: cfg.model.router_temperature,
             top_k: cfg.model.top_k,
-            orth_family: cfg.reg.orth_family,
-            grad_family: cfg.reg.grad_family,
             forward: ForwardOptions {
                 capture: false,
                 train: true,
@@ -353,7 +351,7 @@ impl AutodiffStep {
         if self.reg.orth_lambda <= 0.0 {
             return Ok(None);
         }
-        let orth = measures::orth_loss(&self.model, self.orth_family)?;
+        let orth = measures::orth_loss(&self.model, self.reg.orth_family)?;
         let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         finite("orthogonality loss", v)?;
         accumulate(
@@ -426,13 +424,13 @@ impl TrainStep for AutodiffStep {
             let v = reg::apply_grad_orth(
                 &self.model,
                 &mut grads,
-                self.grad_family,
+                self.reg.grad_family,
                 self.reg.grad_lambda,
             )?;
             stats.grad_loss = Some(v);
         }
         let t_opt = Instant::now();
-        stats.grad_norm = if plan.grad_norm || plan.grad_clip > 0.0 {
+        stats.grad_norm = if plan.needs_norm() {
             Self::clip(&mut grads, plan.grad_clip)?
         } else {
             f64::NAN
@@ -450,7 +448,7 @@ impl TrainStep for AutodiffStep {
 
     fn orth_value(&mut self) -> Result<Option<f64>> {
         // None when the family does not exist in this model (gate of MLP experts).
-        match measures::orth_loss(&self.model, self.orth_family) {
+        match measures::orth_loss(&self.model, self.reg.orth_family) {
             Ok(o) => Ok(Some(o.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)),
             Err(_) => Ok(None),
         }
