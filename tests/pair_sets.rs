@@ -12,9 +12,10 @@ use moescope::measures::analyze::{GeometryOptions, LayerAnalyzer};
 use moescope::measures::jacobian::{
     layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings,
 };
-use moescope::measures::pairs::{top_k_selection, TokenPairs};
+use moescope::measures::pairs::TokenPairs;
 use moescope::measures::subspace::{layer_subspaces, Moments, PermutationNull};
 use moescope::measures::LayerAccumulator;
+use moescope::model::moe::top_k_rows;
 use moescope::model::moe::{Expert, MoeLayer};
 use moescope::model::params::ParamStore;
 use rand::{Rng, SeedableRng};
@@ -135,7 +136,7 @@ fn pair_sets_match_float64_loops() {
         // moescope: the analyzer's selection (reference top-k under soft routing) and pair weights.
         let reference_k = (routing == Routing::Soft).then_some(k);
         let (sel, slots) = match reference_k {
-            Some(rk) => (top_k_selection(&cap.probs, e, rk), rk),
+            Some(rk) => (top_k_rows(&cap.probs, e, rk), rk),
             None => (cap.selected.clone(), cap.k),
         };
         let pairs: Vec<TokenPairs> = (0..n)

@@ -214,8 +214,24 @@ pub fn auto_picks_exact(
     k: usize,
 ) -> bool {
     let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
-    fits && cost_exact(d, f, e, t, instances, tokens, k) <= cost_estimate(d, f, t, tokens, k, 64)
+    let estimate = cost_estimate(
+        d,
+        f,
+        t,
+        tokens,
+        estimated_products(instances, tokens),
+        DEFAULT_PROBES,
+    );
+    fits && cost_exact(d, f, e, t, instances, tokens, k) <= estimate
 }
+
+/// (token, expert) Jacobian products per token of the estimate: each
+/// instance evaluates two expert Jacobians (all pairs: 2·(E−1)/2 per token).
+fn estimated_products(instances: usize, tokens: usize) -> usize {
+    (2 * instances).div_ceil(tokens.max(1))
+}
+
+const DEFAULT_PROBES: usize = JacobianMode::DEFAULT_PROBES;
 
 /// The mode `mode` resolves to for one layer of this shape (`exact` or
 /// `estimate`), and its cost in flops (the cost model of the module docs),
@@ -237,12 +253,7 @@ pub fn plan(
         k * (k - 1) / 2
     };
     let inst = tokens * pairs;
-    // Each instance evaluates two expert Jacobians: 2·inst (token, expert) products.
-    let k_eff = if tokens > 0 {
-        (2 * inst).div_ceil(tokens)
-    } else {
-        0
-    };
+    let k_eff = estimated_products(inst, tokens);
     match mode {
         JacobianMode::Off => None,
         JacobianMode::Exact => Some(("exact", cost_exact(d, f, e, t, inst, tokens, k))),
@@ -250,7 +261,10 @@ pub fn plan(
         JacobianMode::Auto => Some(if auto_picks_exact(d, f, e, t, inst, tokens, k) {
             ("exact", cost_exact(d, f, e, t, inst, tokens, k))
         } else {
-            ("estimate", cost_estimate(d, f, t, tokens, k_eff, 64))
+            (
+                "estimate",
+                cost_estimate(d, f, t, tokens, k_eff, DEFAULT_PROBES),
+            )
         }),
     }
 }
@@ -296,18 +310,11 @@ fn align_table(
     let exact = match mode {
         JacobianMode::Exact => true,
         JacobianMode::Estimate(_) => false,
-        // The estimate evaluates two expert Jacobians per instance, so its
-        // cost follows the instances (all pairs: E−1 per token), as in `plan`.
-        _ => {
-            let k_eff = (2 * inst.count()).div_ceil(n.max(1));
-            let fits = (f * f * t * t * 8) as u64 <= 1 << 30;
-            fits && cost_exact(d, f, e_n, t, inst.count(), n, k)
-                <= cost_estimate(d, f, t, n, k_eff, 64)
-        }
+        _ => auto_picks_exact(d, f, e_n, t, inst.count(), n, k),
     };
     let m = match mode {
         JacobianMode::Estimate(m) => m,
-        _ => 64,
+        _ => DEFAULT_PROBES,
     };
     // f64 copies of the experts (exactness of the measure does not depend on
     // the model dtype), at most two at a time: pairs come in (i, j) order, so

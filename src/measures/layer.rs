@@ -5,7 +5,7 @@
 
 use super::analyze::{GeometryOptions, LayerReport};
 use super::jacobian::{layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings};
-use super::pairs::{self, NullStats, PairTotals, TokenPairs};
+use super::pairs::{NullStats, PairTotals, TokenPairs};
 use super::subspace::{
     layer_subspaces, Moments, PermutationNull, RankRule, SubspaceNull, SubspaceReport,
 };
@@ -81,21 +81,6 @@ impl LayerAnalyzer {
         self.acc.tokens
     }
 
-    /// Each token's selection for the pair sets: what the router selected,
-    /// or under soft routing (every expert selected) the top-k by gate.
-    fn reference_selection(
-        &self,
-        cap: &CapturedRouting,
-        geo: &GeometryOptions,
-    ) -> (Vec<u32>, usize) {
-        match geo.reference_k {
-            Some(rk) if cap.k == self.n_experts && rk < cap.k => {
-                (pairs::top_k_selection(&cap.probs, self.n_experts, rk), rk)
-            }
-            _ => (cap.selected.clone(), cap.k),
-        }
-    }
-
     /// Add one batch: `input` (n, d) is the MoE input, `cap` what `moe` did with it.
     pub fn observe(
         &mut self,
@@ -104,10 +89,11 @@ impl LayerAnalyzer {
         cap: &CapturedRouting,
         geo: &GeometryOptions,
     ) -> Result<()> {
-        self.acc.add(cap)?;
+        // One routed selection for every pair set of this batch.
+        let (sel, k) = self.acc.routed_selection(cap);
+        self.acc.add_routed(cap, &sel, k)?;
         let (batch_n, d) = input.dims2()?;
         let e_n = self.n_experts;
-        let (sel, k) = self.reference_selection(cap, geo);
         let token_pairs: Vec<TokenPairs> = (0..batch_n)
             .map(|t| TokenPairs::new(&sel[t * k..(t + 1) * k], &cap.probs[t * e_n..(t + 1) * e_n]))
             .collect();

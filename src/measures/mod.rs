@@ -300,24 +300,28 @@ impl LayerAccumulator {
         self
     }
 
-    /// The slots whose pairs count as routed for a token: all of them, or
-    /// under soft routing with a reference k, the top-k by gate.
-    fn routed_slots(&self, slots: &[Option<(usize, usize)>], probs: &[f32]) -> Vec<(usize, usize)> {
-        let present: Vec<(usize, usize)> = slots.iter().flatten().copied().collect();
+    /// Each token's routed experts for the pair sets, (n × k, k): what the
+    /// router selected, or under soft routing with a reference k (every
+    /// expert selected) the top-k by gate.
+    pub fn routed_selection(&self, cap: &CapturedRouting) -> (Vec<u32>, usize) {
         match self.reference_k {
-            Some(k) if present.len() == self.n_experts && k < present.len() => {
-                let top = pairs::top_k_selection(probs, self.n_experts, k);
-                present
-                    .into_iter()
-                    .filter(|(e, _)| top.contains(&(*e as u32)))
-                    .collect()
-            }
-            _ => present,
+            Some(k) if cap.k == self.n_experts && k < cap.k => (
+                crate::model::moe::top_k_rows(&cap.probs, self.n_experts, k),
+                k,
+            ),
+            _ => (cap.selected.clone(), cap.k),
         }
     }
 
     /// Add the tokens of one captured forward pass.
     pub fn add(&mut self, cap: &CapturedRouting) -> Result<()> {
+        let (routed, k) = self.routed_selection(cap);
+        self.add_routed(cap, &routed, k)
+    }
+
+    /// [`Self::add`] with the pass's routed selection already made
+    /// (`routed`, n × `rk`, from [`Self::routed_selection`]).
+    pub fn add_routed(&mut self, cap: &CapturedRouting, routed: &[u32], rk: usize) -> Result<()> {
         let e_n = self.n_experts;
         let k = cap.k;
         let n = cap.probs.len() / e_n;
@@ -360,7 +364,13 @@ impl LayerAccumulator {
             for &(e, _) in rows[t * k..(t + 1) * k].iter().flatten() {
                 self.load[e] += 1;
             }
-            let present = self.routed_slots(&rows[t * k..(t + 1) * k], p);
+            let chosen = &routed[t * rk..(t + 1) * rk];
+            let present: Vec<(usize, usize)> = rows[t * k..(t + 1) * k]
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|(e, _)| chosen.contains(&(*e as u32)))
+                .collect();
             let m = present.len();
             if m >= 2 {
                 let mut sum = 0.0;

@@ -215,12 +215,6 @@ impl PairTotals {
     }
 }
 
-/// The selection a top-`k` router would make from `probs` (n × e): the
-/// reference for soft routing's `routed` set.
-pub fn top_k_selection(probs: &[f32], e: usize, k: usize) -> Vec<u32> {
-    crate::model::moe::top_k_rows(probs, e, k)
-}
-
 /// Mean and standard deviation (n − 1) of draws, and z = (null mean − x) / sd,
 /// positive when x lies below what chance gives (e.g. less overlap: more
 /// separated experts than random token sets would be).
