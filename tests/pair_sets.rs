@@ -12,7 +12,7 @@ use moescope::measures::analyze::{GeometryOptions, LayerAnalyzer};
 use moescope::measures::jacobian::{
     layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings,
 };
-use moescope::measures::pairs::TokenPairs;
+use moescope::measures::pairs::PairWeights;
 use moescope::measures::subspace::{layer_subspaces, Moments, PermutationNull};
 use moescope::measures::LayerAccumulator;
 use moescope::model::moe::top_k_rows;
@@ -139,9 +139,9 @@ fn pair_sets_match_float64_loops() {
             Some(rk) => (top_k_rows(&cap.probs, e, rk), rk),
             None => (cap.selected.clone(), cap.k),
         };
-        let pairs: Vec<TokenPairs> = (0..n)
+        let pairs: Vec<PairWeights> = (0..n)
             .map(|t| {
-                TokenPairs::new(
+                PairWeights::new(
                     &sel[t * slots..(t + 1) * slots],
                     &cap.probs[t * e..(t + 1) * e],
                 )

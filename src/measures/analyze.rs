@@ -201,21 +201,14 @@ impl GeometrySummary {
         let sets = |f: &dyn Fn(&LayerReport, usize) -> Option<f64>| {
             PairSets::from_fn(|s| mean(&|l| f(l, s)))
         };
-        let pick = |p: &PairSets<f64>, s: usize| [p.routed, p.all, p.gate_weighted][s];
-        let pick_mean =
-            |p: &PairSets<SetMean>, s: usize| [p.routed, p.all, p.gate_weighted][s].map(|m| m.mean);
+        let pick = |p: &PairSets<f64>, s: usize| p.get(s).copied();
+        let pick_mean = |p: &PairSets<SetMean>, s: usize| p.get(s).map(|m| m.mean);
         GeometrySummary {
             act_mso: sets(&|l, s| pick_mean(&l.act_mso_sets, s)),
             jacobian: sets(&|l, s| l.jacobian.as_ref().and_then(|j| pick_mean(&j.sets, s))),
             jacobian_null_shuffled: sets(&|l, s| {
-                l.jacobian.as_ref().and_then(|j| {
-                    [
-                        j.null.shuffled_routing.routed,
-                        None,
-                        j.null.shuffled_routing.gate_weighted,
-                    ][s]
-                        .map(|n| n.mean)
-                })
+                let j = l.jacobian.as_ref()?;
+                j.null.shuffled_routing.get(s).map(|n| n.mean)
             }),
             jacobian_null_init: mean(&|l| {
                 l.jacobian

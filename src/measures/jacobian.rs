@@ -22,7 +22,7 @@
 
 pub use crate::config::JacobianMode;
 
-use super::pairs::{self, NullStats, PairSets, SetMean, TokenPairs};
+use super::pairs::{self, NullStats, PairSets, PairWeights, SetMean};
 use crate::config::Activation;
 use crate::model::moe::{Expert, MoeLayer};
 use crate::Result;
@@ -498,9 +498,9 @@ pub fn layer_jacobian(
     let e_n = moe.n_experts();
     let inst = Instances::new(input.selected, input.k, n, e_n, s.all_pairs);
     let table = align_table(&moe.experts, None, &x, &inst, s.mode, input.k, s.seed)?;
-    let token_pairs: Vec<TokenPairs> = (0..n)
+    let token_pairs: Vec<PairWeights> = (0..n)
         .map(|t| {
-            TokenPairs::new(
+            PairWeights::new(
                 &input.selected[t * input.k..(t + 1) * input.k],
                 &input.probs[t * e_n..(t + 1) * e_n],
             )
@@ -669,7 +669,7 @@ pub struct JacobianNull {
 /// Routing shuffled across tokens, `null_draws` times; needs every pair measured.
 fn shuffled_routing_null(
     values: &[f64],
-    token_pairs: &[TokenPairs],
+    token_pairs: &[PairWeights],
     observed: &PairSets<SetMean>,
     s: &JacobianSettings,
 ) -> PairSets<NullStats> {
@@ -695,9 +695,8 @@ fn shuffled_routing_null(
             }
         }
     }
-    let obs = [observed.routed, observed.all, observed.gate_weighted];
     PairSets::from_fn(|set| {
-        let o = obs[set]?;
+        let o = observed.get(set)?;
         (set != 1)
             .then(|| NullStats::new(o.mean, &draws[set]))
             .flatten()
@@ -718,7 +717,7 @@ fn random_init_null(moe: &MoeLayer, x: &Tensor, s: &JacobianSettings) -> Result<
     let table = align_table(&moe.experts, random, &x, &inst, s.mode, 2, s.seed)?;
     let mut pm = pairs::PairMeans::default();
     let ones = vec![1.0f32 / e_n as f32; e_n];
-    let w = TokenPairs::new(&[], &ones);
+    let w = PairWeights::new(&[], &ones);
     let np = pairs::n_pairs(e_n);
     for t in 0..n {
         pm.add(&table.values[t * np..(t + 1) * np], &w);

@@ -5,7 +5,7 @@
 
 use super::analyze::{GeometryOptions, LayerReport};
 use super::jacobian::{layer_jacobian, JacobianInputs, JacobianMode, JacobianSettings};
-use super::pairs::{NullStats, PairTotals, TokenPairs};
+use super::pairs::{NullStats, PairWeights};
 use super::subspace::{
     layer_subspaces, Moments, PermutationNull, RankRule, SubspaceNull, SubspaceReport,
 };
@@ -27,7 +27,7 @@ pub struct LayerAnalyzer {
     /// the permutation null draws the same number of rows with these weights.
     row_weights: Vec<Vec<f64>>,
     /// Per pair, the three sets' weights summed over tokens (subspace sets).
-    totals: PairTotals,
+    totals: PairWeights,
     /// Inputs, selections and probabilities of the first `jacobian_tokens` tokens.
     jac_inputs: Vec<Tensor>,
     jac_sel: Vec<u32>,
@@ -64,7 +64,7 @@ impl LayerAnalyzer {
             acc,
             moments: (0..n_experts).map(|_| Moments::new(d)).collect(),
             row_weights: vec![Vec::new(); n_experts],
-            totals: PairTotals::new(n_experts),
+            totals: PairWeights::zeros(n_experts),
             jac_inputs: Vec::new(),
             jac_sel: Vec::new(),
             jac_probs: Vec::new(),
@@ -94,8 +94,8 @@ impl LayerAnalyzer {
         self.acc.add_routed(cap, &sel, k)?;
         let (batch_n, d) = input.dims2()?;
         let e_n = self.n_experts;
-        let token_pairs: Vec<TokenPairs> = (0..batch_n)
-            .map(|t| TokenPairs::new(&sel[t * k..(t + 1) * k], &cap.probs[t * e_n..(t + 1) * e_n]))
+        let token_pairs: Vec<PairWeights> = (0..batch_n)
+            .map(|t| PairWeights::new(&sel[t * k..(t + 1) * k], &cap.probs[t * e_n..(t + 1) * e_n]))
             .collect();
         token_pairs.iter().for_each(|w| self.totals.add(w));
         self.slots = k;

@@ -400,7 +400,7 @@ impl LayerAccumulator {
         &mut self,
         outputs: &[Vec<f32>],
         d: usize,
-        token_pairs: &[pairs::TokenPairs],
+        token_pairs: &[pairs::PairWeights],
     ) {
         let e_n = outputs.len();
         if e_n < 2 {

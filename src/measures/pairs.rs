@@ -15,10 +15,10 @@
 //! weighted by the set's weight summed over tokens.
 
 use crate::model::moe::NO_EXPERT;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One value per pair set.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairSets<T> {
     pub routed: Option<T>,
     pub all: Option<T>,
@@ -36,6 +36,11 @@ impl<T> Default for PairSets<T> {
 }
 
 impl<T> PairSets<T> {
+    /// The value of set `s` (0 routed, 1 all, 2 gate_weighted).
+    pub fn get(&self, s: usize) -> Option<&T> {
+        [&self.routed, &self.all, &self.gate_weighted][s].as_ref()
+    }
+
     /// Build from a function of the set index (0 routed, 1 all, 2 gate_weighted).
     pub fn from_fn(mut f: impl FnMut(usize) -> Option<T>) -> Self {
         PairSets {
@@ -62,15 +67,16 @@ pub fn all_pairs(e: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..e).flat_map(move |i| (i + 1..e).map(move |j| (i, j)))
 }
 
-/// One token's pair weights: `routed` (1 for each selected pair) and
-/// `gate` (g_i·g_j); the `all` set weighs every pair 1.
+/// Pair weights of the sets, per pair in [`pair_index`] order: `routed` (1 for
+/// each selected pair) and `gate` (g_i·g_j); the `all` set weighs every pair
+/// 1. One token's, or (with [`PairWeights::add`]) summed over tokens.
 #[derive(Debug, Clone)]
-pub struct TokenPairs {
+pub struct PairWeights {
     pub routed: Vec<f64>,
     pub gate: Vec<f64>,
 }
 
-impl TokenPairs {
+impl PairWeights {
     /// `selected`: the token's experts ([`NO_EXPERT`] = empty slot);
     /// `probs`: its router probabilities over all E experts.
     pub fn new(selected: &[u32], probs: &[f32]) -> Self {
@@ -92,7 +98,7 @@ impl TokenPairs {
         let gate = all_pairs(e)
             .map(|(i, j)| probs[i] as f64 * probs[j] as f64)
             .collect();
-        TokenPairs { routed, gate }
+        PairWeights { routed, gate }
     }
 
     /// The weights of set `s` (0 routed, 1 all, 2 gate_weighted); `None` = all ones.
@@ -126,7 +132,7 @@ pub struct PairMeans {
 impl PairMeans {
     /// Add one token: `values` per pair ([`pair_index`] order; NaN = not
     /// computed, which leaves the token out of any set that weighs that pair).
-    pub fn add(&mut self, values: &[f64], w: &TokenPairs) {
+    pub fn add(&mut self, values: &[f64], w: &PairWeights) {
         for s in 0..3 {
             let mut acc = [0.0; 3];
             let mut total = 0.0;
@@ -169,23 +175,17 @@ impl PairMeans {
     }
 }
 
-/// Per-pair weights of the three sets summed over tokens, for expert-level
-/// measures (subspace overlap, …).
-#[derive(Debug, Clone)]
-pub struct PairTotals {
-    pub routed: Vec<f64>,
-    pub gate: Vec<f64>,
-}
-
-impl PairTotals {
-    pub fn new(e: usize) -> Self {
-        PairTotals {
+impl PairWeights {
+    /// Zero weights for E experts (to sum tokens' weights into).
+    pub fn zeros(e: usize) -> Self {
+        PairWeights {
             routed: vec![0.0; n_pairs(e)],
             gate: vec![0.0; n_pairs(e)],
         }
     }
 
-    pub fn add(&mut self, w: &TokenPairs) {
+    /// Add another token's (or total's) weights.
+    pub fn add(&mut self, w: &PairWeights) {
         for (a, b) in self.routed.iter_mut().zip(&w.routed) {
             *a += b;
         }
@@ -194,17 +194,14 @@ impl PairTotals {
         }
     }
 
-    /// The weighted mean of `m[i][j]` (pairs where it is `None` left out) in each set.
+    /// The weighted mean of `m[i][j]` (pairs where it is `None` left out) in
+    /// each set, with these weights summed over tokens (expert-level measures).
     pub fn mean_of(&self, m: &[Vec<Option<f64>>]) -> PairSets<f64> {
         let e = m.len();
         PairSets::from_fn(|s| {
             let (mut sum, mut total) = (0.0, 0.0);
             for (p, (i, j)) in all_pairs(e).enumerate() {
-                let w = match s {
-                    0 => self.routed[p],
-                    2 => self.gate[p],
-                    _ => 1.0,
-                };
+                let w = self.weights(s).map_or(1.0, |ws| ws[p]);
                 if let (Some(v), true) = (m[i][j], w > 0.0) {
                     sum += w * v;
                     total += w;
@@ -270,7 +267,7 @@ mod tests {
         let vals = [[0.2, 0.4, 0.6], [0.1, 0.5, 0.9]];
         let mut pm = PairMeans::default();
         for t in 0..2 {
-            pm.add(&vals[t], &TokenPairs::new(&sel[t], &probs[t]));
+            pm.add(&vals[t], &PairWeights::new(&sel[t], &probs[t]));
         }
         let r = pm.finish();
         // routed: only token 0 has a pair (0,1).

@@ -8,6 +8,7 @@ use super::table::{mean_sd, sanitize, Table, TableCell};
 use super::{Figure, Section};
 use crate::experiments::stats;
 use crate::experiments::sweep::SweepDir;
+use crate::measures::pairs::PairSets;
 use serde::Deserialize;
 
 /// The parts of an analysis.json the report reads (FORMAT.md "Analysis").
@@ -54,18 +55,7 @@ struct Geometry {
 }
 
 /// A value per pair set (docs/MEASURES.md, "Pair sets").
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-struct Sets {
-    routed: Option<f64>,
-    all: Option<f64>,
-    gate_weighted: Option<f64>,
-}
-
-impl Sets {
-    fn get(&self, set: usize) -> Option<f64> {
-        [self.routed, self.all, self.gate_weighted][set]
-    }
-}
+type Sets = PairSets<f64>;
 
 #[derive(Debug, Deserialize)]
 struct AnalysisLayer {
@@ -145,9 +135,9 @@ pub(super) fn section(dir: &SweepDir, done: &[&Run]) -> Section {
         let mut jac = vec![mode_cell(mode, runs)];
         let mut sub = vec![mode_cell(mode, runs), TableCell::from(space_of(runs))];
         for set in 0..3 {
-            act.push(cmp(&|x| x.act_mso.get(set)));
-            jac.push(cmp(&|x| x.jacobian.get(set)));
-            sub.push(cmp(&|x| x.subspace_overlap.get(set)));
+            act.push(cmp(&|x| x.act_mso.get(set).copied()));
+            jac.push(cmp(&|x| x.jacobian.get(set).copied()));
+            sub.push(cmp(&|x| x.subspace_overlap.get(set).copied()));
         }
         jac.push(plain_of(&g(&|x| x.jacobian_null_shuffled.routed)));
         jac.push(plain_of(&g(&|x| x.jacobian_null_shuffled.gate_weighted)));
