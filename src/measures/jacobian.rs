@@ -124,29 +124,14 @@ pub struct Instances {
 impl Instances {
     /// Routed pairs from each token's selection (n × k), or all pairs on all tokens.
     pub fn new(selected: &[u32], k: usize, n: usize, e: usize, all: bool) -> Self {
-        let mut by_pair: Vec<((usize, usize), Vec<u32>)> = Vec::new();
-        for i in 0..e {
-            for j in i + 1..e {
-                by_pair.push(((i, j), Vec::new()));
-            }
-        }
-        let idx = |i: usize, j: usize| -> usize { i * e - i * (i + 1) / 2 + (j - i - 1) };
+        let mut by_pair: Vec<((usize, usize), Vec<u32>)> =
+            pairs::all_pairs(e).map(|p| (p, Vec::new())).collect();
         for t in 0..n {
             if all {
-                for p in by_pair.iter_mut() {
-                    p.1.push(t as u32);
-                }
+                by_pair.iter_mut().for_each(|p| p.1.push(t as u32));
             } else {
-                let s: Vec<u32> = selected[t * k..(t + 1) * k]
-                    .iter()
-                    .copied()
-                    .filter(|&e| e != crate::model::moe::NO_EXPERT)
-                    .collect();
-                for a in 0..s.len() {
-                    for b in a + 1..s.len() {
-                        let (i, j) = (s[a].min(s[b]) as usize, s[a].max(s[b]) as usize);
-                        by_pair[idx(i, j)].1.push(t as u32);
-                    }
+                for (i, j) in pairs::selected_pairs(&selected[t * k..(t + 1) * k]) {
+                    by_pair[pairs::pair_index(e, i, j)].1.push(t as u32);
                 }
             }
         }

@@ -67,6 +67,22 @@ pub fn all_pairs(e: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..e).flat_map(move |i| (i + 1..e).map(move |j| (i, j)))
 }
 
+/// The pairs (i < j) among one token's selected experts ([`NO_EXPERT`] slots skipped).
+pub fn selected_pairs(selected: &[u32]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let sel = move || {
+        selected
+            .iter()
+            .filter(|&&x| x != NO_EXPERT)
+            .map(|&x| x as usize)
+    };
+    sel().enumerate().flat_map(move |(a, x)| {
+        sel()
+            .skip(a + 1)
+            .filter(move |&y| y != x)
+            .map(move |y| (x.min(y), x.max(y)))
+    })
+}
+
 /// Pair weights of the sets, per pair in [`pair_index`] order: `routed` (1 for
 /// each selected pair) and `gate` (g_i·g_j); the `all` set weighs every pair
 /// 1. One token's, or (with [`PairWeights::add`]) summed over tokens.
@@ -82,18 +98,8 @@ impl PairWeights {
     pub fn new(selected: &[u32], probs: &[f32]) -> Self {
         let e = probs.len();
         let mut routed = vec![0.0; n_pairs(e)];
-        let sel: Vec<usize> = selected
-            .iter()
-            .filter(|&&x| x != NO_EXPERT)
-            .map(|&x| x as usize)
-            .collect();
-        for a in 0..sel.len() {
-            for b in a + 1..sel.len() {
-                let (i, j) = (sel[a].min(sel[b]), sel[a].max(sel[b]));
-                if i != j {
-                    routed[pair_index(e, i, j)] = 1.0;
-                }
-            }
+        for (i, j) in selected_pairs(selected) {
+            routed[pair_index(e, i, j)] = 1.0;
         }
         let gate = all_pairs(e)
             .map(|(i, j)| probs[i] as f64 * probs[j] as f64)
