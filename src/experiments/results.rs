@@ -264,7 +264,7 @@ struct SummaryColumns {
 /// Mean of the finite values (non-finite ones were logged as null); None for none.
 fn finite_mean(xs: &[f64]) -> Option<f64> {
     let v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    (!v.is_empty()).then(|| super::stats::mean(&v))
 }
 
 impl ResultRow {

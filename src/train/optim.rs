@@ -166,18 +166,27 @@ impl AdamW {
             )));
         }
         for (i, Moments { m, v }) in moments.into_iter().enumerate() {
-            if m.dims() != self.m[i].dims() || v.dims() != self.v[i].dims() {
+            if !self.put_moments(i, &m, &v)? {
                 return Err(Error::Data(format!(
                     "optimizer: moments of shape {:?} for parameter {i} of shape {:?}",
                     m.dims(),
                     self.m[i].dims()
                 )));
             }
-            self.m[i] = m.to_dtype(self.m[i].dtype())?;
-            self.v[i] = v.to_dtype(self.v[i].dtype())?;
         }
         self.t = t;
         Ok(())
+    }
+
+    /// Set parameter `i`'s moments (converted to its dtype); `false` when
+    /// their shapes differ from the parameter's, which is left as it is.
+    fn put_moments(&mut self, i: usize, m: &Tensor, v: &Tensor) -> Result<bool> {
+        if m.dims() != self.m[i].dims() || v.dims() != self.v[i].dims() {
+            return Ok(false);
+        }
+        self.m[i] = m.to_dtype(self.m[i].dtype())?;
+        self.v[i] = v.to_dtype(self.v[i].dtype())?;
+        Ok(true)
     }
 
     /// Moments as named tensors (`m.NAME`, `v.NAME`) plus the step count.
@@ -206,16 +215,13 @@ impl AdamW {
             })
         };
         for (i, name) in params.names().iter().enumerate() {
-            let m = get(&format!("m.{name}"))?;
-            let v = get(&format!("v.{name}"))?;
-            if m.dims() != self.m[i].dims() || v.dims() != self.v[i].dims() {
+            let (m, v) = (get(&format!("m.{name}"))?, get(&format!("v.{name}"))?);
+            if !self.put_moments(i, m, v)? {
                 return Err(Error::Checkpoint {
                     path: origin.into(),
                     msg: format!("optimizer state for `{name}` has the wrong shape"),
                 });
             }
-            self.m[i] = m.to_dtype(self.m[i].dtype())?;
-            self.v[i] = v.to_dtype(self.v[i].dtype())?;
         }
         self.t = get("t")?
             .to_dtype(candle_core::DType::F32)?
