@@ -88,11 +88,13 @@ pub struct Options {
     pub routing: crate::config::Routing,
     pub top_k: usize,
     pub norm_topk: bool,
-    /// `exact`, `estimate:M`, `auto` or `off` (the mode used per layer is in each layer's `jacobian.mode`).
+    /// As the CLI and config spell it: `exact`, `estimate` (64 probes),
+    /// `estimate:M`, `auto` or `off` (the mode used per layer is in each
+    /// layer's `jacobian.mode`).
     pub jacobian: String,
     pub jacobian_pairs: &'static str,
     pub jacobian_tokens: usize,
-    /// `RANK`, `var:τ:CAP` or `off`.
+    /// As the CLI and config spell it: `RANK`, `var:τ` (cap 16), `var:τ:CAP` or `off`.
     pub subspace: String,
     pub subspace_space: &'static str,
     pub subspace_weighted: bool,
@@ -394,23 +396,14 @@ impl Options {
             routing,
             top_k,
             norm_topk,
-            jacobian: match geo.jacobian {
-                JacobianMode::Exact => "exact".into(),
-                JacobianMode::Estimate(m) => format!("estimate:{m}"),
-                JacobianMode::Auto => "auto".into(),
-                JacobianMode::Off => "off".into(),
-            },
+            jacobian: geo.jacobian.to_string(),
             jacobian_pairs: if geo.jacobian_all_pairs {
                 "all"
             } else {
                 "routed"
             },
             jacobian_tokens: geo.jacobian_tokens.min(n),
-            subspace: match geo.subspace {
-                RankRule::Fixed(r) => r.to_string(),
-                RankRule::Variance(t, c) => format!("var:{t}:{c}"),
-                RankRule::Off => "off".into(),
-            },
+            subspace: geo.subspace.to_string(),
             subspace_space: if geo.output_space { "output" } else { "input" },
             subspace_weighted: geo.weighted,
             null_draws: geo.null_draws,
