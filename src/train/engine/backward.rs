@@ -4,11 +4,13 @@
 use super::attention::attention_backward;
 use super::buffers::{BlockActs, Scratch};
 use super::dispatch::{combine_backward, experts_backward, gather_backward, ExpertActs};
-use super::layers::{affine_backward, embed_backward, lm_head_backward, norm_backward};
+use super::layers::{
+    affine_backward, embed_backward, linear_backward, lm_head_backward, norm_backward,
+};
 use super::router::router_backward;
 use super::{moe, moe_mut, split_by_index, Dims, Engine, Profile};
 use crate::kernels::Real;
-use crate::model::layout::{Affine, BlockLayout};
+use crate::model::layout::BlockLayout;
 
 impl<T: Real> Engine<T> {
     /// Gradients from ∂L/∂logits (in `bufs.logits`) back to the embeddings.
@@ -87,20 +89,13 @@ fn block_backward<T: Real>(
     );
     // dh2 = Σ_slots dxe[row] + dlogit·W_r;  dW_r = dlogitᵀ·h2
     gather_backward(&mut s.dh, &s.dxe, &a.row_of, dims);
-    let router_w = Affine {
-        weight: *router_w,
-        bias: None,
-    };
-    let mut router_g = Affine {
-        weight: &mut **router_g,
-        bias: None,
-    };
-    let dh = &mut s.dh;
-    affine_backward(
+    let dh = Some(&mut s.dh[..]);
+    linear_backward(
         dl,
         &a.h2,
-        &router_w,
-        &mut router_g,
+        router_w,
+        router_g,
+        None,
         dh,
         (n, d, e),
         acc,
