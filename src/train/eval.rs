@@ -214,7 +214,7 @@ pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Re
         &toks,
         n,
         cfg.train.batch_size,
-        &Family::ALL,
+        Family::ALL,
         &geo,
         source,
     )?;
