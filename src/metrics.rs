@@ -34,7 +34,11 @@ pub struct StartRow {
     /// Unigram entropy of the training tokens, nats.
     #[serde(deserialize_with = "nan_if_null")]
     pub unigram_entropy: f64,
+    /// Tokens of the training split used (after `data.max_train_tokens`).
     pub train_tokens: u64,
+    /// `data.max_train_tokens` when it capped the split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_train_tokens: Option<u64>,
     pub valid_tokens: u64,
     /// The tokeniser's id (`bytes`, `gpt2`, a tokenizer.json hash, ...).
     pub tokenizer: String,
@@ -120,10 +124,41 @@ pub struct EvalMeasures {
     pub weight_mso: BTreeMap<String, Vec<Option<f64>>>,
     /// Family name -> mean of the present layers' weight MSO.
     pub weight_mso_mean: BTreeMap<String, Option<f64>>,
+    /// Family name -> the weight MSO of random directions of its dimension (1/L).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weight_mso_chance: BTreeMap<String, f64>,
+    /// The same at granularity `rows` (`measure.granularity`), when logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_mso_rows: Option<WeightMeasure>,
+    /// The same at granularity `cols`, when logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_mso_cols: Option<WeightMeasure>,
     /// The measures of the captured evaluation windows; None (the keys are
     /// absent) when `measure.tokens` is 0.
     #[serde(flatten)]
     pub captured: Option<CapturedMeasures>,
+}
+
+/// Weight MSO of every family at one granularity.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct WeightMeasure {
+    /// Family name -> per layer (None where the layer lacks the family).
+    pub per_layer: BTreeMap<String, Vec<Option<f64>>>,
+    /// Family name -> mean of the present layers.
+    pub mean: BTreeMap<String, Option<f64>>,
+    /// Family name -> chance level 1/L.
+    pub chance: BTreeMap<String, f64>,
+}
+
+/// Activation MSO in one space (`measure.act_space`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ActMeasure {
+    /// Per MoE layer (None where no pair was co-routed).
+    pub per_layer: Vec<Option<f64>>,
+    /// Mean of the present layers.
+    pub mean: Option<f64>,
+    /// The level of independent random directions of the space's dimension.
+    pub chance: f64,
 }
 
 /// Activation overlap and routing telemetry on the captured evaluation windows.
@@ -138,6 +173,15 @@ pub struct CapturedMeasures {
     pub act_mso_null_reason: Option<String>,
     /// Mean of the present layers' activation MSO.
     pub act_mso_mean: Option<f64>,
+    /// 1/d_model: the activation MSO of random output directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_mso_chance: Option<f64>,
+    /// Activation MSO of the hidden activations φ(W_up x + b), when logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_mso_hidden: Option<ActMeasure>,
+    /// Activation MSO of LayerNorm of the hidden activations, when logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_mso_hidden_ln: Option<ActMeasure>,
     /// Activation MSO / weight MSO (up) per layer.
     pub gap_ratio: Vec<Option<f64>>,
     /// The ratio of the model means act_mso_mean / weight_mso_mean.up.

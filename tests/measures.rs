@@ -218,7 +218,9 @@ fn activation_mso_and_telemetry_match_loops() {
 fn orth_loss_value_and_gradient_match_finite_differences() {
     let c = cfg(Routing::Topk, 2);
     let (moe, ps) = layer(&c, 4);
-    let pen = measures::orth_penalty(&moe, Family::Up).unwrap().unwrap();
+    let pen = measures::orth_penalty(&moe, Family::Up, Default::default())
+        .unwrap()
+        .unwrap();
     let mats: Vec<Vec<f64>> = moe
         .experts
         .iter()
@@ -250,7 +252,7 @@ fn orth_loss_value_and_gradient_match_finite_differences() {
                 let mut v = base.clone();
                 v[j] += delta;
                 set_param(&ps, name, v);
-                let l = measures::orth_penalty(&moe, Family::Up)
+                let l = measures::orth_penalty(&moe, Family::Up, Default::default())
                     .unwrap()
                     .unwrap()
                     .to_scalar::<f64>()

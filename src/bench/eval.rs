@@ -2,7 +2,6 @@
 
 use super::{median, Markov};
 use crate::config::ModelConfig;
-use crate::measures::Family;
 use crate::model::Gpt;
 use crate::train::{eval_measures, evaluate_measured, MeasureSpec};
 use crate::Result;
@@ -46,7 +45,8 @@ pub fn bench_eval(
     let path = dir.join("eval.tok");
     crate::data::cache::TokenFile::write(&path, &toks, "bench", "bench", "valid")?;
     let file = crate::data::cache::TokenFile::open(&path)?;
-    let families = [Family::Up, Family::Router];
+    // What a training run logs by default: every family, granularity and space.
+    let measure = crate::config::MeasureConfig::default();
     let (mut plain, mut measured) = (Vec::new(), Vec::new());
     for r in 0..reps + 1 {
         let t0 = Instant::now();
@@ -61,9 +61,10 @@ pub fn bench_eval(
             Some(MeasureSpec {
                 tokens: measure_tokens,
                 seed: 0,
+                spaces: measure.act_space.clone(),
             }),
         )?;
-        eval_measures(&model, &families, accs.as_deref())?;
+        eval_measures(&model, &measure, accs.as_deref())?;
         let m = t0.elapsed().as_secs_f64();
         if r > 0 {
             plain.push(p);
@@ -72,7 +73,7 @@ pub fn bench_eval(
     }
     let _ = std::fs::remove_dir_all(&dir);
     let t0 = Instant::now();
-    eval_measures(&model, &families, None)?;
+    eval_measures(&model, &measure, None)?;
     let weight_s = t0.elapsed().as_secs_f64();
     let (p, m) = (median(&mut plain), median(&mut measured));
     Ok(EvalBenchResult {

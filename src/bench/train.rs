@@ -84,9 +84,10 @@ fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> 
     }
     let eng = Engine::from_model(&o.model, &model.params, None, adam_params(&cfg))?;
     drop(model);
-    Ok(Box::new(
-        FusedStep::new(eng, None).with_orth_lambda(o.orth_lambda),
-    ))
+    Ok(Box::new(FusedStep::new(eng, None).with_orth(
+        o.orth_lambda,
+        crate::measures::OrthForm::default(),
+    )))
 }
 
 /// Run the benchmark on the CPU.

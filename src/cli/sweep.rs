@@ -139,6 +139,15 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
             cells.len(),
             dir.0.display()
         );
+        let (todo, secs) = sweep::estimate::remaining(&dir, &cells, cores);
+        if todo > 0 {
+            eprintln!(
+                "expected wall time for the {todo} runs to do: about {} (at {:.0} GFLOP/s per core, \
+                 measured on a 2-core AVX-512 machine; yours may differ)",
+                sweep::estimate::human(secs),
+                sweep::estimate::FLOPS_PER_CORE / 1e9
+            );
+        }
         let c = sweep::run_local(&dir, &cells, jobs, threads, progress())?;
         eprintln!(
             "runs: {} done ({} already finished), {} failed",

@@ -19,8 +19,8 @@ pub mod values;
 pub use overrides::apply_set;
 pub use presets::PRESETS;
 pub use values::{
-    Activation, AnalysisSpace, BadValue, EngineChoice, ExpertKind, Family, JacobianMode, RankRule,
-    Routing,
+    ActSpace, Activation, AnalysisSpace, BadValue, EngineChoice, ExpertKind, Family, Granularity,
+    JacobianMode, OrthVariant, RankRule, Routing,
 };
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,10 @@ pub struct ModelConfig {
     /// A per-expert bias added to the router probabilities for top-k
     /// selection only (loss-free balancing); switched on by `reg.loss_free_gamma`.
     pub balance_bias: bool,
+    /// Dropout probability on the embeddings and on each residual branch
+    /// (attention and FFN outputs) during training, as nanoGPT's `dropout`.
+    /// The first study states none; moescope assumes 0.
+    pub dropout: f64,
 }
 
 impl Default for ModelConfig {
@@ -89,6 +93,7 @@ impl Default for ModelConfig {
             capacity_factor: 0.0,
             router_frozen: false,
             balance_bias: false,
+            dropout: 0.0,
         }
     }
 }
@@ -169,6 +174,8 @@ pub struct DataConfig {
     pub builtin_bytes: usize,
     /// Number of topics of the built-in corpus.
     pub builtin_topics: usize,
+    /// Train on only the first this many tokens of the training split (0 = all).
+    pub max_train_tokens: u64,
 }
 
 impl Default for DataConfig {
@@ -181,6 +188,7 @@ impl Default for DataConfig {
             cache_dir: String::new(),
             builtin_bytes: 2_000_000,
             builtin_topics: 4,
+            max_train_tokens: 0,
         }
     }
 }
@@ -208,10 +216,15 @@ pub struct TrainConfig {
     pub eps: f64,
     /// AdamW decoupled weight decay, applied to matrices only (not biases, norms).
     pub weight_decay: f64,
+    /// Weight decay of the expert matrices (W_up, W_gate, W_down) alone;
+    /// −1 = the same as `weight_decay`.
+    pub weight_decay_experts: f64,
     /// Clip the global gradient norm to this value (0 = off).
     pub grad_clip: f64,
     /// Evaluate every this many steps (0 = only at the end).
     pub eval_every: usize,
+    /// Also evaluate (and log every measure) at step 0, before training.
+    pub eval_at_start: bool,
     /// Validation tokens per evaluation (0 = the whole validation split).
     pub eval_tokens: usize,
     /// Log a metrics row every this many steps.
@@ -249,8 +262,10 @@ impl Default for TrainConfig {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            weight_decay_experts: -1.0,
             grad_clip: 1.0,
             eval_every: 100,
+            eval_at_start: false,
             eval_tokens: 0,
             log_every: 10,
             checkpoint_every: 100,
@@ -264,6 +279,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The weight decay of the expert matrices (`weight_decay_experts`, or
+    /// `weight_decay` when that is −1).
+    pub fn expert_weight_decay(&self) -> f64 {
+        if self.weight_decay_experts == -1.0 {
+            self.weight_decay
+        } else {
+            self.weight_decay_experts
+        }
+    }
+
     /// The number of optimiser steps this config trains for.
     pub fn total_steps(&self, seq_len: usize) -> usize {
         if self.max_tokens > 0 {
@@ -283,6 +308,13 @@ pub struct RegConfig {
     pub orth_lambda: f64,
     /// Matrix family L_orth acts on: `up`, `gate` (SwiGLU), `down` or `router`.
     pub orth_family: Family,
+    /// The vectors L_orth compares: `flat` (the whole matrix), `rows` or `cols`.
+    pub orth_granularity: Granularity,
+    /// `normalized` (cos², gradient through the norms), `unnormalized`
+    /// (raw inner products) or `detached_norm` (cos², norms held constant).
+    pub orth_variant: OrthVariant,
+    /// Allow a negative `orth_lambda` (which rewards overlap: what a sign error would do).
+    pub orth_allow_negative: bool,
     /// λ of the activation-space regulariser: SPEC's activation MSO of the
     /// routed expert outputs on the training batch, mean over MoE layers.
     pub act_lambda: f64,
@@ -312,6 +344,9 @@ impl Default for RegConfig {
         RegConfig {
             orth_lambda: 0.0,
             orth_family: Family::Up,
+            orth_granularity: Granularity::Flat,
+            orth_variant: OrthVariant::Normalized,
+            orth_allow_negative: false,
             act_lambda: 0.0,
             grad_lambda: 0.0,
             grad_family: Family::Up,
@@ -337,6 +372,12 @@ pub struct MeasureConfig {
     pub seed: u64,
     /// Weight-overlap families logged (`up`, `gate`, `down`, `router`).
     pub families: Vec<Family>,
+    /// Weight-overlap granularities logged (`flat`, `rows`, `cols`), each
+    /// under its own key (`weight_mso`, `weight_mso_rows`, `weight_mso_cols`).
+    pub granularity: Vec<Granularity>,
+    /// Spaces of activation overlap logged (`output`, `hidden`, `hidden_ln`),
+    /// each under its own key (`act_mso`, `act_mso_hidden`, `act_mso_hidden_ln`).
+    pub act_space: Vec<ActSpace>,
     /// At the end of training, run every measure (as `moescope analyze`) on the
     /// validation split and write `analysis.json` into the run folder.
     pub final_analysis: bool,
@@ -362,7 +403,9 @@ impl Default for MeasureConfig {
         MeasureConfig {
             tokens: 4096,
             seed: 0,
-            families: vec![Family::Up, Family::Router],
+            families: Family::ALL.to_vec(),
+            granularity: Granularity::ALL.to_vec(),
+            act_space: ActSpace::ALL.to_vec(),
             final_analysis: false,
             analysis_tokens: 2048,
             jacobian: JacobianMode::Auto,

@@ -56,7 +56,7 @@ impl Config {
                 };
                 c.data.tokenizer = "gpt2".into();
                 c.train.batch_size = 16;
-                c.train.max_steps = 20_000;
+                c.train.max_steps = 10_000; // the study: "10K iterations"
                 c.train.warmup_steps = 500;
                 c.train.eval_every = 1000;
                 c.train.checkpoint_every = 1000;

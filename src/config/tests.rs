@@ -178,7 +178,7 @@ fn typed_values_name_their_key() {
         "engine = \"autodiff\"",
         "jacobian = \"estimate:16\"",
         "subspace = \"var:0.9\"",
-        "families = [\n    \"up\",\n    \"router\",\n]",
+        "families = [\n    \"up\",\n    \"gate\",\n    \"down\",\n    \"router\",\n]",
         "routing = \"topk\"",
         "orth_family = \"up\"",
     ] {

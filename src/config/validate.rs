@@ -57,6 +57,9 @@ impl ModelConfig {
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return Err(Error::config("model.init_std", "must be a positive number"));
         }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config("model.dropout", "must lie in [0, 1)"));
+        }
         if !(self.capacity_factor >= 0.0 && self.capacity_factor.is_finite()) {
             return Err(Error::config(
                 "model.capacity_factor",
@@ -93,6 +96,13 @@ impl TrainConfig {
                 return Err(Error::config(format!("train.{f}"), "must lie in [0, 1)"));
             }
         }
+        let wd = self.weight_decay_experts;
+        if !((wd >= 0.0 && wd.is_finite()) || wd == -1.0) {
+            return Err(Error::config(
+                "train.weight_decay_experts",
+                "must be a non-negative number, or -1 for the same as weight_decay",
+            ));
+        }
         if self.log_every == 0 {
             return Err(Error::config("train.log_every", "must be at least 1"));
         }
@@ -109,8 +119,15 @@ impl TrainConfig {
 impl RegConfig {
     /// Check the λs and the temperature.
     pub fn validate(&self) -> Result<()> {
+        let orth_ok =
+            self.orth_lambda.is_finite() && (self.orth_lambda >= 0.0 || self.orth_allow_negative);
+        if !orth_ok {
+            return Err(Error::config(
+                "reg.orth_lambda",
+                "must be a non-negative number (a negative λ rewards overlap; set reg.orth_allow_negative = true to allow it)",
+            ));
+        }
         for (key, v) in [
-            ("orth_lambda", self.orth_lambda),
             ("act_lambda", self.act_lambda),
             ("grad_lambda", self.grad_lambda),
             ("contrastive_lambda", self.contrastive_lambda),
@@ -165,7 +182,7 @@ impl Config {
             ("reg.orth_family", r.orth_family, r.orth_lambda),
             ("reg.grad_family", r.grad_family, r.grad_lambda),
         ] {
-            if family == Family::Gate && self.model.expert != ExpertKind::Swiglu && lambda > 0.0 {
+            if family == Family::Gate && self.model.expert != ExpertKind::Swiglu && lambda != 0.0 {
                 return Err(Error::config(
                     key,
                     "`gate` needs model.expert = \"swiglu\" (MLP experts have no gate)",

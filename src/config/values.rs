@@ -131,6 +131,65 @@ pub enum Family {
 }
 named_choice!(Family, "family", [Up => "up", Gate => "gate", Down => "down", Router => "router"]);
 
+/// How a weight matrix W (R × C; for W_up R = d_ff, C = d_model) is cut into
+/// the vectors whose squared cosines weight overlap and L_orth average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Granularity {
+    /// The whole flattened matrix, one R·C-dimensional vector (chance 1/(R·C)).
+    Flat,
+    /// Each row: mean over a of cos²(W_i[a,:], W_j[a,:]) (C-dimensional, chance 1/C).
+    Rows,
+    /// Each column: mean over b of cos²(W_i[:,b], W_j[:,b]) (R-dimensional, chance 1/R).
+    Cols,
+}
+named_choice!(Granularity, "granularity", [Flat => "flat", Rows => "rows", Cols => "cols"]);
+
+/// How L_orth is wired (the study's text admits each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrthVariant {
+    /// Σ cos² of the normalised vectors, gradient through the normalisation.
+    Normalized,
+    /// Σ ⟨w_i, w_j⟩² of the raw vectors (no normalisation).
+    Unnormalized,
+    /// Σ cos², the norms treated as constants in the gradient.
+    DetachedNorm,
+}
+named_choice!(OrthVariant, "orth variant", [Normalized => "normalized", Unnormalized => "unnormalized", DetachedNorm => "detached_norm"]);
+
+/// The space of an expert's computation in which activation overlap is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActSpace {
+    /// The expert's output h_e(x) = W_down φ(W_up x + b) + b (d_model-dimensional).
+    Output,
+    /// The hidden activation φ(W_up x + b) (SwiGLU: silu(W_gate x) ⊙ W_up x), d_ff-dimensional.
+    Hidden,
+    /// LayerNorm (no affine) of that hidden activation, the study's eq. 4.
+    HiddenLn,
+}
+named_choice!(ActSpace, "activation space", [Output => "output", Hidden => "hidden", HiddenLn => "hidden_ln"]);
+
+impl ActSpace {
+    /// The metric key suffix: `act_mso` + this (`""`, `"_hidden"`, `"_hidden_ln"`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ActSpace::Output => "",
+            ActSpace::Hidden => "_hidden",
+            ActSpace::HiddenLn => "_hidden_ln",
+        }
+    }
+}
+
+impl Granularity {
+    /// The metric key suffix: `weight_mso` + this (`""`, `"_rows"`, `"_cols"`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Granularity::Flat => "",
+            Granularity::Rows => "_rows",
+            Granularity::Cols => "_cols",
+        }
+    }
+}
+
 /// Which training step `train` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineChoice {

@@ -114,6 +114,11 @@ impl TokenFile {
         self.len() == 0
     }
 
+    /// Keep only the first `n` tokens (a view: the file is not touched).
+    pub fn truncate(&mut self, n: u64) {
+        self.header.count = self.header.count.min(n);
+    }
+
     /// Token `i`.
     #[inline]
     pub fn get(&self, i: usize) -> u32 {

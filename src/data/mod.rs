@@ -175,6 +175,22 @@ impl Dataset {
     /// Resolve `cfg` to token files: the built-in corpus, a named dataset, or
     /// `cfg.path`. `progress` shows bars for downloads and tokenisation.
     pub fn load(cfg: &DataConfig, progress: bool) -> Result<Dataset> {
+        let mut ds = Self::load_whole(cfg, progress)?;
+        if cfg.max_train_tokens > 0 && cfg.max_train_tokens < ds.train.len() as u64 {
+            ds.train.truncate(cfg.max_train_tokens);
+            if let Some((t, _)) = ds.topics.as_mut() {
+                t.truncate(cfg.max_train_tokens);
+            }
+            ds.source = format!(
+                "{} (first {} training tokens: data.max_train_tokens)",
+                ds.source, cfg.max_train_tokens
+            );
+        }
+        Ok(ds)
+    }
+
+    /// [`Dataset::load`] without the `max_train_tokens` cap.
+    fn load_whole(cfg: &DataConfig, progress: bool) -> Result<Dataset> {
         let tok = Tokenizer::from_spec(&tokenizer_spec(cfg))?;
         let cache = cache_dir(cfg);
         if !cfg.path.is_empty() {

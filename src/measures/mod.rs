@@ -8,6 +8,7 @@
 pub mod analyze;
 pub mod jacobian;
 pub mod layer;
+pub mod orth;
 pub mod pairs;
 pub mod subspace;
 pub mod summary_table;
@@ -18,7 +19,8 @@ use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-pub use crate::config::Family;
+pub use crate::config::{Family, Granularity};
+pub use orth::OrthForm;
 
 /// Where each family's matrices live in an MoE layer.
 impl Family {
@@ -178,39 +180,53 @@ pub fn weight_overlap(moe: &MoeLayer, family: Family) -> Result<Option<WeightOve
     }))
 }
 
-/// The differentiable L_orth of one layer: Σ_{i<j} G_ij², gradients through the normalisation.
-pub fn orth_penalty(moe: &MoeLayer, family: Family) -> Result<Option<Tensor>> {
+/// The differentiable L_orth of one layer (see [`orth`] for the forms).
+pub fn orth_penalty(moe: &MoeLayer, family: Family, form: OrthForm) -> Result<Option<Tensor>> {
     let Some(ts) = family.tensors(moe)? else {
         return Ok(None);
     };
-    gram_penalty(&ts).map(Some)
+    gram_penalty(&ts, form).map(Some)
 }
 
-/// Σ_{i<j} G_ij² of the unit-normalised flattened tensors (differentiable;
-/// every tensor must be non-zero).
-pub fn gram_penalty(ts: &[Tensor]) -> Result<Tensor> {
+/// (1/S) Σ_s Σ_{i<j} φ(u_i, u_j) over the S vectors of `form.granularity` of
+/// each (R × C) tensor, differentiable; with a normalised variant every
+/// vector must be non-zero.
+pub fn gram_penalty(ts: &[Tensor], form: OrthForm) -> Result<Tensor> {
+    use crate::config::OrthVariant;
     let e = ts.len();
-    let flat: Vec<Tensor> = ts
-        .iter()
-        .map(|t| t.flatten_all())
-        .collect::<candle_core::Result<_>>()?;
-    let w = Tensor::stack(&flat, 0)?; // (E, P)
-    let g = w.matmul(&w.t()?)?; // (E, E) raw Gram
-    let inv = w.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?; // (E, 1) = 1/‖w_e‖
-    let gn = g.broadcast_mul(&inv)?.broadcast_mul(&inv.t()?)?;
+    let w = Tensor::stack(ts, 0)?; // (E, R, C)
+    let w = match form.granularity {
+        Granularity::Flat => w.flatten_from(1)?.unsqueeze(0)?, // (1, E, R·C)
+        Granularity::Rows => w.permute((1, 0, 2))?.contiguous()?, // (R, E, C)
+        Granularity::Cols => w.permute((2, 0, 1))?.contiguous()?, // (C, E, R)
+    };
+    let g = w.matmul(&w.transpose(1, 2)?.contiguous()?)?; // (S, E, E) raw Grams
+    let phi = match form.variant {
+        OrthVariant::Unnormalized => g,
+        variant => {
+            let mut norms = w.sqr()?.sum_keepdim(2)?.sqrt()?; // (S, E, 1)
+            if variant == OrthVariant::DetachedNorm {
+                norms = norms.detach();
+            }
+            let inv = norms.recip()?;
+            g.broadcast_mul(&inv)?
+                .broadcast_mul(&inv.transpose(1, 2)?)?
+        }
+    };
     let mask: Vec<f32> = (0..e * e)
         .map(|k| if k % e > k / e { 1.0 } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, (e, e), w.device())?.to_dtype(w.dtype())?;
-    Ok((gn.sqr()? * mask)?.sum_all()?)
+    let per_slice = phi.sqr()?.broadcast_mul(&mask)?.sum((1, 2))?; // (S)
+    Ok(per_slice.mean_all()?)
 }
 
 /// L_orth of the whole model: Σ over MoE layers (SPEC eq. 1). Errors when the
 /// family does not exist in the model (e.g. `gate` with MLP experts).
-pub fn orth_loss(model: &Gpt, family: Family) -> Result<Tensor> {
+pub fn orth_loss(model: &Gpt, family: Family, form: OrthForm) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for (_, moe) in model.moe_layers() {
-        let p = orth_penalty(moe, family)?.ok_or_else(|| {
+        let p = orth_penalty(moe, family, form)?.ok_or_else(|| {
             Error::config(
                 "reg.orth_family",
                 format!(
@@ -537,12 +553,35 @@ pub fn gap_ratio(act: Option<f64>, weight: Option<f64>) -> Option<f64> {
     }
 }
 
-/// Per-layer weight MSO of the model for `family` (None for layers lacking it).
-pub fn model_weight_mso(model: &Gpt, family: Family) -> Result<Vec<Option<f64>>> {
+/// Per-layer weight MSO of the model for `family` at granularity `g` (None
+/// for layers lacking the family, or where `g` does not cut it into vectors).
+pub fn model_weight_mso(model: &Gpt, family: Family, g: Granularity) -> Result<Vec<Option<f64>>> {
     model
         .moe_layers()
-        .map(|(_, m)| Ok(weight_overlap(m, family)?.map(|w| w.mso)))
+        .map(|(_, m)| weight_mso_at(m, family, g))
         .collect()
+}
+
+/// Weight MSO of one layer's `family` at granularity `g`.
+pub fn weight_mso_at(moe: &MoeLayer, family: Family, g: Granularity) -> Result<Option<f64>> {
+    let Some(ts) = family.tensors(moe)? else {
+        return Ok(None);
+    };
+    let rows = ts[0].dims2()?.0;
+    with_f32_slices(&ts, |v| orth::weight_mso(v, rows, g))
+}
+
+/// The chance level of `family`'s weight MSO at `g` in this model (1/L for
+/// L-dimensional vectors), None where the family or granularity does not apply.
+pub fn weight_chance(model: &Gpt, family: Family, g: Granularity) -> Result<Option<f64>> {
+    let Some((_, moe)) = model.moe_layers().next() else {
+        return Ok(None);
+    };
+    let Some(ts) = family.tensors(moe)? else {
+        return Ok(None);
+    };
+    let (rows, cols) = ts[0].dims2()?;
+    Ok((orth::slices(g, rows, cols).1 >= 2).then(|| orth::chance_level(g, rows, cols)))
 }
 
 /// Mean of the present values (None when none is present).

@@ -11,6 +11,12 @@
 //! [`ParamSpec`] here, a range of a flat buffer or a slice in the engine
 //! (see [`ModelLayout::map`]).
 
+/// Whether the parameter `name` is an expert matrix (W_up, W_gate, W_down of
+/// an MoE layer's expert): the group `train.weight_decay_experts` decays.
+pub fn is_expert_matrix(name: &str) -> bool {
+    name.contains(".moe.experts.") && name.ends_with(".weight")
+}
+
 use crate::config::{ExpertKind, ModelConfig};
 
 /// One parameter: its tensor name and shape.

@@ -8,7 +8,7 @@
 
 use super::layers::{softmax_last, Linear};
 use super::params::ParamStore;
-use crate::config::{Activation, ExpertKind, ModelConfig, Routing};
+use crate::config::{ActSpace, Activation, ExpertKind, ModelConfig, Routing};
 use crate::Result;
 use candle_core::{DType, Tensor};
 
@@ -52,15 +52,19 @@ impl Expert {
 
     /// x: (n, d) -> (n, d).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&self.hidden(x)?)
+    }
+
+    /// The hidden activation φ(W_up x + b) (SwiGLU: silu(W_gate x) ⊙ W_up x): (n, d_ff).
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
         let u = self.up.forward(x)?;
-        let h = match &self.gate {
+        Ok(match &self.gate {
             Some(g) => (g.forward(x)?.silu()? * u)?,
             None => match self.activation {
                 Activation::Silu => u.silu()?,
                 Activation::Gelu => u.gelu()?,
             },
-        };
-        self.down.forward(&h)
+        })
     }
 }
 
@@ -83,6 +87,46 @@ pub struct CapturedRouting {
     /// Per expert: the tokens routed to it (ascending) and its raw outputs
     /// h_e = f_e(x) on them (n_e × d, detached, before gating).
     pub expert_outputs: Vec<(Vec<u32>, Option<Tensor>)>,
+    /// Per expert, its hidden activations φ(W_up x + b) on the same tokens
+    /// (n_e × d_ff, detached); empty unless `capture_hidden` was asked.
+    pub expert_hidden: Vec<Option<Tensor>>,
+}
+
+impl CapturedRouting {
+    /// This capture with the experts' rows taken in `space` (None when the
+    /// hidden activations were not captured): what activation overlap in
+    /// that space compares.
+    pub fn in_space(&self, space: ActSpace) -> Result<Option<CapturedRouting>> {
+        let rows: Vec<Option<Tensor>> = match space {
+            ActSpace::Output => return Ok(Some(self.clone())),
+            _ if self.expert_hidden.len() != self.expert_outputs.len() => return Ok(None),
+            ActSpace::Hidden => self.expert_hidden.clone(),
+            ActSpace::HiddenLn => self
+                .expert_hidden
+                .iter()
+                .map(|h| h.as_ref().map(layer_norm_plain).transpose())
+                .collect::<Result<_>>()?,
+        };
+        let expert_outputs = self
+            .expert_outputs
+            .iter()
+            .zip(rows)
+            .map(|((tokens, _), h)| (tokens.clone(), h))
+            .collect();
+        Ok(Some(CapturedRouting {
+            expert_outputs,
+            expert_hidden: Vec::new(),
+            ..self.clone()
+        }))
+    }
+}
+
+/// LayerNorm of each row without gain or bias: (h − mean) / √(var + 1e-5).
+fn layer_norm_plain(h: &Tensor) -> Result<Tensor> {
+    let h = h.to_dtype(DType::F32)?;
+    let centred = h.broadcast_sub(&h.mean_keepdim(1)?)?;
+    let var = centred.sqr()?.mean_keepdim(1)?;
+    Ok(centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
 }
 
 /// Options of one forward pass: whether it trains (the capacity limit
@@ -95,6 +139,8 @@ pub struct ForwardOptions {
     pub train: bool,
     /// Keep the expert outputs on the graph (activation-space regularisers).
     pub keep_outputs: bool,
+    /// With `capture`, also capture the experts' hidden activations.
+    pub capture_hidden: bool,
 }
 
 /// What the regularisers and load balancing need from one MoE forward pass,
@@ -257,6 +303,7 @@ impl MoeLayer {
             selected: route.selected.clone(),
             k: route.k,
             expert_outputs: rows.captured,
+            expert_hidden: rows.captured_hidden,
         });
         let outputs = mode
             .keep_outputs
@@ -409,21 +456,30 @@ impl MoeLayer {
             Vec::with_capacity(n * route.k),
         );
         let (mut row_expert, mut captured) = (Vec::new(), Vec::new());
+        let mut captured_hidden = Vec::new();
+        let keep_hidden = mode.capture && mode.capture_hidden;
         for (e, expert) in self.experts.iter().enumerate() {
             if tokens[e].is_empty() {
                 if mode.capture {
                     captured.push((Vec::new(), None));
                 }
+                if keep_hidden {
+                    captured_hidden.push(None);
+                }
                 continue;
             }
-            let h = if tokens[e].len() == n {
-                expert.forward(x)? // every token (soft routing): no gather
+            let hidden = if tokens[e].len() == n {
+                expert.hidden(x)? // every token (soft routing): no gather
             } else {
                 let idx = Tensor::new(tokens[e].as_slice(), x.device())?;
-                expert.forward(&x.index_select(&idx, 0)?)? // (n_e, d)
+                expert.hidden(&x.index_select(&idx, 0)?)? // (n_e, d_ff)
             };
+            let h = expert.down.forward(&hidden)?; // (n_e, d)
             if mode.capture {
                 captured.push((tokens[e].clone(), Some(h.detach())));
+            }
+            if keep_hidden {
+                captured_hidden.push(Some(hidden.detach()));
             }
             if mode.keep_outputs {
                 row_expert.extend(std::iter::repeat_n(e as u32, tokens[e].len()));
@@ -438,6 +494,7 @@ impl MoeLayer {
             slot_order,
             row_expert,
             captured,
+            captured_hidden,
         })
     }
 }
@@ -479,6 +536,8 @@ struct ExpertRows {
     row_expert: Vec<u32>,
     /// Per expert its tokens and detached outputs, only filled when `capture` was asked.
     captured: Vec<(Vec<u32>, Option<Tensor>)>,
+    /// Per expert its detached hidden activations, when `capture_hidden` was asked.
+    captured_hidden: Vec<Option<Tensor>>,
 }
 
 /// GShard priority: every token's first choice, then second, ..., each expert

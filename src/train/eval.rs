@@ -2,15 +2,16 @@
 //! measures logged with it (weight and activation overlap, telemetry), plus
 //! the end-of-run analysis.
 
-use crate::config::{AnalysisSpace, Config, Routing};
+use crate::config::{ActSpace, AnalysisSpace, Config, Granularity, MeasureConfig, Routing};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
-use crate::metrics::{CapturedMeasures, EvalMeasures};
+use crate::metrics::{ActMeasure, CapturedMeasures, EvalMeasures, WeightMeasure};
 use crate::model::layers::cross_entropy_rows;
-use crate::model::Gpt;
+use crate::model::{moe::ForwardOptions, Gpt};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Result of an evaluation pass.
@@ -36,11 +37,21 @@ pub fn evaluate(
 }
 
 /// Which evaluation windows also capture expert outputs for the measures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MeasureSpec {
     /// About this many target tokens (whole windows, chosen with `seed`).
     pub tokens: usize,
     pub seed: u64,
+    /// The spaces of activation overlap (`output` is always measured: the
+    /// telemetry comes with it).
+    pub spaces: Vec<ActSpace>,
+}
+
+/// One space's activation overlap and telemetry, one accumulator per MoE layer.
+#[derive(Debug, Clone)]
+pub struct SpaceAccumulators {
+    pub space: ActSpace,
+    pub layers: Vec<LayerAccumulator>,
 }
 
 /// [`evaluate`], and with `measure` also the activation overlap and routing
@@ -52,7 +63,7 @@ pub fn evaluate_measured(
     batch: usize,
     max_tokens: usize,
     measure: Option<MeasureSpec>,
-) -> Result<(EvalResult, Option<Vec<LayerAccumulator>>)> {
+) -> Result<(EvalResult, Option<Vec<SpaceAccumulators>>)> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     let t = model.cfg.seq_len;
@@ -60,7 +71,8 @@ pub fn evaluate_measured(
     // Measured windows first (captured), then the rest.
     let mut order: Vec<(usize, usize, bool)> =
         windows.iter().map(|&(s, l)| (s, l, false)).collect();
-    if let Some(m) = measure.filter(|m| m.tokens > 0) {
+    let measure = measure.filter(|m| m.tokens > 0);
+    if let Some(m) = &measure {
         let mut full: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == t).collect();
         if full.is_empty() {
             full = (0..order.len()).collect();
@@ -72,20 +84,12 @@ pub fn evaluate_measured(
         }
         order.sort_by_key(|w| (!w.2, w.1 != t, w.0));
     }
-    let k = model.cfg.active_experts();
-    let mut accs: Option<Vec<LayerAccumulator>> = measure.filter(|m| m.tokens > 0).map(|_| {
-        model
-            .moe_layers()
-            .map(|_| {
-                let acc = LayerAccumulator::new(model.cfg.n_experts, k);
-                // Soft routing: `routed` = the top-k by gate (docs/MEASURES.md, "Pair sets").
-                match model.cfg.routing {
-                    Routing::Soft => acc.with_reference_k(model.cfg.top_k),
-                    _ => acc,
-                }
-            })
-            .collect()
-    });
+    let mut accs = measure
+        .as_ref()
+        .map(|m| space_accumulators(model, &m.spaces));
+    let capture_hidden = accs
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|s| s.space != ActSpace::Output));
     let dev = model.params.device().clone();
     let mut sum = 0.0f64;
     let mut count = 0usize;
@@ -101,10 +105,21 @@ pub fn evaluate_measured(
         }
         let x = Tensor::from_vec(inputs, (b, len), &dev)?;
         let y = Tensor::from_vec(targets, b * len, &dev)?;
-        let out = model.forward(&x, cap)?;
+        let out = model.forward_with(
+            &x,
+            ForwardOptions {
+                capture: cap,
+                capture_hidden: cap && capture_hidden,
+                ..Default::default()
+            },
+        )?;
         if let (true, Some(accs)) = (cap, accs.as_mut()) {
-            for (acc, c) in accs.iter_mut().zip(&out.captures) {
-                acc.add(&c.moe)?;
+            for space in accs.iter_mut() {
+                for (acc, c) in space.layers.iter_mut().zip(&out.captures) {
+                    if let Some(rows) = c.moe.in_space(space.space)? {
+                        acc.add(&rows)?;
+                    }
+                }
             }
         }
         let ce = cross_entropy_rows(&out.logits, &y)?
@@ -130,56 +145,134 @@ pub fn evaluate_measured(
     ))
 }
 
-/// The measures logged with an evaluation: per-layer weight MSO per family,
-/// and with captured evaluation windows the activation MSO, gap ratio and
-/// telemetry, plus model-level means.
+/// One accumulator per MoE layer for each space (output first).
+fn space_accumulators(model: &Gpt, spaces: &[ActSpace]) -> Vec<SpaceAccumulators> {
+    let k = model.cfg.active_experts();
+    let mut spaces: Vec<ActSpace> = spaces.to_vec();
+    spaces.retain(|&s| s != ActSpace::Output);
+    spaces.insert(0, ActSpace::Output);
+    spaces.dedup();
+    spaces
+        .into_iter()
+        .map(|space| SpaceAccumulators {
+            space,
+            layers: model
+                .moe_layers()
+                .map(|_| {
+                    let acc = LayerAccumulator::new(model.cfg.n_experts, k);
+                    // Soft routing: `routed` = the top-k by gate (docs/MEASURES.md, "Pair sets").
+                    match model.cfg.routing {
+                        Routing::Soft => acc.with_reference_k(model.cfg.top_k),
+                        _ => acc,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The measures logged with an evaluation: per-layer weight MSO per family
+/// and granularity with its chance level, and with captured evaluation
+/// windows the activation MSO of each space, gap ratio and telemetry.
 pub fn eval_measures(
     model: &Gpt,
-    families: &[Family],
-    accs: Option<&[LayerAccumulator]>,
+    measure: &MeasureConfig,
+    accs: Option<&[SpaceAccumulators]>,
 ) -> Result<EvalMeasures> {
     let mut m = EvalMeasures::default();
-    let mut up = None; // weight MSO (up) per layer, for the gap ratios
-    for &f in families {
-        let per = measures::model_weight_mso(model, f)?;
-        if f == Family::Up {
-            up = Some(per.clone());
-        }
-        if per.iter().all(Option::is_none) {
-            continue;
-        }
-        m.weight_mso_mean
-            .insert(f.name().into(), measures::mean_present(&per));
-        m.weight_mso.insert(f.name().into(), per);
+    let mut grans = measure.granularity.clone();
+    if !grans.contains(&Granularity::Flat) {
+        grans.insert(0, Granularity::Flat); // the gap ratio needs it
     }
-    let up = match up {
-        Some(u) => u,
-        None => measures::model_weight_mso(model, Family::Up)?,
+    for &g in &grans {
+        let w = weight_measure(model, &measure.families, g)?;
+        match g {
+            Granularity::Flat => {
+                (m.weight_mso, m.weight_mso_mean) = (w.per_layer, w.mean);
+                m.weight_mso_chance = w.chance;
+            }
+            Granularity::Rows => m.weight_mso_rows = Some(w),
+            Granularity::Cols => m.weight_mso_cols = Some(w),
+        }
+    }
+    let up = match m.weight_mso.get("up") {
+        Some(u) => u.clone(),
+        None => measures::model_weight_mso(model, Family::Up, Granularity::Flat)?,
     };
-    m.captured = accs.map(|accs| captured_measures(accs, &up));
+    m.captured = accs.map(|accs| captured_measures(model, accs, &up));
     Ok(m)
 }
 
-/// Activation MSO, gap ratios and telemetry of the captured windows.
-fn captured_measures(accs: &[LayerAccumulator], up: &[Option<f64>]) -> CapturedMeasures {
-    let act: Vec<Option<f64>> = accs.iter().map(|a| a.act_mso().ok()).collect();
+/// Weight MSO of every family at granularity `g`, per layer and mean, with chance levels.
+fn weight_measure(model: &Gpt, families: &[Family], g: Granularity) -> Result<WeightMeasure> {
+    let mut w = WeightMeasure::default();
+    for &f in families {
+        let per = measures::model_weight_mso(model, f, g)?;
+        if per.iter().all(Option::is_none) {
+            continue;
+        }
+        w.mean.insert(f.name().into(), measures::mean_present(&per));
+        w.per_layer.insert(f.name().into(), per);
+        if let Some(c) = measures::weight_chance(model, f, g)? {
+            w.chance.insert(f.name().into(), c);
+        }
+    }
+    Ok(w)
+}
+
+/// The level activation MSO has for independent isotropic random vectors of
+/// a space's dimension: 1/d, 1/d_ff, and 1/(d_ff − 1) after LayerNorm (its
+/// centring removes one dimension).
+fn act_chance(model: &Gpt, space: ActSpace) -> f64 {
+    let (d, f) = (model.cfg.d_model as f64, model.cfg.d_ff as f64);
+    match space {
+        ActSpace::Output => 1.0 / d,
+        ActSpace::Hidden => 1.0 / f,
+        ActSpace::HiddenLn => 1.0 / (f - 1.0).max(1.0),
+    }
+}
+
+/// Activation MSO of each space, gap ratios and telemetry of the captured windows.
+fn captured_measures(
+    model: &Gpt,
+    accs: &[SpaceAccumulators],
+    up: &[Option<f64>],
+) -> CapturedMeasures {
+    let output = &accs[0].layers; // `space_accumulators` puts output first
+    let act_of = |layers: &[LayerAccumulator], space: ActSpace| {
+        let per: Vec<Option<f64>> = layers.iter().map(|a| a.act_mso().ok()).collect();
+        ActMeasure {
+            mean: measures::mean_present(&per),
+            per_layer: per,
+            chance: act_chance(model, space),
+        }
+    };
+    let act = act_of(output, ActSpace::Output);
     let gap = act
+        .per_layer
         .iter()
         .zip(up)
         .map(|(a, w)| measures::gap_ratio(*a, *w))
         .collect();
-    let act_mean = measures::mean_present(&act);
-    let tel: Vec<measures::Telemetry> = accs.iter().map(|a| a.telemetry()).collect();
+    let other_spaces: BTreeMap<String, ActMeasure> = accs[1..]
+        .iter()
+        .map(|s| (s.space.name().to_string(), act_of(&s.layers, s.space)))
+        .collect();
+    let tel: Vec<measures::Telemetry> = output.iter().map(|a| a.telemetry()).collect();
     CapturedMeasures {
-        measure_tokens: accs.first().map_or(0, |a| a.tokens) as u64,
-        act_mso_null_reason: act_mean
+        measure_tokens: output.first().map_or(0, |a| a.tokens) as u64,
+        act_mso_null_reason: act
+            .mean
             .is_none()
-            .then(|| accs.first().and_then(|a| a.act_mso().err()))
+            .then(|| output.first().and_then(|a| a.act_mso().err()))
             .flatten(),
-        act_mso: act,
-        act_mso_mean: act_mean,
+        gap_ratio_model: measures::gap_ratio(act.mean, measures::mean_present(up)),
+        act_mso_hidden: other_spaces.get("hidden").cloned(),
+        act_mso_hidden_ln: other_spaces.get("hidden_ln").cloned(),
+        act_mso: act.per_layer,
+        act_mso_mean: act.mean,
+        act_mso_chance: Some(act.chance),
         gap_ratio: gap,
-        gap_ratio_model: measures::gap_ratio(act_mean, measures::mean_present(up)),
         router_entropy: tel.iter().map(|t| t.router_entropy).collect(),
         load_entropy: tel.iter().map(|t| t.load_entropy).collect(),
         balance: tel.iter().map(|t| t.balance).collect(),

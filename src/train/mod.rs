@@ -77,6 +77,9 @@ pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut run = Run::start(cfg, ds, out, opts, exec, state)?;
     run.announce(&engine_note)?;
     let total = run.cfg.train.total_steps(run.cfg.model.seq_len);
+    if run.cfg.train.eval_at_start && run.state.step == 0 {
+        run.evaluate()?;
+    }
     while run.state.step < total {
         run.train_step(total)?;
         let (s, last) = (run.state.step, run.state.step == total);
@@ -261,6 +264,8 @@ impl<'o> Run<'o> {
                 params_active: p_active as u64,
                 unigram_entropy: unigram,
                 train_tokens: ds.train.len() as u64,
+                max_train_tokens: (cfg.data.max_train_tokens > 0)
+                    .then_some(cfg.data.max_train_tokens),
                 valid_tokens: ds.valid.len() as u64,
                 tokenizer: ds.tokenizer.id().to_string(),
                 vocab_size: cfg.model.vocab_size as u64,
@@ -349,6 +354,7 @@ impl<'o> Run<'o> {
         let spec = MeasureSpec {
             tokens: self.cfg.measure.tokens,
             seed: self.cfg.measure.seed,
+            spaces: self.cfg.measure.act_space.clone(),
         };
         let t0 = Instant::now();
         let (ev, accs) = evaluate_measured(
@@ -366,7 +372,7 @@ impl<'o> Run<'o> {
             val_ppl: ev.ppl,
             eval_tokens: ev.tokens as u64,
             eval_s: t0.elapsed().as_secs_f64(),
-            measures: eval_measures(model, &self.cfg.measure.families, accs.as_deref())?,
+            measures: eval_measures(model, &self.cfg.measure, accs.as_deref())?,
         };
         self.metrics.log(&MetricRow::Eval(row))?;
         self.bar.println(format!(

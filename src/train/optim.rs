@@ -25,13 +25,26 @@ pub struct Moments {
     pub v: Tensor,
 }
 
+/// The weight decay of a parameter: none for vectors (biases, norm gains),
+/// `weight_decay_experts` (when set) for expert matrices, else `weight_decay`.
+pub fn decay_rate(cfg: &TrainConfig, name: &str, rank: usize) -> f64 {
+    if rank < 2 {
+        0.0
+    } else if crate::model::layout::is_expert_matrix(name) {
+        cfg.expert_weight_decay()
+    } else {
+        cfg.weight_decay
+    }
+}
+
 /// AdamW over every parameter of a [`ParamStore`]. Weight decay applies to
 /// tensors of rank ≥ 2 (matrices, embeddings), not to biases or norm gains.
 #[derive(Debug)]
 pub struct AdamW {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    decay: Vec<bool>,
+    /// Weight decay rate of each parameter (0 for vectors).
+    decay: Vec<f64>,
     /// Parameters the optimiser leaves alone (frozen router, balancing biases).
     frozen: Vec<bool>,
     /// Steps taken (for bias correction).
@@ -39,7 +52,6 @@ pub struct AdamW {
     beta1: f64,
     beta2: f64,
     eps: f64,
-    weight_decay: f64,
 }
 
 impl AdamW {
@@ -56,13 +68,17 @@ impl AdamW {
                 .iter()
                 .map(zeros)
                 .collect::<candle_core::Result<_>>()?,
-            decay: params.vars().iter().map(|v| v.rank() >= 2).collect(),
+            decay: params
+                .vars()
+                .iter()
+                .zip(params.names())
+                .map(|(v, name)| decay_rate(cfg, name, v.rank()))
+                .collect(),
             frozen: vec![false; params.vars().len()],
             t: 0,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
         })
     }
 
@@ -83,11 +99,7 @@ impl AdamW {
             if self.frozen.get(i).copied().unwrap_or(false) {
                 continue;
             }
-            let wd = if self.decay[i] {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            };
+            let wd = 1.0 - lr * self.decay[i];
             if let (Some(g), true) = (&grads[i], var.device().is_cpu()) {
                 if g.is_contiguous()
                     && self.m[i].is_contiguous()

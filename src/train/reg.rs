@@ -241,7 +241,7 @@ pub fn grad_orth(gs: &[Tensor]) -> Result<(f64, Vec<Option<Tensor>>)> {
         .map(|&i| Var::from_tensor(&gs[i].detach()))
         .collect::<candle_core::Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let p = gram_penalty(&ts)?;
+    let p = gram_penalty(&ts, crate::measures::OrthForm::default())?;
     let value = p.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let grads = p.backward()?;
     for (&i, v) in live.iter().zip(&vars) {

@@ -8,6 +8,7 @@ use super::reg;
 use crate::config::{Config, EngineChoice, RegConfig};
 use crate::data::Batch;
 use crate::measures;
+use crate::measures::OrthForm;
 use crate::model::layers::cross_entropy;
 use crate::model::{moe::ForwardOptions, Gpt};
 use crate::{Error, Result};
@@ -114,7 +115,8 @@ pub fn executor(cfg: &Config, model: Gpt, opt: AdamW) -> Result<(Box<dyn TrainSt
         ));
     }
     let engine = Engine::from_model(&cfg.model, &model.params, Some(&opt), adam_params(cfg))?;
-    let step = FusedStep::new(engine, Some((model, opt))).with_orth_lambda(cfg.reg.orth_lambda);
+    let step = FusedStep::new(engine, Some((model, opt)))
+        .with_orth(cfg.reg.orth_lambda, OrthForm::of(&cfg.reg));
     Ok((Box::new(step), "fused CPU engine".into()))
 }
 
@@ -125,6 +127,7 @@ pub fn adam_params(cfg: &Config) -> AdamParams {
         beta2: cfg.train.beta2,
         eps: cfg.train.eps,
         weight_decay: cfg.train.weight_decay,
+        weight_decay_experts: cfg.train.expert_weight_decay(),
     }
 }
 
@@ -156,6 +159,7 @@ pub struct FusedStep {
     engine: Engine<f32>,
     host: Option<(Gpt, AdamW)>,
     orth_lambda: f64,
+    orth_form: OrthForm,
 }
 
 impl FusedStep {
@@ -164,12 +168,14 @@ impl FusedStep {
             engine,
             host,
             orth_lambda: 0.0,
+            orth_form: OrthForm::default(),
         }
     }
 
-    /// λ of L_orth on W_up (the engine covers no other regulariser).
-    pub fn with_orth_lambda(mut self, lambda: f64) -> Self {
+    /// λ and form of L_orth on W_up (the engine covers no other regulariser).
+    pub fn with_orth(mut self, lambda: f64, form: OrthForm) -> Self {
         self.orth_lambda = lambda;
+        self.orth_form = form;
         self
     }
 }
@@ -200,8 +206,8 @@ impl TrainStep for FusedStep {
             add_loads(&mut loads, e.loads.iter().map(Vec::as_slice));
         }
         let lm_loss = loss_sum / batches.len() as f64;
-        let orth_loss = if self.orth_lambda > 0.0 {
-            let v = e.add_orth_grad(self.orth_lambda);
+        let orth_loss = if self.orth_lambda != 0.0 {
+            let v = e.add_orth_grad(self.orth_lambda, self.orth_form);
             finite("orthogonality loss", v)?;
             Some(v)
         } else {
@@ -233,7 +239,7 @@ impl TrainStep for FusedStep {
     }
 
     fn orth_value(&mut self) -> Result<Option<f64>> {
-        Ok(Some(self.engine.orth_value()))
+        Ok(Some(self.engine.orth_value(self.orth_form)))
     }
 
     fn sync(&mut self, optimizer: bool) -> Result<()> {
@@ -295,6 +301,7 @@ impl AutodiffStep {
                 capture: false,
                 train: true,
                 keep_outputs: reg::needs_outputs(&cfg.reg),
+                capture_hidden: false,
             },
         }
     }
@@ -348,10 +355,10 @@ impl AutodiffStep {
 
     /// λ · L_orth, once per step: its gradient joins the accumulated ones.
     fn orth_gradient(&self, grads: &mut [Option<Tensor>]) -> Result<Option<f64>> {
-        if self.reg.orth_lambda <= 0.0 {
+        if self.reg.orth_lambda == 0.0 {
             return Ok(None);
         }
-        let orth = measures::orth_loss(&self.model, self.reg.orth_family)?;
+        let orth = measures::orth_loss(&self.model, self.reg.orth_family, OrthForm::of(&self.reg))?;
         let v = orth.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         finite("orthogonality loss", v)?;
         accumulate(
@@ -448,7 +455,7 @@ impl TrainStep for AutodiffStep {
 
     fn orth_value(&mut self) -> Result<Option<f64>> {
         // None when the family does not exist in this model (gate of MLP experts).
-        match measures::orth_loss(&self.model, self.reg.orth_family) {
+        match measures::orth_loss(&self.model, self.reg.orth_family, OrthForm::of(&self.reg)) {
             Ok(o) => Ok(Some(o.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)),
             Err(_) => Ok(None),
         }

@@ -17,6 +17,8 @@
 //! "train.seed" = [0, 1, 2]
 //! # A list of tables is a list of variants, each setting several keys together:
 //! "model" = [{ routing = "topk", top_k = 1 }, { routing = "soft" }]
+//! # ... and under the key `variant`, keys of any section:
+//! variant = [{ reg = { orth_lambda = 0.1 } }, { train = { weight_decay_experts = 0.0 } }]
 //! ```
 //!
 //! Layout of the sweep folder: `sweep.toml` (the spec, with `base` made
@@ -24,6 +26,7 @@
 //! `runs/<id>/` (a normal run folder plus `cell.toml` and `status.json`),
 //! `results.csv` / `results.jsonl` (one row per run).
 
+pub mod estimate;
 mod folder;
 mod local;
 mod slurm;
@@ -95,6 +98,19 @@ fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) 
             toml::Value::Table(sub) => flatten(&key, sub, out),
             v => out.push((key, v.clone())),
         }
+    }
+}
+
+/// The grid key whose variants set keys of any section: `variant = [{ reg =
+/// { orth_lambda = 0.1 }, train = { weight_decay_experts = 0.0 } }, ...]`.
+pub const CROSS_SECTION_KEY: &str = "variant";
+
+/// The prefix of a variant table's keys: its grid key, or none for [`CROSS_SECTION_KEY`].
+fn variant_prefix(grid_key: &str) -> &str {
+    if grid_key == CROSS_SECTION_KEY {
+        ""
+    } else {
+        grid_key
     }
 }
 
@@ -197,7 +213,7 @@ impl SweepSpec {
         // an empty variant is "none".
         let variant_label = |k: &str, t: &toml::Table, with_keys: bool| -> String {
             let mut inner = Vec::new();
-            flatten(k, t, &mut inner);
+            flatten(variant_prefix(k), t, &mut inner);
             if inner.is_empty() {
                 return "none".into();
             }
@@ -246,7 +262,7 @@ impl SweepSpec {
                     // A table is a variant: several keys under `k` set together.
                     toml::Value::Table(t) => {
                         let mut inner = Vec::new();
-                        flatten(k, t, &mut inner);
+                        flatten(variant_prefix(k), t, &mut inner);
                         labels.push(format!("{}={}", shorts[a], variant_label(k, t, keyed[a])));
                         all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
                     }

@@ -35,11 +35,7 @@ impl<T: Real> Engine<T> {
         );
         let specs = self.layout.params();
         for (spec, r) in specs.iter().zip(self.index.params()) {
-            let decay = if spec.shape.len() >= 2 {
-                lr * ad.weight_decay
-            } else {
-                0.0
-            };
+            let decay = lr * ad.decay_rate(spec);
             let wd = T::c(1.0 - decay);
             let (p, g) = (&mut self.params[r.clone()], &self.grads[r.clone()]);
             let (m, v) = (&mut self.m[r.clone()], &mut self.v[r.clone()]);
@@ -56,5 +52,19 @@ impl<T: Real> Engine<T> {
                 });
         }
         self.profile.lap("grad_norm_adamw");
+    }
+}
+
+impl super::AdamParams {
+    /// As `optim::decay_rate`: vectors never decay, expert matrices at
+    /// `weight_decay_experts`, other matrices at `weight_decay`.
+    fn decay_rate(&self, spec: &crate::model::layout::ParamSpec) -> f64 {
+        if spec.shape.len() < 2 {
+            0.0
+        } else if crate::model::layout::is_expert_matrix(&spec.name) {
+            self.weight_decay_experts
+        } else {
+            self.weight_decay
+        }
     }
 }

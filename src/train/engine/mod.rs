@@ -66,6 +66,8 @@ pub struct AdamParams {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Decay of the expert matrices (`train.weight_decay_experts`, else `weight_decay`).
+    pub weight_decay_experts: f64,
 }
 
 /// Where each parameter lives in the flat buffers.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::TrainConfig;
+use crate::measures::OrthForm;
 use crate::model::Gpt;
 use crate::train::optim::AdamW;
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +30,7 @@ const ADAM: AdamParams = AdamParams {
     beta2: 0.95,
     eps: 1e-8,
     weight_decay: 0.1,
+    weight_decay_experts: 0.1,
 };
 
 fn tokens(n: usize, v: usize, seed: u64) -> Vec<u32> {
@@ -76,7 +78,23 @@ fn engine_f64(cfg: &ModelConfig, m: &Gpt) -> Engine<f64> {
 /// without biases and top-k renormalisation, L_orth included.
 #[test]
 fn gradients_match_the_autodiff_model() {
-    for (bias, norm) in [(true, true), (false, false), (true, false)] {
+    use crate::config::{Granularity, OrthVariant};
+    // Each combination also trains a different form of L_orth.
+    let forms = [
+        OrthForm::default(),
+        OrthForm {
+            granularity: Granularity::Rows,
+            variant: OrthVariant::DetachedNorm,
+        },
+        OrthForm {
+            granularity: Granularity::Cols,
+            variant: OrthVariant::Unnormalized,
+        },
+    ];
+    for ((bias, norm), form) in [(true, true), (false, false), (true, false)]
+        .into_iter()
+        .zip(forms)
+    {
         let cfg = small_cfg(bias, norm);
         let m = model_f64(&cfg);
         let (b, t) = (3, 7); // t < seq_len: positions past t get no gradient
@@ -86,13 +104,13 @@ fn gradients_match_the_autodiff_model() {
         let xt = Tensor::from_vec(x.clone(), (b, t), &Device::Cpu).unwrap();
         let yt = Tensor::from_vec(y.clone(), (b, t), &Device::Cpu).unwrap();
         let ce = m.loss(&xt, &yt).unwrap();
-        let orth = crate::measures::orth_loss(&m, crate::measures::Family::Up).unwrap();
+        let orth = crate::measures::orth_loss(&m, crate::measures::Family::Up, form).unwrap();
         let total = (&ce + (&orth * lam).unwrap()).unwrap();
         let grads = total.backward().unwrap();
 
         let mut eng = engine_f64(&cfg, &m);
         let loss = eng.forward_backward(&x, &y, b, t, 1.0, false).unwrap();
-        let o = eng.add_orth_grad(lam);
+        let o = eng.add_orth_grad(lam, form);
         assert!(
             (loss - ce.to_scalar::<f64>().unwrap()).abs() < 1e-12,
             "loss"
@@ -116,7 +134,7 @@ fn gradients_match_the_autodiff_model() {
         // Accumulation: a second pass with acc adds the same again.
         let before = eng.grads.clone();
         eng.forward_backward(&x, &y, b, t, 1.0, true).unwrap();
-        eng.add_orth_grad(lam);
+        eng.add_orth_grad(lam, form);
         for (a, b0) in eng.grads.iter().zip(&before) {
             assert!((a - 2.0 * b0).abs() <= 1e-12 * (1.0 + b0.abs()));
         }
@@ -136,7 +154,7 @@ fn gradient_matches_finite_differences() {
     let lam = 0.5;
     let loss_at = |e: &mut Engine<f64>| {
         let ce = e.forward_backward(&x, &y, b, t, 1.0, false).unwrap();
-        ce + lam * e.add_orth_grad(lam)
+        ce + lam * e.add_orth_grad(lam, OrthForm::default())
     };
     loss_at(&mut eng);
     let g = eng.grads.clone();
@@ -170,12 +188,17 @@ fn gradient_matches_finite_differences() {
 fn adamw_matches_the_reference_optimizer() {
     let cfg = small_cfg(true, true);
     let m = Gpt::new(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
-    let tc = TrainConfig::default();
+    // Expert matrices in their own decay group, as `train.weight_decay_experts` sets.
+    let tc = TrainConfig {
+        weight_decay_experts: 0.03,
+        ..Default::default()
+    };
     let adam = AdamParams {
         beta1: tc.beta1,
         beta2: tc.beta2,
         eps: tc.eps,
         weight_decay: tc.weight_decay,
+        weight_decay_experts: 0.03,
     };
     let mut opt = AdamW::new(&m.params, &tc).unwrap();
     let mut eng = Engine::from_model(&cfg, &m.params, Some(&opt), adam).unwrap();
