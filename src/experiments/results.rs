@@ -30,6 +30,23 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "weight_mso",
     "act_mso",
     "gap_ratio",
+    "weight_mso_chance",
+    "act_mso_chance",
+    "weight_mso_gate",
+    "weight_mso_down",
+    "weight_mso_router",
+    "weight_mso_router_chance",
+    "weight_mso_rows",
+    "weight_mso_rows_chance",
+    "weight_mso_cols",
+    "weight_mso_cols_chance",
+    "act_mso_hidden",
+    "act_mso_hidden_chance",
+    "act_mso_hidden_ln",
+    "act_mso_hidden_ln_chance",
+    "val_loss_start",
+    "weight_mso_start",
+    "act_mso_start",
     "router_entropy",
     "balance",
     "max_violation",
@@ -88,12 +105,93 @@ pub struct ResultRow {
     /// From status.json.
     pub wall_s: Option<f64>,
 
+    /// The first study's other measures (every family, granularity and space,
+    /// chance levels, step 0).
+    #[serde(flatten)]
+    pub study: StudyColumns,
+
     /// The swept values of this run, dotted config key -> value, one column each.
     #[serde(flatten, with = "swept_columns")]
     pub swept: Map<String, Value>,
     /// Per-layer measures of the last evaluation, columns `weight_mso_l0`, ...
     #[serde(flatten, with = "layer_columns")]
     pub layers: LayerColumns,
+}
+
+/// Model-level measures beyond `up`'s flat weight MSO and the output
+/// activation MSO, from the last eval row (chance levels: the value of
+/// independent random directions), and the step-0 evaluation's when
+/// `train.eval_at_start` logged one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StudyColumns {
+    /// 1/P of the flattened W_up.
+    pub weight_mso_chance: Option<f64>,
+    /// 1/d_model.
+    pub act_mso_chance: Option<f64>,
+    pub weight_mso_gate: Option<f64>,
+    pub weight_mso_down: Option<f64>,
+    pub weight_mso_router: Option<f64>,
+    pub weight_mso_router_chance: Option<f64>,
+    /// W_up at granularity `rows`, and its chance level.
+    pub weight_mso_rows: Option<f64>,
+    pub weight_mso_rows_chance: Option<f64>,
+    /// W_up at granularity `cols`, and its chance level.
+    pub weight_mso_cols: Option<f64>,
+    pub weight_mso_cols_chance: Option<f64>,
+    /// Activation MSO of the hidden activations, and its chance level.
+    pub act_mso_hidden: Option<f64>,
+    pub act_mso_hidden_chance: Option<f64>,
+    /// ... of their LayerNorm.
+    pub act_mso_hidden_ln: Option<f64>,
+    pub act_mso_hidden_ln_chance: Option<f64>,
+    /// The step-0 evaluation: validation loss, weight MSO (up) and activation MSO.
+    pub val_loss_start: Option<f64>,
+    pub weight_mso_start: Option<f64>,
+    pub act_mso_start: Option<f64>,
+}
+
+impl StudyColumns {
+    fn from_eval(ev: &EvalRow) -> Self {
+        let m = &ev.measures;
+        let mean = |f: &str| m.weight_mso_mean.get(f).copied().flatten();
+        let up_at = |w: &Option<crate::metrics::WeightMeasure>| {
+            let w = w.as_ref()?;
+            Some((
+                w.mean.get("up").copied().flatten(),
+                w.chance.get("up").copied(),
+            ))
+        };
+        let (rows, rows_chance) = up_at(&m.weight_mso_rows).unwrap_or_default();
+        let (cols, cols_chance) = up_at(&m.weight_mso_cols).unwrap_or_default();
+        let c = m.captured.as_ref();
+        let space =
+            |a: Option<&crate::metrics::ActMeasure>| (a.and_then(|a| a.mean), a.map(|a| a.chance));
+        let (hidden, hidden_chance) = space(c.and_then(|c| c.act_mso_hidden.as_ref()));
+        let (hidden_ln, hidden_ln_chance) = space(c.and_then(|c| c.act_mso_hidden_ln.as_ref()));
+        StudyColumns {
+            weight_mso_chance: m.weight_mso_chance.get("up").copied(),
+            act_mso_chance: c.and_then(|c| c.act_mso_chance),
+            weight_mso_gate: mean("gate"),
+            weight_mso_down: mean("down"),
+            weight_mso_router: mean("router"),
+            weight_mso_router_chance: m.weight_mso_chance.get("router").copied(),
+            weight_mso_rows: rows,
+            weight_mso_rows_chance: rows_chance,
+            weight_mso_cols: cols,
+            weight_mso_cols_chance: cols_chance,
+            act_mso_hidden: hidden,
+            act_mso_hidden_chance: hidden_chance,
+            act_mso_hidden_ln: hidden_ln,
+            act_mso_hidden_ln_chance: hidden_ln_chance,
+            ..Default::default()
+        }
+    }
+
+    fn set_start(&mut self, ev: &EvalRow) {
+        self.val_loss_start = Some(ev.val_loss).filter(|v| v.is_finite());
+        self.weight_mso_start = ev.measures.weight_mso_mean.get("up").copied().flatten();
+        self.act_mso_start = ev.measures.captured.as_ref().and_then(|c| c.act_mso_mean);
+    }
 }
 
 /// Per MoE layer, from the last eval row (columns `<name>_l<layer>`).
@@ -197,8 +295,25 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
             format!(" ({f})")
         }
     };
+    let orth_form = {
+        let mut f = Vec::new();
+        if r.orth_family.name() != "up" {
+            f.push(r.orth_family.name());
+        }
+        if r.orth_granularity != crate::config::Granularity::Flat {
+            f.push(r.orth_granularity.name());
+        }
+        if r.orth_variant != crate::config::OrthVariant::Normalized {
+            f.push(r.orth_variant.name());
+        }
+        if f.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", f.join(", "))
+        }
+    };
     for (name, v, extra) in [
-        ("orth", r.orth_lambda, fam(r.orth_family.name())),
+        ("orth", r.orth_lambda, orth_form),
         ("act", r.act_lambda, String::new()),
         ("grad", r.grad_lambda, fam(r.grad_family.name())),
         ("contrastive", r.contrastive_lambda, String::new()),
@@ -227,6 +342,9 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
             format!("top-k {}→{}", cfg.train.topk_start, m.top_k)
         });
     }
+    if cfg.train.weight_decay_experts != -1.0 {
+        parts.push(format!("expert decay {}", cfg.train.weight_decay_experts));
+    }
     if parts.is_empty() {
         "none".into()
     } else {
@@ -234,22 +352,36 @@ pub fn method_label(cfg: &crate::config::Config) -> String {
     }
 }
 
-/// The last train row and the last eval row of a run's metrics.jsonl (none
-/// before the run has written any).
-fn last_rows(run: &Path) -> Result<(Option<TrainRow>, Option<EvalRow>)> {
+/// The rows of a run's metrics.jsonl a results row reads.
+#[derive(Default)]
+struct RunRows {
+    last_train: Option<TrainRow>,
+    last_eval: Option<EvalRow>,
+    /// The evaluation at step 0 (`train.eval_at_start`).
+    start_eval: Option<EvalRow>,
+}
+
+/// The last train row, the last eval row and any step-0 eval row of a
+/// run's metrics.jsonl (none before the run has written any).
+fn run_rows(run: &Path) -> Result<RunRows> {
     let path = run.join("metrics.jsonl");
+    let mut rows = RunRows::default();
     if !path.is_file() {
-        return Ok((None, None));
+        return Ok(rows);
     }
-    let (mut train, mut eval) = (None, None);
     for row in read_metrics(&path)? {
         match row {
-            MetricRow::Train(t) => train = Some(t),
-            MetricRow::Eval(e) => eval = Some(e),
+            MetricRow::Train(t) => rows.last_train = Some(t),
+            MetricRow::Eval(e) => {
+                if e.step == 0 && rows.start_eval.is_none() {
+                    rows.start_eval = Some(e.clone());
+                }
+                rows.last_eval = Some(e);
+            }
             MetricRow::Start(_) => {}
         }
     }
-    Ok((train, eval))
+    Ok(rows)
 }
 
 /// The fields of a run's summary.json that go into its result row.
@@ -340,10 +472,14 @@ fn collect_one(dir: &SweepDir, cell: &Cell) -> Result<ResultRow> {
         r.val_loss = s.val_loss;
         r.val_ppl = s.val_ppl;
     }
-    let (train, eval) = last_rows(&run)?;
-    r.dropped_frac = train.and_then(|t| t.dropped_frac);
-    if let Some(ev) = &eval {
+    let rows = run_rows(&run)?;
+    r.dropped_frac = rows.last_train.and_then(|t| t.dropped_frac);
+    if let Some(ev) = &rows.last_eval {
         r.set_eval(ev);
+        r.study = StudyColumns::from_eval(ev);
+    }
+    if let Some(ev) = &rows.start_eval {
+        r.study.set_start(ev);
     }
     Ok(r)
 }

@@ -12,7 +12,15 @@ pub const FLOPS_PER_CORE: f64 = 75e9;
 /// Seconds one run of `cfg` is expected to take on `cores` cores: training
 /// (6·N FLOPs per token) plus every evaluation (a forward pass, 2·N).
 pub fn run_seconds(cfg: &Config, cores: usize) -> f64 {
-    let m = &cfg.model;
+    let mut m = cfg.model.clone();
+    if m.vocab_size == 0 {
+        // Set from the tokeniser at train time: bytes for the built-in corpus, else GPT-2's.
+        let bytes = cfg.data.tokenizer == "bytes"
+            || (cfg.data.tokenizer == "auto"
+                && cfg.data.path.is_empty()
+                && cfg.data.dataset == "builtin");
+        m.vocab_size = if bytes { 256 } else { 50_304 };
+    }
     let t = &cfg.train;
     let per_token = m.flops_per_token();
     let steps = t.total_steps(m.seq_len);
