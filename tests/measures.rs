@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{cos2, expert_ref, router_probs, rows, top_k};
+use common::reference::{cos2, expert_hidden_ref, expert_ref, router_probs, rows, top_k};
 use moescope::config::{ModelConfig, Routing};
 use moescope::measures::{self, Family, LayerAccumulator};
 use moescope::model::moe::MoeLayer;
@@ -214,6 +214,66 @@ fn activation_mso_and_telemetry_match_loops() {
     }
 }
 
+/// Activation MSO of the hidden activations and of their LayerNorm (the
+/// first study's eq. 4) against loops over a float64 reference expert.
+#[test]
+fn activation_mso_in_hidden_spaces_matches_loops() {
+    use moescope::config::ActSpace;
+    for (routing, k) in [(Routing::Topk, 2), (Routing::Topk, 3), (Routing::Soft, 2)] {
+        let c = cfg(routing, k);
+        let (moe, _) = layer(&c, 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let n = 37;
+        let xv: Vec<f64> = (0..n * c.d_model)
+            .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+            .collect();
+        let x = Tensor::from_vec(xv, (n, c.d_model), &Device::Cpu).unwrap();
+        let (_, cap) = moe.forward(&x, true).unwrap();
+        let cap = moe.with_hidden(&x, cap.as_ref().unwrap()).unwrap();
+        let wr = rows(&moe.router.weight);
+        let ln = |h: &[f64]| -> Vec<f64> {
+            let m = h.iter().sum::<f64>() / h.len() as f64;
+            let v = h.iter().map(|a| (a - m).powi(2)).sum::<f64>() / h.len() as f64;
+            h.iter().map(|a| (a - m) / (v + 1e-5).sqrt()).collect()
+        };
+        for space in [ActSpace::Hidden, ActSpace::HiddenLn] {
+            let mut acc = LayerAccumulator::new(c.n_experts, cap.k);
+            if routing == Routing::Soft {
+                acc = acc.with_reference_k(k); // routed = the top-k by gate
+            }
+            acc.add(&cap.in_space(space).unwrap().unwrap()).unwrap();
+            let mut want = 0.0;
+            for xt in &rows(&x) {
+                let sel = top_k(&router_probs(&wr, xt), k);
+                let h: Vec<Vec<f64>> = sel
+                    .iter()
+                    .map(|&e| {
+                        let h = expert_hidden_ref(&moe.experts[e], xt);
+                        if space == ActSpace::HiddenLn {
+                            ln(&h)
+                        } else {
+                            h
+                        }
+                    })
+                    .collect();
+                let mut s = 0.0;
+                for a in 0..k {
+                    for b in a + 1..k {
+                        s += cos2(&h[a], &h[b]);
+                    }
+                }
+                want += s / (k * (k - 1) / 2) as f64;
+            }
+            let got = acc.act_mso().unwrap();
+            assert!(
+                (got - want / n as f64).abs() < 2e-6,
+                "{routing:?} k={k} {space}: {got} vs {}",
+                want / n as f64
+            );
+        }
+    }
+}
+
 #[test]
 fn orth_loss_value_and_gradient_match_finite_differences() {
     let c = cfg(Routing::Topk, 2);
@@ -304,9 +364,22 @@ fn orthogonality_loss_lowers_l_orth_in_training_and_measures_are_logged() {
             "dead_experts",
             "load",
             "measure_tokens",
+            "weight_mso_chance",
+            "weight_mso_rows",
+            "weight_mso_cols",
+            "act_mso_chance",
+            "act_mso_hidden",
+            "act_mso_hidden_ln",
         ] {
             assert!(ev.get(key).is_some(), "eval row lacks {key}: {ev}");
         }
+        // Chance levels of micro_config's shapes: 1/(d_ff·d) flat, 1/d rows, 1/d_ff cols.
+        let (d, f) = (32.0, 64.0);
+        let chance = |v: &serde_json::Value| v.as_f64().unwrap();
+        assert!((chance(&ev["weight_mso_chance"]["up"]) - 1.0 / (d * f)).abs() < 1e-15);
+        assert!((chance(&ev["weight_mso_rows"]["chance"]["up"]) - 1.0 / d).abs() < 1e-15);
+        assert!((chance(&ev["weight_mso_cols"]["chance"]["up"]) - 1.0 / f).abs() < 1e-15);
+        assert!((chance(&ev["act_mso_hidden"]["chance"]) - 1.0 / f).abs() < 1e-15);
         assert_eq!(ev["act_mso"].as_array().unwrap().len(), 2);
         assert!(ev["measure_tokens"].as_u64().unwrap() >= 256);
     }
@@ -413,6 +486,34 @@ fn analyze_writes_every_key_and_refuses_bad_input() {
         );
     }
     assert!(String::from_utf8_lossy(&o.stderr).contains("gap ratio"));
+
+    // Every activation space and granularity, on request.
+    let o = analyze(&[
+        "--model",
+        &r,
+        "--tokens",
+        "300",
+        "--act-space",
+        "output,hidden,hidden_ln",
+        "--granularity",
+        "flat,rows,cols",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    for l in v["layers"].as_array().unwrap() {
+        for key in ["act_mso_hidden", "act_mso_hidden_ln"] {
+            let x = l[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("layer lacks {key}: {l}"));
+            assert!((0.0..=1.0).contains(&x));
+        }
+        for key in ["weight_mso_rows", "weight_mso_cols"] {
+            assert!(l[key]["up"].is_f64(), "layer lacks {key}: {l}");
+        }
+        assert!(l["weight_mso_chance"]["up_cols"].is_f64());
+    }
 
     // Token ids as JSON and as .npy (int64), the same numbers either way.
     let ids: Vec<i64> = (0..200).map(|i| (i * 7) % 200).collect();

@@ -5,7 +5,9 @@ use super::{progress, run_data_config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use moescope::checkpoint::load_model;
-use moescope::config::{AnalysisSpace, DataConfig, Family, JacobianMode, RankRule};
+use moescope::config::{
+    ActSpace, AnalysisSpace, DataConfig, Family, Granularity, JacobianMode, RankRule,
+};
 use moescope::data::{analysis_tokens, Dataset};
 use moescope::hf::{self, analyze::HfOptions, HfCheckpoint, ModelSource};
 use moescope::measures::analyze::{self, GeometryOptions, Report};
@@ -76,6 +78,14 @@ pub struct AnalyzeArgs {
     /// Tokens per layer kept as the subspace null's pool (memory: tokens × d × (E+1) floats).
     #[arg(long, default_value_t = 4096)]
     null_tokens: usize,
+    /// Spaces of activation overlap, comma-separated: output (the experts'
+    /// outputs), hidden (φ(W_up x + b)), hidden_ln (its LayerNorm).
+    #[arg(long, value_delimiter = ',', default_value = "output")]
+    act_space: Vec<ActSpace>,
+    /// Weight-overlap granularities, comma-separated: flat (the whole matrix),
+    /// rows, cols.
+    #[arg(long, value_delimiter = ',', default_value = "flat")]
+    granularity: Vec<Granularity>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "report.json")]
     out: PathBuf,
@@ -106,6 +116,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         weighted: a.weighted,
         null_draws: a.null_draws,
         null_tokens: a.null_tokens,
+        act_spaces: a.act_space.clone(),
+        granularities: a.granularity.clone(),
         ..Default::default()
     };
     let source = ModelSource::detect(&a.model, &a.revision, progress())

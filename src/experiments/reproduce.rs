@@ -15,7 +15,7 @@ pub const TINYSTORIES_TOKENS: i64 = 2_100_000;
 
 /// The sweep of a scale:
 /// - `quick`: tiny, λ ∈ {0, 0.01, 0.1}, 2 seeds (minutes; a smoke test);
-/// - `cpu`: small (d 128, 6 layers), 1,200 steps, the 7 λ, the study's first
+/// - `cpu`: small (d 128, 6 layers), 700 steps (0.6 epoch of PTB), the 7 λ, the study's first
 ///   3 seeds (about two hours per corpus on 2 cores);
 /// - `paper`: the study's model, 10K steps, the 7 λ × its 5 seeds on
 ///   TinyStories (first 2.1M tokens), WikiText-103 and PTB (GPU / Slurm).
@@ -37,9 +37,9 @@ pub fn spec(scale: &str, data: Option<&str>) -> Result<SweepSpec> {
         "cpu" => {
             grid.insert("reg.orth_lambda".into(), floats(&PAPER_LAMBDAS));
             grid.insert("train.seed".into(), ints(&PAPER_SEEDS[..3]));
-            set.insert("train.max_steps".into(), Value::Integer(1200));
-            set.insert("train.eval_every".into(), Value::Integer(300));
-            set.insert("train.checkpoint_every".into(), Value::Integer(300));
+            set.insert("train.max_steps".into(), Value::Integer(700));
+            set.insert("train.eval_every".into(), Value::Integer(350));
+            set.insert("train.checkpoint_every".into(), Value::Integer(350));
             "small"
         }
         "paper" => {

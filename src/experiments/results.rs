@@ -564,6 +564,51 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn study_columns_read_every_family_granularity_space_and_step_zero() {
+        let line = |step: u64, up: f64| {
+            format!(
+                r#"{{"kind":"eval","step":{step},"tokens":0,"val_loss":5.0,"val_ppl":148.4,"eval_tokens":10,"eval_s":1.0,
+                "weight_mso":{{"up":[{up}],"down":[0.2],"router":[0.3]}},"weight_mso_mean":{{"up":{up},"down":0.2,"router":0.3}},
+                "weight_mso_chance":{{"up":0.001,"router":0.01}},
+                "weight_mso_rows":{{"per_layer":{{"up":[0.4]}},"mean":{{"up":0.4}},"chance":{{"up":0.03}}}},
+                "weight_mso_cols":{{"per_layer":{{"up":[0.5]}},"mean":{{"up":0.5}},"chance":{{"up":0.02}}}},
+                "measure_tokens":8,"act_mso":[0.6],"act_mso_mean":0.6,"act_mso_chance":0.05,
+                "act_mso_hidden":{{"per_layer":[0.7],"mean":0.7,"chance":0.02}},
+                "gap_ratio":[1.0],"gap_ratio_model":1.0,"router_entropy":[1.0],"load_entropy":[1.0],
+                "balance":[1.0],"max_violation":[0.0],"dead_experts":[[]],"load":[[4,4]]}}"#
+            )
+            .replace('\n', "")
+        };
+        let parse = |l: String| match MetricRow::from_line(&l).unwrap() {
+            MetricRow::Eval(e) => e,
+            _ => panic!("an eval row"),
+        };
+        let mut c = StudyColumns::from_eval(&parse(line(600, 0.1)));
+        c.set_start(&parse(line(0, 0.9)));
+        assert_eq!(
+            (c.weight_mso_down, c.weight_mso_router, c.weight_mso_gate),
+            (Some(0.2), Some(0.3), None)
+        );
+        assert_eq!(
+            (c.weight_mso_rows, c.weight_mso_rows_chance),
+            (Some(0.4), Some(0.03))
+        );
+        assert_eq!(
+            (c.weight_mso_cols, c.weight_mso_cols_chance),
+            (Some(0.5), Some(0.02))
+        );
+        assert_eq!(
+            (c.weight_mso_chance, c.act_mso_chance),
+            (Some(0.001), Some(0.05))
+        );
+        assert_eq!((c.act_mso_hidden, c.act_mso_hidden_ln), (Some(0.7), None));
+        assert_eq!(
+            (c.weight_mso_start, c.val_loss_start),
+            (Some(0.9), Some(5.0))
+        );
+    }
+
     /// A sweep folder with one finished run whose files are in today's formats.
     fn finished_run(dir: &Path) -> (SweepDir, Cell) {
         let sweep = SweepDir(dir.to_path_buf());

@@ -8,6 +8,7 @@ use super::pairs::{PairSets, SetMean};
 use super::subspace::{RankRule, SubspaceReport};
 pub use super::summary_table::summary_table;
 use super::{gap_ratio, mean_present, Family, Telemetry};
+use crate::config::{ActSpace, Granularity};
 pub use crate::data::token_ids::read_token_ids;
 use crate::model::Gpt;
 use crate::{Error, Result};
@@ -53,6 +54,10 @@ pub struct GeometryOptions {
     pub null_init_tokens: usize,
     /// Soft routing: the k whose top-k-by-gate pairs are `routed` (the model's `top_k`).
     pub reference_k: Option<usize>,
+    /// Activation-overlap spaces besides `output` (`hidden`, `hidden_ln`).
+    pub act_spaces: Vec<ActSpace>,
+    /// Weight-overlap granularities besides `flat` (`rows`, `cols`).
+    pub granularities: Vec<Granularity>,
 }
 
 impl Default for GeometryOptions {
@@ -71,6 +76,8 @@ impl Default for GeometryOptions {
             null_tokens: 4096,
             null_init_tokens: 256,
             reference_k: None,
+            act_spaces: Vec::new(),
+            granularities: Vec::new(),
         }
     }
 }
@@ -121,6 +128,17 @@ pub struct LayerReport {
     pub act_overlap: Vec<Vec<Option<f64>>>,
     /// act_mso / weight_mso(up).
     pub gap_ratio: Option<f64>,
+    /// Routed activation MSO in the other spaces asked for, as
+    /// `act_mso_hidden` / `act_mso_hidden_ln`.
+    #[serde(flatten)]
+    pub act_mso_spaces: BTreeMap<String, Option<f64>>,
+    /// Weight MSO per family at the other granularities asked for, as
+    /// `weight_mso_rows` / `weight_mso_cols`.
+    #[serde(flatten)]
+    pub weight_mso_granular: BTreeMap<String, BTreeMap<&'static str, f64>>,
+    /// Chance level of each reported weight MSO (`up`, `up_rows`, ...): 1/L
+    /// for L-dimensional vectors.
+    pub weight_mso_chance: BTreeMap<String, f64>,
     /// Weight MSO of the up family (kept for the summary's gap ratio).
     #[serde(skip)]
     pub weight_mso_up: Option<f64>,

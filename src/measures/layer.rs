@@ -9,7 +9,8 @@ use super::pairs::{NullStats, PairWeights};
 use super::subspace::{
     layer_subspaces, Moments, PermutationNull, RankRule, SubspaceNull, SubspaceReport,
 };
-use super::{gap_ratio, weight_overlap, Family, LayerAccumulator};
+use super::{gap_ratio, weight_mso_at, weight_overlap, Family, LayerAccumulator};
+use crate::config::{ActSpace, Granularity};
 use crate::model::moe::{CapturedRouting, MoeLayer, NO_EXPERT};
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -22,6 +23,8 @@ pub struct LayerAnalyzer {
     /// Gates are renormalised over the selected experts (weighted PCA).
     renorm: bool,
     acc: LayerAccumulator,
+    /// Activation overlap in the other spaces asked for (`geo.act_spaces`).
+    space_accs: Vec<(ActSpace, LayerAccumulator)>,
     moments: Vec<Moments>,
     /// Per expert, the weight of each row added to its moments (1 unweighted):
     /// the permutation null draws the same number of rows with these weights.
@@ -57,11 +60,18 @@ impl LayerAnalyzer {
         if let Some(rk) = geo.reference_k {
             acc = acc.with_reference_k(rk);
         }
+        let space_accs = geo
+            .act_spaces
+            .iter()
+            .filter(|&&s| s != ActSpace::Output)
+            .map(|&s| (s, acc.clone()))
+            .collect();
         LayerAnalyzer {
             index,
             n_experts,
             renorm,
             acc,
+            space_accs,
             moments: (0..n_experts).map(|_| Moments::new(d)).collect(),
             row_weights: vec![Vec::new(); n_experts],
             totals: PairWeights::zeros(n_experts),
@@ -92,6 +102,14 @@ impl LayerAnalyzer {
         // One routed selection for every pair set of this batch.
         let (sel, k) = self.acc.routed_selection(cap);
         self.acc.add_routed(cap, &sel, k)?;
+        if !self.space_accs.is_empty() {
+            let with_hidden = moe.with_hidden(input, cap)?;
+            for (space, acc) in &mut self.space_accs {
+                if let Some(rows) = with_hidden.in_space(*space)? {
+                    acc.add_routed(&rows, &sel, k)?;
+                }
+            }
+        }
         let (batch_n, d) = input.dims2()?;
         let e_n = self.n_experts;
         let token_pairs: Vec<PairWeights> = (0..batch_n)
@@ -205,6 +223,12 @@ impl LayerAnalyzer {
             Ok(v) => (Some(v), None),
             Err(r) => (None, Some(r)),
         };
+        let act_mso_spaces = self
+            .space_accs
+            .iter()
+            .map(|(s, a)| (format!("act_mso{}", s.suffix()), a.act_mso().ok()))
+            .collect();
+        let (weight_mso_granular, weight_mso_chance) = granular_weights(moe, families, geo)?;
         Ok(LayerReport {
             index: self.index,
             weight_mso: wm,
@@ -216,6 +240,9 @@ impl LayerAnalyzer {
             act_mso_sets: self.acc.act_sets(),
             act_overlap: self.acc.act_overlap(),
             gap_ratio: gap_ratio(act, up),
+            act_mso_spaces,
+            weight_mso_granular,
+            weight_mso_chance,
             telemetry: self.acc.telemetry(),
             jacobian,
             subspace,
@@ -301,6 +328,45 @@ impl LayerAnalyzer {
 
 /// g_e(x) of token `t` for expert `e`, renormalised over the token's selected
 /// experts when the model renormalises its top-k gates.
+/// Weight MSO per family at `geo.granularities` (besides flat), keyed
+/// `weight_mso_rows` / `weight_mso_cols`, and the chance level of every
+/// granularity reported (`up`, `up_rows`, ...).
+#[allow(clippy::type_complexity)]
+fn granular_weights(
+    moe: &MoeLayer,
+    families: &[Family],
+    geo: &GeometryOptions,
+) -> Result<(
+    BTreeMap<String, BTreeMap<&'static str, f64>>,
+    BTreeMap<String, f64>,
+)> {
+    let mut grans = vec![Granularity::Flat];
+    grans.extend(
+        geo.granularities
+            .iter()
+            .filter(|&&g| g != Granularity::Flat),
+    );
+    let (mut values, mut chance) = (BTreeMap::new(), BTreeMap::new());
+    for g in grans {
+        let mut per_family = BTreeMap::new();
+        for &f in families {
+            let Some(ts) = f.tensors(moe)? else { continue };
+            let (rows, cols) = ts[0].dims2()?;
+            if let Some(v) = weight_mso_at(moe, f, g)? {
+                per_family.insert(f.name(), v);
+                chance.insert(
+                    format!("{}{}", f.name(), g.suffix()),
+                    super::orth::chance_level(g, rows, cols),
+                );
+            }
+        }
+        if g != Granularity::Flat {
+            values.insert(format!("weight_mso{}", g.suffix()), per_family);
+        }
+    }
+    Ok((values, chance))
+}
+
 fn gate_of(cap: &CapturedRouting, e_n: usize, t: usize, e: usize, renorm: bool) -> f64 {
     let p = &cap.probs[t * e_n..(t + 1) * e_n];
     let denom: f64 = if renorm {

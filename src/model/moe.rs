@@ -256,6 +256,28 @@ impl MoeLayer {
             .collect()
     }
 
+    /// `cap` with each expert's hidden activations on its routed rows of
+    /// `input` (n, d) filled in (computed again: the analysis asks for them
+    /// after the forward pass).
+    pub fn with_hidden(&self, input: &Tensor, cap: &CapturedRouting) -> Result<CapturedRouting> {
+        let expert_hidden = cap
+            .expert_outputs
+            .iter()
+            .zip(&self.experts)
+            .map(|((tokens, h), expert)| match h {
+                Some(_) => {
+                    let idx = Tensor::new(tokens.as_slice(), input.device())?;
+                    Ok(Some(expert.hidden(&input.index_select(&idx, 0)?)?))
+                }
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(CapturedRouting {
+            expert_hidden,
+            ..cap.clone()
+        })
+    }
+
     /// Router probabilities p = softmax(W_r x / T): (n, E).
     pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
         self.router_logits_probs(x).map(|(_, p)| p)

@@ -295,6 +295,8 @@ pub fn final_analysis(model: &Gpt, cfg: &Config, ds: &Dataset, out: &Path) -> Re
         weighted: cfg.measure.subspace_weighted,
         null_draws: cfg.measure.null_draws,
         seed: cfg.measure.seed,
+        act_spaces: cfg.measure.act_space.clone(),
+        granularities: cfg.measure.granularity.clone(),
         ..Default::default()
     };
     let source = Source {

@@ -29,6 +29,16 @@ pub fn add(a: &mut [f64], b: &[f64]) {
 
 /// f_e(x) computed with loops from the expert's weights.
 pub fn expert_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
+    let h = expert_hidden_ref(e, x);
+    let mut y = matvec(&rows(&e.down.weight), &h);
+    if let Some(b) = &e.down.bias {
+        add(&mut y, &vec1(b));
+    }
+    y
+}
+
+/// The expert's hidden activation φ(W_up x + b) (SwiGLU: silu(W_gate x) ⊙ W_up x).
+pub fn expert_hidden_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
     let mut u = matvec(&rows(&e.up.weight), x);
     if let Some(b) = &e.up.bias {
         add(&mut u, &vec1(b));
@@ -50,11 +60,7 @@ pub fn expert_ref(e: &Expert, x: &[f64]) -> Vec<f64> {
             })
             .collect(),
     };
-    let mut y = matvec(&rows(&e.down.weight), &h);
-    if let Some(b) = &e.down.bias {
-        add(&mut y, &vec1(b));
-    }
-    y
+    h
 }
 
 /// Softmax of W_r x.

@@ -6,8 +6,9 @@ use crate::config::Config;
 
 /// Model FLOP/s one core of the reference machine (2-core AVX-512, the one
 /// DESIGN.md's speed section was measured on) sustains in `train` on the
-/// `small` preset with GPT-2 tokens: about 150 GFLOP/s on 2 cores.
-pub const FLOPS_PER_CORE: f64 = 75e9;
+/// `small` preset with GPT-2 tokens, one single-threaded run per core (as
+/// `sweep` runs them there): about 60 GFLOP/s each.
+pub const FLOPS_PER_CORE: f64 = 60e9;
 
 /// Seconds one run of `cfg` is expected to take on `cores` cores: training
 /// (6·N FLOPs per token) plus every evaluation (a forward pass, 2·N).
