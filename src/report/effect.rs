@@ -69,9 +69,11 @@ impl Effect {
     }
 }
 
-/// A p-value in 4 decimals (scientific below 1e-4), "—" when there is none.
+/// A p-value in 4 decimals (scientific below 1e-4; "< 1e-16" where it
+/// underflows to 0), "—" when there is none.
 pub(super) fn p_text(p: Option<f64>) -> String {
     match p {
+        Some(p) if p == 0.0 => "< 1e-16".into(),
         Some(p) if p.is_finite() && p < 1e-4 => format!("{p:.1e}"),
         Some(p) if p.is_finite() => format!("{p:.4}"),
         _ => "—".into(),
