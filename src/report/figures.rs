@@ -26,12 +26,14 @@ pub(super) fn lambda_figures(dir: &SweepDir, st: &DatasetStudy) -> Vec<Figure> {
         },
         Figure {
             stem: format!("weight-by-lambda-{stem}"),
-            caption: format!("Weight MSO against λ{suffix} (mean ± sd over seeds)"),
+            caption: format!("Figure 1a: weight MSO against λ{suffix} (mean ± sd over seeds)"),
             svg: weight.svg(),
         },
         Figure {
             stem: format!("activation-by-lambda-{stem}"),
-            caption: format!("Activation MSO against λ{suffix} (mean ± sd over seeds)"),
+            caption: format!(
+                "Figure 1b: activation MSO against λ{suffix} (mean ± sd over seeds)"
+            ),
             svg: activation.svg(),
         },
         Figure {

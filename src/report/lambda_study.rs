@@ -86,13 +86,14 @@ pub(super) fn section(dir: &SweepDir, finished: &[&Run], table4_lambda: f64) -> 
     let mut s = Section::default();
     let all = studies(finished);
     for study in &all {
+        // The study's own tables first, then what a referee asks beyond them.
         s.tables.extend([
             table1(study),
-            study_tables::weight_families(study),
-            study_tables::activation_spaces(study),
             table2(study),
             table3(study),
             correlation::table3b(study),
+            study_tables::weight_families(study),
+            study_tables::activation_spaces(study),
             study_tables::seed_variance(study),
             study_tables::per_layer(study),
         ]);

@@ -225,11 +225,11 @@ mod tests {
             titles,
             [
                 "Table 1: Weight MSO (up) by λ",
-                "Weight MSO of every family and granularity by λ",
-                "Activation MSO by space and λ",
                 "Table 2: Validation perplexity by λ",
                 "Table 3: Weight vs activation overlap",
                 "Table 3b: Correlation of weight and activation MSO",
+                "Weight MSO of every family and granularity by λ",
+                "Activation MSO by space and λ",
                 "Variance across seeds by λ",
                 "Per-layer overlap by λ",
                 "Table 4: λ = 0 vs a fixed λ per dataset",
@@ -266,9 +266,9 @@ mod tests {
             t4.note
         );
         assert!(
-            c.tables[4].note.contains("Pearson r"),
+            c.tables[2].note.contains("Pearson r"),
             "{}",
-            c.tables[4].note
+            c.tables[2].note
         );
         let stems: Vec<&str> = c.figures.iter().map(|f| f.stem.as_str()).collect();
         assert_eq!(
@@ -291,6 +291,7 @@ mod tests {
         let md = markdown::document(&c, "lambda", 13);
         assert!(md.starts_with("# moescope report: my-sweep\n\nSweep `lambda`: 13 runs."));
         assert!(md.contains("| 0.01 | 0.0"), "{md}");
+        assert!(md.contains("![Figure 1a: weight MSO against λ (mean ± sd over seeds)](figures/weight-by-lambda-tiny.svg)"));
         assert!(md.contains("[s0](runs/l1-s0/summary.json)"));
         assert!(md.contains("![Figure 1: activation MSO against weight MSO, one point per λ (mean, error bars ± sd over seeds; dashed: chance levels)](figures/figure1-tiny.svg)"), "{md}");
         assert!(md.contains("| bad ([metrics](runs/bad/metrics.jsonl)) | failed |"));
