@@ -73,7 +73,7 @@ impl Effect {
 /// underflows to 0), "—" when there is none.
 pub(super) fn p_text(p: Option<f64>) -> String {
     match p {
-        Some(p) if p == 0.0 => "< 1e-16".into(),
+        Some(0.0) => "< 1e-16".into(),
         Some(p) if p.is_finite() && p < 1e-4 => format!("{p:.1e}"),
         Some(p) if p.is_finite() => format!("{p:.4}"),
         _ => "—".into(),
