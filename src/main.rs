@@ -5,7 +5,6 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -33,10 +32,7 @@ enum Cmd {
     /// Run a sweep: the product of listed values over config keys, in parallel worker processes; resumable.
     Sweep(cli::sweep::SweepArgs),
     /// Write report.md and report.html (tables, SVG figures) for a sweep folder.
-    Report {
-        /// The sweep folder (holding sweep.toml and runs/).
-        dir: PathBuf,
-    },
+    Report(cli::sweep::ReportArgs),
     /// The weight-vs-activation study as a preset sweep, then its report.
     Reproduce(cli::sweep::ReproduceArgs),
     /// Benchmarks: training step, evaluation, Jacobians, HF streaming (peer comparison: docs/SPEED.md).
@@ -64,7 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Analyze(a) => cli::analyze::run(a),
         Cmd::Sweep(a) => cli::sweep::run(a),
-        Cmd::Report { dir } => cli::sweep::report(dir),
+        Cmd::Report(a) => cli::sweep::report(a),
         Cmd::Reproduce(a) => cli::sweep::reproduce(a),
         Cmd::Bench { what } => cli::bench::run(what),
     }

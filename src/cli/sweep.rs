@@ -85,8 +85,18 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     run_sweep(spec, SweepDir(dir), &a.exec, false)
 }
 
-pub fn report(dir: PathBuf) -> Result<()> {
-    let f = moescope::report::write_sweep_report(&SweepDir(dir))?;
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The sweep folder (holding sweep.toml and runs/).
+    dir: PathBuf,
+    /// The fixed λ Table 4 compares with λ = 0 (default: `[report]
+    /// table4_lambda` of the folder's sweep.toml, else 0.001, the study's).
+    #[arg(long)]
+    table4_lambda: Option<f64>,
+}
+
+pub fn report(a: ReportArgs) -> Result<()> {
+    let f = moescope::report::write_sweep_report(&SweepDir(a.dir), a.table4_lambda)?;
     eprintln!("report: {}", f.markdown.display());
     println!("{}", f.html.display());
     Ok(())
@@ -154,7 +164,7 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
             c.done, c.skipped, c.failed
         );
     }
-    let f = moescope::report::write_sweep_report(&dir)?;
+    let f = moescope::report::write_sweep_report(&dir, None)?;
     eprintln!(
         "results: {} and {}",
         dir.0.join("results.csv").display(),

@@ -68,6 +68,7 @@ pub fn spec(scale: &str, data: Option<&str>) -> Result<SweepSpec> {
         base: None,
         set,
         grid,
+        report: Default::default(),
     })
 }
 

@@ -61,6 +61,11 @@ fn dataset_comparison(ds: &str, runs: &[&Run], methods: &[String]) -> (Table, Fi
             line: false,
         });
     }
+    let xs = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0));
+    chart.x_log = super::figures::needs_log(xs.collect::<Vec<_>>());
     let table = Table {
         title: format!("Regularisers and load balancing — {ds}"),
         header: vec![

@@ -3,28 +3,55 @@
 //! and a self-contained `report.html`. Every aggregated number links to the
 //! runs it was computed from.
 //!
-//! One file per section of the report: [`lambda_study`] (Tables 1–4) with
-//! its [`figures`], [`routing`], [`methods`], and the [`runs`] table; the
-//! sections fill [`table::Table`]s and [`Figure`]s that [`markdown`] and
+//! One file per section of the report: [`lambda_study`] (Tables 1–3 and the
+//! tables of [`study_tables`] and [`correlation`]) with its [`figures`], then
+//! [`table4`], [`routing`], [`methods`], [`hypotheses`], the [`notes`] on
+//! the statistics, and the [`runs`] table. [`columns`] lists the measures
+//! with their chance levels, [`effect`] the comparisons with the baseline.
+//! The sections fill [`table::Table`]s and [`Figure`]s that [`markdown`] and
 //! [`html`] render. [`analysis`] draws the figures of one `analyze` report.
 
 pub mod analysis;
+mod columns;
+mod correlation;
+mod effect;
 mod figures;
 mod html;
+mod hypotheses;
 mod lambda_study;
 mod markdown;
 mod methods;
+mod notes;
 mod routing;
 mod runs;
+mod study_tables;
 pub mod svg;
 mod table;
+mod table4;
 
 use crate::experiments::results::{self, ResultRow};
 use crate::experiments::sweep::{SweepDir, SweepSpec};
 use crate::fsutil::write_atomic;
 use crate::Result;
 use runs::Run;
+use serde::{Deserialize, Serialize};
 use table::Table;
+
+/// The `[report]` table of a sweep file: choices of the report, not of the runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportOptions {
+    /// The fixed λ that Table 4 compares with λ = 0 (the study's 0.001).
+    pub table4_lambda: f64,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions {
+            table4_lambda: 0.001,
+        }
+    }
+}
 
 /// A figure of the report: written to `figures/<stem>.svg`, inlined in the HTML.
 struct Figure {
@@ -56,13 +83,15 @@ struct Content {
 }
 
 /// The report's sections, in order, from the sweep's result rows.
-fn build(dir: &SweepDir, rows: &[ResultRow]) -> Content {
+fn build(dir: &SweepDir, rows: &[ResultRow], options: &ReportOptions) -> Content {
     let all: Vec<Run> = rows.iter().map(Run::from_row).collect();
     let finished: Vec<&Run> = all.iter().filter(|r| r.status == "done").collect();
     let sections = [
-        lambda_study::section(dir, &finished),
+        lambda_study::section(dir, &finished, options.table4_lambda),
         routing::section(dir, &finished),
         methods::section(&finished),
+        hypotheses::section(&finished),
+        notes::section(!finished.is_empty()),
     ];
     let (mut tables, mut figures) = (Vec::new(), Vec::new());
     for s in sections {
@@ -90,9 +119,14 @@ pub struct ReportFiles {
 }
 
 /// Collect the sweep's results (`results.csv`, `results.jsonl`) and write
-/// `report.md`, `figures/*.svg` and `report.html`.
-pub fn write_sweep_report(dir: &SweepDir) -> Result<ReportFiles> {
+/// `report.md`, `figures/*.svg` and `report.html`. `table4_lambda` overrides
+/// the `[report]` table of the sweep folder's `sweep.toml`.
+pub fn write_sweep_report(dir: &SweepDir, table4_lambda: Option<f64>) -> Result<ReportFiles> {
     let spec = SweepSpec::from_file(&dir.spec())?;
+    let mut options = spec.report.clone();
+    if let Some(l) = table4_lambda {
+        options.table4_lambda = l;
+    }
     let cells = spec.cells()?;
     let rows = results::collect(dir, &cells)?;
     let swept: Vec<String> = cells
@@ -100,7 +134,7 @@ pub fn write_sweep_report(dir: &SweepDir) -> Result<ReportFiles> {
         .map(|c| c.values.keys().cloned().collect())
         .unwrap_or_default();
     results::write(dir, &rows, &swept)?;
-    let c = build(dir, &rows);
+    let c = build(dir, &rows, &options);
     let fig_dir = dir.0.join("figures");
     std::fs::create_dir_all(&fig_dir).map_err(|e| crate::Error::io(&fig_dir, e))?;
     for f in &c.figures {
@@ -184,7 +218,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(figures::train_curve(&dir, "l0-s0"), vec![(10, 5.0)]);
-        let c = build(&dir, &sweep_rows());
+        let c = build(&dir, &sweep_rows(), &ReportOptions::default());
         assert_eq!(c.title, "moescope report: my-sweep");
         let titles: Vec<&str> = c.tables.iter().map(|t| t.title.as_str()).collect();
         assert_eq!(
@@ -193,15 +227,43 @@ mod tests {
                 "Table 1: Weight MSO (up) by λ",
                 "Table 2: Validation perplexity by λ",
                 "Table 3: Weight vs activation overlap",
-                "Table 4: Baseline vs chosen λ per dataset",
+                "Table 3b: Correlation of weight and activation MSO",
+                "Weight MSO of every family and granularity by λ",
+                "Activation MSO by space and λ",
+                "Variance across seeds by λ",
+                "Per-layer overlap by λ",
+                "Table 4: λ = 0 vs a fixed λ per dataset",
                 "Regularisers and load balancing — tiny",
+                "Hypotheses — tiny",
+                "Notes: chance levels, effect sizes and corrections",
             ]
         );
         // Tables 1–3 hold the λ study only: one row per λ.
-        assert!(c.tables[..3].iter().all(|t| t.rows.len() == 3));
+        let study: Vec<&Table> = c
+            .tables
+            .iter()
+            .filter(|t| {
+                ["Table 1:", "Table 2:", "Table 3:"]
+                    .iter()
+                    .any(|p| t.title.starts_with(p))
+            })
+            .collect();
+        assert!(study.len() == 3 && study.iter().all(|t| t.rows.len() == 3));
+        // The fixed λ = 0.001 is not in this sweep: only the best-λ row, labelled.
+        let t4 = &c.tables[8];
         assert_eq!(
-            c.tables[3].rows[0][2].text, "0.01",
+            (
+                t4.rows.len(),
+                t4.rows[0][1].text.as_str(),
+                t4.rows[0][2].text.as_str()
+            ),
+            (1, table4::BEST_LABEL, "0.01"),
             "the λ with the lowest PPL"
+        );
+        assert!(
+            t4.note.contains("not in the sweep for: tiny"),
+            "{}",
+            t4.note
         );
         assert!(
             c.tables[2].note.contains("Pearson r"),
@@ -212,8 +274,9 @@ mod tests {
         assert_eq!(
             stems,
             [
-                "figure1-weight-tiny",
-                "figure1-activation-tiny",
+                "figure1-tiny",
+                "weight-by-lambda-tiny",
+                "activation-by-lambda-tiny",
                 "gap-ratio-tiny",
                 "training-tiny",
                 "methods-tiny"
@@ -228,13 +291,14 @@ mod tests {
         let md = markdown::document(&c, "lambda", 13);
         assert!(md.starts_with("# moescope report: my-sweep\n\nSweep `lambda`: 13 runs."));
         assert!(md.contains("| 0.01 | 0.0"), "{md}");
+        assert!(md.contains("![Figure 1a: weight MSO against λ (mean ± sd over seeds)](figures/weight-by-lambda-tiny.svg)"));
         assert!(md.contains("[s0](runs/l1-s0/summary.json)"));
-        assert!(md.contains("![Figure 1a: weight MSO against λ (mean ± sd over seeds)](figures/figure1-weight-tiny.svg)"));
+        assert!(md.contains("![Figure 1: activation MSO against weight MSO, one point per λ (mean, error bars ± sd over seeds; dashed: chance levels)](figures/figure1-tiny.svg)"), "{md}");
         assert!(md.contains("| bad ([metrics](runs/bad/metrics.jsonl)) | failed |"));
         assert!(md.contains("paired t"));
         let html = html::document(&c, "lambda", 13);
         assert!(html.starts_with("<!DOCTYPE html>") && html.ends_with("</body></html>\n"));
-        assert!(html.contains("<h2>Table 4: Baseline vs chosen λ per dataset</h2>"));
+        assert!(html.contains("<h2>Table 4: λ = 0 vs a fixed λ per dataset</h2>"));
         assert!(
             html.contains("<figure><svg")
                 && html.contains(r#"<a href="runs/l1-s0/summary.json">s0</a>"#)
@@ -259,7 +323,7 @@ mod tests {
                 ]
             })
             .collect();
-        let c = build(&dir, &routing);
+        let c = build(&dir, &routing, &ReportOptions::default());
         assert!(
             c.tables.iter().all(|t| !t.title.starts_with("Table")),
             "{:?}",
@@ -279,7 +343,7 @@ mod tests {
                 }
             }
         }
-        let c = build(&dir, &both);
+        let c = build(&dir, &both, &ReportOptions::default());
         let t1: Vec<&Table> = c
             .tables
             .iter()
@@ -304,9 +368,12 @@ mod tests {
             status: "pending".into(),
             ..Default::default()
         }];
-        let c = build(&dir, &rows);
+        let c = build(&dir, &rows, &ReportOptions::default());
         assert_eq!(c.tables.len(), 1, "Table 4, empty");
         assert!(c.tables[0].rows.is_empty() && c.figures.is_empty());
         assert!(markdown::document(&c, "s", 1).contains("(no finished runs for this table)"));
     }
 }
+
+#[cfg(test)]
+mod study_tests;

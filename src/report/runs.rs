@@ -2,8 +2,9 @@
 
 use super::table::{num, Table, TableCell};
 use crate::config::Routing;
-use crate::experiments::results::ResultRow;
+use crate::experiments::results::{LayerColumns, ResultRow, StudyColumns};
 use crate::experiments::stats;
+use crate::experiments::sweep::CROSS_SECTION_KEY;
 
 /// A run of the sweep, with the report's defaults for what is unknown.
 #[derive(Debug, Clone)]
@@ -14,10 +15,18 @@ pub(super) struct Run {
     pub seed: u64,
     pub status: String,
     pub error: Option<String>,
+    /// Validation loss (nats) and perplexity of the final evaluation.
+    pub loss: Option<f64>,
     pub ppl: Option<f64>,
+    /// Weight MSO of `up` (flat) and activation MSO of the outputs, model means.
     pub wmso: Option<f64>,
     pub amso: Option<f64>,
-    pub gap_layers: Vec<Option<f64>>,
+    /// Every family, granularity and space with its chance level, and step 0.
+    pub study: StudyColumns,
+    /// Weight MSO, activation MSO and gap ratio per MoE layer.
+    pub layers: LayerColumns,
+    /// Whether the sweep's grid chose this run's settings by a `variant` key.
+    pub from_variant: bool,
     /// `top-k`, `soft` or `expert-choice`, with the router temperature when not 1.
     pub mode: String,
     /// Regularisers / balancing (`none`, `orth 0.01`, `aux 0.01`, ...).
@@ -37,10 +46,13 @@ impl Run {
             seed: r.seed.unwrap_or(0),
             status: r.status.clone(),
             error: r.error.clone(),
+            loss: r.val_loss,
             ppl: r.val_ppl,
             wmso: r.weight_mso,
             amso: r.act_mso,
-            gap_layers: r.layers.gap_ratio.clone(),
+            study: r.study.clone(),
+            layers: r.layers.clone(),
+            from_variant: r.swept.contains_key(CROSS_SECTION_KEY),
             mode: routing_mode(r),
             method: r.method.clone().unwrap_or_else(|| "none".into()),
             balance: r.balance,
@@ -50,9 +62,11 @@ impl Run {
         }
     }
 
-    /// Whether the run belongs to the λ study of Tables 1–4 (no regulariser but L_orth).
+    /// Whether the run belongs to the λ study of Tables 1–4: no regulariser but
+    /// L_orth in its default form (`orth 0.1`, not `orth 0.1 (rows)`, whose
+    /// runs would otherwise be pooled with it under the same λ).
     pub fn in_lambda_study(&self) -> bool {
-        self.method == "none" || (self.method.starts_with("orth ") && !self.method.contains(" + "))
+        self.method == "none" || self.method == format!("orth {}", self.lambda)
     }
 }
 
@@ -93,20 +107,29 @@ pub(super) fn by_lambda<'a>(runs: &[&'a Run]) -> Vec<(f64, Vec<&'a Run>)> {
     g
 }
 
+/// The values of `f` of the two groups (each sorted by seed) paired by seed:
+/// only when both hold the same seeds and every run has the value.
+pub(super) fn paired_by_seed(
+    base: &[&Run],
+    treated: &[&Run],
+    f: impl Fn(&Run) -> Option<f64>,
+) -> Option<(Vec<f64>, Vec<f64>)> {
+    let bs: Vec<u64> = base.iter().map(|r| r.seed).collect();
+    let ts: Vec<u64> = treated.iter().map(|r| r.seed).collect();
+    let bv: Vec<f64> = base.iter().filter_map(|r| f(r)).collect();
+    let tv: Vec<f64> = treated.iter().filter_map(|r| f(r)).collect();
+    (bs == ts && bv.len() == base.len() && tv.len() == treated.len()).then_some((bv, tv))
+}
+
 /// Paired t by seed when both groups have the same seeds, else Welch.
 pub(super) fn compare(
     base: &[&Run],
     treated: &[&Run],
     f: impl Fn(&Run) -> Option<f64>,
 ) -> Option<(stats::TTest, &'static str)> {
-    let bs: Vec<u64> = base.iter().map(|r| r.seed).collect();
-    let ts: Vec<u64> = treated.iter().map(|r| r.seed).collect();
-    let bv: Vec<f64> = base.iter().filter_map(|r| f(r)).collect();
-    let tv: Vec<f64> = treated.iter().filter_map(|r| f(r)).collect();
-    if bs == ts && bv.len() == base.len() && tv.len() == treated.len() {
-        stats::paired_t(&bv, &tv).map(|t| (t, "paired t"))
-    } else {
-        stats::welch_t(&bv, &tv).map(|t| (t, "Welch t"))
+    match paired_by_seed(base, treated, &f) {
+        Some((bv, tv)) => stats::paired_t(&bv, &tv).map(|t| (t, "paired t")),
+        None => stats::welch_t(&vals(base, &f), &vals(treated, &f)).map(|t| (t, "Welch t")),
     }
 }
 

@@ -12,6 +12,9 @@
 //! [set]                           # overrides shared by every run
 //! "train.max_steps" = 200
 //!
+//! [report]                        # choices of the report (optional)
+//! table4_lambda = 0.001           # the fixed λ Table 4 compares with λ = 0
+//!
 //! [grid]                          # the product of these lists, one run per combination
 //! "reg.orth_lambda" = [0.0, 0.01, 0.1]
 //! "train.seed" = [0, 1, 2]
@@ -57,6 +60,9 @@ pub struct SweepSpec {
     /// Dotted key -> list of values.
     #[serde(default)]
     pub grid: toml::Table,
+    /// The report's choices (`[report]`, e.g. `table4_lambda = 0.001`).
+    #[serde(default)]
+    pub report: crate::report::ReportOptions,
 }
 
 fn default_name() -> String {
