@@ -69,16 +69,24 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
     let cells = spec.cells()?;
     std::fs::create_dir_all(dir.0.join("runs")).map_err(|e| Error::io(&dir.0, e))?;
     let text = toml::to_string_pretty(spec).expect("spec serialises");
+    // The same runs: the spec but its [report] options, which may change
+    // between a sweep's start and its report.
+    let runs_of = |s: &SweepSpec| {
+        let mut s = s.clone();
+        s.report = Default::default();
+        toml::to_string_pretty(&s).ok()
+    };
     if let Ok(old) = std::fs::read_to_string(dir.spec()) {
         let old_spec: Option<SweepSpec> = toml::from_str(&old).ok();
-        let same = old_spec
-            .map(|o| toml::to_string_pretty(&o).ok() == Some(text.clone()))
-            .unwrap_or(false);
+        let same = old_spec.is_some_and(|o| runs_of(&o) == runs_of(spec));
         if !same {
             return Err(Error::Data(format!(
                 "{} holds a different sweep; use another --out, or delete that folder to start over",
                 dir.0.display()
             )));
+        }
+        if old != text {
+            write_atomic(&dir.spec(), text.as_bytes())?; // new [report] options
         }
     } else {
         write_atomic(&dir.spec(), text.as_bytes())?;
