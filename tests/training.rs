@@ -154,6 +154,7 @@ fn resume_is_bit_exact_with_balancing_and_regularisers() {
     cfg.reg.act_lambda = 0.1;
     cfg.reg.aux_lambda = 0.01;
     cfg.reg.grad_lambda = 0.1;
+    cfg.model.dropout = 0.1; // its masks are drawn again, the same, on resume
     cfg.validate().unwrap();
     let (a, b) = resumed_equals_uninterrupted(&cfg, d.path(), |_| {});
     let rows = |p: &std::path::Path| -> Vec<String> {

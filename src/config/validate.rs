@@ -57,13 +57,8 @@ impl ModelConfig {
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return Err(Error::config("model.init_std", "must be a positive number"));
         }
-        if self.dropout != 0.0 {
-            // A key so that the assumption is visible; training with dropout
-            // is not implemented (the first study states none).
-            return Err(Error::config(
-                "model.dropout",
-                "only 0 is supported: moescope trains without dropout, as the first study states none",
-            ));
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config("model.dropout", "must lie in [0, 1)"));
         }
         if !(self.capacity_factor >= 0.0 && self.capacity_factor.is_finite()) {
             return Err(Error::config(

@@ -79,15 +79,18 @@ impl Block {
     }
 
     /// x: (b·t, d) -> (b·t, d), the MoE capture when asked and present, and
-    /// the MoE layer's routing aux (MoE layers only).
+    /// the MoE layer's routing aux (MoE layers only). `drop` applies dropout
+    /// to each residual branch (attention, FFN) of a training pass.
     fn forward(
         &self,
         x: &Tensor,
         b: usize,
         t: usize,
         mode: ForwardOptions,
+        drop: Option<Dropout>,
     ) -> Result<(Tensor, Option<LayerCapture>, Option<RoutingOnGraph>)> {
-        let x = (x + self.attn.forward(&self.ln1.forward(x)?, b, t)?)?;
+        let a = self.attn.forward(&self.ln1.forward(x)?, b, t)?;
+        let x = (x + Dropout::apply(drop, a, 1)?)?;
         let h = self.ln2.forward(&x)?;
         let (y, cap, aux) = match &self.ffn {
             Ffn::Moe(moe) => {
@@ -103,7 +106,48 @@ impl Block {
             }
             Ffn::Dense(mlp) => (mlp.forward(&h)?, None, None),
         };
-        Ok(((x + y)?, cap, aux))
+        Ok(((x + Dropout::apply(drop, y, 2)?)?, cap, aux))
+    }
+}
+
+/// Dropout of one training pass (nanoGPT's embedding and residual
+/// dropout; attention probabilities are not dropped): each mask is drawn from
+/// a ChaCha stream named by the pass's seed, the block and the site, so a
+/// resumed run draws the same masks.
+#[derive(Debug, Clone, Copy)]
+struct Dropout {
+    p: f64,
+    seed: u64,
+}
+
+impl Dropout {
+    /// The dropout of block `l` (its own seed).
+    fn for_block(self, l: usize) -> Dropout {
+        Dropout {
+            seed: self.seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..self
+        }
+    }
+
+    /// `x` with each element zeroed with probability p and the rest scaled
+    /// by 1/(1 − p); `x` itself when there is no dropout.
+    fn apply(d: Option<Dropout>, x: Tensor, site: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let Some(d) = d else { return Ok(x) };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(d.seed);
+        rng.set_stream(site);
+        let scale = (1.0 / (1.0 - d.p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < d.p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
     }
 }
 
@@ -214,13 +258,22 @@ impl Gpt {
             .wte
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let mut x = tok
+        let drop = match mode.dropout_seed {
+            Some(seed) if mode.train && self.cfg.dropout > 0.0 => Some(Dropout {
+                p: self.cfg.dropout,
+                seed,
+            }),
+            _ => None,
+        };
+        let x = tok
             .broadcast_add(&self.wpe.narrow(0, 0, t)?)?
             .reshape((b * t, d))?;
+        let mut x = Dropout::apply(drop, x, 0)?;
         let mut captures = Vec::new();
         let mut aux = Vec::new();
-        for block in &self.blocks {
-            let (y, cap, a) = block.forward(&x, b, t, mode)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let drop = drop.map(|d| d.for_block(l));
+            let (y, cap, a) = block.forward(&x, b, t, mode, drop)?;
             x = y;
             captures.extend(cap);
             aux.extend(a);
@@ -245,6 +298,61 @@ impl Gpt {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn dropout_drops_p_and_keeps_the_mean_and_only_in_training() {
+        let x = Tensor::ones((200, 50), DType::F32, &Device::Cpu).unwrap();
+        let d = Some(Dropout { p: 0.3, seed: 7 });
+        let y: Vec<f32> = Dropout::apply(d, x.clone(), 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let zeros = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+        let mean = y.iter().map(|&v| v as f64).sum::<f64>() / y.len() as f64;
+        // 10,000 Bernoulli(0.3) draws: sd of the fraction ≈ 0.0046.
+        assert!(
+            (zeros - 0.3).abs() < 0.02 && (mean - 1.0).abs() < 0.03,
+            "{zeros} {mean}"
+        );
+        let again = Dropout::apply(d, x.clone(), 1).unwrap();
+        let other_site = Dropout::apply(d, x, 2).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&again), y, "the same seed and site draw the same mask");
+        assert_ne!(v(&other_site), y);
+
+        let cfg = ModelConfig {
+            vocab_size: 32,
+            seq_len: 8,
+            n_layer: 2,
+            n_head: 2,
+            d_model: 16,
+            d_ff: 32,
+            dropout: 0.2,
+            ..Default::default()
+        };
+        let m = Gpt::new(&cfg, DType::F32, &Device::Cpu, 0).unwrap();
+        let toks = Tensor::from_vec((0..16u32).collect(), (2, 8), &Device::Cpu).unwrap();
+        let logits = |mode: ForwardOptions| v(&m.forward_with(&toks, mode).unwrap().logits);
+        let plain = logits(ForwardOptions::default());
+        let seeded = ForwardOptions {
+            train: true,
+            dropout_seed: Some(3),
+            ..Default::default()
+        };
+        assert_ne!(logits(seeded), plain, "a training pass drops");
+        assert_eq!(
+            logits(seeded),
+            logits(seeded),
+            "deterministic given the seed"
+        );
+        let eval = ForwardOptions {
+            dropout_seed: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(logits(eval), plain, "evaluation never drops");
+    }
 
     #[test]
     fn param_count_formula_matches_model() {

@@ -141,6 +141,8 @@ pub struct ForwardOptions {
     pub keep_outputs: bool,
     /// With `capture`, also capture the experts' hidden activations.
     pub capture_hidden: bool,
+    /// A training pass with `model.dropout` > 0: the seed of its dropout masks.
+    pub dropout_seed: Option<u64>,
 }
 
 /// What the regularisers and load balancing need from one MoE forward pass,

@@ -131,6 +131,15 @@ pub fn adam_params(cfg: &Config) -> AdamParams {
     }
 }
 
+/// The seed of the dropout masks of micro-batch `micro` of the step after
+/// `steps_done` steps: a function of the three alone, so a resumed run
+/// draws the same masks.
+fn dropout_seed(seed: u64, steps_done: usize, micro: usize) -> u64 {
+    use rand::{RngCore, SeedableRng};
+    let mix = seed ^ (steps_done as u64).rotate_left(32) ^ (micro as u64).rotate_left(16);
+    rand_chacha::ChaCha8Rng::seed_from_u64(mix ^ 0xD50F_D50F).next_u64()
+}
+
 /// `Err(NonFinite)` unless `v` is finite.
 pub fn finite(what: &str, v: f64) -> Result<()> {
     if v.is_finite() {
@@ -287,6 +296,8 @@ pub struct AutodiffStep {
     router_temperature: f64,
     top_k: usize,
     forward: ForwardOptions,
+    /// `train.seed`: with the step and micro-batch, the seed of the dropout masks.
+    seed: u64,
 }
 
 impl AutodiffStep {
@@ -302,7 +313,9 @@ impl AutodiffStep {
                 train: true,
                 keep_outputs: reg::needs_outputs(&cfg.reg),
                 capture_hidden: false,
+                dropout_seed: None,
             },
+            seed: cfg.train.seed,
         }
     }
 
@@ -312,6 +325,7 @@ impl AutodiffStep {
     fn micro_batch(
         &self,
         batch: &Batch,
+        micro: usize,
         accum: usize,
         grads: &mut [Option<Tensor>],
         stats: &mut StepStats,
@@ -320,7 +334,11 @@ impl AutodiffStep {
         let x = Tensor::from_vec(batch.inputs.clone(), (batch.b, batch.t), dev)?;
         let y = Tensor::from_vec(batch.targets.clone(), batch.b * batch.t, dev)?;
         let t0 = Instant::now();
-        let fwd = self.model.forward_with(&x, self.forward)?;
+        let forward = ForwardOptions {
+            dropout_seed: Some(dropout_seed(self.seed, self.opt.t, micro)),
+            ..self.forward
+        };
+        let fwd = self.model.forward_with(&x, forward)?;
         let lm = cross_entropy(&fwd.logits, &y)?;
         let lv = lm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         finite("loss", lv)?;
@@ -415,8 +433,9 @@ impl TrainStep for AutodiffStep {
         let mut stats = StepStats::default();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.model.params.vars().len()];
         let (mut lm_sum, mut reg_sum) = (0.0, 0.0);
-        for batch in batches {
-            let (lm, reg) = self.micro_batch(batch, batches.len(), &mut grads, &mut stats)?;
+        for (micro, batch) in batches.iter().enumerate() {
+            let (lm, reg) =
+                self.micro_batch(batch, micro, batches.len(), &mut grads, &mut stats)?;
             lm_sum += lm;
             reg_sum += reg;
         }

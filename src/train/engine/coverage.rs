@@ -7,7 +7,7 @@ use crate::config::{Activation, Config, ExpertKind, Family, Routing};
 /// every layer on the CPU, with L_orth on W_up as its only regulariser.
 pub fn unsupported(cfg: &Config) -> Option<&'static str> {
     let (m, r, t) = (&cfg.model, &cfg.reg, &cfg.train);
-    let checks: [(bool, &str); 14] = [
+    let checks: [(bool, &str); 15] = [
         (m.routing != Routing::Topk, "model.routing is not topk"),
         (m.expert != ExpertKind::Mlp, "model.expert is not mlp"),
         (
@@ -26,9 +26,10 @@ pub fn unsupported(cfg: &Config) -> Option<&'static str> {
             "loss-free balancing is on",
         ),
         (t.topk_start > 0, "train.topk_start is set"),
+        (m.dropout > 0.0, "model.dropout is set"),
         (t.device != "cpu", "train.device is not cpu"),
         (
-            r.orth_lambda > 0.0 && r.orth_family != Family::Up,
+            r.orth_lambda != 0.0 && r.orth_family != Family::Up,
             "reg.orth_family is not up",
         ),
         (r.grad_lambda > 0.0, "reg.grad_lambda is set"),
