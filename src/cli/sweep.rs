@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct SweepArgs {
-    /// Sweep file: name, preset, base, [set] and [grid] (see README).
+    /// Sweep file: name, preset, base, [set], [grid] (a `variant` key sets keys of
+    /// any section together) and [report] (docs/CONFIG.md, "Sweep files").
     spec: PathBuf,
     /// Sweep folder (default: sweeps/<name>).
     #[arg(long)]

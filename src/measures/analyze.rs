@@ -107,6 +107,10 @@ pub struct Options {
     pub subspace_weighted: bool,
     /// Draws of each null (0 = none).
     pub null_draws: usize,
+    /// Activation-overlap spaces measured (`output` always).
+    pub act_spaces: Vec<ActSpace>,
+    /// Weight-overlap granularities measured (`flat` always).
+    pub granularities: Vec<Granularity>,
 }
 
 /// One MoE layer's measures.
@@ -425,8 +429,21 @@ impl Options {
             subspace_space: if geo.output_space { "output" } else { "input" },
             subspace_weighted: geo.weighted,
             null_draws: geo.null_draws,
+            act_spaces: with_first(ActSpace::Output, &geo.act_spaces),
+            granularities: with_first(Granularity::Flat, &geo.granularities),
         }
     }
+}
+
+/// `first`, then the rest of `more` in order, without repeats.
+fn with_first<T: Copy + PartialEq>(first: T, more: &[T]) -> Vec<T> {
+    let mut v = vec![first];
+    for &m in more {
+        if !v.contains(&m) {
+            v.push(m);
+        }
+    }
+    v
 }
 
 /// The model-level summary of per-layer reports.

@@ -326,8 +326,6 @@ impl LayerAnalyzer {
     }
 }
 
-/// g_e(x) of token `t` for expert `e`, renormalised over the token's selected
-/// experts when the model renormalises its top-k gates.
 /// Weight MSO per family at `geo.granularities` (besides flat), keyed
 /// `weight_mso_rows` / `weight_mso_cols`, and the chance level of every
 /// granularity reported (`up`, `up_rows`, ...).
@@ -367,6 +365,8 @@ fn granular_weights(
     Ok((values, chance))
 }
 
+/// g_e(x) of token `t` for expert `e`, renormalised over the token's selected
+/// experts when the model renormalises its top-k gates.
 fn gate_of(cap: &CapturedRouting, e_n: usize, t: usize, e: usize, renorm: bool) -> f64 {
     let p = &cap.probs[t * e_n..(t + 1) * e_n];
     let denom: f64 = if renorm {

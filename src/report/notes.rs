@@ -8,7 +8,7 @@ use super::Section;
 const TERMS: [(&str, &str); 6] = [
     (
         "chance level (1/L)",
-        "E[cos²] of two independent random directions in L dimensions is 1/L: the value an MSO takes with no structure at all. L is P = d_ff·d_model for a flattened weight matrix, d_model for rows of W_up and for expert outputs, d_ff for columns of W_up and for hidden activations.",
+        "E[cos²] of two independent random directions in L dimensions is 1/L: the value an MSO takes with no structure at all. L is P = d_ff·d_model for a flattened weight matrix, d_model for rows of W_up and for expert outputs, d_ff for columns of W_up and for hidden activations, d_ff − 1 for their LayerNorm (the centring removes one dimension).",
     ),
     (
         "Δ% [95% CI]",

@@ -67,7 +67,7 @@ pub(super) fn activation_spaces(st: &DatasetStudy) -> Table {
         title: format!("Activation MSO by space and λ{}", st.suffix),
         header: header(&measures),
         rows: measure_rows(st, &measures),
-        note: "Mean ± sd over seeds; mean over MoE layers of the mean cos² of co-routed expert pairs. output: the experts' outputs (L = d_model); hidden: φ(W_up x + b) (L = d_ff); hidden_ln: LayerNorm of it, as the study's eq. 4 writes h_i (L = d_ff). Chance (1/L): independent random directions. Step 0: before training, where logged.".into(),
+        note: "Mean ± sd over seeds; mean over MoE layers of the mean cos² of co-routed expert pairs. output: the experts' outputs (L = d_model); hidden: φ(W_up x + b) (L = d_ff); hidden_ln: LayerNorm of it, as the study's eq. 4 writes h_i (L = d_ff − 1: the centring removes one dimension). Chance (1/L): independent random directions. Step 0: before training, where logged.".into(),
     }
 }
 
