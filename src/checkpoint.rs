@@ -142,22 +142,104 @@ pub fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
+/// The step of a checkpoint folder named `step-N` (any zero padding).
+pub fn checkpoint_step(dir: &Path) -> Option<usize> {
+    dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+}
+
+/// The complete checkpoints of a run, oldest first. A `step-N` folder is
+/// complete once it exists with its `state.json`: it is written under a
+/// temporary name and renamed into place, so the `latest` pointer (written
+/// after the rename) is not needed to find it.
+pub fn complete_checkpoints(run: &Path) -> Result<Vec<PathBuf>> {
+    let dir = checkpoints_dir(run);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut all: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("state.json").is_file())
+        .filter_map(|p| Some((checkpoint_step(&p)?, p)))
+        .collect();
+    all.sort();
+    Ok(all.into_iter().map(|(_, p)| p).collect())
+}
+
 /// The newest complete checkpoint of a run, if any.
 pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
-    let ptr = checkpoints_dir(run).join("latest");
-    match std::fs::read_to_string(&ptr) {
-        Ok(name) => {
-            let p = checkpoints_dir(run).join(name.trim());
-            if !p.join("state.json").is_file() {
-                return Err(Error::Checkpoint {
-                    path: p,
-                    msg: "`latest` points to a missing or incomplete checkpoint".into(),
-                });
+    Ok(complete_checkpoints(run)?.pop())
+}
+
+/// The complete checkpoint of `run` at `step`, named as `step-N` or `N`.
+pub fn checkpoint_named(run: &Path, name: &str) -> Result<PathBuf> {
+    let all = complete_checkpoints(run)?;
+    let want: Option<usize> = name.trim_start_matches("step-").parse().ok();
+    if let Some(c) = all.iter().find(|c| want.is_some() && checkpoint_step(c) == want) {
+        return Ok(c.clone());
+    }
+    let names: Vec<String> = all
+        .iter()
+        .filter_map(|c| Some(c.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    Err(Error::bad_file(
+        checkpoints_dir(run),
+        format!(
+            "no complete checkpoint `{name}` (complete ones: {})",
+            if names.is_empty() { "none".into() } else { names.join(", ") }
+        ),
+    ))
+}
+
+/// Why resuming from `ckpt` would fail or continue from broken weights: an
+/// unreadable file, or a weight or optimiser moment that is not finite.
+/// `None` for a sound checkpoint.
+pub fn checkpoint_fault(ckpt: &Path) -> Option<String> {
+    let check = || -> Result<()> {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            let tensors = read_safetensors(&ckpt.join(file), &Device::Cpu)?;
+            let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            if let Some(name) = first_non_finite(&named)? {
+                return Err(non_finite_in(ckpt, file, &name));
             }
-            Ok(Some(p))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(ptr, e)),
+        let sp = ckpt.join("state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        serde_json::from_str::<TrainState>(&text)
+            .map_err(|e| Error::bad_file(&sp, format!("corrupt state file: {e}")))?;
+        Ok(())
+    };
+    check().err().map(|e| e.to_string())
+}
+
+/// The newest sound checkpoint (see [`checkpoint_fault`]) older than step
+/// `before` (any step when `None`).
+pub fn newest_sound_checkpoint(run: &Path, before: Option<usize>) -> Result<Option<PathBuf>> {
+    let all = complete_checkpoints(run)?;
+    Ok(all
+        .into_iter()
+        .rev()
+        .filter(|c| before.is_none_or(|b| checkpoint_step(c).is_some_and(|s| s < b)))
+        .find(|c| checkpoint_fault(c).is_none()))
+}
+
+/// The name of the first tensor holding a NaN or an infinity.
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> {
+    for (name, t) in tensors {
+        let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// The error for a non-finite tensor `name` in `file` of checkpoint `ckpt`.
+pub fn non_finite_in(ckpt: &Path, file: &str, name: &str) -> Error {
+    Error::Checkpoint {
+        path: ckpt.join(file),
+        msg: format!("`{name}` holds NaN or infinite values"),
     }
 }
 
@@ -201,22 +283,24 @@ pub fn save_checkpoint(
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     write_atomic(&dir.join("latest"), name.as_bytes())?;
-    // Prune: keep the newest `keep` complete checkpoints.
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| Error::io(&dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("step-"))
-                .unwrap_or(false)
-        })
-        .collect();
-    all.sort();
-    while all.len() > keep {
-        let old = all.remove(0);
-        let _ = std::fs::remove_dir_all(old);
-    }
+    prune_checkpoints(run, state.step, keep)?;
     Ok(final_dir)
+}
+
+/// Remove the checkpoints beyond the newest `keep` up to `step` (the one
+/// just written is always kept), and those after `step`: they belong to a
+/// timeline abandoned by `--resume-from` and would be resumed from otherwise.
+fn prune_checkpoints(run: &Path, step: usize, keep: usize) -> Result<()> {
+    let (mut upto, later): (Vec<PathBuf>, Vec<PathBuf>) = complete_checkpoints(run)?
+        .into_iter()
+        .partition(|c| checkpoint_step(c).is_some_and(|s| s <= step));
+    for c in later {
+        let _ = std::fs::remove_dir_all(c);
+    }
+    while upto.len() > keep.max(1) {
+        let _ = std::fs::remove_dir_all(upto.remove(0));
+    }
+    Ok(())
 }
 
 /// Read a checkpoint's trainer state and optimiser tensors.

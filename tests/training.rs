@@ -241,3 +241,147 @@ fn fused_engine_follows_the_autodiff_training_curve() {
     );
     eprintln!("worst relative loss difference over 200 steps: {worst:.2e}");
 }
+
+/// The state a kill between a checkpoint's rename and its `latest` pointer
+/// write leaves (here the first checkpoint, so no pointer at all): resume
+/// finds the newest complete checkpoint itself and never starts over.
+#[test]
+fn resume_finds_the_newest_checkpoint_without_the_latest_pointer() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = common::micro_config(&d.path().join("cache"));
+    let (a, b) = resumed_equals_uninterrupted(&cfg, d.path(), |b| {
+        std::fs::remove_file(b.join("checkpoints/latest")).unwrap();
+    });
+    let kinds = |p: &std::path::Path| -> Vec<(String, u64)> {
+        metrics(p)
+            .iter()
+            .map(|r| (r["kind"].to_string(), r["step"].as_u64().unwrap()))
+            .collect()
+    };
+    // One `start` row: the run went on from step 3 rather than from 0.
+    assert_eq!(kinds(&a), kinds(&b));
+    assert_eq!(
+        std::fs::read_to_string(b.join("checkpoints/latest")).unwrap(),
+        "step-0000006"
+    );
+}
+
+/// A kill before the first checkpoint, then a rerun with resume (what a
+/// sweep worker does): the run starts over once, with one `start` row.
+#[test]
+fn rerun_after_a_kill_before_the_first_checkpoint_logs_one_start_row() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = common::micro_config(&d.path().join("cache"));
+    let run = d.path().join("run");
+    let mut o = opts(&run);
+    o.stop_after = Some(2);
+    assert!(train(cfg.clone(), &o).is_err());
+    assert!(!run.join("checkpoints").exists());
+    let mut o = opts(&run);
+    o.resume = true;
+    train(cfg, &o).unwrap();
+    let starts = metrics(&run)
+        .iter()
+        .filter(|r| r["kind"] == "start")
+        .count();
+    assert_eq!(starts, 1);
+}
+
+/// Writes `tensors` of `file` back with the first tensor set to NaN.
+fn poison(file: &std::path::Path) {
+    let mut t = moescope::checkpoint::read_safetensors(file, &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<String> = t.keys().cloned().collect();
+    names.sort();
+    let first = t[&names[0]].clone();
+    t.insert(names[0].clone(), (first * f64::NAN).unwrap());
+    let named: Vec<(String, candle_core::Tensor)> = t.into_iter().collect();
+    let bytes = moescope::checkpoint::safetensors_bytes(&named, None).unwrap();
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// A broken newest checkpoint (NaN weights, or a truncated file) with an
+/// older sound one: resume refuses and names the older one; `resume_from`
+/// continues from it exactly; a divergence then never calls the NaN
+/// checkpoint good.
+#[test]
+fn broken_newest_checkpoint_offers_the_older_one() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = common::micro_config(&d.path().join("cache"));
+    cfg.train.max_steps = 9;
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    train(cfg.clone(), &opts(&a)).unwrap();
+    let mut o = opts(&b);
+    o.stop_after = Some(6);
+    assert!(train(cfg.clone(), &o).is_err());
+    let newest = b.join("checkpoints/step-0000006/model.safetensors");
+    let good = std::fs::read(&newest).unwrap();
+    let mut resume = opts(&b);
+    resume.resume = true;
+    for corrupt in ["nan", "truncated"] {
+        match corrupt {
+            "nan" => poison(&newest),
+            _ => std::fs::write(&newest, &good[..good.len() / 3]).unwrap(),
+        }
+        let err = train(cfg.clone(), &resume).unwrap_err().to_string();
+        assert!(
+            err.contains("step-0000006")
+                && err.contains("--resume-from step-0000003")
+                && !err.contains("last good"),
+            "{corrupt}: {err}"
+        );
+    }
+    std::fs::write(&newest, &good).unwrap();
+    poison(&newest);
+    // Diverging from step 3 with the NaN checkpoint still there.
+    let mut bad = cfg.clone();
+    (bad.train.lr, bad.train.min_lr, bad.train.grad_clip) = (1e30, 1e29, 0.0);
+    let mut from = opts(&b);
+    from.resume_from = Some("step-0000003".into());
+    let err = train(bad, &from).unwrap_err().to_string();
+    assert!(
+        err.contains("diverged") && err.contains("step-0000003") && !err.contains("step-0000006"),
+        "{err}"
+    );
+    train(cfg, &from).unwrap();
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed weights differ from an uninterrupted run"
+    );
+}
+
+/// A corpus moved to another folder resumes (same token stream); a corpus
+/// whose text changed does not.
+#[test]
+fn resume_follows_a_moved_corpus_but_not_other_text() {
+    let d = tempfile::tempdir().unwrap();
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of a corpus that moves around.\n"))
+        .collect();
+    let (old, new) = (d.path().join("old"), d.path().join("new"));
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("corpus.txt"), &text).unwrap();
+    let mut cfg = common::micro_config(&d.path().join("cache"));
+    cfg.data.path = old.join("corpus.txt").display().to_string();
+    cfg.data.tokenizer = "bytes".into();
+    let mut moved = cfg.clone();
+    moved.data.path = new.join("corpus.txt").display().to_string();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    train(cfg.clone(), &opts(&a)).unwrap();
+    let mut o = opts(&b);
+    o.stop_after = Some(4);
+    assert!(train(cfg.clone(), &o).is_err());
+    std::fs::rename(&old, &new).unwrap();
+    let mut o = opts(&b);
+    o.resume = true;
+    std::fs::write(new.join("corpus.txt"), text.replace("line", "LINE")).unwrap();
+    let err = train(moved.clone(), &o).unwrap_err().to_string();
+    assert!(err.contains("data") && err.contains("token stream"), "{err}");
+    std::fs::write(new.join("corpus.txt"), &text).unwrap();
+    train(moved, &o).unwrap();
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed weights differ from an uninterrupted run"
+    );
+}

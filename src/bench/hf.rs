@@ -89,13 +89,22 @@ pub fn bench_hf(
     })
 }
 
+/// The file that marks a folder as this benchmark's random checkpoint, which
+/// it may overwrite.
+const BENCH_MARK: &str = ".moescope-bench";
+
 /// Write the random Mixtral-shaped checkpoint into `dir` unless an openable
-/// one with the same config.json is already there.
+/// one with the same config.json is already there. A non-empty folder that
+/// holds no benchmark checkpoint (a real model, say) is refused untouched.
 fn write_checkpoint_unless_present(dir: &Path, layers: usize, full_size: bool) -> Result<()> {
     let config = synth::mixtral_config(layers, full_size);
     let want = serde_json::to_string_pretty(&config).expect("json");
     let have = std::fs::read_to_string(dir.join("config.json")).ok();
-    if have.as_deref() != Some(want.as_str()) || hf::HfCheckpoint::open(dir).is_err() {
+    let same = have.as_deref() == Some(want.as_str());
+    if !same && !dir.join(BENCH_MARK).is_file() {
+        refuse_non_empty(dir)?;
+    }
+    if !same || hf::HfCheckpoint::open(dir).is_err() {
         eprintln!(
             "writing a random Mixtral-shaped checkpoint ({layers} layers) to {}",
             dir.display()
@@ -110,9 +119,33 @@ fn write_checkpoint_unless_present(dir: &Path, layers: usize, full_size: bool) -
                 seed: 0,
             },
         )?;
+        crate::fsutil::write_atomic(&dir.join(BENCH_MARK), b"moescope bench hf\n")?;
         eprintln!("written in {:.0} s", t0.elapsed().as_secs_f64());
     }
     Ok(())
+}
+
+/// Refuse a folder with anything in it.
+fn refuse_non_empty(dir: &Path) -> Result<()> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => return Ok(()),
+    };
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    names.truncate(5);
+    Err(crate::Error::bad_file(
+        dir,
+        format!(
+            "not a folder written by `bench hf` (it holds {}); nothing there was changed: pass an empty or new --dir",
+            names.join(", ")
+        ),
+    ))
 }
 
 /// Total size of the files directly in `dir`.

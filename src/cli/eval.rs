@@ -1,11 +1,12 @@
 //! `moescope eval`: loss and perplexity of a saved model on a split.
 
+use super::train::utf8_path;
 use super::{progress, run_data_config};
 use anyhow::{bail, Result};
 use clap::builder::TypedValueParser;
 use clap::Args;
 use moescope::checkpoint::load_model;
-use moescope::data::{corpus::Split, Dataset};
+use moescope::data::{corpus::Split, tokenizer::Tokenizer, Dataset};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -41,8 +42,18 @@ fn split_parser() -> impl TypedValueParser<Value = Split> {
 pub fn run(a: EvalArgs) -> Result<()> {
     let device = moescope::device::parse_device(&a.device)?;
     let (model, run_cfg) = load_model(&a.model, &device)?;
-    let data_cfg = run_data_config(&a.model, run_cfg, a.data.as_deref());
-    let ds = Dataset::load(&data_cfg, progress())?;
+    let data = a.data.as_deref();
+    if let Some(d) = data {
+        utf8_path("--data", d)?;
+    }
+    let data_cfg = run_data_config(&a.model, run_cfg, data);
+    // The run's own tokenizer.json, read by path (not every path is text).
+    let own = a.model.join("tokenizer.json");
+    let ds = if own.is_file() {
+        Dataset::load_with(&data_cfg, Tokenizer::from_file(&own)?, progress())?
+    } else {
+        Dataset::load(&data_cfg, progress())?
+    };
     if ds.tokenizer.vocab_size() > model.cfg.vocab_size {
         bail!(
             "the data's tokenizer has {} ids but the model only {}",
@@ -58,7 +69,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     );
     println!(
         "{}",
-        serde_json::json!({"model": a.model, "data": ds.source, "split": split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens})
+        serde_json::json!({"model": a.model.to_string_lossy(), "data": ds.source, "split": split, "loss": r.loss, "ppl": r.ppl, "tokens": r.tokens})
     );
     Ok(())
 }

@@ -32,21 +32,43 @@ impl Config {
     }
 
     /// The config of a resumed run: the run's saved `config.toml` with `sets`
-    /// applied. Only `[train]`-side keys may change; a change to `[model]` or
-    /// `[data]` is refused (the checkpoint and the token cache depend on them).
+    /// applied. A change to `[model]` is refused (the checkpoint depends on
+    /// it), naming each key; `[data]` may change when the token stream stays
+    /// the same, which training checks.
     pub fn resume(saved_path: &Path, sets: &[String]) -> Result<Config> {
         let saved = Config::from_toml_file(saved_path)?;
         let cfg = Config::with_overrides(saved.to_table(), sets)?;
-        if cfg.model != saved.model || cfg.data != saved.data {
+        let changed: Vec<String> = saved
+            .differences(&cfg)
+            .into_iter()
+            .filter(|(k, _, _)| k.starts_with("model."))
+            .map(|(k, was, now)| format!("{k} ({was} in the run, {now} asked)"))
+            .collect();
+        if !changed.is_empty() {
             return Err(Error::config(
                 "--resume",
                 format!(
-                    "cannot change [model] or [data] keys of {} (only [train] keys)",
-                    saved_path.display()
+                    "cannot change [model] keys of {}: {}; only [train] keys (and [data] keys that give the same tokens) may change",
+                    saved_path.display(),
+                    changed.join(", ")
                 ),
             ));
         }
         Ok(cfg)
+    }
+
+    /// The keys whose values differ between `self` and `other`, as
+    /// (`section.key`, value in `self`, value in `other`).
+    pub fn differences(&self, other: &Config) -> Vec<(String, String, String)> {
+        let (a, b) = (flatten(&self.to_table()), flatten(&other.to_table()));
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&toml::Value>| v.map_or("(unset)".into(), |v| v.to_string());
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| (k.clone(), show(a.get(k)), show(b.get(k))))
+            .collect()
     }
 
     /// The config as TOML text.
@@ -77,6 +99,24 @@ impl Config {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// A table's values by dotted key (`model.d_model`).
+fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(t) => {
+                for (sub, v) in flatten(t) {
+                    out.insert(format!("{k}.{sub}"), v);
+                }
+            }
+            v => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
 }
 
 /// A TOML file as a table; errors name the file.

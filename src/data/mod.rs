@@ -175,7 +175,14 @@ impl Dataset {
     /// Resolve `cfg` to token files: the built-in corpus, a named dataset, or
     /// `cfg.path`. `progress` shows bars for downloads and tokenisation.
     pub fn load(cfg: &DataConfig, progress: bool) -> Result<Dataset> {
-        let mut ds = Self::load_whole(cfg, progress)?;
+        let tok = Tokenizer::from_spec(&tokenizer_spec(cfg))?;
+        Self::load_with(cfg, tok, progress)
+    }
+
+    /// [`Dataset::load`] with the tokeniser given (e.g. a run's own copy of
+    /// its `tokenizer.json`) instead of `cfg.tokenizer`.
+    pub fn load_with(cfg: &DataConfig, tok: Tokenizer, progress: bool) -> Result<Dataset> {
+        let mut ds = Self::load_whole(cfg, tok, progress)?;
         if cfg.max_train_tokens > 0 && cfg.max_train_tokens < ds.train.len() as u64 {
             ds.train.truncate(cfg.max_train_tokens);
             if let Some((t, _)) = ds.topics.as_mut() {
@@ -190,8 +197,7 @@ impl Dataset {
     }
 
     /// [`Dataset::load`] without the `max_train_tokens` cap.
-    fn load_whole(cfg: &DataConfig, progress: bool) -> Result<Dataset> {
-        let tok = Tokenizer::from_spec(&tokenizer_spec(cfg))?;
+    fn load_whole(cfg: &DataConfig, tok: Tokenizer, progress: bool) -> Result<Dataset> {
         let cache = cache_dir(cfg);
         if !cfg.path.is_empty() {
             let p = PathBuf::from(&cfg.path);
@@ -226,6 +232,17 @@ impl Dataset {
         });
         if !all_ok {
             let docs = synthetic::generate(cfg.builtin_bytes, cfg.builtin_topics);
+            if docs.len() < 2 {
+                return Err(Error::config(
+                    "data.builtin_bytes",
+                    format!(
+                        "{} bytes make {} document(s), but training and validation need one each at least; raise it (the default is {})",
+                        cfg.builtin_bytes,
+                        docs.len(),
+                        DataConfig::default().builtin_bytes
+                    ),
+                ));
+            }
             let n_val = ((docs.len() as f64 * cfg.val_fraction).ceil() as usize)
                 .clamp(1, docs.len().saturating_sub(1).max(1));
             let (train_docs, val_docs) = docs.split_at(docs.len() - n_val);
@@ -559,6 +576,19 @@ mod tests {
             .map(|w| w.1)
             .sum();
         assert_eq!(covered, n);
+    }
+
+    /// `data.builtin_bytes = 0` once panicked splitting an empty corpus.
+    #[test]
+    fn empty_builtin_corpus_is_a_config_error() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = DataConfig {
+            builtin_bytes: 0,
+            cache_dir: d.path().display().to_string(),
+            ..Default::default()
+        };
+        let e = Dataset::load(&cfg, false).unwrap_err().to_string();
+        assert!(e.contains("data.builtin_bytes"), "{e}");
     }
 
     #[test]

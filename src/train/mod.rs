@@ -5,10 +5,12 @@
 //!   the fused CPU engine ([`engine`]) or the autodiff model;
 //! - [`optim`]: AdamW and the learning-rate schedule; [`reg`]: regularisers;
 //! - [`eval`]: validation loss and the measures logged with it;
-//! - [`run_dir`]: the run folder and its metrics log.
+//! - [`run_dir`]: the run folder, its lock and its metrics log;
+//! - [`footprint`]: the memory and threads a config asks for, checked first.
 
 pub mod engine;
 pub mod eval;
+pub mod footprint;
 pub mod optim;
 pub mod reg;
 pub mod run_dir;
@@ -16,6 +18,7 @@ pub mod step;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Routing};
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{self, Dataset};
 use crate::device::parse_device;
 use crate::fsutil::write_atomic;
@@ -38,8 +41,11 @@ pub use step::{StepPlan, StepStats, TrainStep};
 pub struct TrainOptions {
     /// The run folder.
     pub out: PathBuf,
-    /// Continue from the run's latest checkpoint.
+    /// Continue the run in `out` from its newest complete checkpoint (from
+    /// step 0, saying so, when it has none yet).
     pub resume: bool,
+    /// Continue from this checkpoint (`step-N`) instead of the newest one.
+    pub resume_from: Option<String>,
     /// Show a progress bar (off for logs and tests).
     pub progress: bool,
     /// Print nothing but errors.
@@ -52,6 +58,7 @@ pub struct TrainOptions {
 /// What a finished run reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainSummary {
+    #[serde(serialize_with = "lossy_path")]
     pub run_dir: PathBuf,
     pub steps: usize,
     pub tokens: u64,
@@ -64,13 +71,44 @@ pub struct TrainSummary {
     pub wall_s: f64,
 }
 
-/// Train a model as `cfg` says, into `opts.out`.
+/// A path as text in JSON (not every path is UTF-8).
+fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
+impl TrainOptions {
+    /// A new run into `out`, quiet, without a progress bar.
+    pub fn new(out: &Path) -> Self {
+        TrainOptions {
+            out: out.to_path_buf(),
+            resume: false,
+            resume_from: None,
+            progress: false,
+            quiet: true,
+            stop_after: None,
+        }
+    }
+
+    fn resuming(&self) -> bool {
+        self.resume || self.resume_from.is_some()
+    }
+}
+
+/// Train a model as `cfg` says, into `opts.out`. Every check that can refuse
+/// the config runs before the run folder is touched; the folder stays locked
+/// for the whole run.
 pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let out = opts.out.clone();
     step::engine_choice(&cfg)?;
-    run_dir::prepare_run_dir(&out, opts.resume)?;
-    let ds = Dataset::load(&cfg.data, opts.progress && !opts.quiet)?;
-    fit_vocab(&mut cfg, &ds)?;
+    footprint::check_threads(&cfg.train)?;
+    let tok = run_tokenizer(&cfg, &out, opts.resuming())?;
+    fit_vocab(&mut cfg, tok.vocab_size())?;
+    footprint::check_memory(&cfg)?;
+    let _held = run_dir::open(&out, opts.resuming())?;
+    let ds = Dataset::load_with(&cfg.data, tok, opts.progress && !opts.quiet)?;
+    if opts.resuming() {
+        run_dir::check_same_stream(&out, &cfg, &ds)?;
+    }
     let (model, opt, state) = init_or_resume(&cfg, &out, opts)?;
     let (exec, engine_note) = step::executor(&cfg, model, opt)?;
     write_run_files(&cfg, &ds, &out)?;
@@ -107,9 +145,19 @@ pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     run.finish()
 }
 
+/// The tokeniser of `cfg`; a resumed run's own copy of its `tokenizer.json`
+/// when it has one (the original may have moved).
+fn run_tokenizer(cfg: &Config, out: &Path, resume: bool) -> Result<Tokenizer> {
+    let spec = data::tokenizer_spec(&cfg.data);
+    let own = out.join("tokenizer.json");
+    if resume && !matches!(spec.as_str(), "bytes" | "gpt2") && own.is_file() {
+        return Tokenizer::from_file(&own);
+    }
+    Tokenizer::from_spec(&spec)
+}
+
 /// Set `model.vocab_size` from the tokeniser when it is 0; refuse one too small.
-fn fit_vocab(cfg: &mut Config, ds: &Dataset) -> Result<()> {
-    let vocab = ds.tokenizer.vocab_size();
+fn fit_vocab(cfg: &mut Config, vocab: usize) -> Result<()> {
     if cfg.model.vocab_size == 0 {
         cfg.model.vocab_size = vocab.div_ceil(64) * 64;
     } else if cfg.model.vocab_size < vocab {
@@ -141,30 +189,86 @@ fn init_or_resume(
         elapsed_s: 0.0,
         seed: cfg.train.seed,
     };
-    let latest = if opts.resume {
-        checkpoint::latest_checkpoint(out)?
-    } else {
-        None
-    };
-    if let Some(ckpt) = latest {
-        checkpoint::load_weights(&model, &ckpt.join("model.safetensors"))?;
-        let (st, opt_state) = checkpoint::load_checkpoint_state(&ckpt, &device)?;
-        opt.load_state(
-            &model.params,
-            &opt_state,
-            &ckpt.join("optimizer.safetensors"),
-        )?;
-        state = st;
-        if !opts.quiet {
-            eprintln!("resuming {} from step {}", out.display(), state.step);
+    if opts.resuming() {
+        if let Some(ckpt) = resume_point(out, opts)? {
+            state = load_resume_point(&ckpt, &model, &mut opt, &device, out)?;
+            if !opts.quiet {
+                eprintln!("resuming {} from step {}", out.display(), state.step);
+            }
         }
     }
     Ok((model, opt, state))
 }
 
-/// The run's own copies of its config and tokeniser.
+/// The checkpoint a resumed run continues from: `--resume-from`'s, else the
+/// newest complete one. `None` (a kill before the first checkpoint) starts
+/// from step 0, saying so, unless the run has finished: its final model is
+/// never overwritten from scratch.
+fn resume_point(out: &Path, opts: &TrainOptions) -> Result<Option<PathBuf>> {
+    if let Some(name) = &opts.resume_from {
+        return checkpoint::checkpoint_named(out, name).map(Some);
+    }
+    if let Some(c) = checkpoint::latest_checkpoint(out)? {
+        return Ok(Some(c));
+    }
+    if out.join("model.safetensors").is_file() {
+        return Err(Error::bad_file(
+            out,
+            "holds a final model.safetensors but no checkpoint to resume from; choose another --out for a new run",
+        ));
+    }
+    if !opts.quiet {
+        eprintln!(
+            "{} has no complete checkpoint yet: starting from step 0",
+            out.display()
+        );
+    }
+    Ok(None)
+}
+
+/// Load checkpoint `ckpt` into `model` and `opt`; a broken one (unreadable,
+/// or NaN weights) is refused, naming the newest sound one before it.
+fn load_resume_point(
+    ckpt: &Path,
+    model: &Gpt,
+    opt: &mut AdamW,
+    device: &candle_core::Device,
+    out: &Path,
+) -> Result<TrainState> {
+    let mut load = || -> Result<TrainState> {
+        checkpoint::load_weights(model, &ckpt.join("model.safetensors"))?;
+        if let Some(name) = checkpoint::first_non_finite(&model.params.tensors())? {
+            return Err(checkpoint::non_finite_in(ckpt, "model.safetensors", &name));
+        }
+        let (st, opt_state) = checkpoint::load_checkpoint_state(ckpt, device)?;
+        opt.load_state(&model.params, &opt_state, &ckpt.join("optimizer.safetensors"))?;
+        Ok(st)
+    };
+    load().map_err(|e| broken_checkpoint(out, ckpt, e))
+}
+
+/// The error for a checkpoint that cannot be resumed from: why, and the
+/// newest sound checkpoint before it, to pass to `--resume-from`.
+fn broken_checkpoint(out: &Path, ckpt: &Path, e: Error) -> Error {
+    let step = checkpoint::checkpoint_step(ckpt);
+    let offer = match checkpoint::newest_sound_checkpoint(out, step) {
+        Ok(Some(c)) => {
+            let name = c.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            format!("the newest sound checkpoint before it is {}: resume from it with --resume-from {name}", c.display())
+        }
+        _ => "no older checkpoint is sound; start a new run in another --out".into(),
+    };
+    Error::Checkpoint {
+        path: ckpt.to_path_buf(),
+        msg: format!("cannot resume from it: {e}; {offer}"),
+    }
+}
+
+/// The run's own copies of its config and tokeniser, and the record of its
+/// token stream.
 fn write_run_files(cfg: &Config, ds: &Dataset, out: &Path) -> Result<()> {
     write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    run_dir::StreamRecord::of(ds).write(out)?;
     if let data::tokenizer::Tokenizer::Hf { path, .. } = &ds.tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         write_atomic(&out.join("tokenizer.json"), &bytes)?;
@@ -201,7 +305,9 @@ impl<'o> Run<'o> {
         state: TrainState,
     ) -> Result<Self> {
         let metrics_path = out.join("metrics.jsonl");
-        if opts.resume {
+        // From step 0 the log starts over (a rerun after a kill before the
+        // first checkpoint must not add a second `start` row).
+        if state.step > 0 {
             run_dir::truncate_metrics(&metrics_path, state.step)?;
         } else {
             let _ = std::fs::remove_file(&metrics_path);
@@ -464,9 +570,10 @@ fn at_step(e: Error, out: &Path, step: usize) -> Error {
 }
 
 fn diverged(out: &Path, step: usize, what: &str, v: f64) -> Error {
-    let keep = match checkpoint::latest_checkpoint(out) {
+    // Only a checkpoint checked finite is called good.
+    let keep = match checkpoint::newest_sound_checkpoint(out, None) {
         Ok(Some(c)) => format!("the last good checkpoint is kept at {}", c.display()),
-        _ => "no checkpoint had been written yet".into(),
+        _ => "no sound checkpoint had been written yet".into(),
     };
     Error::Diverged(format!(
         "training diverged at step {step}: {what} is {v}; {keep}. Lower train.lr, raise train.warmup_steps or set train.grad_clip"

@@ -60,13 +60,7 @@ pub fn shared_data() -> Option<PathBuf> {
 
 /// Options for a fresh, silent training run into `out`.
 pub fn quiet_opts(out: &Path) -> moescope::train::TrainOptions {
-    moescope::train::TrainOptions {
-        out: out.to_path_buf(),
-        resume: false,
-        progress: false,
-        quiet: true,
-        stop_after: None,
-    }
+    moescope::train::TrainOptions::new(out)
 }
 
 /// Train `cfg` silently into `out`.

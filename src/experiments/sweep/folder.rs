@@ -158,6 +158,7 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
     let opts = TrainOptions {
         out: run.clone(),
         resume,
+        resume_from: None,
         progress: false,
         quiet: true,
         stop_after: None,
