@@ -144,7 +144,11 @@ pub fn checkpoints_dir(run: &Path) -> PathBuf {
 
 /// The step of a checkpoint folder named `step-N` (any zero padding).
 pub fn checkpoint_step(dir: &Path) -> Option<usize> {
-    dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
 }
 
 /// The complete checkpoints of a run, oldest first. A `step-N` folder is
@@ -176,7 +180,10 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
 pub fn checkpoint_named(run: &Path, name: &str) -> Result<PathBuf> {
     let all = complete_checkpoints(run)?;
     let want: Option<usize> = name.trim_start_matches("step-").parse().ok();
-    if let Some(c) = all.iter().find(|c| want.is_some() && checkpoint_step(c) == want) {
+    if let Some(c) = all
+        .iter()
+        .find(|c| want.is_some() && checkpoint_step(c) == want)
+    {
         return Ok(c.clone());
     }
     let names: Vec<String> = all
@@ -187,7 +194,11 @@ pub fn checkpoint_named(run: &Path, name: &str) -> Result<PathBuf> {
         checkpoints_dir(run),
         format!(
             "no complete checkpoint `{name}` (complete ones: {})",
-            if names.is_empty() { "none".into() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
         ),
     ))
 }

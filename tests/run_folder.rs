@@ -16,7 +16,8 @@ fn moescope(args: &[&std::ffi::OsStr]) -> Output {
 /// `train` with a micro config into `out` (its cache beside it), plus `extra`.
 fn train_cmd(out: &Path, extra: &[&str]) -> Output {
     let cache = out.with_extension("cache");
-    let mut args: Vec<std::ffi::OsString> = vec!["train".into(), "--out".into(), out.into(), "-q".into()];
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["train".into(), "--out".into(), out.into(), "-q".into()];
     let sets = [
         format!("data.cache_dir={:?}", cache.display().to_string()),
         "data.builtin_bytes=40000".into(),
@@ -82,7 +83,15 @@ fn folders_that_are_not_runs_are_refused_untouched() {
     hf_like_folder(&theirs);
     let before = snapshot(&theirs);
     let o = train_cmd(&theirs, &[]);
-    assert_refused(&o, &["hf-model", "not a moescope run", "config.json", "model.safetensors"]);
+    assert_refused(
+        &o,
+        &[
+            "hf-model",
+            "not a moescope run",
+            "config.json",
+            "model.safetensors",
+        ],
+    );
     let o = moescope(&[
         "bench".as_ref(),
         "hf".as_ref(),
@@ -140,6 +149,10 @@ fn rerunning_the_same_command_resumes() {
     // --resume auto on a finished run resumes it (nothing left to train).
     let o = train_cmd(&run, &[&same[..], &["--resume", "auto"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
+    // Without its config.toml the run says so (not a model mismatch).
+    std::fs::remove_file(run.join("config.toml")).unwrap();
+    let o = train_cmd(&run, &["--resume"]);
+    assert_refused(&o, &["config.toml is missing"]);
 }
 
 #[test]
@@ -169,12 +182,20 @@ fn paths_need_not_be_utf8() {
     let o = train_cmd(&bad, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(bad.join("summary.json").is_file());
-    let o = moescope(&["eval".as_ref(), "--model".as_ref(), bad.as_os_str(), "--tokens".as_ref(), "50".as_ref()]);
+    let o = moescope(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        bad.as_os_str(),
+        "--tokens".as_ref(),
+        "50".as_ref(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = train_cmd(&bad, &["--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
     // A corpus at a non-UTF-8 path is named, not reported missing.
-    let corpus = d.path().join(std::ffi::OsStr::from_bytes(b"corpus\xff.txt"));
+    let corpus = d
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"corpus\xff.txt"));
     std::fs::write(&corpus, "some text\n".repeat(500)).unwrap();
     let out = d.path().join("run2");
     let mut args: Vec<&std::ffi::OsStr> = vec!["train".as_ref(), "--out".as_ref(), out.as_os_str()];

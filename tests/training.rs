@@ -376,7 +376,10 @@ fn resume_follows_a_moved_corpus_but_not_other_text() {
     o.resume = true;
     std::fs::write(new.join("corpus.txt"), text.replace("line", "LINE")).unwrap();
     let err = train(moved.clone(), &o).unwrap_err().to_string();
-    assert!(err.contains("data") && err.contains("token stream"), "{err}");
+    assert!(
+        err.contains("data") && err.contains("token stream"),
+        "{err}"
+    );
     std::fs::write(new.join("corpus.txt"), &text).unwrap();
     train(moved, &o).unwrap();
     assert!(

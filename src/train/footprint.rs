@@ -101,7 +101,11 @@ fn most_responsible(cfg: &Config) -> (&'static str, usize) {
         ("model.n_layer", |c| &mut c.model.n_layer, md.n_layer),
         ("model.seq_len", |c| &mut c.model.seq_len, md.seq_len),
         ("model.vocab_size", |c| &mut c.model.vocab_size, 50304),
-        ("train.batch_size", |c| &mut c.train.batch_size, td.batch_size),
+        (
+            "train.batch_size",
+            |c| &mut c.train.batch_size,
+            td.batch_size,
+        ),
     ];
     let mut best = ("model.d_model", f64::INFINITY, cfg.model.d_model);
     for (key, field, default) in keys {

@@ -241,7 +241,11 @@ fn load_resume_point(
             return Err(checkpoint::non_finite_in(ckpt, "model.safetensors", &name));
         }
         let (st, opt_state) = checkpoint::load_checkpoint_state(ckpt, device)?;
-        opt.load_state(&model.params, &opt_state, &ckpt.join("optimizer.safetensors"))?;
+        opt.load_state(
+            &model.params,
+            &opt_state,
+            &ckpt.join("optimizer.safetensors"),
+        )?;
         Ok(st)
     };
     load().map_err(|e| broken_checkpoint(out, ckpt, e))
@@ -253,7 +257,11 @@ fn broken_checkpoint(out: &Path, ckpt: &Path, e: Error) -> Error {
     let step = checkpoint::checkpoint_step(ckpt);
     let offer = match checkpoint::newest_sound_checkpoint(out, step) {
         Ok(Some(c)) => {
-            let name = c.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = c
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             format!("the newest sound checkpoint before it is {}: resume from it with --resume-from {name}", c.display())
         }
         _ => "no older checkpoint is sound; start a new run in another --out".into(),

@@ -70,7 +70,10 @@ pub fn open(out: &Path, resume: bool) -> Result<RunDir> {
 /// `model.safetensors`.
 pub fn refuse_foreign(out: &Path) -> Result<()> {
     if out.exists() && !out.is_dir() {
-        return Err(Error::bad_file(out, "is a file, not a folder; choose another --out"));
+        return Err(Error::bad_file(
+            out,
+            "is a file, not a folder; choose another --out",
+        ));
     }
     let Ok(entries) = std::fs::read_dir(out) else {
         return Ok(());
@@ -85,7 +88,11 @@ pub fn refuse_foreign(out: &Path) -> Result<()> {
     names.sort();
     let more = names.len().saturating_sub(5);
     names.truncate(5);
-    let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
     Err(Error::bad_file(
         out,
         format!(
@@ -111,7 +118,11 @@ fn lock(out: &Path) -> Result<std::fs::File> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             let pid = holder.trim();
-            let who = if pid.is_empty() { "another process".into() } else { format!("another process (pid {pid})") };
+            let who = if pid.is_empty() {
+                "another process".into()
+            } else {
+                format!("another process (pid {pid})")
+            };
             return Err(Error::bad_file(
                 out,
                 format!("{who} is training in this folder (it holds {LOCK_FILE}); wait for it to finish, or choose another --out"),
@@ -120,7 +131,9 @@ fn lock(out: &Path) -> Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
     }
     // The holder's pid, for the message above (the lock itself is the OS's).
-    let _ = file.set_len(0).and_then(|_| write!(file, "{}", std::process::id()));
+    let _ = file
+        .set_len(0)
+        .and_then(|_| write!(file, "{}", std::process::id()));
     Ok(file)
 }
 
