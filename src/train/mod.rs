@@ -94,9 +94,9 @@ impl TrainOptions {
     }
 }
 
-/// Train a model as `cfg` says, into `opts.out`. Every check that can refuse
-/// the config runs before the run folder is touched; the folder stays locked
-/// for the whole run.
+/// Train a model as `cfg` says, into `opts.out`. The threads and memory the
+/// config asks for are checked before the run folder is touched; the folder
+/// stays locked for the whole run.
 pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let out = opts.out.clone();
     step::engine_choice(&cfg)?;
@@ -169,7 +169,7 @@ fn fit_vocab(cfg: &mut Config, vocab: usize) -> Result<()> {
     Ok(())
 }
 
-/// A fresh model and optimiser, or those of the run's latest checkpoint.
+/// A fresh model and optimiser, or those of the checkpoint the run resumes from.
 fn init_or_resume(
     cfg: &Config,
     out: &Path,
