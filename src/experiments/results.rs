@@ -549,7 +549,7 @@ pub fn write(dir: &SweepDir, rows: &[ResultRow], swept: &[String]) -> Result<()>
     let cols = columns(&maps, swept);
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(&cols)
-        .map_err(|e| Error::Data(e.to_string()))?;
+        .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     for m in &maps {
         let rec: Vec<String> = cols
             .iter()
@@ -560,9 +560,11 @@ pub fn write(dir: &SweepDir, rows: &[ResultRow], swept: &[String]) -> Result<()>
             })
             .collect();
         w.write_record(&rec)
-            .map_err(|e| Error::Data(e.to_string()))?;
+            .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::Data(e.to_string()))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     write_atomic(&dir.0.join("results.csv"), &bytes)
 }
 

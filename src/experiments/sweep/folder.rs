@@ -156,7 +156,7 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
         let old_spec: Option<SweepSpec> = toml::from_str(&old).ok();
         let same = old_spec.is_some_and(|o| runs_of(&o) == runs_of(spec));
         if !same {
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "{} holds a different sweep; use another --out, or delete that folder to start over",
                 dir.0.display()
             )));
@@ -196,7 +196,7 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
             && s.pid
                 .is_some_and(|p| p != std::process::id() && still_alive_after(p, 5.0))
         {
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "run {} is being run by process {}",
                 cell.id,
                 s.pid.unwrap_or(0)
