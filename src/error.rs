@@ -26,6 +26,12 @@ pub enum Error {
     #[error("data: {0}")]
     Data(String),
 
+    /// Any other failure: a folder in use, a worker that cannot start, a
+    /// model without MoE layers, a download that is off. The message says what
+    /// went wrong and what to do; unlike [`Error::Data`] it blames no data.
+    #[error("{0}")]
+    Other(String),
+
     /// A checkpoint does not match the model it is loaded into.
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },

@@ -141,8 +141,13 @@ fn failing_cell_is_recorded_and_the_others_complete() {
         ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("1 failed"));
+    // The report is written, and the exit status says that a run failed (issue 16).
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("1 failed") && e.contains("1 of 2 runs failed"),
+        "{e}"
+    );
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl"))
         .unwrap()
         .lines()

@@ -39,9 +39,9 @@ pub struct AnalyzeArgs {
     /// Already tokenised input: a JSON array of integers or a 1-D .npy of integer ids.
     #[arg(long)]
     token_ids: Option<PathBuf>,
-    /// Tokens to analyse (the first N of the input).
-    #[arg(long, default_value_t = 8192)]
-    tokens: usize,
+    /// Tokens to analyse (the first N of the input) [default: 8192, or all of a shorter input].
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Weight-overlap families, comma-separated: up, gate, down, router.
     #[arg(long, default_value = "up,gate,down,router", value_delimiter = ',')]
     families: Vec<Family>,
@@ -104,8 +104,15 @@ pub enum JacobianPairs {
     All,
 }
 
+/// Tokens analysed when `--tokens` is not given (fewer when the input is shorter).
+const DEFAULT_TOKENS: usize = 8192;
+
 pub fn run(a: AnalyzeArgs) -> Result<()> {
-    // Options are checked (by clap) before any heavy work.
+    // Options (checked by clap) and output paths are checked before any heavy work.
+    check_output(&a.out, "--out", false)?;
+    if let Some(dir) = &a.figures {
+        check_output(dir, "--figures", true)?;
+    }
     let geo = GeometryOptions {
         jacobian: a.jacobian,
         jacobian_all_pairs: a.jacobian_pairs == JacobianPairs::All,
@@ -143,16 +150,10 @@ fn analyze_moescope(a: &AnalyzeArgs, model_path: &Path, geo: &GeometryOptions) -
         data: data_desc.clone(),
         seed: 0,
     };
-    let report = analyze::analyze_with(
-        &model,
-        &tokens,
-        a.tokens,
-        a.batch.max(1),
-        &a.families,
-        geo,
-        source,
-    )
-    .with_context(|| format!("analysing {data_desc}"))?;
+    let n = tokens_to_analyse(a, tokens.len(), &data_desc)?;
+    let report =
+        analyze::analyze_with(&model, &tokens, n, a.batch.max(1), &a.families, geo, source)
+            .with_context(|| format!("analysing {data_desc}"))?;
     write_analysis(a, &report)
 }
 
@@ -184,7 +185,7 @@ fn analyze_hf(a: &AnalyzeArgs, dir: &Path, geo: &GeometryOptions) -> Result<()> 
         })
     })?;
     let opts = HfOptions {
-        tokens: a.tokens,
+        tokens: tokens_to_analyse(a, tokens.len(), &data_desc)?,
         seq_len: a.seq_len.unwrap_or(cfg.max_position.min(512)),
         batch: a.batch.max(1),
         layers: a.layers.clone(),
@@ -236,7 +237,7 @@ fn describe_hf(a: &AnalyzeArgs, ck: &HfCheckpoint, geo: &GeometryOptions) {
             .map(|s| format!(", shared expert d_ff {}", s.d_ff))
             .unwrap_or_default()
     );
-    let jac_tokens = geo.jacobian_tokens.min(a.tokens);
+    let jac_tokens = geo.jacobian_tokens.min(a.tokens.unwrap_or(DEFAULT_TOKENS));
     if let Some((mode, flops)) = moescope::measures::jacobian::plan(
         geo.jacobian,
         cfg.hidden_size,
@@ -267,9 +268,76 @@ fn load_tokens(
     }
     let ds = Dataset::load(&data_cfg()?, progress())?;
     Ok((
-        analysis_tokens(&ds.valid, a.tokens),
+        analysis_tokens(&ds.valid, a.tokens.unwrap_or(DEFAULT_TOKENS)),
         format!("{} (validation split)", ds.source),
     ))
+}
+
+/// How many of the `available` tokens of `input` to analyse: `--tokens`, or
+/// by default 8192, or all of a shorter input (said on stderr). An explicit
+/// `--tokens` beyond a `--token-ids` file is refused.
+fn tokens_to_analyse(a: &AnalyzeArgs, available: usize, input: &str) -> Result<usize> {
+    match a.tokens {
+        Some(n) if n > available && a.token_ids.is_some() => bail!(
+            "--tokens {n}: {input} holds only {available} tokens; pass --tokens {available} \
+             or fewer, or leave --tokens out to analyse the whole file"
+        ),
+        Some(n) => Ok(n),
+        None if available < DEFAULT_TOKENS => {
+            eprintln!(
+                "{input} holds {available} tokens, fewer than the default --tokens \
+                 {DEFAULT_TOKENS}: analysing all of them"
+            );
+            Ok(available)
+        }
+        None => Ok(DEFAULT_TOKENS),
+    }
+}
+
+/// Refuse an output path that cannot be written, before any work: a file
+/// path (`folder` false) that is a folder, or a path whose nearest existing
+/// ancestor is not a writable folder (missing folders are created later).
+fn check_output(path: &Path, flag: &str, folder: bool) -> Result<()> {
+    if path.is_dir() != folder && path.exists() {
+        match folder {
+            true => bail!("{flag} {}: is a file, not a folder", path.display()),
+            false => bail!(
+                "{flag} {}: is a folder; give a file path, e.g. {}",
+                path.display(),
+                path.join("report.json").display()
+            ),
+        }
+    }
+    let mut dir = if folder {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new(""))
+    };
+    while !dir.as_os_str().is_empty() && !dir.exists() {
+        dir = dir.parent().unwrap_or(Path::new(""));
+    }
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {}: cannot be created, {} is not a folder",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".moescope-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot write in {}",
+                path.display(),
+                dir.display()
+            )
+        })
 }
 
 /// The report as JSON at `--out`, its summary table on stderr, and the figures.

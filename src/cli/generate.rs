@@ -19,8 +19,8 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature, a finite number ≥ 0 (0 = greedy).
+    #[arg(long, default_value_t = 0.8, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f64,
     /// Sample among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 40)]
@@ -30,6 +30,17 @@ pub struct GenerateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// A sampling temperature: finite and not negative (NaN or ∞ would sample garbage).
+fn temperature(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(_) => Err(format!(
+            "`{s}` is not a finite number ≥ 0 (0 = greedy, 0.8 = the default)"
+        )),
+        Err(e) => Err(format!("`{s}` is not a number: {e}")),
+    }
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -52,4 +63,28 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let ids = sample(&model, &prompt, a.tokens, tok.vocab_size(), &opts)?;
     println!("{}{}", a.prompt, tok.decode(&ids));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    #[test]
+    fn temperature_must_be_finite_and_not_negative() {
+        for bad in ["nan", "inf", "-1", "x"] {
+            let e = Cli::try_parse_from(["g", "--model", "m", "--temperature", bad]);
+            let e = e.err().unwrap().to_string();
+            assert!(e.contains("--temperature") && e.contains(bad), "{e}");
+        }
+        for good in ["0", "0.8", "2"] {
+            assert!(Cli::try_parse_from(["g", "--model", "m", "--temperature", good]).is_ok());
+        }
+    }
 }

@@ -143,6 +143,7 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
         println!("{}", p.display());
         return Ok(());
     }
+    let mut failed = 0;
     if !collect_only {
         eprintln!(
             "sweep `{}`: {} runs in {} ({jobs} jobs × {threads} threads)",
@@ -164,6 +165,7 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
             "runs: {} done ({} already finished), {} failed",
             c.done, c.skipped, c.failed
         );
+        failed = c.failed;
     }
     let f = moescope::report::write_sweep_report(&dir, None)?;
     eprintln!(
@@ -173,5 +175,13 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
     );
     eprintln!("report:  {}", f.markdown.display());
     println!("{}", f.html.display());
+    if failed > 0 {
+        bail!(
+            "{failed} of {} runs failed: see the error column of {} and runs/<id>/worker.log; \
+             run the same command again to retry them (finished runs are kept)",
+            cells.len(),
+            dir.0.join("results.csv").display()
+        );
+    }
     Ok(())
 }

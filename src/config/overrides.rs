@@ -49,6 +49,40 @@ pub(super) fn merge_checked(
             }
         }
     }
+    if prefix.is_empty() {
+        refuse_steps_with_tokens(dst, origin)?;
+    }
+    Ok(())
+}
+
+/// Refuse `train.max_steps` together with `train.max_tokens`: the token
+/// budget decides the length, so the steps would be silently ignored.
+/// `max_steps` at 0 or at the preset's default counts as not given.
+fn refuse_steps_with_tokens(table: &toml::Table, origin: &str) -> Result<()> {
+    let train = table.get("train").and_then(toml::Value::as_table);
+    let get = |k: &str| {
+        train
+            .and_then(|t| t.get(k))
+            .and_then(toml::Value::as_integer)
+    };
+    let (Some(steps), Some(tokens)) = (get("max_steps"), get("max_tokens")) else {
+        return Ok(());
+    };
+    let preset = table
+        .get("preset")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("tiny");
+    let default = super::Config::preset(preset).map_or(0, |c| c.train.max_steps as i64);
+    if tokens > 0 && steps != 0 && steps != default {
+        return Err(Error::config(
+            "train.max_steps",
+            format!(
+                "in {origin}: given with train.max_tokens = {tokens}, which decides the run's \
+                 length; set only one of them (train.max_steps = 0, or the preset's {default}, \
+                 leaves the length to max_tokens)"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -88,6 +122,12 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
         return Err(Error::config(set, "expected --set section.key=value"));
     };
     let key = key.trim();
+    if set.contains(['\n', '\r']) {
+        return Err(Error::config(
+            key,
+            format!("{origin:?}: a line break in --set; give the value on one line"),
+        ));
+    }
     let raw = raw.trim();
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
@@ -108,4 +148,48 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
         }
     }
     merge_checked(table, &src, "", &origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn resolve(sets: &[&str]) -> crate::Result<Config> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::resolve(Some("small"), None, &sets)
+    }
+
+    #[test]
+    fn max_steps_with_max_tokens_is_refused_naming_both() {
+        let e = resolve(&["train.max_steps=500", "train.max_tokens=100000"]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("train.max_steps") && e.contains("train.max_tokens"),
+            "{e}"
+        );
+        let e = resolve(&["train.max_tokens=100000", "train.max_steps=500"]).unwrap_err();
+        assert!(e.to_string().contains("train.max_tokens = 100000"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[train]\nmax_steps = 7\nmax_tokens = 9000\n").unwrap();
+        let e = Config::resolve(None, Some(&p), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("train.max_tokens"),
+            "{e}"
+        );
+        // max_tokens alone (the preset's max_steps), or with max_steps = 0, is fine.
+        assert!(resolve(&["train.max_tokens=100000"]).is_ok());
+        assert!(resolve(&["train.max_tokens=100000", "train.max_steps=0"]).is_ok());
+        assert!(resolve(&["train.max_steps=500", "train.max_tokens=0"]).is_ok());
+    }
+
+    #[test]
+    fn a_line_break_in_set_is_refused() {
+        for set in ["train.max_steps=5\n[model]", "train.seed=1\r\n"] {
+            let e = resolve(&[set]).unwrap_err().to_string();
+            assert!(e.contains("line break") && e.contains("train."), "{e}");
+        }
+    }
 }

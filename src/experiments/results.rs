@@ -1,7 +1,7 @@
 //! The results store: one row per run of a sweep, as `results.jsonl` and
 //! `results.csv` (both readable with pandas).
 
-use super::sweep::{read_status, Cell, SweepDir};
+use super::sweep::{read_status, recorded_cell_matches, Cell, SweepDir};
 use crate::config::Routing;
 use crate::fsutil::write_atomic;
 use crate::metrics::{read_metrics, EvalRow, MetricRow, TrainRow};
@@ -449,6 +449,9 @@ pub fn collect(dir: &SweepDir, cells: &[Cell]) -> Result<Vec<ResultRow>> {
 
 fn collect_one(dir: &SweepDir, cell: &Cell) -> Result<ResultRow> {
     let run = dir.run(&cell.id);
+    if let Err(e) = recorded_cell_matches(dir, cell) {
+        return Ok(foreign_run_row(cell, e));
+    }
     let status = read_status(dir, &cell.id);
     let mut r = ResultRow {
         id: cell.id.clone(),
@@ -482,6 +485,22 @@ fn collect_one(dir: &SweepDir, cell: &Cell) -> Result<ResultRow> {
         r.study.set_start(ev);
     }
     Ok(r)
+}
+
+/// The row of a cell whose folder holds another cell's run: the error, and
+/// none of that run's numbers.
+fn foreign_run_row(cell: &Cell, e: Error) -> ResultRow {
+    let mut r = ResultRow {
+        id: cell.id.clone(),
+        status: "failed".into(),
+        error: Some(e.to_string()),
+        swept: cell.values.clone(),
+        ..ResultRow::default()
+    };
+    if let Ok(cfg) = &cell.config {
+        r.set_config(cfg);
+    }
+    r
 }
 
 /// Column order: fixed columns, swept keys, then the rest sorted.
@@ -530,7 +549,7 @@ pub fn write(dir: &SweepDir, rows: &[ResultRow], swept: &[String]) -> Result<()>
     let cols = columns(&maps, swept);
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(&cols)
-        .map_err(|e| Error::Data(e.to_string()))?;
+        .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     for m in &maps {
         let rec: Vec<String> = cols
             .iter()
@@ -541,9 +560,11 @@ pub fn write(dir: &SweepDir, rows: &[ResultRow], swept: &[String]) -> Result<()>
             })
             .collect();
         w.write_record(&rec)
-            .map_err(|e| Error::Data(e.to_string()))?;
+            .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::Data(e.to_string()))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::Other(format!("cannot write results.csv: {e}")))?;
     write_atomic(&dir.0.join("results.csv"), &bytes)
 }
 
@@ -677,6 +698,52 @@ mod tests {
             (p.status.as_str(), p.steps, p.weight_mso),
             ("pending", None, None)
         );
+    }
+
+    #[test]
+    fn a_folder_recording_another_cell_gives_an_error_row_not_its_numbers() {
+        let d = tempfile::tempdir().unwrap();
+        let (sweep, cell) = finished_run(d.path());
+        let record = sweep.run(&cell.id).join("cell.toml");
+        std::fs::write(
+            &record,
+            "index = 0\nid = \"lam0.1-s3\"\n[values]\n\"reg.orth_lambda\" = 0.10\n",
+        )
+        .unwrap();
+        let row = collect(&sweep, std::slice::from_ref(&cell))
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (row.status.as_str(), row.val_ppl),
+            ("done", Some(90.0)),
+            "0.10 is 0.1"
+        );
+        std::fs::write(
+            &record,
+            "index = 1\nid = \"lam0.1-s3\"\n[values]\n\"reg.orth_lambda\" = 0.2\n",
+        )
+        .unwrap();
+        let row = collect(&sweep, std::slice::from_ref(&cell))
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (row.status.as_str(), row.val_ppl, row.steps),
+            ("failed", None, None)
+        );
+        assert!(
+            row.error.as_deref().unwrap().contains("cell.toml"),
+            "{:?}",
+            row.error
+        );
+        // A folder of an earlier version recorded the resolved config.
+        std::fs::write(&record, "[reg]\north_lambda = 0.2\n[train]\nseed = 3\n").unwrap();
+        let row = collect(&sweep, std::slice::from_ref(&cell))
+            .unwrap()
+            .remove(0);
+        assert_eq!(row.status, "failed");
+        std::fs::write(&record, "[reg]\north_lambda = 0.1\n").unwrap();
+        let row = collect(&sweep, &[cell]).unwrap().remove(0);
+        assert_eq!(row.status, "done");
     }
 
     #[test]

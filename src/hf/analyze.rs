@@ -155,7 +155,7 @@ pub fn select_layers(ck: &HfCheckpoint, layers: Option<&[usize]>) -> Result<Vec<
         .filter(|&l| ck.cfg.moe_layers[l])
         .collect();
     if moe.is_empty() {
-        return Err(Error::Data(
+        return Err(Error::Other(
             "the model has no MoE layer: nothing to analyse".into(),
         ));
     }

@@ -574,12 +574,14 @@ impl ModelFiles {
 }
 
 /// True when `config.json` at `path` describes a Hugging Face model rather
-/// than a moescope one (it has `model_type` and no `moescope` key).
+/// than a moescope one: a JSON object without the `moescope` key every
+/// moescope `config.json` has. One without `model_type` is a Hugging Face
+/// config too, so that reading it says `model_type` is missing.
 pub fn is_hf_config(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| v.get("moescope").is_none() && v.get("model_type").is_some())
+        .is_some_and(|v| v.is_object() && v.get("moescope").is_none())
 }
 
 #[cfg(test)]
@@ -653,6 +655,20 @@ mod tests {
                 && e.contains("mixtral, qwen2_moe"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_config_without_model_type_is_read_as_hf_and_says_it_is_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.json");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("model_type");
+        std::fs::write(&p, v.to_string()).unwrap();
+        assert!(is_hf_config(&p));
+        let e = HfConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("`model_type`") && e.contains("missing"), "{e}");
+        std::fs::write(&p, r#"{"model_type": "moescope", "moescope": {}}"#).unwrap();
+        assert!(!is_hf_config(&p));
     }
 
     #[test]

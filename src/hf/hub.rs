@@ -83,7 +83,7 @@ pub fn resolve(id: &str, revision: &str, progress: bool) -> Result<PathBuf> {
             return Ok(dir);
         }
         if offline() {
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "`{id}` is only partly in the Hugging Face cache {} (missing: {}); \
                  go online (unset MOESCOPE_OFFLINE / HF_HUB_OFFLINE) to finish the download",
                 cache.path().display(),
@@ -99,7 +99,7 @@ pub fn resolve(id: &str, revision: &str, progress: bool) -> Result<PathBuf> {
             )));
         }
     } else if offline() {
-        return Err(Error::Data(format!(
+        return Err(Error::Other(format!(
             "`{id}` (revision {revision}) is not in the Hugging Face cache {} and downloads are off \
              (MOESCOPE_OFFLINE / HF_HUB_OFFLINE); download it online first, or pass a local folder",
             cache.path().display()
@@ -110,7 +110,7 @@ pub fn resolve(id: &str, revision: &str, progress: bool) -> Result<PathBuf> {
 
 fn download(id: &str, repo: Repo, cache: Cache, progress: bool) -> Result<PathBuf> {
     let hub_err = |what: &str, e: hf_hub::api::sync::ApiError| {
-        Error::Data(format!(
+        Error::Other(format!(
             "Hugging Face hub: {what} for `{id}` failed: {e} (check the id, your network, and \
              HF_TOKEN / `huggingface-cli login` for gated models)"
         ))
@@ -132,7 +132,7 @@ fn download(id: &str, repo: Repo, cache: Cache, progress: bool) -> Result<PathBu
             .iter()
             .filter(|f| f.ends_with(".bin") || f.ends_with(".pt"))
             .collect();
-        return Err(Error::Data(format!(
+        return Err(Error::Other(format!(
             "`{id}` has no safetensors weights{}; moescope does not load pickle checkpoints \
              because unpickling can run arbitrary code (look for a safetensors revision, e.g. \
              `refs/pr/N`, and pass it with --revision)",

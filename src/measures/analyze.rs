@@ -314,7 +314,7 @@ pub fn analyze_with(
 ) -> Result<Report> {
     let moe_layers: Vec<usize> = model.moe_layers().map(|(l, _)| l).collect();
     if moe_layers.is_empty() {
-        return Err(Error::Data(
+        return Err(Error::Other(
             "the model has no MoE layer: nothing to analyse".into(),
         ));
     }

@@ -240,7 +240,7 @@ pub fn orth_loss(model: &Gpt, family: Family, form: OrthForm) -> Result<Tensor> 
             None => p,
         });
     }
-    total.ok_or_else(|| Error::Data("the model has no MoE layer".into()))
+    total.ok_or_else(|| Error::Other("the model has no MoE layer".into()))
 }
 
 /// cos²(a, b) in f64; 0 when either vector is zero (as the activation MSO counts it).

@@ -1,9 +1,10 @@
 //! The sweep folder: its layout, each run's status, the plan, and one run.
 
-use super::{Cell, RunStatus, SweepSpec};
+use super::{same_value, Cell, RunStatus, SweepSpec};
 use crate::fsutil::write_atomic;
 use crate::train::{train, TrainOptions};
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Paths of a sweep folder.
@@ -19,6 +20,81 @@ impl SweepDir {
     }
     pub fn status(&self, id: &str) -> PathBuf {
         self.run(id).join("status.json")
+    }
+    /// The record of which cell a run folder holds.
+    pub fn cell_record(&self, id: &str) -> PathBuf {
+        self.run(id).join("cell.toml")
+    }
+}
+
+/// `runs/<id>/cell.toml`: the cell a run folder holds, written before its
+/// training starts, so results are never read from another cell's run.
+#[derive(Serialize, Deserialize)]
+struct CellRecord {
+    index: usize,
+    id: String,
+    /// The swept values (dotted key -> value).
+    values: toml::Table,
+}
+
+fn write_cell_record(dir: &SweepDir, cell: &Cell) -> Result<()> {
+    let values = toml::Table::try_from(&cell.values)
+        .map_err(|e| Error::config(&cell.id, format!("swept values are not TOML: {e}")))?;
+    let record = CellRecord {
+        index: cell.index,
+        id: cell.id.clone(),
+        values,
+    };
+    let text = toml::to_string_pretty(&record).expect("a cell record serialises");
+    write_atomic(&dir.cell_record(&cell.id), text.as_bytes())
+}
+
+/// Whether the run folder of `cell` holds this cell's run: an error that says
+/// why not when its `cell.toml` records other swept values (or cannot be
+/// read). A folder without `cell.toml` has not started a run. Folders of
+/// earlier versions recorded the resolved config there; their swept keys are
+/// compared with it.
+pub fn recorded_cell_matches(dir: &SweepDir, cell: &Cell) -> Result<()> {
+    let path = dir.cell_record(&cell.id);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| Error::bad_file(&path, format!("not a cell record: {e}")))?;
+    let recorded = serde_json::to_value(&table).unwrap_or_default();
+    let same = match recorded.get("values") {
+        Some(values) => same_value(values, &serde_json::Value::Object(cell.values.clone())),
+        None => cell.values.iter().all(|(k, v)| holds(&recorded, k, v)),
+    };
+    if same {
+        return Ok(());
+    }
+    Err(Error::bad_file(
+        &path,
+        format!(
+            "this folder holds another run than {} ({}); its results are not this run's. \
+             Move the folder away and run the sweep again to redo the run",
+            cell.id,
+            serde_json::Value::Object(cell.values.clone())
+        ),
+    ))
+}
+
+/// Whether `config` (a resolved config as JSON) has `value` at dotted `key`;
+/// a table value is a variant whose keys it must all have. Keys the config
+/// does not have are not held against it.
+fn holds(config: &serde_json::Value, key: &str, value: &serde_json::Value) -> bool {
+    let prefix = super::variant_prefix(key);
+    let at = prefix
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(config, |c, p| c.get(p));
+    let Some(at) = at else { return true };
+    match value {
+        serde_json::Value::Object(t) => t.iter().all(|(k, v)| holds(at, k, v)),
+        v => same_value(at, v),
     }
 }
 
@@ -80,7 +156,7 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
         let old_spec: Option<SweepSpec> = toml::from_str(&old).ok();
         let same = old_spec.is_some_and(|o| runs_of(&o) == runs_of(spec));
         if !same {
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "{} holds a different sweep; use another --out, or delete that folder to start over",
                 dir.0.display()
             )));
@@ -108,6 +184,7 @@ pub fn plan(spec: &SweepSpec, dir: &SweepDir) -> Result<Vec<Cell>> {
 pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<RunStatus> {
     let run = dir.run(&cell.id);
     std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+    recorded_cell_matches(dir, cell)?;
     if let Some(s) = read_status(dir, &cell.id) {
         if s.status == "done" {
             return Ok(s);
@@ -119,7 +196,7 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
             && s.pid
                 .is_some_and(|p| p != std::process::id() && still_alive_after(p, 5.0))
         {
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "run {} is being run by process {}",
                 cell.id,
                 s.pid.unwrap_or(0)
@@ -143,7 +220,7 @@ pub fn run_one(dir: &SweepDir, cell: &Cell, threads: Option<usize>) -> Result<Ru
     if let Some(t) = threads {
         cfg.train.threads = t;
     }
-    write_atomic(&run.join("cell.toml"), cfg.to_toml().as_bytes())?;
+    write_cell_record(dir, cell)?;
     write_status(
         dir,
         &cell.id,

@@ -26,20 +26,24 @@
 //!
 //! Layout of the sweep folder: `sweep.toml` (the spec, with `base` made
 //! absolute), `plan.json` (every run: index, id, swept values),
-//! `runs/<id>/` (a normal run folder plus `cell.toml` and `status.json`),
+//! `runs/<id>/` (a normal run folder plus `cell.toml`, the swept values it
+//! holds, and `status.json`),
 //! `results.csv` / `results.jsonl` (one row per run).
 
 pub mod estimate;
 mod folder;
+mod grid;
 mod local;
 mod slurm;
 
-pub use folder::{plan, read_status, run_one, SweepDir};
+pub use folder::{plan, read_status, recorded_cell_matches, run_one, SweepDir};
+pub use grid::same_value;
 pub use local::{default_jobs, run_local, worker_command, SweepCounts};
 pub use slurm::write_slurm;
 
 use crate::config::Config;
 use crate::{Error, Result};
+use grid::{value_label, Axis};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -120,31 +124,57 @@ fn variant_prefix(grid_key: &str) -> &str {
     }
 }
 
-fn value_label(v: &toml::Value) -> String {
-    let s = match v {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let s: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.len() > 40 {
-        s[s.len() - 40..].to_string()
-    } else {
-        s
+/// A variant's label: its values ("topk-1"), or key-value pairs
+/// ("act_lambda-0.1") `with_keys`; an empty variant is "none".
+fn variant_label(grid_key: &str, t: &toml::Table, with_keys: bool) -> String {
+    let mut inner = Vec::new();
+    flatten(variant_prefix(grid_key), t, &mut inner);
+    if inner.is_empty() {
+        return "none".into();
     }
+    inner
+        .iter()
+        .map(|(ik, v)| match with_keys {
+            true => format!("{}-{}", ik.rsplit('.').next().unwrap_or(ik), value_label(v)),
+            false => value_label(v),
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
-fn to_json(v: &toml::Value) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+/// The labels of one axis's values in run ids, unique within the axis. Variant
+/// labels carry their keys where values alone would not tell variants apart.
+fn axis_labels(key: &str, values: &[toml::Value]) -> Result<Vec<String>> {
+    let label = |v: &toml::Value, with_keys: bool| match v {
+        toml::Value::Table(t) => variant_label(key, t, with_keys),
+        v => value_label(v),
+    };
+    let variants: Vec<String> = values
+        .iter()
+        .filter_map(|v| v.as_table().map(|t| variant_label(key, t, false)))
+        .collect();
+    let mut uniq = variants.clone();
+    uniq.sort();
+    uniq.dedup();
+    let with_keys = uniq.len() < variants.len();
+    let mut labels: Vec<String> = values.iter().map(|v| label(v, with_keys)).collect();
+    grid::disambiguate(key, values, &mut labels)?;
+    Ok(labels)
+}
+
+/// Each axis's short name in run ids: the key's last part, or the whole key
+/// (dots as dashes) where two axes share a last part.
+fn short_names(axes: &[Axis]) -> Vec<String> {
+    let last = |k: &str| k.rsplit('.').next().unwrap_or(k).to_string();
+    axes.iter()
+        .map(|a| {
+            let shared = axes.iter().filter(|o| last(&o.key) == last(&a.key)).count() > 1;
+            match shared {
+                true => a.key.replace('.', "-"),
+                false => last(&a.key),
+            }
+        })
+        .collect()
 }
 
 impl SweepSpec {
@@ -160,6 +190,8 @@ impl SweepSpec {
                 spec.base = Some(dir.join(p).display().to_string());
             }
         }
+        spec.axes(Some(&text))
+            .map_err(|e| Error::bad_file(path, e.to_string()))?;
         Ok(spec)
     }
 
@@ -180,102 +212,62 @@ impl SweepSpec {
         Ok(())
     }
 
+    /// The grid's axes, keys sorted, values as listed; each a non-empty list
+    /// of distinct values. `text`, the sweep file, lets errors quote its spellings.
+    fn axes(&self, text: Option<&str>) -> Result<Vec<Axis>> {
+        let mut grid = Vec::new();
+        flatten("", &self.grid, &mut grid);
+        grid.into_iter()
+            .map(|(key, v)| match v {
+                toml::Value::Array(values) if !values.is_empty() => {
+                    let spellings = text.and_then(|t| grid::grid_spellings(t, &key));
+                    grid::refuse_equal_values(&key, &values, spellings)?;
+                    let labels = axis_labels(&key, &values)?;
+                    Ok(Axis {
+                        key,
+                        values,
+                        labels,
+                    })
+                }
+                _ => Err(Error::config(
+                    format!("grid.{key}"),
+                    "must be a non-empty list of values",
+                )),
+            })
+            .collect()
+    }
+
     /// The runs of this sweep, in a fixed order (keys sorted, values as listed).
     pub fn cells(&self) -> Result<Vec<Cell>> {
         let mut sets = Vec::new();
         flatten("", &self.set, &mut sets);
-        let mut grid = Vec::new();
-        flatten("", &self.grid, &mut grid);
-        let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
-        for (k, v) in grid {
-            match v {
-                toml::Value::Array(a) if !a.is_empty() => axes.push((k, a)),
-                _ => {
-                    return Err(Error::config(
-                        format!("grid.{k}"),
-                        "must be a non-empty list of values",
-                    ))
-                }
-            }
-        }
-        let shorts: Vec<String> = axes
-            .iter()
-            .map(|(k, _)| {
-                let last = k.rsplit('.').next().unwrap_or(k).to_string();
-                if axes
-                    .iter()
-                    .filter(|(o, _)| o.rsplit('.').next() == Some(&last))
-                    .count()
-                    > 1
-                {
-                    k.replace('.', "-")
-                } else {
-                    last
-                }
-            })
-            .collect();
-        // Variant labels: the values ("topk-1"), or key-value pairs
-        // ("act_lambda-0.1") where values alone would not tell variants apart;
-        // an empty variant is "none".
-        let variant_label = |k: &str, t: &toml::Table, with_keys: bool| -> String {
-            let mut inner = Vec::new();
-            flatten(variant_prefix(k), t, &mut inner);
-            if inner.is_empty() {
-                return "none".into();
-            }
-            inner
-                .iter()
-                .map(|(ik, v)| {
-                    if with_keys {
-                        format!("{}-{}", ik.rsplit('.').next().unwrap_or(ik), value_label(v))
-                    } else {
-                        value_label(v)
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("-")
-        };
-        let keyed: Vec<bool> = axes
-            .iter()
-            .map(|(k, vals)| {
-                let labels: Vec<String> = vals
-                    .iter()
-                    .filter_map(|v| v.as_table().map(|t| variant_label(k, t, false)))
-                    .collect();
-                let mut uniq = labels.clone();
-                uniq.sort();
-                uniq.dedup();
-                uniq.len() < labels.len()
-            })
-            .collect();
-        let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+        let axes = self.axes(None)?;
+        let shorts = short_names(&axes);
+        let total: usize = axes.iter().map(|a| a.values.len()).product();
         let base = self.base.as_ref().map(PathBuf::from);
         let mut cells = Vec::with_capacity(total);
         for index in 0..total {
             let mut rem = index;
             let mut picks = vec![0; axes.len()];
             for a in (0..axes.len()).rev() {
-                picks[a] = rem % axes[a].1.len();
-                rem /= axes[a].1.len();
+                picks[a] = rem % axes[a].values.len();
+                rem /= axes[a].values.len();
             }
             let mut values = serde_json::Map::new();
             let mut labels = Vec::new();
             let mut all_sets: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            for (a, (k, vals)) in axes.iter().enumerate() {
-                let v = &vals[picks[a]];
-                values.insert(k.clone(), to_json(v));
+            for (a, axis) in axes.iter().enumerate() {
+                let v = &axis.values[picks[a]];
+                values.insert(axis.key.clone(), grid::to_json(v));
+                labels.push(format!("{}={}", shorts[a], axis.labels[picks[a]]));
                 match v {
-                    // A table is a variant: several keys under `k` set together.
+                    // A table is a variant: several keys under `key` set together.
                     toml::Value::Table(t) => {
                         let mut inner = Vec::new();
-                        flatten(variant_prefix(k), t, &mut inner);
-                        labels.push(format!("{}={}", shorts[a], variant_label(k, t, keyed[a])));
+                        flatten(variant_prefix(&axis.key), t, &mut inner);
                         all_sets.extend(inner.iter().map(|(ik, iv)| format!("{ik}={iv}")));
                     }
-                    v => {
-                        labels.push(format!("{}={}", shorts[a], value_label(v)));
-                        all_sets.push(format!("{k}={v}"));
-                    }
+                    v => all_sets.push(format!("{}={v}", axis.key)),
                 }
             }
             let id = if labels.is_empty() {
@@ -320,6 +312,45 @@ mod tests {
         assert_eq!(ok.config.as_ref().unwrap().train.max_steps, 3);
         let bad: Result<SweepSpec, _> = toml::from_str("[grids]\n\"a\" = [1]\n");
         assert!(bad.is_err());
+    }
+
+    fn spec(text: &str) -> SweepSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn equal_grid_values_are_refused_naming_the_key_and_spellings() {
+        for list in ["[0.1, 0.10]", "[0.001, 1e-3]"] {
+            let text = format!("preset = \"tiny\"\n[grid]\n\"reg.orth_lambda\" = {list}\n");
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("s.toml");
+            std::fs::write(&p, &text).unwrap();
+            let e = SweepSpec::from_file(&p).unwrap_err().to_string();
+            let (a, b) = list[1..list.len() - 1].split_once(", ").unwrap();
+            assert!(
+                e.contains("grid.reg.orth_lambda") && e.contains(&format!("{a} and {b}")),
+                "{e}"
+            );
+            assert!(e.contains("s.toml"), "{e}");
+            assert!(spec(&text).cells().is_err());
+        }
+    }
+
+    #[test]
+    fn distinct_values_with_one_label_get_distinct_stable_ids() {
+        let s = spec("preset = \"tiny\"\n[grid]\n\"data.path\" = [\"d/x.txt\", \"d_x.txt\", \"y.txt\"]\n\"train.seed\" = [0, 1]\n");
+        let cells = s.cells().unwrap();
+        let ids: std::collections::HashSet<_> = cells.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids.len(), 6, "{ids:?}");
+        assert!(
+            ids.contains("path=y.txt_seed=0"),
+            "unneeded hashes: {ids:?}"
+        );
+        let again: Vec<String> = s.cells().unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(
+            cells.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            again
+        );
     }
 
     /// Every sweep file shipped in configs/sweeps resolves, every cell valid.

@@ -15,7 +15,7 @@ pub fn write_slurm(
     threads: usize,
 ) -> Result<PathBuf> {
     let exe = std::env::current_exe()
-        .map_err(|e| Error::Data(format!("cannot find the moescope executable: {e}")))?;
+        .map_err(|e| Error::Other(format!("cannot find the moescope executable: {e}")))?;
     let dir_abs = SweepDir(std::fs::canonicalize(&dir.0).map_err(|e| Error::io(&dir.0, e))?);
     let cmd = worker_command(&exe, &dir_abs, "$SLURM_ARRAY_TASK_ID", threads);
     let slurm = dir_abs.0.join("slurm");
