@@ -73,10 +73,20 @@ pub fn safetensors_bytes(
 /// Read every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
-        path: path.into(),
-        msg: format!("not a readable safetensors file ({e}); it may be corrupt or truncated"),
-    })
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
+            path: path.into(),
+            msg: format!("not a readable safetensors file ({e}); it may be corrupt or truncated"),
+        })?;
+    // Weights and optimizer moments are floats; an integer tensor would be
+    // converted silently by the loaders.
+    if let Some((name, t)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
+        return Err(Error::Checkpoint {
+            path: path.into(),
+            msg: format!("tensor `{name}` is {:?}, not a float type", t.dtype()),
+        });
+    }
+    Ok(tensors)
 }
 
 /// The Hugging Face-style `config.json` of a model.
@@ -113,7 +123,7 @@ pub fn read_config_json(path: &Path) -> Result<ModelConfig> {
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not JSON: {e}")))?;
     let m = v.get("moescope").ok_or_else(|| {
-        Error::bad_file(path, "no `moescope` field: not a moescope checkpoint (Hugging Face MoE checkpoints are not supported yet)")
+        Error::bad_file(path, "no `moescope` field: not a moescope checkpoint (a Hugging Face MoE model is read by `moescope analyze`, not by eval or generate)")
     })?;
     let cfg: ModelConfig = serde_json::from_value(m.clone())
         .map_err(|e| Error::bad_file(path, format!("field `moescope`: {e}")))?;
@@ -338,7 +348,7 @@ pub fn resolve_model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
         return Ok((dir.join("config.json"), path.to_path_buf()));
     }
     if !path.is_dir() {
-        return Err(Error::Data(format!(
+        return Err(Error::Other(format!(
             "{}: no such run, checkpoint folder or .safetensors file",
             path.display()
         )));
@@ -349,7 +359,7 @@ pub fn resolve_model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
     if let Some(c) = latest_checkpoint(path)? {
         return Ok((c.join("config.json"), c.join("model.safetensors")));
     }
-    Err(Error::Data(format!(
+    Err(Error::Other(format!(
         "{}: no model.safetensors and no checkpoint inside; is this a moescope run folder?",
         path.display()
     )))

@@ -20,7 +20,7 @@ pub struct ConfigArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Named dataset: builtin, tinystories, wikitext-103, wikitext-2, ptb (downloaded into the cache when online).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data")]
     dataset: Option<String>,
     /// Override any config key, e.g. --set model.top_k=1 --set train.max_steps=500. Repeatable.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]

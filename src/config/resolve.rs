@@ -79,8 +79,11 @@ impl Config {
     /// Parse a resolved config written by [`Config::to_toml`].
     pub fn from_toml_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Config = toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        c.validate()?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        // Through the table, so that a bad value names its key (and the file).
+        let c = from_table(table).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        c.validate().map_err(|e| Error::bad_file(path, e.to_string()))?;
         Ok(c)
     }
 

@@ -137,7 +137,7 @@ pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         run.bar.set_position(s as u64);
         if opts.stop_after == Some(s) {
             run.bar.finish_and_clear();
-            return Err(Error::Data(format!(
+            return Err(Error::Other(format!(
                 "stopped after step {s} (--stop-after)"
             )));
         }

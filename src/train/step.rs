@@ -253,7 +253,7 @@ impl TrainStep for FusedStep {
 
     fn sync(&mut self, optimizer: bool) -> Result<()> {
         let Some((model, opt)) = self.host.as_mut() else {
-            return Err(Error::Data(
+            return Err(Error::Other(
                 "this engine keeps no model to hand its state back to".into(),
             ));
         };
@@ -267,7 +267,7 @@ impl TrainStep for FusedStep {
     fn model_and_optimizer(&self) -> Result<(&Gpt, &AdamW)> {
         match &self.host {
             Some((m, o)) => Ok((m, o)),
-            None => Err(Error::Data("this engine keeps no model".into())),
+            None => Err(Error::Other("this engine keeps no model".into())),
         }
     }
 
