@@ -83,7 +83,8 @@ impl Config {
             toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
         // Through the table, so that a bad value names its key (and the file).
         let c = from_table(table).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        c.validate().map_err(|e| Error::bad_file(path, e.to_string()))?;
+        c.validate()
+            .map_err(|e| Error::bad_file(path, e.to_string()))?;
         Ok(c)
     }
 

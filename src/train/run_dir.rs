@@ -32,6 +32,25 @@ pub const LOCK_FILE: &str = ".lock";
 pub struct RunDir {
     pub path: PathBuf,
     _lock: std::fs::File,
+    /// The folder did not exist before this run opened it.
+    created: bool,
+}
+
+impl Drop for RunDir {
+    /// A folder left holding nothing but the lock (an error before the run's
+    /// first file: bad data, a bad checkpoint) loses the lock file, and the
+    /// folder too when this run created it: a failed start leaves nothing behind.
+    fn drop(&mut self) {
+        let only_lock = std::fs::read_dir(&self.path)
+            .map(|es| es.flatten().all(|e| e.file_name() == LOCK_FILE))
+            .unwrap_or(false);
+        if only_lock {
+            let _ = std::fs::remove_file(self.path.join(LOCK_FILE));
+            if self.created {
+                let _ = std::fs::remove_dir(&self.path);
+            }
+        }
+    }
 }
 
 /// Whether `out` holds a run: its `config.toml` or its checkpoints.
@@ -44,6 +63,7 @@ pub fn holds_run(out: &Path) -> bool {
 /// overwrites nothing) or, when `resume`, a folder without one.
 pub fn open(out: &Path, resume: bool) -> Result<RunDir> {
     refuse_foreign(out)?;
+    let created = !out.exists();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let lock = lock(out)?;
     let has_run = holds_run(out);
@@ -62,6 +82,7 @@ pub fn open(out: &Path, resume: bool) -> Result<RunDir> {
     Ok(RunDir {
         path: out.to_path_buf(),
         _lock: lock,
+        created,
     })
 }
 
