@@ -17,6 +17,7 @@ use std::path::Path;
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)] // rows are read and written one at a time
 pub enum MetricRow {
     Start(StartRow),
     Train(TrainRow),

@@ -101,7 +101,7 @@ impl Default for ModelConfig {
 impl ModelConfig {
     /// Whether layer `l` carries an MoE FFN.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        (l + 1) % self.moe_every == 0
+        (l + 1).is_multiple_of(self.moe_every)
     }
 
     /// Number of experts each token uses.

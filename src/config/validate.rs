@@ -21,7 +21,7 @@ impl ModelConfig {
         pos(self.d_ff, "d_ff")?;
         pos(self.n_experts, "n_experts")?;
         pos(self.moe_every, "moe_every")?;
-        if self.d_model % self.n_head != 0 {
+        if !self.d_model.is_multiple_of(self.n_head) {
             return Err(Error::config(
                 "model.n_head",
                 format!(

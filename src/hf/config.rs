@@ -277,7 +277,7 @@ impl HfConfig {
                 return Err(err(key, "must be at least 1".into()));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(
                 "num_key_value_heads",
                 format!(
@@ -286,7 +286,7 @@ impl HfConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(err(
                 "head_dim",
                 format!("{} is odd; RoPE needs an even head size", self.head_dim),

@@ -172,7 +172,7 @@ fn write_shard(
     }
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut h = serde_json::to_vec(&header).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");

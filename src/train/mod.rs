@@ -411,7 +411,7 @@ impl<'o> Run<'o> {
         self.state.tokens += tokens;
         self.window.1 += tokens;
         self.state.elapsed_s = self.clock.1 + self.clock.0.elapsed().as_secs_f64();
-        if self.state.step % self.cfg.train.log_every == 0 || self.state.step == total {
+        if self.state.step.is_multiple_of(self.cfg.train.log_every) || self.state.step == total {
             self.log_train(&stats, &plan)?;
         }
         Ok(())

@@ -81,9 +81,11 @@ pub fn is_moe(c: &Value, l: usize) -> bool {
                 .as_array()
                 .map(|a| a.iter().map(|x| x.as_u64().unwrap()).collect())
                 .unwrap_or_default();
-            !only.contains(&(l as u64)) && (l + 1) % u(c, "decoder_sparse_step") == 0
+            !only.contains(&(l as u64)) && (l + 1).is_multiple_of(u(c, "decoder_sparse_step"))
         }
-        "deepseek" => l >= u(c, "first_k_dense_replace") && l % u(c, "moe_layer_freq") == 0,
+        "deepseek" => {
+            l >= u(c, "first_k_dense_replace") && l.is_multiple_of(u(c, "moe_layer_freq"))
+        }
         _ => unreachable!(),
     }
 }

@@ -26,12 +26,8 @@ pub fn run_seconds(cfg: &Config, cores: usize) -> f64 {
     let per_token = m.flops_per_token();
     let steps = t.total_steps(m.seq_len);
     let train = (steps * t.batch_size * t.grad_accum * m.seq_len) as f64 * per_token;
-    let evals = if t.eval_every > 0 {
-        steps / t.eval_every
-    } else {
-        0
-    } + 1
-        + usize::from(t.eval_at_start);
+    let periodic = steps.checked_div(t.eval_every).unwrap_or(0); // eval_every 0: none
+    let evals = periodic + 1 + usize::from(t.eval_at_start);
     let eval_tokens = if t.eval_tokens > 0 {
         t.eval_tokens
     } else {
