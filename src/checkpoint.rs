@@ -73,8 +73,17 @@ pub fn safetensors_bytes(
 /// Read every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_safetensors_bytes(&bytes, path, device)
+}
+
+/// [`read_safetensors`] on the file's bytes; `path` only names the file in errors.
+pub fn read_safetensors_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let tensors =
-        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::Checkpoint {
             path: path.into(),
             msg: format!("not a readable safetensors file ({e}); it may be corrupt or truncated"),
         })?;
@@ -120,8 +129,13 @@ pub fn hf_config_json(m: &ModelConfig) -> serde_json::Value {
 /// Parse our model config out of a `config.json`.
 pub fn read_config_json(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_config_json(&text, path)
+}
+
+/// [`read_config_json`] on the file's text; `path` only names the file in errors.
+pub fn parse_config_json(text: &str, path: &Path) -> Result<ModelConfig> {
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("not JSON: {e}")))?;
     let m = v.get("moescope").ok_or_else(|| {
         Error::bad_file(path, "no `moescope` field: not a moescope checkpoint (a Hugging Face MoE model is read by `moescope analyze`, not by eval or generate)")
     })?;

@@ -23,6 +23,8 @@ pub mod device;
 pub mod error;
 pub mod experiments;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hf;
 pub mod kernels;
 pub mod measures;

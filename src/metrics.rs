@@ -250,7 +250,9 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
 }
 
 /// [`read_metrics`] on text; the error is (1-based line, why).
-fn parse_metrics(text: &str) -> std::result::Result<Vec<MetricRow>, (usize, serde_json::Error)> {
+pub fn parse_metrics(
+    text: &str,
+) -> std::result::Result<Vec<MetricRow>, (usize, serde_json::Error)> {
     let torn_tail = !text.is_empty() && !text.ends_with('\n');
     let n_lines = text.lines().count();
     let mut rows = Vec::with_capacity(n_lines);

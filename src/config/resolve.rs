@@ -14,9 +14,30 @@ impl Config {
     /// `preset` key, else `tiny`.
     pub fn resolve(preset: Option<&str>, file: Option<&Path>, sets: &[String]) -> Result<Config> {
         let file_table = file.map(read_table).transpose()?;
-        let file_preset = file_table
+        Self::resolve_table(preset, file_table.zip(file), sets)
+    }
+
+    /// [`Config::resolve`] with the config file given as its text; `path`
+    /// only names the file in errors.
+    pub fn resolve_text(
+        preset: Option<&str>,
+        text: &str,
+        path: &Path,
+        sets: &[String],
+    ) -> Result<Config> {
+        let table = parse_table(text, path)?;
+        Self::resolve_table(preset, Some((table, path)), sets)
+    }
+
+    /// [`Config::resolve`] on the parsed file (and its path, for errors).
+    fn resolve_table(
+        preset: Option<&str>,
+        file: Option<(toml::Table, &Path)>,
+        sets: &[String],
+    ) -> Result<Config> {
+        let file_preset = file
             .as_ref()
-            .and_then(|t| t.get("preset"))
+            .and_then(|(t, _)| t.get("preset"))
             .and_then(|v| v.as_str())
             .map(str::to_string);
         let name = preset
@@ -24,7 +45,7 @@ impl Config {
             .or(file_preset)
             .unwrap_or_else(|| "tiny".into());
         let mut table = Config::preset(&name)?.to_table();
-        if let (Some(t), Some(p)) = (&file_table, file) {
+        if let Some((t, p)) = &file {
             merge_checked(&mut table, t, "", &p.display().to_string())?;
         }
         table.insert("preset".into(), toml::Value::String(name));
@@ -79,8 +100,14 @@ impl Config {
     /// Parse a resolved config written by [`Config::to_toml`].
     pub fn from_toml_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_text(&text, path)
+    }
+
+    /// [`Config::from_toml_file`] on the file's text; `path` only names the
+    /// file in errors.
+    pub fn from_toml_text(text: &str, path: &Path) -> Result<Config> {
         let table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            toml::from_str(text).map_err(|e| Error::bad_file(path, e.to_string()))?;
         // Through the table, so that a bad value names its key (and the file).
         let c = from_table(table).map_err(|e| Error::bad_file(path, e.to_string()))?;
         c.validate()
@@ -126,7 +153,12 @@ fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Valu
 /// A TOML file as a table; errors name the file.
 fn read_table(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    toml::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid TOML: {e}")))
+    parse_table(&text, path)
+}
+
+/// A TOML file's text as a table; errors name the file.
+fn parse_table(text: &str, path: &Path) -> Result<toml::Table> {
+    toml::from_str(text).map_err(|e| Error::bad_file(path, format!("not valid TOML: {e}")))
 }
 
 /// Type a merged table. The keys are all known by now (the merge checked

@@ -22,6 +22,46 @@ pub struct TokenHeader {
     pub split: String,
 }
 
+/// A token file's header and where its tokens are, checked against its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLayout {
+    pub header: TokenHeader,
+    /// Byte offset of the first token.
+    pub offset: usize,
+    /// Bytes per token (2 or 4).
+    pub width: usize,
+}
+
+impl TokenLayout {
+    /// Parse the whole file's bytes; the error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> std::result::Result<TokenLayout, &'static str> {
+        if bytes.len() < 12 || &bytes[..8] != MAGIC {
+            return Err("bad magic");
+        }
+        let hlen = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        if bytes.len() < 12 + hlen {
+            return Err("short header");
+        }
+        let header: TokenHeader =
+            serde_json::from_slice(&bytes[12..12 + hlen]).map_err(|_| "bad header")?;
+        let width = match header.dtype.as_str() {
+            "u16" => 2,
+            "u32" => 4,
+            _ => return Err("bad dtype"),
+        };
+        let offset = 12 + hlen;
+        // A header may claim any count: the product must not overflow.
+        if Some((bytes.len() - offset) as u64) != header.count.checked_mul(width as u64) {
+            return Err("size does not match the token count");
+        }
+        Ok(TokenLayout {
+            header,
+            offset,
+            width,
+        })
+    }
+}
+
 /// A token file, memory-mapped.
 #[derive(Debug)]
 pub struct TokenFile {
@@ -79,24 +119,11 @@ impl TokenFile {
                 format!("{msg}: corrupt or truncated token file; delete it to rebuild"),
             )
         };
-        if map.len() < 12 || &map[..8] != MAGIC {
-            return Err(corrupt("bad magic"));
-        }
-        let hlen = u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize;
-        if map.len() < 12 + hlen {
-            return Err(corrupt("short header"));
-        }
-        let header: TokenHeader =
-            serde_json::from_slice(&map[12..12 + hlen]).map_err(|_| corrupt("bad header"))?;
-        let width = match header.dtype.as_str() {
-            "u16" => 2,
-            "u32" => 4,
-            _ => return Err(corrupt("bad dtype")),
-        };
-        let offset = 12 + hlen;
-        if (map.len() - offset) as u64 != header.count * width as u64 {
-            return Err(corrupt("size does not match the token count"));
-        }
+        let TokenLayout {
+            header,
+            offset,
+            width,
+        } = TokenLayout::parse(&map).map_err(corrupt)?;
         Ok(TokenFile {
             path: path.to_path_buf(),
             header,

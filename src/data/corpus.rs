@@ -178,21 +178,32 @@ pub fn read_text(path: &Path, join: RecordJoin) -> Result<String> {
         "parquet" => read_parquet(path, sep),
         _ => {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            String::from_utf8(bytes).map_err(|e| {
-                Error::bad_file(
-                    path,
-                    format!(
-                        "not UTF-8 text (invalid byte at offset {})",
-                        e.utf8_error().valid_up_to()
-                    ),
-                )
-            })
+            utf8_text(bytes, path)
         }
     }
 }
 
+/// A plain text file's bytes as text; `path` only names the file in errors.
+pub fn utf8_text(bytes: Vec<u8>, path: &Path) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
 fn read_jsonl(path: &Path, sep: &str) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    jsonl_text(&text, path, sep)
+}
+
+/// The `text` fields of JSONL records joined by `sep` (what [`read_text`]
+/// makes of a `.jsonl` file); `path` only names the file in errors.
+pub fn jsonl_text(text: &str, path: &Path, sep: &str) -> Result<String> {
     let mut out = String::with_capacity(text.len());
     let mut n = 0;
     for (i, line) in text.lines().enumerate() {
@@ -213,7 +224,24 @@ fn read_jsonl(path: &Path, sep: &str) -> Result<String> {
     Ok(out)
 }
 
+/// [`parquet_text`], with a panic of the Parquet reader on a corrupt file
+/// (fuzzing found "Decoder for dict should have been set" from one flipped
+/// byte) reported as a bad file rather than taking the process down.
 fn read_parquet(path: &Path, sep: &str) -> Result<String> {
+    std::panic::catch_unwind(|| parquet_text(path, sep)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Err(Error::bad_file(
+            path,
+            format!("corrupt Parquet file (the reader failed: {why})"),
+        ))
+    })
+}
+
+fn parquet_text(path: &Path, sep: &str) -> Result<String> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let bad = |msg: String| Error::bad_file(path, msg);

@@ -7,11 +7,16 @@ use std::path::Path;
 /// Read token ids from a JSON array of integers or a 1-D `.npy` of integers.
 pub fn read_token_ids(path: &Path) -> Result<Vec<u32>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_token_ids(&bytes, path)
+}
+
+/// [`read_token_ids`] on the file's bytes (`path` is only used in messages).
+pub fn parse_token_ids(bytes: &[u8], path: &Path) -> Result<Vec<u32>> {
     let bad = |m: String| Error::bad_file(path, m);
     let ids: Vec<i128> = if bytes.starts_with(b"\x93NUMPY") {
-        read_npy(&bytes).map_err(bad)?
+        read_npy(bytes).map_err(bad)?
     } else {
-        let v: serde_json::Value = serde_json::from_slice(&bytes)
+        let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| bad(format!("neither .npy nor JSON: {e}")))?;
         let arr = v
             .as_array()
@@ -62,7 +67,11 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
         return Err("Fortran-ordered arrays are not supported".into());
     }
     let shape = field("shape").ok_or("no shape in .npy header")?;
-    let dims: Vec<usize> = shape[1..shape.find(')').ok_or("bad shape")?]
+    let close = shape.find(')').ok_or("bad shape")?;
+    // `get`: the shape may be `)` alone or start with a multi-byte character.
+    let dims: Vec<usize> = shape
+        .get(1..close)
+        .ok_or_else(|| format!("bad shape {shape}"))?
         .split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().map_err(|_| format!("bad shape {shape}")))
@@ -90,11 +99,13 @@ fn read_npy(b: &[u8]) -> std::result::Result<Vec<i128>, String> {
     if big {
         return Err("big-endian arrays are not supported".into());
     }
-    if data.len() != dims[0] * width {
+    let need = dims[0]
+        .checked_mul(width)
+        .ok_or_else(|| format!("shape {shape} is too large"))?;
+    if data.len() != need {
         return Err(format!(
-            "data holds {} bytes, shape needs {}: truncated file?",
+            "data holds {} bytes, shape needs {need}: truncated file?",
             data.len(),
-            dims[0] * width
         ));
     }
     Ok(data

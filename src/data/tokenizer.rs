@@ -50,10 +50,16 @@ impl Tokenizer {
                 ),
             )
         })?;
-        let tok = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        Self::from_json_bytes(&bytes, path)
+    }
+
+    /// [`Tokenizer::from_file`] on the file's bytes; `path` names the
+    /// tokenizer in errors and is kept as its origin.
+    pub fn from_json_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
             Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}"))
         })?;
-        let hash = hex(&Sha256::digest(&bytes))[..16].to_string();
+        let hash = hex(&Sha256::digest(bytes))[..16].to_string();
         let eot = [
             "<|endoftext|>",
             "</s>",

@@ -105,6 +105,9 @@ pub struct HfConfig {
     pub tie_embeddings: bool,
 }
 
+/// More layers than any model has: `num_hidden_layers` above this is refused.
+pub const MAX_LAYERS: usize = 100_000;
+
 /// Reads typed keys of one config.json, naming the file and the key on error.
 struct Keys<'a> {
     path: &'a Path,
@@ -188,7 +191,12 @@ impl HfConfig {
     /// Read and check `config.json`.
     pub fn from_file(path: &Path) -> Result<HfConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
+        HfConfig::from_text(&text, path)
+    }
+
+    /// [`HfConfig::from_file`] on the file's text (`path` is only used in messages).
+    pub fn from_text(text: &str, path: &Path) -> Result<HfConfig> {
+        let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
         HfConfig::from_value(&v, path)
     }
@@ -210,6 +218,14 @@ impl HfConfig {
         let rope_theta = read_rope_theta(&k, arch)?;
         let hidden_size = k.usize("hidden_size")?;
         let n_layers = k.usize("num_hidden_layers")?;
+        // The per-layer plan is allocated from this count; a corrupt file
+        // claiming 10^18 layers aborted allocating it.
+        if n_layers > MAX_LAYERS {
+            return Err(k.err(
+                "num_hidden_layers",
+                format!("{n_layers} is more than {MAX_LAYERS}; is the file corrupt?"),
+            ));
+        }
         let n_heads = k.usize("num_attention_heads")?;
         let n_kv_heads = k.usize_or("num_key_value_heads", Some(n_heads))?;
         let head_dim = k.usize_or("head_dim", Some(hidden_size / n_heads.max(1)))?;
@@ -529,11 +545,17 @@ fn deepseek_fields(k: &Keys, n_layers: usize, attention_bias: bool) -> Result<Fa
         .map(|l| n > 0 && l >= first_dense && l % freq == 0)
         .collect();
     let n_shared = k.usize_or("n_shared_experts", Some(0))?;
+    let shared_d_ff = f.checked_mul(n_shared).ok_or_else(|| {
+        k.err(
+            "n_shared_experts",
+            format!("{n_shared} shared experts of width {f} overflow the fused width"),
+        )
+    })?;
     Ok(FamilyFields {
         n_experts: n,
         moe_d_ff: f,
         shared: (n_shared > 0).then_some(SharedSpec {
-            d_ff: f * n_shared,
+            d_ff: shared_d_ff,
             gated: false,
         }),
         moe_layers,

@@ -54,7 +54,12 @@ impl std::fmt::Debug for WeightStore {
 /// file name (checked to be a plain file name in the same folder).
 pub fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    parse_index(&text, index)
+}
+
+/// [`read_index`] on the file's text (`index` is only used in messages).
+pub fn parse_index(text: &str, index: &Path) -> Result<BTreeMap<String, String>> {
+    let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")

@@ -96,6 +96,25 @@ pub struct RunStatus {
     pub pid: Option<u32>,
 }
 
+/// The most runs a sweep may have. A grid of 64 two-value lists overflowed
+/// the count (a panic) and one of 40 aborted allocating the plan; long before
+/// that, a grid this large is a mistake (every run trains a model).
+pub const MAX_RUNS: usize = 100_000;
+
+/// The product of the axes' lengths, refused above [`MAX_RUNS`].
+fn count_runs(axes: &[Axis]) -> Result<usize> {
+    axes.iter()
+        .try_fold(1usize, |n, a| {
+            n.checked_mul(a.values.len()).filter(|&n| n <= MAX_RUNS)
+        })
+        .ok_or_else(|| {
+            Error::config(
+                "grid",
+                format!("its lists multiply to more than {MAX_RUNS} runs; split the sweep"),
+            )
+        })
+}
+
 /// Flatten nested tables into dotted keys.
 fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
     for (k, v) in t {
@@ -181,7 +200,13 @@ impl SweepSpec {
     /// Read a sweep file; `base` is made absolute.
     pub fn from_file(path: &Path) -> Result<SweepSpec> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut spec: SweepSpec = toml::from_str(&text)
+        SweepSpec::from_text(&text, path)
+    }
+
+    /// [`SweepSpec::from_file`] on the file's text: `path` names the file in
+    /// errors, and a relative `base` is taken relative to its folder.
+    pub fn from_text(text: &str, path: &Path) -> Result<SweepSpec> {
+        let mut spec: SweepSpec = toml::from_str(text)
             .map_err(|e| Error::bad_file(path, format!("not a valid sweep file: {e}")))?;
         if let Some(b) = &spec.base {
             let p = Path::new(b);
@@ -190,7 +215,7 @@ impl SweepSpec {
                 spec.base = Some(dir.join(p).display().to_string());
             }
         }
-        spec.axes(Some(&text))
+        spec.axes(Some(text))
             .map_err(|e| Error::bad_file(path, e.to_string()))?;
         Ok(spec)
     }
@@ -237,13 +262,18 @@ impl SweepSpec {
             .collect()
     }
 
+    /// The number of runs: the product of the grid's list lengths, at most [`MAX_RUNS`].
+    pub fn run_count(&self) -> Result<usize> {
+        count_runs(&self.axes(None)?)
+    }
+
     /// The runs of this sweep, in a fixed order (keys sorted, values as listed).
     pub fn cells(&self) -> Result<Vec<Cell>> {
         let mut sets = Vec::new();
         flatten("", &self.set, &mut sets);
         let axes = self.axes(None)?;
         let shorts = short_names(&axes);
-        let total: usize = axes.iter().map(|a| a.values.len()).product();
+        let total = count_runs(&axes)?;
         let base = self.base.as_ref().map(PathBuf::from);
         let mut cells = Vec::with_capacity(total);
         for index in 0..total {
