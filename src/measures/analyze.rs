@@ -340,7 +340,14 @@ pub fn analyze_with(
             inputs.extend_from_slice(&tokens[s..s + l]);
         }
         let x = Tensor::from_vec(inputs, (b, len), &dev)?;
-        let out = model.forward(&x, true)?;
+        let out = model.forward_with(
+            &x,
+            crate::model::moe::ForwardOptions {
+                capture: true,
+                capture_hidden: geo.act_spaces.iter().any(|&s| s != ActSpace::Output),
+                ..Default::default()
+            },
+        )?;
         for ((an, cap), (_, moe)) in analyzers
             .iter_mut()
             .zip(&out.captures)

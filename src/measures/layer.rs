@@ -103,7 +103,15 @@ impl LayerAnalyzer {
         let (sel, k) = self.acc.routed_selection(cap);
         self.acc.add_routed(cap, &sel, k)?;
         if !self.space_accs.is_empty() {
-            let with_hidden = moe.with_hidden(input, cap)?;
+            // Our models capture the hidden rows in the forward pass; a
+            // Hugging Face layer's capture lacks them, so compute them here.
+            let computed;
+            let with_hidden = if cap.expert_hidden.len() == cap.expert_outputs.len() {
+                cap
+            } else {
+                computed = moe.with_hidden(input, cap)?;
+                &computed
+            };
             for (space, acc) in &mut self.space_accs {
                 if let Some(rows) = with_hidden.in_space(*space)? {
                     acc.add_routed(&rows, &sel, k)?;

@@ -42,18 +42,30 @@ fn vector(m: &[f64], r: usize, c: usize, g: Granularity, k: usize) -> Vec<f64> {
 
 /// L by the definition, one slice and one pair at a time.
 fn loss_by_loop(w: &[Vec<f64>], r: usize, c: usize, g: Granularity, v: OrthVariant) -> f64 {
+    loss_with_norms_of(w, w, r, c, g, v)
+}
+
+/// L of `w` with the norms taken from `norms_of` (`w` itself, or a fixed
+/// point: the detached variant's gradient is the derivative with the norms frozen).
+fn loss_with_norms_of(
+    w: &[Vec<f64>],
+    norms_of: &[Vec<f64>],
+    r: usize,
+    c: usize,
+    g: Granularity,
+    v: OrthVariant,
+) -> f64 {
     let (n, _) = slices(g, r, c);
+    let sq = |m: &[f64], k| vector(m, r, c, g, k).iter().map(|x| x * x).sum::<f64>();
     let mut total = 0.0;
     for k in 0..n {
         for i in 0..w.len() {
             for j in i + 1..w.len() {
                 let (a, b) = (vector(&w[i], r, c, g, k), vector(&w[j], r, c, g, k));
                 let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-                let na: f64 = a.iter().map(|x| x * x).sum();
-                let nb: f64 = b.iter().map(|x| x * x).sum();
                 total += match v {
                     OrthVariant::Unnormalized => dot * dot,
-                    _ => dot * dot / (na * nb),
+                    _ => dot * dot / (sq(&norms_of[i], k) * sq(&norms_of[j], k)),
                 };
             }
         }
@@ -128,7 +140,7 @@ fn gradients_match_finite_differences() {
                     let mut p = w.clone();
                     p[i][q] += delta;
                     match v {
-                        OrthVariant::DetachedNorm => frozen_norm_loss(&p, &w, r, c, g),
+                        OrthVariant::DetachedNorm => loss_with_norms_of(&p, &w, r, c, g, v),
                         _ => loss_by_loop(&p, r, c, g, v),
                     }
                 };
@@ -141,25 +153,6 @@ fn gradients_match_finite_differences() {
             }
         }
     }
-}
-
-/// Σ ⟨u_i, u_j⟩² / (|u_i⁰|² |u_j⁰|²) with the norms of `at` held fixed.
-fn frozen_norm_loss(w: &[Vec<f64>], at: &[Vec<f64>], r: usize, c: usize, g: Granularity) -> f64 {
-    let (n, _) = slices(g, r, c);
-    let mut total = 0.0;
-    for k in 0..n {
-        for i in 0..w.len() {
-            for j in i + 1..w.len() {
-                let (a, b) = (vector(&w[i], r, c, g, k), vector(&w[j], r, c, g, k));
-                let (a0, b0) = (vector(&at[i], r, c, g, k), vector(&at[j], r, c, g, k));
-                let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-                let na: f64 = a0.iter().map(|x| x * x).sum();
-                let nb: f64 = b0.iter().map(|x| x * x).sum();
-                total += dot * dot / (na * nb);
-            }
-        }
-    }
-    total / n as f64
 }
 
 /// E[MSO] of independent Gaussian matrices is 1/L at every granularity.
