@@ -277,47 +277,11 @@ fn bench_refuses_bad_flags() {
     check_all(d.path(), &cases);
 }
 
-/// A three-step run of a one-layer model, trained into `dir/run`.
-fn train_micro(dir: &Path) {
-    let args = [
-        "train",
-        "--preset",
-        "tiny",
-        "--out",
-        "run",
-        "-q",
-        "--set",
-        "data.builtin_bytes=40000",
-        "--set",
-        "data.cache_dir=\"cache\"",
-        "--set",
-        "model.n_layer=1",
-        "--set",
-        "model.d_model=32",
-        "--set",
-        "model.d_ff=32",
-        "--set",
-        "model.seq_len=32",
-        "--set",
-        "train.max_steps=3",
-        "--set",
-        "train.eval_tokens=256",
-        "--set",
-        "train.batch_size=2",
-    ];
-    let o = Command::new(common::bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 #[test]
 fn eval_generate_and_analyze_refuse_bad_models_inputs_and_outputs() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    train_micro(p);
+    common::train_micro_cli(p);
     let ids: Vec<u32> = (0..100).map(|i| i % 50).collect();
     write(p, "short.json", &serde_json::to_string(&ids).unwrap());
     write(p, "corrupt.json", "[1, 2,");
@@ -408,7 +372,7 @@ fn eval_generate_and_analyze_refuse_bad_models_inputs_and_outputs() {
 fn analyze_uses_a_token_file_shorter_than_the_default_whole() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    train_micro(p);
+    common::train_micro_cli(p);
     let ids: Vec<u32> = (0..100).map(|i| i % 50).collect();
     write(p, "short.json", &serde_json::to_string(&ids).unwrap());
     let o = Command::new(common::bin())

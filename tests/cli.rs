@@ -30,51 +30,10 @@ fn assert_fails(o: &Output, needles: &[&str]) {
     }
 }
 
-fn micro_args<'a>(cache: &'a str, out: &'a str) -> Vec<String> {
-    [
-        "train",
-        "--preset",
-        "tiny",
-        "--out",
-        out,
-        "-q",
-        "--set",
-        "data.builtin_bytes=40000",
-        "--set",
-        &format!("data.cache_dir={cache:?}"),
-        "--set",
-        "model.n_layer=1",
-        "--set",
-        "model.d_model=32",
-        "--set",
-        "model.d_ff=32",
-        "--set",
-        "model.seq_len=32",
-        "--set",
-        "train.max_steps=3",
-        "--set",
-        "train.eval_tokens=256",
-        "--set",
-        "train.batch_size=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn train_micro(dir: &Path) -> std::path::PathBuf {
-    let cache = dir.join("cache").display().to_string();
-    let out = dir.join("run").display().to_string();
-    let args = micro_args(&cache, &out);
-    let o = Command::new(common::bin()).args(&args).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    dir.join("run")
-}
-
 #[test]
 fn train_eval_generate_round_trip() {
     let d = tempfile::tempdir().unwrap();
-    let run_dir = train_micro(d.path());
+    let run_dir = common::train_micro_cli(d.path());
     let r = run_dir.display().to_string();
     let o = run(&["eval", "--model", &r, "--tokens", "200"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -217,7 +176,7 @@ fn bad_data_is_refused() {
 #[test]
 fn bad_checkpoints_are_refused_and_nothing_is_overwritten() {
     let d = tempfile::tempdir().unwrap();
-    let run_dir = train_micro(d.path());
+    let run_dir = common::train_micro_cli(d.path());
     let r = run_dir.display().to_string();
 
     // Truncated weights.

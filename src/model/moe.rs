@@ -6,6 +6,8 @@
 //! routed to. Soft routing runs every expert on every token (that *is* its
 //! definition) and sums with the softmax weights.
 
+use std::borrow::Cow;
+
 use super::layers::{softmax_last, Linear};
 use super::params::ParamStore;
 use crate::config::{ActSpace, Activation, ExpertKind, ModelConfig, Routing};
@@ -96,9 +98,10 @@ impl CapturedRouting {
     /// This capture with the experts' rows taken in `space` (None when the
     /// hidden activations were not captured): what activation overlap in
     /// that space compares.
-    pub fn in_space(&self, space: ActSpace) -> Result<Option<CapturedRouting>> {
+    /// The output space borrows this capture; the others build a new one.
+    pub fn in_space(&self, space: ActSpace) -> Result<Option<Cow<'_, CapturedRouting>>> {
         let rows: Vec<Option<Tensor>> = match space {
-            ActSpace::Output => return Ok(Some(self.clone())),
+            ActSpace::Output => return Ok(Some(Cow::Borrowed(self))),
             _ if self.expert_hidden.len() != self.expert_outputs.len() => return Ok(None),
             ActSpace::Hidden => self.expert_hidden.clone(),
             ActSpace::HiddenLn => self
@@ -113,11 +116,13 @@ impl CapturedRouting {
             .zip(rows)
             .map(|((tokens, _), h)| (tokens.clone(), h))
             .collect();
-        Ok(Some(CapturedRouting {
+        Ok(Some(Cow::Owned(CapturedRouting {
+            probs: self.probs.clone(),
+            selected: self.selected.clone(),
+            k: self.k,
             expert_outputs,
             expert_hidden: Vec::new(),
-            ..self.clone()
-        }))
+        })))
     }
 }
 

@@ -15,68 +15,71 @@ pub(super) struct Measure {
     pub start: Option<fn(&Run) -> Option<f64>>,
 }
 
+/// A measure with no step-0 value.
+const fn measure(
+    name: &'static str,
+    value: fn(&Run) -> Option<f64>,
+    chance: fn(&Run) -> Option<f64>,
+) -> Measure {
+    Measure {
+        name,
+        value,
+        chance,
+        start: None,
+    }
+}
+
 /// W_up at its three granularities, then the other families. Gate and down
 /// have W_up's shape (P = d_ff·d_model), hence its flat chance level 1/P.
 pub(super) const WEIGHT_MEASURES: [Measure; 6] = [
     Measure {
-        name: "up (flat)",
-        value: |r| r.wmso,
-        chance: |r| r.study.weight_mso_chance,
         start: Some(|r| r.study.weight_mso_start),
+        ..measure("up (flat)", |r| r.wmso, |r| r.study.weight_mso_chance)
     },
-    Measure {
-        name: "up (rows)",
-        value: |r| r.study.weight_mso_rows,
-        chance: |r| r.study.weight_mso_rows_chance,
-        start: None,
-    },
-    Measure {
-        name: "up (cols)",
-        value: |r| r.study.weight_mso_cols,
-        chance: |r| r.study.weight_mso_cols_chance,
-        start: None,
-    },
-    Measure {
-        name: "gate (flat)",
-        value: |r| r.study.weight_mso_gate,
-        chance: |r| r.study.weight_mso_chance,
-        start: None,
-    },
-    Measure {
-        name: "down (flat)",
-        value: |r| r.study.weight_mso_down,
-        chance: |r| r.study.weight_mso_chance,
-        start: None,
-    },
-    Measure {
-        name: "router",
-        value: |r| r.study.weight_mso_router,
-        chance: |r| r.study.weight_mso_router_chance,
-        start: None,
-    },
+    measure(
+        "up (rows)",
+        |r| r.study.weight_mso_rows,
+        |r| r.study.weight_mso_rows_chance,
+    ),
+    measure(
+        "up (cols)",
+        |r| r.study.weight_mso_cols,
+        |r| r.study.weight_mso_cols_chance,
+    ),
+    measure(
+        "gate (flat)",
+        |r| r.study.weight_mso_gate,
+        |r| r.study.weight_mso_chance,
+    ),
+    measure(
+        "down (flat)",
+        |r| r.study.weight_mso_down,
+        |r| r.study.weight_mso_chance,
+    ),
+    measure(
+        "router",
+        |r| r.study.weight_mso_router,
+        |r| r.study.weight_mso_router_chance,
+    ),
 ];
 
 /// Activation MSO in its three spaces: the expert outputs (d_model), the hidden
 /// activations φ(W_up x + b) and their LayerNorm (both d_ff).
 pub(super) const ACT_MEASURES: [Measure; 3] = [
     Measure {
-        name: "output",
-        value: |r| r.amso,
-        chance: |r| r.study.act_mso_chance,
         start: Some(|r| r.study.act_mso_start),
+        ..measure("output", |r| r.amso, |r| r.study.act_mso_chance)
     },
-    Measure {
-        name: "hidden",
-        value: |r| r.study.act_mso_hidden,
-        chance: |r| r.study.act_mso_hidden_chance,
-        start: None,
-    },
-    Measure {
-        name: "hidden_ln",
-        value: |r| r.study.act_mso_hidden_ln,
-        chance: |r| r.study.act_mso_hidden_ln_chance,
-        start: None,
-    },
+    measure(
+        "hidden",
+        |r| r.study.act_mso_hidden,
+        |r| r.study.act_mso_hidden_chance,
+    ),
+    measure(
+        "hidden_ln",
+        |r| r.study.act_mso_hidden_ln,
+        |r| r.study.act_mso_hidden_ln_chance,
+    ),
 ];
 
 /// The measures any of `runs` has a value of (a table shows no empty column).

@@ -6,7 +6,7 @@
 
 use super::columns::{chance_text, present, value_cell, Measure, ACT_MEASURES, WEIGHT_MEASURES};
 use super::effect::{effect, p_text};
-use super::runs::{datasets, vals, Run};
+use super::runs::{cells, of_method, vals, Run};
 use super::table::{mean_sd, Table, TableCell};
 use super::Section;
 
@@ -37,38 +37,10 @@ pub(super) fn section(done: &[&Run]) -> Section {
     if !is_hypothesis_sweep(done) {
         return s;
     }
-    let mut modes: Vec<&str> = done.iter().map(|r| r.mode.as_str()).collect();
-    modes.sort_unstable();
-    modes.dedup();
-    for ds in &datasets(done) {
-        for mode in &modes {
-            let runs: Vec<&Run> = done
-                .iter()
-                .copied()
-                .filter(|r| &r.dataset == ds && r.mode == *mode)
-                .collect();
-            if !runs.is_empty() {
-                let label = if modes.len() > 1 {
-                    format!("{ds}, {mode}")
-                } else {
-                    ds.clone()
-                };
-                s.tables.push(hypotheses_table(&label, &runs));
-            }
-        }
+    for cell in cells(done) {
+        s.tables.push(hypotheses_table(&cell.label, &cell.runs));
     }
     s
-}
-
-/// The runs of `method`, by seed.
-fn group<'a>(runs: &[&'a Run], method: &str) -> Vec<&'a Run> {
-    let mut g: Vec<&Run> = runs
-        .iter()
-        .copied()
-        .filter(|r| r.method == method)
-        .collect();
-    g.sort_by_key(|r| r.seed);
-    g
 }
 
 /// Both groups cut to the seeds they share, so that they pair by seed.
@@ -99,7 +71,7 @@ fn hypotheses_table(label: &str, runs: &[&Run]) -> Table {
     methods.sort_unstable();
     methods.dedup();
     methods.sort_by_key(|m| *m != BASELINE);
-    let base = group(runs, BASELINE);
+    let base = of_method(runs, BASELINE);
 
     let mut header = vec!["method", "runs"];
     header.extend(weights.iter().chain(&acts).map(|m| m.name));
@@ -122,7 +94,7 @@ fn hypotheses_table(label: &str, runs: &[&Run]) -> Table {
     chance_row.resize(header.len(), text(""));
     let mut rows = vec![chance_row];
     for m in methods {
-        let g = group(runs, m);
+        let g = of_method(runs, m);
         let mut row = vec![text(m), TableCell::linked(g.len().to_string(), &g)];
         row.extend(weights.iter().chain(&acts).map(|w| value_cell(w, &g)));
         row.push(TableCell::linked(mean_sd(&vals(&g, |r| r.ppl)), &g));

@@ -6,7 +6,7 @@
 
 use super::columns::{chance_text, value_cell, WEIGHT_MEASURES};
 use super::effect::effect_cells;
-use super::runs::{by_lambda, datasets, vals, Run};
+use super::runs::{by_lambda, cells, vals, Run};
 use super::table::{lam, mean_sd, num, Table, TableCell};
 use super::{correlation, figures, study_tables, table4, Section};
 use crate::experiments::stats;
@@ -34,48 +34,33 @@ pub(super) fn studies<'a>(finished: &[&'a Run]) -> Vec<DatasetStudy<'a>> {
         .copied()
         .filter(|r| r.in_lambda_study())
         .collect();
-    let names = datasets(&done);
-    let mut modes: Vec<&str> = done.iter().map(|r| r.mode.as_str()).collect();
-    modes.sort_unstable();
-    modes.dedup();
     let mut out = Vec::new();
-    for ds in &names {
-        for mode in &modes {
-            let runs: Vec<&Run> = done
-                .iter()
-                .copied()
-                .filter(|r| &r.dataset == ds && r.mode == *mode)
-                .collect();
-            let groups = by_lambda(&runs);
-            if groups.len() < 2 {
-                continue;
-            }
-            let base = groups
-                .iter()
-                .find(|(l, _)| *l == 0.0)
-                .map(|(_, v)| v.clone());
-            let mut parts = Vec::new();
-            if names.len() > 1 {
-                parts.push(ds.clone());
-            }
-            if modes.len() > 1 {
-                parts.push(mode.to_string());
-            }
-            out.push(DatasetStudy {
-                label: if modes.len() > 1 {
-                    format!("{ds}, {mode}")
-                } else {
-                    ds.clone()
-                },
-                groups,
-                base,
-                suffix: if parts.is_empty() {
-                    String::new()
-                } else {
-                    format!(" — {}", parts.join(", "))
-                },
-            });
+    for cell in cells(&done) {
+        let groups = by_lambda(&cell.runs);
+        if groups.len() < 2 {
+            continue;
         }
+        let base = groups
+            .iter()
+            .find(|(l, _)| *l == 0.0)
+            .map(|(_, v)| v.clone());
+        let mut parts = Vec::new();
+        if cell.n_datasets > 1 {
+            parts.push(cell.dataset.clone());
+        }
+        if cell.n_modes > 1 {
+            parts.push(cell.mode.clone());
+        }
+        out.push(DatasetStudy {
+            label: cell.label,
+            groups,
+            base,
+            suffix: if parts.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", parts.join(", "))
+            },
+        });
     }
     out
 }

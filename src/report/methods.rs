@@ -1,7 +1,7 @@
 //! The regulariser and load-balancing comparison: every method against
 //! `none`, per dataset, when the sweep has methods beyond the λ study.
 
-use super::runs::{compare, datasets, vals, Run};
+use super::runs::{compare, datasets, of_method, vals, Run};
 use super::svg::{Chart, Series};
 use super::table::{mean_sd, sanitize, Table, TableCell};
 use super::{Figure, Section};
@@ -26,19 +26,8 @@ pub(super) fn section(done: &[&Run]) -> Section {
     s
 }
 
-/// The runs of `method`, by seed.
-fn group<'a>(runs: &[&'a Run], method: &str) -> Vec<&'a Run> {
-    let mut g: Vec<&Run> = runs
-        .iter()
-        .copied()
-        .filter(|r| r.method == method)
-        .collect();
-    g.sort_by_key(|r| r.seed);
-    g
-}
-
 fn dataset_comparison(ds: &str, runs: &[&Run], methods: &[String]) -> (Table, Figure) {
-    let base = group(runs, "none");
+    let base = of_method(runs, "none");
     let mut rows = Vec::new();
     let mut chart = Chart::new(
         &format!("Activation vs weight overlap by method — {ds}"),
@@ -46,7 +35,7 @@ fn dataset_comparison(ds: &str, runs: &[&Run], methods: &[String]) -> (Table, Fi
         "activation MSO",
     );
     for m in methods {
-        let g = group(runs, m);
+        let g = of_method(runs, m);
         if g.is_empty() {
             continue;
         }

@@ -91,6 +91,64 @@ pub(super) fn datasets(runs: &[&Run]) -> Vec<String> {
     d
 }
 
+/// The runs of one dataset and routing mode: the unit the report never pools
+/// across. `label` names the dataset, and the mode too when the runs have
+/// several.
+pub(super) struct Cell<'a> {
+    pub dataset: String,
+    pub mode: String,
+    pub label: String,
+    pub runs: Vec<&'a Run>,
+    /// How many datasets and modes the runs hold in all.
+    pub n_datasets: usize,
+    pub n_modes: usize,
+}
+
+/// `runs` split by (dataset, routing mode), sorted; empty cells left out.
+pub(super) fn cells<'a>(runs: &[&'a Run]) -> Vec<Cell<'a>> {
+    let names = datasets(runs);
+    let mut modes: Vec<&str> = runs.iter().map(|r| r.mode.as_str()).collect();
+    modes.sort_unstable();
+    modes.dedup();
+    let mut out = Vec::new();
+    for ds in &names {
+        for mode in &modes {
+            let these: Vec<&Run> = runs
+                .iter()
+                .copied()
+                .filter(|r| &r.dataset == ds && r.mode == *mode)
+                .collect();
+            if these.is_empty() {
+                continue;
+            }
+            out.push(Cell {
+                dataset: ds.clone(),
+                mode: mode.to_string(),
+                label: if modes.len() > 1 {
+                    format!("{ds}, {mode}")
+                } else {
+                    ds.clone()
+                },
+                runs: these,
+                n_datasets: names.len(),
+                n_modes: modes.len(),
+            });
+        }
+    }
+    out
+}
+
+/// The runs of `method`, by seed.
+pub(super) fn of_method<'a>(runs: &[&'a Run], method: &str) -> Vec<&'a Run> {
+    let mut g: Vec<&Run> = runs
+        .iter()
+        .copied()
+        .filter(|r| r.method == method)
+        .collect();
+    g.sort_by_key(|r| r.seed);
+    g
+}
+
 /// Runs grouped by λ (sorted), each group by seed.
 pub(super) fn by_lambda<'a>(runs: &[&'a Run]) -> Vec<(f64, Vec<&'a Run>)> {
     let mut g: Vec<(f64, Vec<&Run>)> = Vec::new();

@@ -52,6 +52,43 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moescope"))
 }
 
+/// The arguments of `moescope train` for a three-step run of a one-layer
+/// model into `out`, tokens cached in `cache`.
+pub fn micro_train_args(cache: &Path, out: &Path) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--preset", "tiny", "--out"]
+        .map(String::from)
+        .to_vec();
+    a.push(out.display().to_string());
+    a.push("-q".into());
+    let sets = [
+        "data.builtin_bytes=40000".to_string(),
+        format!("data.cache_dir={:?}", cache.display().to_string()),
+        "model.n_layer=1".into(),
+        "model.d_model=32".into(),
+        "model.d_ff=32".into(),
+        "model.seq_len=32".into(),
+        "train.max_steps=3".into(),
+        "train.eval_tokens=256".into(),
+        "train.batch_size=2".into(),
+    ];
+    for s in sets {
+        a.push("--set".into());
+        a.push(s);
+    }
+    a
+}
+
+/// Trains the run of [`micro_train_args`] into `dir/run` through the CLI.
+pub fn train_micro_cli(dir: &Path) -> PathBuf {
+    let out = dir.join("run");
+    let o = std::process::Command::new(bin())
+        .args(micro_train_args(&dir.join("cache"), &out))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
 /// Optional real corpora beside the checkout (../shared/data on the project's machines), if present.
 pub fn shared_data() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
