@@ -38,8 +38,17 @@ pub(super) struct Table {
     pub note: String,
 }
 
-/// Links `s<seed>` to each run's summary.json.
+/// Links `s<seed>` to each run's summary.json; none for a pool of runs that
+/// share seeds or are too many to list (e.g. step 0 over every λ), where
+/// `s42` would not say which run it is.
 fn summary_links(runs: &[&Run]) -> Vec<(String, String)> {
+    const MAX_LINKS: usize = 8;
+    let mut seeds: Vec<u64> = runs.iter().map(|r| r.seed).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    if runs.len() > MAX_LINKS || seeds.len() < runs.len() {
+        return Vec::new();
+    }
     runs.iter()
         .map(|r| {
             (
@@ -50,14 +59,21 @@ fn summary_links(runs: &[&Run]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A number in 4 decimals, or in scientific notation when very small or large.
+/// A number with 5 significant digits (at most 4 decimals), or in scientific
+/// notation when very small or large.
 pub(super) fn num(v: f64) -> String {
     if !v.is_finite() {
         "n/a".into()
     } else if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
         format!("{v:.3e}")
     } else {
-        format!("{v:.4}")
+        let int_digits = if v.abs() < 1.0 {
+            1
+        } else {
+            v.abs().log10().floor() as usize + 1
+        };
+        let decimals = 5usize.saturating_sub(int_digits).min(4);
+        format!("{v:.decimals$}")
     }
 }
 
@@ -91,4 +107,22 @@ pub(super) fn sanitize(s: &str) -> String {
         .into_iter()
         .rev()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::num;
+
+    #[test]
+    fn numbers_keep_five_significant_digits() {
+        assert_eq!(num(4.859_312), "4.8593");
+        assert_eq!(num(128.940_71), "128.94");
+        assert_eq!(num(10_326.08), "10326");
+        assert_eq!(num(0.092_44), "0.0924");
+        assert_eq!(num(0.0), "0.0000");
+        assert_eq!(num(-7.5), "-7.5000");
+        assert_eq!(num(2.5e-4), "2.500e-4");
+        assert_eq!(num(1.5e6), "1.500e6");
+        assert_eq!(num(f64::NAN), "n/a");
+    }
 }
