@@ -22,7 +22,7 @@ for t in "${targets[@]}"; do
     status=ok
     cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -max_len=65536 \
         -print_final_stats=1 >"$log" 2>&1 || status=failed
-    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    crash=$(grep -o 'Test unit written to [^ ]*' "$log" | sed 's/Test unit written to //' | tail -1)
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+    crash=$(grep -o 'Test unit written to [^ ]*' "$log" | sed 's/Test unit written to //' | tail -1 || true)
     printf '%-24s %-7s executions %-12s %s\n' "$t" "$status" "${runs:-?}" "${crash:-}"
 done
