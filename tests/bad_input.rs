@@ -93,6 +93,14 @@ fn train_refuses_bad_configs_and_data() {
         "[train]\nmax_steps = 50\nmax_tokens = 1000\n",
     );
     std::fs::write(p.join("binary.txt"), [0xffu8, 0xfe, 0x00, 0x41]).unwrap();
+    // A Parquet file on which the `parquet` crate panics (found by fuzzing).
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            "tests/fuzz-regressions/corpus_parquet/dict-page-missing-decoder-panics-in-parquet",
+        ),
+        p.join("corrupt.parquet"),
+    )
+    .unwrap();
     let cache = "data.cache_dir=\"cache\"";
     let mut cases = vec![
         case(
@@ -178,6 +186,18 @@ fn train_refuses_bad_configs_and_data() {
                 "r",
             ],
             &["binary.txt", "UTF-8"],
+        ),
+        case(
+            &[
+                "train",
+                "--data",
+                "corrupt.parquet",
+                "--set",
+                cache,
+                "--out",
+                "r",
+            ],
+            &["corrupt.parquet", "corrupt Parquet file"],
         ),
         case(&["train", "--bogus-flag"], &["--bogus-flag"]),
     ];
