@@ -229,7 +229,7 @@ pub fn jsonl_text(text: &str, path: &Path, sep: &str) -> Result<String> {
 /// byte; upstream tracks this class of bug) reported as a bad file rather
 /// than taking the process down.
 fn read_parquet(path: &Path, sep: &str) -> Result<String> {
-    contain_panic(|| parquet_text(path, sep)).unwrap_or_else(|why| {
+    crate::error::contain_panic(|| parquet_text(path, sep)).unwrap_or_else(|why| {
         Err(Error::bad_file(
             path,
             format!("corrupt Parquet file (the reader failed: {why})"),
@@ -237,45 +237,16 @@ fn read_parquet(path: &Path, sep: &str) -> Result<String> {
     })
 }
 
-thread_local! {
-    /// Set while [`contain_panic`] runs on this thread.
-    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f`, turning a panic inside it into `Err(message)` without printing
-/// it, so that the user reads our error naming the file and no panic text.
-/// The panic hook is wrapped once: panics on other threads, or outside `f`,
-/// still reach the hook that was installed before (the default one, or a
-/// fuzzer's, which aborts on them).
-fn contain_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
-    WRAP_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !CONTAINING.with(|c| c.get()) {
-                previous(info);
-            }
-        }));
-    });
-    CONTAINING.with(|c| c.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    CONTAINING.with(|c| c.set(false));
-    result.map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic".to_string())
-    })
-}
-
 fn parquet_text(path: &Path, sep: &str) -> Result<String> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let bad = |msg: String| Error::bad_file(path, msg);
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Read whole, then parse from memory: a corrupt file can make the reader
+    // re-read its pages in many small reads (fuzzing found a 326-byte file
+    // taking seconds of system time), and corpora are read whole anyway.
+    let bytes = bytes::Bytes::from(std::fs::read(path).map_err(|e| Error::io(path, e))?);
     let reader =
-        SerializedFileReader::new(file).map_err(|e| bad(format!("not a Parquet file: {e}")))?;
+        SerializedFileReader::new(bytes).map_err(|e| bad(format!("not a Parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema();
     let text_field = schema
         .get_fields()

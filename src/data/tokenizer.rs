@@ -56,9 +56,19 @@ impl Tokenizer {
     /// [`Tokenizer::from_file`] on the file's bytes; `path` names the
     /// tokenizer in errors and is kept as its origin.
     pub fn from_json_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
-            Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}"))
-        })?;
+        // `tokenizers` panics on some malformed files (fuzzing found an
+        // `expect` on a bad `decoder`); contain it as a bad file.
+        let not_tokenizer =
+            |e: String| Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}"));
+        let mut tok = crate::error::contain_panic(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(not_tokenizer)?
+            .map_err(|e| not_tokenizer(e.to_string()))?;
+        // A tokenizer.json may carry truncation or padding for model inputs
+        // (often max_length 512): a corpus is tokenised whole, so both are
+        // off. (Fuzzing found the truncation `stride` panicking in encode.)
+        tok.with_truncation(None)
+            .map_err(|e| not_tokenizer(e.to_string()))?;
+        tok.with_padding(None);
         let hash = hex(&Sha256::digest(bytes))[..16].to_string();
         let eot = [
             "<|endoftext|>",
@@ -164,6 +174,19 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_and_padding_of_a_tokenizer_json_are_ignored() {
+        let json = r#"{"version":"1.0","added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"WhitespaceSplit"},"post_processor":null,"decoder":null,
+            "truncation":{"direction":"Right","max_length":1,"strategy":"LongestFirst","stride":0},
+            "padding":{"strategy":{"Fixed":8},"direction":"Right","pad_to_multiple_of":null,
+                "pad_id":0,"pad_type_id":0,"pad_token":"[UNK]"},
+            "model":{"type":"WordLevel","unk_token":"[UNK]",
+                "vocab":{"[UNK]":0,"hello":1,"world":2}}}"#;
+        let t = Tokenizer::from_json_bytes(json.as_bytes(), Path::new("tokenizer.json")).unwrap();
+        assert_eq!(t.encode("hello world hello").unwrap(), vec![1, 2, 1]);
+    }
 
     #[test]
     fn bytes_and_gpt2_round_trip() {
