@@ -10,11 +10,13 @@
 //! - [`checkpoint`]: safetensors + `config.json` in and out, atomic writes.
 //! - [`train`]: AdamW, LR schedule, the training loop, evaluation, resume.
 //! - [`experiments`]: sweeps (local workers or Slurm), the results store, statistics, `reproduce` presets.
+//! - [`analysis`]: `analyze` as one call (model source, tokens, measures), shared by the CLI and Python.
 //! - [`report`]: the study's tables and SVG figures as Markdown and self-contained HTML.
 //! - [`bench`]: the training-step benchmark compared with the PyTorch peer.
 //!
 //! The `moescope` binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

@@ -1,15 +1,11 @@
 //! `moescope analyze`: every measure on a moescope model or a Hugging Face
 //! checkpoint, written as JSON (and optionally SVG figures).
 
-use super::{progress, run_data_config};
+use super::progress;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use moescope::checkpoint::load_model;
-use moescope::config::{
-    ActSpace, AnalysisSpace, DataConfig, Family, Granularity, JacobianMode, RankRule,
-};
-use moescope::data::{analysis_tokens, Dataset};
-use moescope::hf::{self, analyze::HfOptions, HfCheckpoint, ModelSource};
+use moescope::analysis::{self, Analysis, AnalysisRequest};
+use moescope::config::{ActSpace, AnalysisSpace, Family, Granularity, JacobianMode, RankRule};
 use moescope::measures::analyze::{self, GeometryOptions, Report};
 use std::path::{Path, PathBuf};
 
@@ -104,101 +100,15 @@ pub enum JacobianPairs {
     All,
 }
 
-/// Tokens analysed when `--tokens` is not given (fewer when the input is shorter).
-const DEFAULT_TOKENS: usize = 8192;
-
 pub fn run(a: AnalyzeArgs) -> Result<()> {
     // Options (checked by clap) and output paths are checked before any heavy work.
     check_output(&a.out, "--out", false)?;
     if let Some(dir) = &a.figures {
         check_output(dir, "--figures", true)?;
     }
-    let geo = GeometryOptions {
-        jacobian: a.jacobian,
-        jacobian_all_pairs: a.jacobian_pairs == JacobianPairs::All,
-        jacobian_tokens: a.jacobian_tokens,
-        spectra_tokens: a.spectra_tokens,
-        subspace: a.subspace,
-        output_space: a.space == AnalysisSpace::Output,
-        weighted: a.weighted,
-        null_draws: a.null_draws,
-        null_tokens: a.null_tokens,
-        act_spaces: a.act_space.clone(),
-        granularities: a.granularity.clone(),
-        ..Default::default()
-    };
-    let source = ModelSource::detect(&a.model, &a.revision, progress())
-        .with_context(|| format!("--model {}", a.model))?;
-    match source {
-        ModelSource::HuggingFace(dir) => analyze_hf(&a, &dir, &geo),
-        ModelSource::Moescope(path) => analyze_moescope(&a, &path, &geo),
-    }
-}
-
-fn analyze_moescope(a: &AnalyzeArgs, model_path: &Path, geo: &GeometryOptions) -> Result<()> {
-    if a.layers.is_some() || a.seq_len.is_some() || a.in_memory {
-        bail!("--layers, --seq-len and --in-memory apply to Hugging Face checkpoints; {} is a moescope model", a.model);
-    }
-    let device = moescope::device::parse_device(&a.device)?;
-    let (model, run_cfg) = load_model(model_path, &device)?;
-    // The library checks the tokens (empty, out of vocabulary, fewer than --tokens).
-    let (tokens, data_desc) = load_tokens(a, || {
-        Ok(run_data_config(model_path, run_cfg, a.data.as_deref()))
-    })?;
-    let source = analyze::Source {
-        checkpoint: a.model.clone(),
-        data: data_desc.clone(),
-        seed: 0,
-    };
-    let n = tokens_to_analyse(a, tokens.len(), &data_desc)?;
-    let report =
-        analyze::analyze_with(&model, &tokens, n, a.batch.max(1), &a.families, geo, source)
-            .with_context(|| format!("analysing {data_desc}"))?;
-    write_analysis(a, &report)
-}
-
-fn analyze_hf(a: &AnalyzeArgs, dir: &Path, geo: &GeometryOptions) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "--device {}: Hugging Face checkpoints are analysed on the CPU",
-            a.device
-        );
-    }
-    let ck = HfCheckpoint::open(dir)?;
-    let cfg = &ck.cfg;
-    describe_hf(a, &ck, geo);
-    let (tokens, data_desc) = load_tokens(a, || {
-        let Some(tok) = &ck.files.tokenizer else {
-            bail!(
-                "{} has no tokenizer.json; pass already tokenised input with --token-ids",
-                dir.display()
-            );
-        };
-        Ok(DataConfig {
-            tokenizer: tok.display().to_string(),
-            path: a
-                .data
-                .as_ref()
-                .map(|d| d.display().to_string())
-                .unwrap_or_default(),
-            ..Default::default()
-        })
-    })?;
-    let opts = HfOptions {
-        tokens: tokens_to_analyse(a, tokens.len(), &data_desc)?,
-        seq_len: a.seq_len.unwrap_or(cfg.max_position.min(512)),
-        batch: a.batch.max(1),
-        layers: a.layers.clone(),
-        in_memory: a.in_memory,
-        progress: progress(),
-    };
-    let source = analyze::Source {
-        checkpoint: format!("{} ({}, {})", a.model, cfg.arch.name(), ck.dtype()),
-        data: data_desc.clone(),
-        seed: 0,
-    };
-    let (report, timings) = hf::analyze::analyze(&ck, &tokens, &opts, &a.families, geo, source)
-        .with_context(|| format!("analysing {} on {data_desc}", a.model))?;
+    let req = request(&a);
+    let Analysis { report, timings } =
+        analysis::run(&req).with_context(|| format!("--model {}", a.model))?;
     for t in &timings {
         eprintln!(
             "layer {:>3}: load {:>7.2} s, compute {:>7.2} s{}",
@@ -216,81 +126,39 @@ fn analyze_hf(a: &AnalyzeArgs, dir: &Path, geo: &GeometryOptions) -> Result<()> 
             p.loss, p.ppl, p.tokens
         );
     }
-    write_analysis(a, &report)
+    write_analysis(&a, &report)
 }
 
-/// The checkpoint's shape, and what Jacobian alignment will cost on it.
-fn describe_hf(a: &AnalyzeArgs, ck: &HfCheckpoint, geo: &GeometryOptions) {
-    let cfg = &ck.cfg;
-    eprintln!(
-        "{}: {} ({}), {} layers ({} MoE), {} experts, top-{}, d {}, expert d_ff {}{}",
-        a.model,
-        cfg.arch.name(),
-        ck.dtype(),
-        cfg.n_layers,
-        cfg.n_moe_layers(),
-        cfg.n_experts,
-        cfg.top_k,
-        cfg.hidden_size,
-        cfg.moe_d_ff,
-        cfg.shared
-            .map(|s| format!(", shared expert d_ff {}", s.d_ff))
-            .unwrap_or_default()
-    );
-    let jac_tokens = geo.jacobian_tokens.min(a.tokens.unwrap_or(DEFAULT_TOKENS));
-    if let Some((mode, flops)) = moescope::measures::jacobian::plan(
-        geo.jacobian,
-        cfg.hidden_size,
-        cfg.moe_d_ff,
-        cfg.n_experts,
-        2,
-        jac_tokens,
-        cfg.top_k,
-        geo.jacobian_all_pairs,
-    ) {
-        eprintln!(
-            "Jacobian alignment: {mode} mode on {jac_tokens} tokens, about {:.2} TFLOP (f64) per MoE layer; \
-             --jacobian-tokens N or --jacobian off for a quicker run",
-            flops / 1e12
-        );
-    }
-}
-
-/// The tokens to analyse and where they come from: `--token-ids` as given,
-/// else the start of the validation split of the corpus `data_cfg` names
-/// (asked for only then). Both kinds of model read the same count.
-fn load_tokens(
-    a: &AnalyzeArgs,
-    data_cfg: impl FnOnce() -> Result<DataConfig>,
-) -> Result<(Vec<u32>, String)> {
-    if let Some(p) = &a.token_ids {
-        return Ok((analyze::read_token_ids(p)?, p.display().to_string()));
-    }
-    let ds = Dataset::load(&data_cfg()?, progress())?;
-    Ok((
-        analysis_tokens(&ds.valid, a.tokens.unwrap_or(DEFAULT_TOKENS)),
-        format!("{} (validation split)", ds.source),
-    ))
-}
-
-/// How many of the `available` tokens of `input` to analyse: `--tokens`, or
-/// by default 8192, or all of a shorter input (said on stderr). An explicit
-/// `--tokens` beyond a `--token-ids` file is refused.
-fn tokens_to_analyse(a: &AnalyzeArgs, available: usize, input: &str) -> Result<usize> {
-    match a.tokens {
-        Some(n) if n > available && a.token_ids.is_some() => bail!(
-            "--tokens {n}: {input} holds only {available} tokens; pass --tokens {available} \
-             or fewer, or leave --tokens out to analyse the whole file"
-        ),
-        Some(n) => Ok(n),
-        None if available < DEFAULT_TOKENS => {
-            eprintln!(
-                "{input} holds {available} tokens, fewer than the default --tokens \
-                 {DEFAULT_TOKENS}: analysing all of them"
-            );
-            Ok(available)
-        }
-        None => Ok(DEFAULT_TOKENS),
+/// The library's request for these flags.
+fn request(a: &AnalyzeArgs) -> AnalysisRequest {
+    AnalysisRequest {
+        model: a.model.clone(),
+        revision: a.revision.clone(),
+        layers: a.layers.clone(),
+        seq_len: a.seq_len,
+        in_memory: a.in_memory,
+        data: a.data.clone(),
+        token_ids: a.token_ids.clone(),
+        tokens: a.tokens,
+        families: a.families.clone(),
+        batch: a.batch,
+        device: a.device.clone(),
+        geometry: GeometryOptions {
+            jacobian: a.jacobian,
+            jacobian_all_pairs: a.jacobian_pairs == JacobianPairs::All,
+            jacobian_tokens: a.jacobian_tokens,
+            spectra_tokens: a.spectra_tokens,
+            subspace: a.subspace,
+            output_space: a.space == AnalysisSpace::Output,
+            weighted: a.weighted,
+            null_draws: a.null_draws,
+            null_tokens: a.null_tokens,
+            act_spaces: a.act_space.clone(),
+            granularities: a.granularity.clone(),
+            ..Default::default()
+        },
+        progress: progress(),
+        verbose: true,
     }
 }
 
@@ -351,4 +219,28 @@ fn write_analysis(a: &AnalyzeArgs, report: &Report) -> Result<()> {
         eprintln!("figures: {} SVG files in {}", files.len(), dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AnalyzeArgs,
+    }
+
+    /// The Python package starts from `AnalysisRequest::cli_defaults`: it
+    /// must be what the flags' defaults give.
+    #[test]
+    fn the_library_defaults_are_the_flags_defaults() {
+        let cli = Cli::parse_from(["analyze", "--model", "m"]);
+        let mut from_flags = request(&cli.args);
+        from_flags.progress = false;
+        from_flags.verbose = false;
+        let defaults = AnalysisRequest::cli_defaults("m".into());
+        assert_eq!(format!("{from_flags:?}"), format!("{defaults:?}"));
+    }
 }

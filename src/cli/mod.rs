@@ -10,9 +10,7 @@ pub mod generate;
 pub mod sweep;
 pub mod train;
 
-use moescope::config::{Config, DataConfig};
 use std::io::IsTerminal;
-use std::path::Path;
 
 /// Use `n` CPU threads (0 = all cores).
 pub fn set_threads(n: usize) {
@@ -30,16 +28,4 @@ pub fn progress() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// The data config of a saved model's run (defaults when it has none), with the
-/// run's own copy of its tokenizer.json and `data` (a corpus path) applied.
-pub fn run_data_config(model: &Path, run_cfg: Option<Config>, data: Option<&Path>) -> DataConfig {
-    let mut cfg = run_cfg.map(|c| c.data).unwrap_or_default();
-    let run_tok = model.join("tokenizer.json");
-    if run_tok.is_file() {
-        cfg.tokenizer = run_tok.display().to_string();
-    }
-    if let Some(d) = data {
-        cfg.path = d.display().to_string();
-    }
-    cfg
-}
+pub use moescope::analysis::run_data_config;

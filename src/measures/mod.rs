@@ -78,7 +78,11 @@ where
 
 /// The E×E matrix G_ij = ⟨w̃_i, w̃_j⟩ of unit-normalised flattened vectors
 /// (f64 accumulation, pairs in parallel).
-pub fn cosine_gram<V: AsRef<[f32]> + Sync>(vecs: &[V]) -> Vec<Vec<f64>> {
+pub fn cosine_gram<T, V>(vecs: &[V]) -> Vec<Vec<f64>>
+where
+    T: Copy + Into<f64>,
+    V: AsRef<[T]> + Sync,
+{
     let mut g = raw_gram(vecs);
     let e = g.len();
     let norms: Vec<f64> = (0..e).map(|i| g[i][i].sqrt()).collect();
@@ -374,12 +378,8 @@ impl LayerAccumulator {
             let (v, d) = outs[e].as_ref().expect("expert with tokens has outputs");
             &v[i * d..(i + 1) * d]
         };
+        self.add_routing(&cap.probs, &cap.selected, k);
         for t in 0..n {
-            let p = &cap.probs[t * e_n..(t + 1) * e_n];
-            self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
-            for &(e, _) in rows[t * k..(t + 1) * k].iter().flatten() {
-                self.load[e] += 1;
-            }
             let chosen = &routed[t * rk..(t + 1) * rk];
             let present: Vec<(usize, usize)> = rows[t * k..(t + 1) * k]
                 .iter()
@@ -405,8 +405,25 @@ impl LayerAccumulator {
                 self.act_tokens += 1;
             }
         }
-        self.tokens += n;
         Ok(())
+    }
+
+    /// Count the routing telemetry of tokens alone (no outputs): `probs`
+    /// (n × E) and `selected` (n × `k`, [`NO_EXPERT`] for an empty slot).
+    pub fn add_routing(&mut self, probs: &[f32], selected: &[u32], k: usize) {
+        let e_n = self.n_experts;
+        let n = probs.len() / e_n;
+        for t in 0..n {
+            let p = &probs[t * e_n..(t + 1) * e_n];
+            self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
+            for &e in selected[t * k..(t + 1) * k]
+                .iter()
+                .filter(|&&e| e != NO_EXPERT)
+            {
+                self.load[e as usize] += 1;
+            }
+        }
+        self.tokens += n;
     }
 
     /// Add all-pairs activation overlap: `outputs[e]` is expert e's output on

@@ -275,22 +275,35 @@ impl From<NullStats> for SubspaceNull {
     }
 }
 
-/// Subspaces and pairwise distances from per-expert moments.
-pub fn layer_subspaces(
-    moments: &[Moments],
-    rule: RankRule,
-    space: &str,
-    weighted: bool,
-) -> Option<SubspaceReport> {
-    if rule == RankRule::Off {
-        return None;
-    }
+/// Each expert's PCA basis under a rank rule (None for an expert skipped
+/// because it has at most `rule.cap()` rows or no weight).
+#[derive(Debug, Clone)]
+pub struct ExpertBases {
+    /// Orthonormal basis vectors (d each), leading first.
+    pub bases: Vec<Option<Vec<Vec<f64>>>>,
+    pub ranks: Vec<Option<usize>>,
+    /// exp(H(λ/Σλ)) of each expert's covariance spectrum.
+    pub effective_rank: Vec<Option<f64>>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The experts' subspaces: the leading eigenvectors of each expert's
+/// covariance, as many as `rule` picks.
+pub fn expert_bases(moments: &[Moments], rule: RankRule) -> ExpertBases {
     let e = moments.len();
     let d = moments.first().map_or(0, |m| m.d);
     let mut bases: Vec<Option<Vec<Vec<f64>>>> = vec![None; e];
     let mut eff = vec![None; e];
     let mut skipped = Vec::new();
     let mut ranks = vec![None; e];
+    if rule == RankRule::Off {
+        return ExpertBases {
+            bases,
+            ranks,
+            effective_rank: eff,
+            skipped,
+        };
+    }
     for (i, m) in moments.iter().enumerate() {
         if m.n <= rule.cap() || m.w <= 0.0 {
             skipped.push(Skipped { expert: i, n: m.n });
@@ -314,12 +327,38 @@ pub fn layer_subspaces(
                 }
                 r.min(cap).max(1)
             }
-            RankRule::Off => unreachable!(),
+            RankRule::Off => 0, // returned above
         };
         let r = r.min(vecs.len());
         ranks[i] = Some(r);
         bases[i] = Some(vecs.into_iter().take(r).collect());
     }
+    ExpertBases {
+        bases,
+        ranks,
+        effective_rank: eff,
+        skipped,
+    }
+}
+
+/// Subspaces and pairwise distances from per-expert moments.
+pub fn layer_subspaces(
+    moments: &[Moments],
+    rule: RankRule,
+    space: &str,
+    weighted: bool,
+) -> Option<SubspaceReport> {
+    if rule == RankRule::Off {
+        return None;
+    }
+    let e = moments.len();
+    let d = moments.first().map_or(0, |m| m.d);
+    let ExpertBases {
+        bases,
+        ranks,
+        effective_rank: eff,
+        skipped,
+    } = expert_bases(moments, rule);
     let mut overlap = vec![vec![None; e]; e];
     let mut geo = vec![vec![None; e]; e];
     let mut geon = vec![vec![None; e]; e];
