@@ -142,15 +142,14 @@ def orth_loss(experts, granularity: str = "flat", variant: str = "normalized") -
     return _native.orth_loss(_experts(experts), granularity, variant)
 
 
-def activation_overlap(outputs, selected, probs=None) -> Dict[str, Any]:
+def activation_overlap(outputs, selected) -> Dict[str, Any]:
     """Activation overlap: how alike the experts' outputs are on the same token.
 
     ``outputs``: either an (n, E, d) array of every expert's output on every
     token, or a list of E arrays, expert e's of shape (n_e, d) holding its
     outputs on the tokens routed to it, in token order. ``selected``: (n, k)
-    expert indices per token (−1 for an empty slot). ``probs`` (optional,
-    (n, E)) is not used by the measure; it is accepted so that the same
-    arguments serve ``routing_telemetry``.
+    expert indices per token (−1 for an empty slot; for soft routing, every
+    expert: ``np.tile(np.arange(E), (n, 1))``).
 
     Per token x with m ≥ 2 routed experts S(x):
         MSO_act(x) = 2 / (m(m−1)) · Σ_{i<j ∈ S(x)} cos²(h_i(x), h_j(x))
@@ -171,8 +170,7 @@ def activation_overlap(outputs, selected, probs=None) -> Dict[str, Any]:
     else:
         outs = [_as_array(outputs, "outputs")]
         dense = True
-    p = None if probs is None else _as_array(probs, "probs").astype(np.float32, copy=False)
-    r = json.loads(_native.activation_overlap(outs, dense, sel, p))
+    r = json.loads(_native.activation_overlap(outs, dense, sel))
     r["act_overlap"] = _matrix(r["act_overlap"])
     return r
 

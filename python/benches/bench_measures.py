@@ -2,7 +2,7 @@
 called from Python (numpy in, conversion and GIL release included) and from
 Rust directly (moescope._native.bench_*, no Python in the loop).
 
-    python python/bench_measures.py [--reps N]
+    python python/benches/bench_measures.py [--reps N]
 
 Prints one line per measure with both times and their ratio (goal ≤ 1.2).
 """
