@@ -20,7 +20,7 @@ fi
 # A debug-profile wheel: it reuses what `cargo test` compiled (release is
 # for users: `pip install ./python`).
 rm -rf target/wheels
-"$venv/bin/maturin" build --quiet --profile dev -m python/Cargo.toml -o target/wheels
+"$venv/bin/maturin" build --quiet --locked --profile dev -m python/Cargo.toml -o target/wheels
 "$venv/bin/python" -m pip install -q --force-reinstall --no-deps target/wheels/moescope-*.whl
 
 venv_python="$(cd "$venv" && pwd)/bin/python"

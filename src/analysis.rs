@@ -95,10 +95,20 @@ pub struct Analysis {
     pub timings: Vec<LayerTiming>,
 }
 
+/// `e` with `what` in front of its message where the message names no file
+/// or key of its own; the kind of error (bad data, bad file, ...) is kept.
+fn within(what: &str, e: Error) -> Error {
+    match e {
+        Error::Data(m) => Error::Data(format!("{what}: {m}")),
+        Error::Other(m) => Error::Other(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
 /// Analyse the model `req` names.
 pub fn run(req: &AnalysisRequest) -> Result<Analysis> {
     let source = ModelSource::detect(&req.model, &req.revision, req.progress)
-        .map_err(|e| Error::Other(format!("model {}: {e}", req.model)))?;
+        .map_err(|e| within(&format!("model {}", req.model), e))?;
     match source {
         ModelSource::HuggingFace(dir) => analyze_hf(req, &dir),
         ModelSource::Moescope(path) => analyze_moescope(req, &path),
@@ -134,7 +144,7 @@ fn analyze_moescope(req: &AnalysisRequest, model_path: &Path) -> Result<Analysis
         &req.geometry,
         source,
     )
-    .map_err(|e| Error::Other(format!("analysing {data_desc}: {e}")))?;
+    .map_err(|e| within(&format!("analysing {data_desc}"), e))?;
     Ok(Analysis {
         report,
         timings: Vec::new(),
@@ -185,7 +195,7 @@ fn analyze_hf(req: &AnalysisRequest, dir: &Path) -> Result<Analysis> {
     };
     let (report, timings) =
         hf::analyze::analyze(&ck, &tokens, &opts, &req.families, &req.geometry, source)
-            .map_err(|e| Error::Other(format!("analysing {} on {data_desc}: {e}", req.model)))?;
+            .map_err(|e| within(&format!("analysing {} on {data_desc}", req.model), e))?;
     Ok(Analysis { report, timings })
 }
 

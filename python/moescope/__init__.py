@@ -8,8 +8,9 @@ line, with the GIL released. Every measure is defined, with its chance level,
 in the repository's docs/MEASURES.md; the formulas are repeated below.
 
 Errors are Python exceptions with the library's message: ``ValueError`` for
-bad arguments (the message names the argument and the shape it expects),
-``OSError`` for files that cannot be read.
+bad arguments (the message names the argument and the shape it expects) and
+for missing or malformed files (the message names the file), ``OSError`` for
+files that cannot be read, ``RuntimeError`` for other failures.
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _as_array(x: ArrayLike, name: str, floating: bool = True) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _selection(selected, name: str = "selected") -> np.ndarray:
+    """Expert indices as an (n, k) int64 array; a 1-D array is one expert per token."""
+    sel = _as_array(selected, name, floating=False)
+    if sel.ndim == 1:
+        sel = sel[:, None]
+    if sel.ndim != 2:
+        raise ValueError(f"{name}: expected expert indices of shape (n, k), got shape {sel.shape}")
+    return sel
+
+
+def _probabilities(probs, name: str = "probs") -> np.ndarray:
+    p = _as_array(probs, name).astype(np.float32, copy=False)
+    if p.ndim != 2:
+        raise ValueError(f"{name}: expected router probabilities of shape (n, E), got shape {p.shape}")
+    return p
+
+
 def _matrix(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
     """A nested list with nulls as a float64 array with NaN."""
     return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
@@ -113,7 +131,8 @@ def weight_overlap(experts, granularity: str = "flat") -> WeightOverlap:
 
     Returns ``(matrix, mso)``: for ``flat`` the E×E cosine matrix
     G_ij = ⟨w_i/‖w_i‖, w_j/‖w_j‖⟩ (ones on the diagonal); for ``rows`` and
-    ``cols`` each pair's mean cos² over slices (ones on the diagonal).
+    ``cols`` each pair's mean cos² over slices (ones on the diagonal; an
+    all-zero expert has cosine 0 with everything, itself included).
     ``.chance`` is the value for independent isotropic random matrices,
     E[cos²] = 1/L. Accumulation is in float64.
     """
@@ -161,9 +180,7 @@ def activation_overlap(outputs, selected) -> Dict[str, Any]:
     pair, NaN where a pair never met), ``tokens`` and ``chance`` = 1/d.
     Outputs are compared in float32 with float64 sums.
     """
-    sel = _as_array(selected, "selected", floating=False)
-    if sel.ndim == 1:
-        sel = sel[:, None]
+    sel = _selection(selected)
     if isinstance(outputs, (list, tuple)):
         outs = [_as_array(o, f"outputs[{i}]") for i, o in enumerate(outputs)]
         dense = False
@@ -196,9 +213,7 @@ def routing_telemetry(routing, n_experts: Optional[int] = None, k: Optional[int]
     else:
         is_probs = np.issubdtype(np.asarray(routing).dtype, np.floating)
     if is_probs:
-        p = _as_array(routing, "routing").astype(np.float32, copy=False)
-        if p.ndim != 2:
-            raise ValueError(f"routing: expected probabilities of shape (n, E), got shape {p.shape}")
+        p = _probabilities(routing, "routing")
         if k is None:
             raise ValueError("k: required with router probabilities (each token's k most probable experts are its selection)")
         if not 1 <= k <= p.shape[1]:
@@ -208,9 +223,7 @@ def routing_telemetry(routing, n_experts: Optional[int] = None, k: Optional[int]
         # Stable sort: ties go to the lower index, as moescope's router does.
         sel = np.argsort(-p, axis=1, kind="stable")[:, :k].astype(np.int64)
         return json.loads(_native.routing_telemetry(sel, p.shape[1], p))
-    sel = _as_array(routing, "routing", floating=False)
-    if sel.ndim == 1:
-        sel = sel[:, None]
+    sel = _selection(routing, "routing")
     if n_experts is None:
         raise ValueError("n_experts: required with expert indices (experts that got no token count too)")
     return json.loads(_native.routing_telemetry(sel, n_experts, None))
@@ -227,12 +240,12 @@ def jacobian_alignment(
     *,
     b_up=None,
     b_down=None,
-    pairs: str = "routed",
+    pairs: str = "all",
     probs=None,
     seed: int = 0,
-    spectra_tokens: int = 0,
+    spectra_tokens: int = 16,
     null_draws: int = 20,
-    null_init_tokens: int = 0,
+    null_init_tokens: int = 256,
 ) -> Dict[str, Any]:
     """Cross-expert Jacobian alignment of one MoE layer.
 
@@ -243,11 +256,24 @@ def jacobian_alignment(
 
         A_ij(x) = ⟨J_i(x), J_j(x)⟩_F / (‖J_i(x)‖_F ‖J_j(x)‖_F)
 
-    over the routed pairs of each token (``pairs="routed"``) or all pairs
-    (``"all"``, which also gives the pair sets and the shuffled-routing
-    null). ``mode``: ``exact`` (from the Jacobians' factors), ``estimate`` or
+    over all pairs on every token (``pairs="all"``, the default, which also
+    gives the three pair sets and the shuffled-routing null) or only the
+    routed pairs of each token (``"routed"``: i < j both in ``selected[t]``).
+    ``mode``: ``exact`` (from the Jacobians' factors), ``estimate`` or
     ``estimate:M`` (Hutchinson probes, M = 64 by default, with a standard
-    error), ``auto`` (exact unless it costs more).
+    error), ``auto`` (exact unless it costs more). ``activation`` is
+    ``silu`` or ``gelu`` (tanh approximation); gated experts use silu.
+
+    Chance levels (``null``): ``shuffled_routing`` (``null_draws`` draws of
+    the routing shuffled across tokens; needs ``pairs="all"``) and
+    ``random_init`` (independently initialised experts of the same shapes on
+    the first ``null_init_tokens`` tokens); for reference E[A²] = 1/d² for
+    a rotation-invariant random J_j. ``probs`` (n, E) are the router's
+    probabilities, used for the ``gate_weighted`` pair set (uniform when not
+    given). ``spectra_tokens``: routed tokens per expert whose explicit
+    Jacobian's singular values give ``spectra`` and ``effective_rank``.
+    ``seed`` seeds the probes and the nulls. The defaults are those of
+    ``moescope analyze``.
 
     Shapes (torch ``nn.Linear`` weight layout): w_up and w_gate (E, d_ff, d),
     w_down (E, d, d_ff), b_up (E, d_ff), b_down (E, d), x (n, d), selected
@@ -261,14 +287,14 @@ def jacobian_alignment(
             _experts(w_up, "w_up"),
             _experts(w_down, "w_down"),
             _as_array(x, "x"),
-            _as_array(selected, "selected", floating=False),
+            _selection(selected),
             None if w_gate is None else _experts(w_gate, "w_gate"),
             None if b_up is None else _as_array(b_up, "b_up"),
             None if b_down is None else _as_array(b_down, "b_down"),
             activation,
             mode,
             pairs,
-            None if probs is None else _as_array(probs, "probs").astype(np.float32, copy=False),
+            None if probs is None else _probabilities(probs),
             seed,
             spectra_tokens,
             null_draws,
@@ -318,7 +344,8 @@ def analyze(model: Union[str, os.PathLike], **options) -> Dict[str, Any]:
     ``granularity``, ``device``, ``revision``, ``in_memory``, and
     ``progress`` (progress bars on stderr; off by default). Lists may be
     Python lists or comma-separated strings. Returns the report (schema
-    ``moescope.analysis/1``) as a dict.
+    ``moescope.analysis/1``) as a dict. Error messages name the command's
+    flag (``--token-ids`` for ``token_ids``).
     """
     opts = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()}
     return json.loads(_native.analyze(os.fspath(model), json.dumps(opts)))

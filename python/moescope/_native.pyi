@@ -18,7 +18,6 @@ def activation_overlap(
     outputs: List[Floats],
     dense: bool,
     selected: npt.NDArray[np.int64],
-    probs: Optional[npt.NDArray[np.float32]] = None,
 ) -> str: ...
 def routing_telemetry(
     selected: npt.NDArray[np.int64], n_experts: int, probs: Optional[npt.NDArray[np.float32]] = None

@@ -84,8 +84,12 @@ impl Floats<'_> {
     }
 }
 
+/// The most experts a layer may have here: the E × E accumulators of the
+/// measures stay within a few hundred MB.
+pub const MAX_EXPERTS: usize = 4096;
+
 /// Each token's experts (n × k): integers in 0..`n_experts`, −1 for an empty
-/// slot, no expert twice in a row. Returns them as the library's u32 (empty
+/// slot, no expert listed twice for one token. Returns them as the library's u32 (empty
 /// slots as `NO_EXPERT`), with n and k.
 pub fn selection(
     name: &str,
@@ -93,6 +97,11 @@ pub fn selection(
     n_experts: usize,
 ) -> PyResult<(Vec<u32>, usize, usize)> {
     use moescope::model::moe::NO_EXPERT;
+    if n_experts == 0 || n_experts > MAX_EXPERTS {
+        return Err(bad(format!(
+            "n_experts: {n_experts} experts; expected 1 to {MAX_EXPERTS}"
+        )));
+    }
     let view = sel.as_array();
     let (n, k) = view.dim();
     if n == 0 || k == 0 {
@@ -130,6 +139,15 @@ pub fn probabilities(
     let Some(p) = probs else {
         return Ok(vec![1.0 / n_experts as f32; n * n_experts]);
     };
+    given_probabilities(p, n, n_experts)
+}
+
+/// Router probabilities (n × E) as given, shape-checked.
+pub fn given_probabilities(
+    p: &PyReadonlyArray2<'_, f32>,
+    n: usize,
+    n_experts: usize,
+) -> PyResult<Vec<f32>> {
     if p.shape() != [n, n_experts] {
         return Err(bad(format!(
             "probs: expected shape (n, E) = ({n}, {n_experts}), got {:?}",

@@ -27,34 +27,47 @@ where
     s.parse().map_err(|e| bad(format!("{name}: {e}")))
 }
 
-/// `(E, P)` or `(E, R, C)`: the experts' count, rows and columns.
-fn expert_dims(name: &str, experts: &Floats) -> PyResult<(usize, usize, usize)> {
+/// The experts' count, rows and columns from `(E, P)` or `(E, R, C)`,
+/// refused when granularity `g` cannot cut that shape into vectors of two or
+/// more entries.
+fn expert_dims(name: &str, experts: &Floats, g: Granularity) -> PyResult<(usize, usize, usize)> {
     let shape = experts.shape_of(name, &[2, 3], "(E, P) or (E, R, C)")?;
-    Ok(match shape[..] {
+    let (e, rows, cols) = match shape[..] {
         [e, p] => (e, 1, p),
         [e, r, c] => (e, r, c),
         _ => unreachable!("checked above"),
-    })
+    };
+    if g != Granularity::Flat && shape.len() != 3 {
+        return Err(bad(format!(
+            "{name}: granularity `{g}` cuts matrices; expected shape (E, R, C), got {shape:?}"
+        )));
+    }
+    if orth::slices(g, rows, cols).1 < 2 {
+        return Err(bad(format!(
+            "{name}: granularity `{g}` cuts a ({rows} × {cols}) matrix into vectors of one entry, \
+             whose cos² is always 1; {}",
+            if g == Granularity::Flat {
+                "give E matrices or vectors of two or more entries"
+            } else {
+                "use `flat`"
+            }
+        )));
+    }
+    Ok((e, rows, cols))
 }
 
 /// The E×E overlap matrix (row-major) and the MSO at granularity `g`.
 /// `flat`: the cosine matrix; `rows`/`cols`: each pair's mean cos² over slices.
 fn overlap_of<T: Real>(data: &[T], e: usize, rows: usize, g: Granularity) -> (Vec<f64>, f64) {
-    let per = data.len() / e;
-    let w: Vec<&[T]> = data.chunks_exact(per).collect();
+    let w: Vec<&[T]> = data.chunks_exact(data.len() / e).collect();
     if g == Granularity::Flat {
         let gram = cosine_gram(&w);
         return (gram.concat(), mso(&gram));
     }
-    let mut m = vec![1.0; e * e];
-    for i in 0..e {
-        for j in i + 1..e {
-            let v = orth::weight_mso(&[w[i], w[j]], rows, g).unwrap_or(f64::NAN);
-            m[i * e + j] = v;
-            m[j * e + i] = v;
-        }
-    }
-    (m, orth::weight_mso(&w, rows, g).unwrap_or(f64::NAN))
+    let m = orth::pair_overlap(&w, rows, g);
+    let pairs = (e * e.saturating_sub(1)).max(1) as f64;
+    let off_diagonal: f64 = (0..e * e).filter(|i| i / e != i % e).map(|i| m[i]).sum();
+    (m, off_diagonal / pairs)
 }
 
 fn array2(py: Python<'_>, v: Vec<f64>, rows: usize, cols: usize) -> Bound<'_, PyArrayDyn<f64>> {
@@ -71,18 +84,7 @@ pub fn weight_overlap<'py>(
     granularity: &str,
 ) -> PyResult<(Bound<'py, PyArrayDyn<f64>>, f64)> {
     let g: Granularity = parse("granularity", granularity)?;
-    let (e, rows, cols) = expert_dims("experts", &experts)?;
-    if g != Granularity::Flat && experts.shape().len() != 3 {
-        return Err(bad(format!(
-            "experts: granularity `{g}` cuts matrices; expected shape (E, R, C), got {:?}",
-            experts.shape()
-        )));
-    }
-    if orth::slices(g, rows, cols).1 < 2 {
-        return Err(bad(format!(
-            "experts: at granularity `{g}` a ({rows} × {cols}) matrix gives vectors of one entry; use `flat`"
-        )));
-    }
+    let (e, rows, _) = expert_dims("experts", &experts, g)?;
     let (m, value) = with_slice!(&experts, |s| py.detach(|| overlap_of(s, e, rows, g)));
     Ok((array2(py, m, e, e), value))
 }
@@ -103,18 +105,31 @@ pub fn weight_chance(shape: Vec<usize>, granularity: &str) -> PyResult<f64> {
     Ok(orth::chance_level(g, rows, cols))
 }
 
-fn orth_loss_of<T: Real>(data: &[T], e: usize, rows: usize, form: OrthForm) -> (f64, Vec<T>) {
-    let per = data.len() / e;
-    let w: Vec<&[T]> = data.chunks_exact(per).collect();
-    let mut grad = vec![T::zero(); data.len()];
-    let value = orth::orth_loss_and_grad(
-        Some(grad.chunks_exact_mut(per).collect()),
-        &w,
-        rows,
-        form,
-        1.0,
-    );
-    (value, grad)
+/// L_orth of the experts in `a` (E·R·C values) and its gradient as an
+/// array of `shape` and of the input's dtype.
+fn orth_loss_array<'py, T: Real + numpy::Element>(
+    py: Python<'py>,
+    a: &numpy::PyReadonlyArrayDyn<'py, T>,
+    shape: &[usize],
+    rows: usize,
+    form: OrthForm,
+) -> PyResult<(f64, Bound<'py, PyAny>)> {
+    let data = crate::arrays::contiguous(a)?;
+    let per = data.len() / shape[0];
+    let (value, grad) = py.detach(|| {
+        let w: Vec<&[T]> = data.chunks_exact(per).collect();
+        let mut grad = vec![T::zero(); data.len()];
+        let value = orth::orth_loss_and_grad(
+            Some(grad.chunks_exact_mut(per).collect()),
+            &w,
+            rows,
+            form,
+            1.0,
+        );
+        (value, grad)
+    });
+    let grad = Array::from_shape_vec(IxDyn(shape), grad).expect("sized as the input");
+    Ok((value, grad.into_pyarray(py).into_any()))
 }
 
 /// L_orth of the experts and its gradient (same shape and dtype).
@@ -129,188 +144,163 @@ pub fn orth_loss<'py>(
         granularity: parse("granularity", granularity)?,
         variant: parse::<OrthVariant>("variant", variant)?,
     };
-    let (e, rows, _) = expert_dims("experts", &experts)?;
+    let (_, rows, _) = expert_dims("experts", &experts, form.granularity)?;
     let shape = experts.shape();
-    Ok(match &experts {
-        Floats::F32(a) => {
-            let s = crate::arrays::contiguous(a)?;
-            let (v, g) = py.detach(|| orth_loss_of(s, e, rows, form));
-            (
-                v,
-                Array::from_shape_vec(IxDyn(&shape), g)
-                    .expect("sized")
-                    .into_pyarray(py)
-                    .into_any(),
-            )
-        }
-        Floats::F64(a) => {
-            let s = crate::arrays::contiguous(a)?;
-            let (v, g) = py.detach(|| orth_loss_of(s, e, rows, form));
-            (
-                v,
-                Array::from_shape_vec(IxDyn(&shape), g)
-                    .expect("sized")
-                    .into_pyarray(py)
-                    .into_any(),
-            )
-        }
-    })
+    match &experts {
+        Floats::F32(a) => orth_loss_array(py, a, &shape, rows, form),
+        Floats::F64(a) => orth_loss_array(py, a, &shape, rows, form),
+    }
 }
 
-/// Each expert's rows (n_e × d, row-major) and the tokens they belong to.
-struct RoutedRows {
-    rows: Vec<Vec<f32>>,
-    tokens: Vec<Vec<u32>>,
-    d: usize,
-}
-
-/// Each expert's routed rows in the order of the tokens routed to it.
-fn routed_rows(
-    outputs: &[Floats],
-    dense: bool,
-    selected: &[u32],
-    n: usize,
-    k: usize,
-) -> PyResult<RoutedRows> {
-    let e_n = if dense {
-        outputs[0].shape()[1]
-    } else {
-        outputs.len()
-    };
+/// The tokens routed to each expert, ascending (the dispatch order).
+fn tokens_per_expert(selected: &[u32], k: usize, e_n: usize) -> Vec<Vec<u32>> {
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); e_n];
-    for t in 0..n {
-        for &e in selected[t * k..(t + 1) * k]
-            .iter()
-            .filter(|&&e| (e as usize) < e_n)
-        {
+    for (t, row) in selected.chunks_exact(k).enumerate() {
+        for &e in row.iter().filter(|&&e| (e as usize) < e_n) {
             tokens[e as usize].push(t as u32);
         }
     }
-    if dense {
-        let shape = outputs[0].shape_of("outputs", &[3], "(n, E, d)")?;
-        let d = shape[2];
-        let all = outputs[0].to_f32()?;
-        let rows = tokens
-            .iter()
-            .enumerate()
-            .map(|(e, ts)| {
-                ts.iter()
-                    .flat_map(|&t| &all[(t as usize * e_n + e) * d..(t as usize * e_n + e + 1) * d])
-                    .copied()
-                    .collect()
-            })
-            .collect();
-        return Ok(RoutedRows { rows, tokens, d });
-    }
-    // The width d: that of the first 2-D array (each is checked against it).
-    let mut d: Option<usize> = outputs
+    tokens
+}
+
+/// Per-expert routed rows as given, each checked against the tokens that
+/// `selected` routes to it; returns f32 copies and the width d.
+fn given_rows(outputs: &[Floats], tokens: &[Vec<u32>]) -> PyResult<(Vec<Vec<f32>>, usize)> {
+    // The width: that of the first 2-D array (each is checked against it).
+    let d = outputs
         .iter()
         .map(Floats::shape)
         .find(|s| s.len() == 2)
-        .map(|s| s[1]);
-    let mut rows = Vec::with_capacity(e_n);
+        .map_or(0, |s| s[1]);
+    let mut rows = Vec::with_capacity(outputs.len());
     for (e, o) in outputs.iter().enumerate() {
-        let shape = o.shape();
-        let want = tokens[e].len();
-        let ok_shape = match shape[..] {
-            [r, c] => r == want && d.is_none_or(|d| d == c),
-            _ => false,
-        };
-        if !ok_shape {
+        let want = [tokens[e].len(), d];
+        if o.shape() != want || d == 0 {
             return Err(bad(format!(
-                "outputs[{e}]: expected shape ({want}, {}) (the rows of the {want} tokens `selected` routes to expert {e}, in token order), got {shape:?}",
-                d.map_or("d".to_string(), |d| d.to_string())
+                "outputs[{e}]: expected shape ({}, {d}) (the rows of the {} tokens `selected` \
+                 routes to expert {e}, in token order), got {:?}",
+                want[0],
+                want[0],
+                o.shape()
             )));
         }
-        d = Some(shape[1]);
         rows.push(o.to_f32()?);
     }
-    Ok(RoutedRows {
-        rows,
-        tokens,
-        d: d.unwrap_or(0),
-    })
+    Ok((rows, d))
+}
+
+/// From every expert's output on every token (`all`, n × E × d): each
+/// expert's rows on its routed tokens, and each expert's n × d outputs.
+fn split_dense(
+    all: &[f32],
+    tokens: &[Vec<u32>],
+    n: usize,
+    d: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let e_n = tokens.len();
+    let row = |t: usize, e: usize| &all[(t * e_n + e) * d..(t * e_n + e + 1) * d];
+    let routed = (0..e_n)
+        .map(|e| {
+            tokens[e]
+                .iter()
+                .flat_map(|&t| row(t as usize, e))
+                .copied()
+                .collect()
+        })
+        .collect();
+    let every = (0..e_n)
+        .map(|e| (0..n).flat_map(|t| row(t, e)).copied().collect())
+        .collect();
+    (routed, every)
+}
+
+/// The library's accumulator over one layer's routed rows (and, with
+/// `every`, each expert's output on every token), as JSON.
+fn activation_report(
+    rows: Vec<Vec<f32>>,
+    tokens: Vec<Vec<u32>>,
+    every: Option<Vec<Vec<f32>>>,
+    selected: Vec<u32>,
+    k: usize,
+    d: usize,
+) -> moescope::Result<Value> {
+    let e_n = tokens.len();
+    let n = selected.len() / k;
+    let expert_outputs = rows
+        .into_iter()
+        .zip(tokens)
+        .map(|(r, ts)| {
+            let h = (!ts.is_empty())
+                .then(|| Tensor::from_vec(r, (ts.len(), d), &Device::Cpu))
+                .transpose()?;
+            Ok((ts, h))
+        })
+        .collect::<moescope::Result<Vec<_>>>()?;
+    let cap = CapturedRouting {
+        probs: vec![1.0 / e_n as f32; n * e_n],
+        selected,
+        k,
+        expert_outputs,
+        expert_hidden: Vec::new(),
+    };
+    let mut acc = LayerAccumulator::new(e_n, k);
+    acc.add(&cap)?;
+    if let Some(every) = &every {
+        acc.add_all_pairs(every, d, &[]);
+    }
+    let (act, reason) = match acc.act_mso() {
+        Ok(v) => (Some(v), None),
+        Err(r) => (None, Some(r)),
+    };
+    Ok(json!({
+        "act_mso": act,
+        "act_mso_null_reason": reason,
+        "act_mso_all": acc.act_mso_all(),
+        "act_overlap": acc.act_overlap(),
+        "tokens": n,
+        "chance": 1.0 / d as f64,
+    }))
 }
 
 /// Activation overlap (routed pairs, and all pairs when every expert's
-/// output on every token is given) as the library's JSON.
+/// output on every token is given: `dense`, one (n, E, d) array) as the
+/// library's JSON.
 #[pyfunction]
-#[pyo3(signature = (outputs, dense, selected, probs=None))]
 pub fn activation_overlap(
     py: Python<'_>,
     outputs: Vec<Floats<'_>>,
     dense: bool,
     selected: PyReadonlyArray2<'_, i64>,
-    probs: Option<PyReadonlyArray2<'_, f32>>,
 ) -> PyResult<String> {
     if outputs.is_empty() {
         return Err(bad("outputs: no experts given"));
     }
-    let e_n = if dense {
-        outputs[0].shape_of("outputs", &[3], "(n, E, d)")?[1]
-    } else {
-        outputs.len()
-    };
-    let (sel, n, k) = selection("selected", &selected, e_n)?;
-    if dense && outputs[0].shape()[0] != n {
-        return Err(bad(format!(
-            "outputs: {} tokens, but selected has {n} rows",
-            outputs[0].shape()[0]
-        )));
-    }
-    let probs = probabilities(probs.as_ref(), n, e_n)?;
-    let RoutedRows { rows, tokens, d } = routed_rows(&outputs, dense, &sel, n, k)?;
-    let all_outputs: Option<Vec<Vec<f32>>> = if dense {
-        let all = outputs[0].to_f32()?;
-        Some(
-            (0..e_n)
-                .map(|e| {
-                    (0..n)
-                        .flat_map(|t| &all[(t * e_n + e) * d..(t * e_n + e + 1) * d])
-                        .copied()
-                        .collect()
-                })
-                .collect(),
-        )
+    let dense_shape = if dense {
+        Some(outputs[0].shape_of("outputs", &[3], "(n, E, d)")?)
     } else {
         None
     };
-    let json = py.detach(move || -> moescope::Result<Value> {
-        let expert_outputs = rows
-            .into_iter()
-            .zip(tokens)
-            .map(|(r, ts)| {
-                let h = (!ts.is_empty())
-                    .then(|| Tensor::from_vec(r, (ts.len(), d), &Device::Cpu))
-                    .transpose()?;
-                Ok((ts, h))
+    let e_n = dense_shape.as_ref().map_or(outputs.len(), |s| s[1]);
+    let (sel, n, k) = selection("selected", &selected, e_n)?;
+    let tokens = tokens_per_expert(&sel, k, e_n);
+    let json = match dense_shape {
+        Some(shape) => {
+            if shape[0] != n {
+                return Err(bad(format!(
+                    "outputs: expected shape (n, E, d) with n = {n} (the rows of selected), got {shape:?}"
+                )));
+            }
+            let all = outputs[0].to_f32()?;
+            py.detach(move || {
+                let (rows, every) = split_dense(&all, &tokens, n, shape[2]);
+                activation_report(rows, tokens, Some(every), sel, k, shape[2])
             })
-            .collect::<moescope::Result<Vec<_>>>()?;
-        let cap = CapturedRouting {
-            probs,
-            selected: sel,
-            k,
-            expert_outputs,
-            expert_hidden: Vec::new(),
-        };
-        let mut acc = LayerAccumulator::new(e_n, k);
-        acc.add(&cap)?;
-        if let Some(all) = &all_outputs {
-            acc.add_all_pairs(all, d, &[]);
         }
-        let (act, reason) = match acc.act_mso() {
-            Ok(v) => (Some(v), None),
-            Err(r) => (None, Some(r)),
-        };
-        Ok(json!({
-            "act_mso": act,
-            "act_mso_null_reason": reason,
-            "act_mso_all": acc.act_mso_all(),
-            "act_overlap": acc.act_overlap(),
-            "tokens": n,
-            "chance": 1.0 / d as f64,
-        }))
-    });
+        None => {
+            let (rows, d) = given_rows(&outputs, &tokens)?;
+            py.detach(move || activation_report(rows, tokens, None, sel, k, d))
+        }
+    };
     Ok(json.map_err(to_py)?.to_string())
 }
 
@@ -322,12 +312,12 @@ pub fn routing_telemetry(
     n_experts: usize,
     probs: Option<PyReadonlyArray2<'_, f32>>,
 ) -> PyResult<String> {
-    if n_experts == 0 {
-        return Err(bad("n_experts: must be at least 1"));
-    }
     let (sel, n, k) = selection("selected", &selected, n_experts)?;
     let given = probs.is_some();
-    let p = probabilities(probs.as_ref(), n, n_experts)?;
+    let p = match &probs {
+        Some(p) => crate::arrays::given_probabilities(p, n, n_experts)?,
+        None => Vec::new(),
+    };
     let mut acc = LayerAccumulator::new(n_experts, k);
     acc.add_routing(&p, &sel, k);
     let mut v = serde_json::to_value(acc.telemetry()).map_err(|e| bad(e.to_string()))?;
@@ -443,6 +433,11 @@ pub fn jacobian_alignment(
     null_init_tokens: usize,
 ) -> PyResult<String> {
     let activation: Activation = parse("activation", activation)?;
+    if w_gate.is_some() && activation != Activation::Silu {
+        return Err(bad(format!(
+            "activation: gated (SwiGLU) experts use silu; `{activation}` applies to experts without w_gate"
+        )));
+    }
     let mode: JacobianMode = parse("mode", mode)?;
     if mode == JacobianMode::Off {
         return Err(bad(
@@ -505,6 +500,69 @@ pub fn jacobian_alignment(
     serde_json::to_string(&report).map_err(|e| bad(e.to_string()))
 }
 
+/// Each expert's rows (f64, n_e × d) and row weights, checked: every array
+/// (n_e, d) with the same d (n_e may be 0), weights (n_e,).
+#[allow(clippy::type_complexity)]
+fn expert_rows(
+    rows: &[Floats],
+    weights: Option<&[Floats]>,
+) -> PyResult<(Vec<(Vec<f64>, Option<Vec<f64>>)>, usize)> {
+    if rows.len() < 2 {
+        return Err(bad(format!(
+            "rows_per_expert: expected a list of E ≥ 2 arrays (n_e, d), got {}",
+            rows.len()
+        )));
+    }
+    if weights.is_some_and(|w| w.len() != rows.len()) {
+        return Err(bad(format!(
+            "weights: {} arrays for {} experts",
+            weights.map_or(0, <[Floats]>::len),
+            rows.len()
+        )));
+    }
+    let d = rows[0].shape().get(1).copied().unwrap_or(0);
+    let mut out = Vec::with_capacity(rows.len());
+    for (e, r) in rows.iter().enumerate() {
+        let shape = r.shape();
+        if shape.len() != 2 || shape[1] != d || d == 0 {
+            return Err(bad(format!(
+                "rows_per_expert[{e}]: expected shape (n_e, d) with the d of rows_per_expert[0] ({d} ≥ 1), got {shape:?}"
+            )));
+        }
+        let w = match weights {
+            Some(ws) if ws[e].shape() != [shape[0]] => {
+                return Err(bad(format!(
+                    "weights[{e}]: expected shape ({},) (one weight per row of rows_per_expert[{e}]), got {:?}",
+                    shape[0],
+                    ws[e].shape()
+                )))
+            }
+            Some(ws) => Some(ws[e].to_f64()?),
+            None => None,
+        };
+        out.push((r.to_f64()?, w));
+    }
+    Ok((out, d))
+}
+
+/// Principal angles of every pair of bases (None on the diagonal and for skipped experts).
+fn pair_angles(bases: &[Option<Vec<Vec<f64>>>]) -> Vec<Vec<Option<Vec<f64>>>> {
+    let e = bases.len();
+    (0..e)
+        .map(|i| {
+            (0..e)
+                .map(|j| match (&bases[i], &bases[j]) {
+                    (Some(a), Some(b)) if i != j => {
+                        let r = a.len().min(b.len());
+                        Some(subspace::principal_angles(&a[..r], &b[..r]))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Per-expert PCA subspaces, their principal angles and Grassmann distances.
 #[pyfunction]
 #[pyo3(signature = (rows, rank="16", weights=None))]
@@ -520,73 +578,27 @@ pub fn subspaces(
             "rank: `off` measures nothing; give a rank (16) or var:τ",
         ));
     }
-    if rows.len() < 2 {
-        return Err(bad(format!(
-            "rows: expected a list of E ≥ 2 arrays (n_e, d), got {}",
-            rows.len()
-        )));
-    }
-    if let Some(w) = &weights {
-        if w.len() != rows.len() {
-            return Err(bad(format!(
-                "weights: {} arrays for {} experts",
-                w.len(),
-                rows.len()
-            )));
-        }
-    }
-    let d = rows[0].shape_of("rows[0]", &[2], "(n_e, d)")?[1];
-    let mut moments = Vec::with_capacity(rows.len());
-    for (e, r) in rows.iter().enumerate() {
-        let shape = r.shape();
-        if shape.len() != 2 || shape[1] != d {
-            return Err(bad(format!(
-                "rows[{e}]: expected shape (n_e, {d}), got {shape:?}"
-            )));
-        }
-        let w = match &weights {
-            Some(ws) => {
-                let w = ws[e].to_f64()?;
-                if ws[e].shape() != [shape[0]] {
-                    return Err(bad(format!(
-                        "weights[{e}]: expected shape ({},) (one weight per row of rows[{e}]), got {:?}",
-                        shape[0],
-                        ws[e].shape()
-                    )));
-                }
-                Some(w)
-            }
-            None => None,
-        };
-        let mut m = Moments::new(d);
-        if shape[0] > 0 {
-            m.add(&r.tensor_f64(&shape)?, w.as_deref()).map_err(to_py)?;
-        }
-        moments.push(m);
-    }
+    let (data, d) = expert_rows(&rows, weights.as_deref())?;
     let weighted = weights.is_some();
-    let json = py.detach(|| {
-        let report = subspace::layer_subspaces(&moments, rule, "input", weighted);
-        let bases = subspace::expert_bases(&moments, rule).bases;
-        let e = bases.len();
-        let angles: Vec<Vec<Option<Vec<f64>>>> = (0..e)
-            .map(|i| {
-                (0..e)
-                    .map(|j| match (&bases[i], &bases[j]) {
-                        (Some(a), Some(b)) if i != j => {
-                            let r = a.len().min(b.len());
-                            Some(subspace::principal_angles(&a[..r], &b[..r]))
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut v = serde_json::to_value(report).unwrap_or(Value::Null);
+    let json = py.detach(move || -> moescope::Result<Value> {
+        let mut moments = Vec::with_capacity(data.len());
+        for (x, w) in data {
+            let mut m = Moments::new(d);
+            let n = x.len() / d;
+            if n > 0 {
+                m.add(&Tensor::from_vec(x, (n, d), &Device::Cpu)?, w.as_deref())?;
+            }
+            moments.push(m);
+        }
+        let bases = subspace::expert_bases(&moments, rule);
+        let angles = pair_angles(&bases.bases);
+        let report = subspace::subspaces_of(bases, d, rule, "input", weighted);
+        let mut v =
+            serde_json::to_value(report).map_err(|e| moescope::Error::Other(e.to_string()))?;
         v["principal_angles"] = json!(angles);
-        v
+        Ok(v)
     });
-    Ok(json.to_string())
+    Ok(json.map_err(to_py)?.to_string())
 }
 
 /// `moescope analyze` as a call: the same report, as JSON.
@@ -649,6 +661,7 @@ pub fn bench_weight_overlap(
     let g: Granularity = parse("granularity", granularity)?;
     let w = random_experts(e, r, c);
     Ok(py.detach(|| {
+        std::hint::black_box(overlap_of(&w, e, r, g)); // warm-up, as the Python side has
         let t = std::time::Instant::now();
         for _ in 0..reps.max(1) {
             std::hint::black_box(overlap_of(&w, e, r, g));
@@ -661,10 +674,18 @@ pub fn bench_weight_overlap(
 #[pyfunction]
 pub fn bench_orth_loss(py: Python<'_>, e: usize, r: usize, c: usize, reps: usize) -> PyResult<f64> {
     let w = random_experts(e, r, c);
+    let call = || {
+        let experts: Vec<&[f32]> = w.chunks_exact(r * c).collect();
+        let mut grad = vec![0.0f32; w.len()];
+        let grads = grad.chunks_exact_mut(r * c).collect();
+        let value = orth::orth_loss_and_grad(Some(grads), &experts, r, OrthForm::default(), 1.0);
+        std::hint::black_box((value, grad));
+    };
     Ok(py.detach(|| {
+        call(); // warm-up, as the Python side has
         let t = std::time::Instant::now();
         for _ in 0..reps.max(1) {
-            std::hint::black_box(orth_loss_of(&w, e, r, OrthForm::default()));
+            call();
         }
         t.elapsed().as_secs_f64() / reps.max(1) as f64
     }))

@@ -88,12 +88,7 @@ pub fn request(model: String, opts: &Map<String, Value>) -> PyResult<AnalysisReq
         let geo = &mut req.geometry;
         match key.as_str() {
             "revision" => req.revision = text(key, v)?.into(),
-            "layers" => {
-                let a = v.as_array().ok_or_else(|| {
-                    bad(format!("layers: expected a list of layer indices, got {v}"))
-                })?;
-                req.layers = Some(a.iter().map(|x| count(key, x)).collect::<PyResult<_>>()?);
-            }
+            "layers" => req.layers = Some(choices::<usize>(key, &layer_list(v))?),
             "seq_len" => req.seq_len = Some(count(key, v)?),
             "in_memory" => req.in_memory = flag(key, v)?,
             "data" => req.data = Some(text(key, v)?.into()),
@@ -117,10 +112,12 @@ pub fn request(model: String, opts: &Map<String, Value>) -> PyResult<AnalysisReq
             "jacobian_tokens" => geo.jacobian_tokens = count(key, v)?,
             "spectra_tokens" => geo.spectra_tokens = count(key, v)?,
             "subspace" => {
-                geo.subspace = match v {
-                    Value::Number(_) => RankRule::Fixed(count(key, v)?),
-                    _ => choice::<RankRule>(key, v)?,
-                }
+                // A number goes through the flag's parser (which refuses 0).
+                let text = match v {
+                    Value::Number(n) => Value::String(n.to_string()),
+                    other => other.clone(),
+                };
+                geo.subspace = choice::<RankRule>(key, &text)?
             }
             "space" => geo.output_space = choice::<AnalysisSpace>(key, v)? == AnalysisSpace::Output,
             "weighted" => geo.weighted = flag(key, v)?,
@@ -137,5 +134,27 @@ pub fn request(model: String, opts: &Map<String, Value>) -> PyResult<AnalysisReq
             }
         }
     }
+    if req.data.is_some() && req.token_ids.is_some() {
+        return Err(bad(
+            "data and token_ids: give one (a corpus to tokenise, or tokens already made), as --data and --token-ids",
+        ));
+    }
     Ok(req)
+}
+
+/// Layer indices given as numbers become strings, so that a list of
+/// numbers, a list of strings and "0,5,31" parse alike.
+fn layer_list(v: &Value) -> Value {
+    match v {
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .map(|x| match x {
+                    Value::Number(n) => Value::String(n.to_string()),
+                    other => other.clone(),
+                })
+                .collect(),
+        ),
+        Value::Number(n) => Value::String(n.to_string()),
+        other => other.clone(),
+    }
 }

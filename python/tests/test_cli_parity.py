@@ -51,8 +51,12 @@ def test_analyze_errors_are_python_exceptions(micro_run, tmp_path):
         moescope.analyze(micro_run, tokenz=5)
     with pytest.raises(ValueError, match="jacobian: unknown Jacobian mode `fast`"):
         moescope.analyze(micro_run, jacobian="fast")
-    with pytest.raises(RuntimeError, match="does-not-exist"):
+    with pytest.raises(ValueError, match="does-not-exist: no such file or folder"):
         moescope.analyze(tmp_path / "does-not-exist")
+    with pytest.raises(ValueError, match="subspace"):
+        moescope.analyze(micro_run, subspace=0)
+    with pytest.raises(ValueError, match="data and token_ids"):
+        moescope.analyze(micro_run, data="x.txt", token_ids="ids.json")
 
 
 def test_load_run_reads_the_metrics(micro_run):

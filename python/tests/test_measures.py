@@ -191,9 +191,13 @@ def test_orth_loss_detached_norm_holds_the_norms_constant():
     assert np.allclose(grad, numeric_grad(frozen, w.copy()), rtol=1e-5, atol=1e-7)
 
 
-def test_orth_loss_keeps_float32():
-    value, grad = moescope.orth_loss(RNG.standard_normal((4, 8, 8)).astype(np.float32))
-    assert grad.dtype == np.float32 and np.isfinite(value)
+def test_orth_loss_in_float32_agrees_with_float64():
+    w = RNG.standard_normal((4, 8, 8))
+    v32, g32 = moescope.orth_loss(w.astype(np.float32))
+    v64, g64 = moescope.orth_loss(w)
+    assert g32.dtype == np.float32
+    assert v32 == pytest.approx(v64, rel=1e-5)
+    assert np.allclose(g32, g64, rtol=1e-3, atol=1e-6)
 
 
 # ---------------------------------------------------------------- activation overlap
@@ -288,7 +292,7 @@ def test_jacobian_alignment_exact_matches_explicit_jacobians(gated):
     b_up = None if gated else RNG.standard_normal((e, f)) * 0.1
     x = RNG.standard_normal((n, d))
     selected = np.array([RNG.choice(e, size=2, replace=False) for _ in range(n)])
-    r = moescope.jacobian_alignment(w_up, w_down, x, selected, w_gate=w_gate, b_up=b_up, mode="exact")
+    r = moescope.jacobian_alignment(w_up, w_down, x, selected, w_gate=w_gate, b_up=b_up, mode="exact", pairs="routed")
     values = []
     for t in range(n):
         i, j = selected[t]
@@ -308,8 +312,8 @@ def test_jacobian_alignment_estimate_is_close_to_exact():
     w_up[1] = w_up[0] + 0.1 * w_up[1]
     x = RNG.standard_normal((n, d))
     selected = np.tile([0, 1], (n, 1))
-    exact = moescope.jacobian_alignment(w_up, w_down, x, selected, mode="exact")
-    est = moescope.jacobian_alignment(w_up, w_down, x, selected, mode="estimate:512")
+    exact = moescope.jacobian_alignment(w_up, w_down, x, selected, mode="exact", pairs="routed")
+    est = moescope.jacobian_alignment(w_up, w_down, x, selected, mode="estimate:512", pairs="routed")
     assert est["mode"] == "estimate"
     assert abs(est["mean"] - exact["mean"]) < 5 * est["stderr"] + 0.02
 
@@ -346,3 +350,54 @@ def test_subspaces_skip_experts_with_too_few_rows():
     assert s["skipped"] == [{"expert": 2, "n": 2}]
     assert s["principal_angles"][0][2] is None
     assert np.isnan(s["overlap"][0, 2])
+
+
+def gelu(z):
+    return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def test_jacobian_alignment_over_all_pairs_with_gelu_and_float32():
+    e, f, d, n = 3, 5, 4, 6
+    w_up = RNG.standard_normal((e, f, d)).astype(np.float32)
+    w_down = RNG.standard_normal((e, d, f)).astype(np.float32)
+    x = RNG.standard_normal((n, d)).astype(np.float32)
+    selected = np.array([RNG.choice(e, size=2, replace=False) for _ in range(n)])
+    r = moescope.jacobian_alignment(w_up, w_down, x, selected, activation="gelu", null_init_tokens=4)
+
+    def jac(i, t):
+        z = w_up[i].astype(np.float64) @ x[t].astype(np.float64)
+        h = 1e-6
+        dgelu = (gelu(z + h) - gelu(z - h)) / (2 * h)
+        return w_down[i].astype(np.float64) @ (dgelu[:, None] * w_up[i].astype(np.float64))
+
+    values = [
+        (jac(i, t) * jac(j, t)).sum() / np.linalg.norm(jac(i, t)) / np.linalg.norm(jac(j, t))
+        for t in range(n)
+        for i, j in itertools.combinations(range(e), 2)
+    ]
+    assert r["pairs"] == "all" and r["instances"] == n * 3
+    assert r["mean"] == pytest.approx(np.mean(values), rel=1e-6)
+    assert r["sets"]["all"]["mean"] == pytest.approx(np.mean(values), rel=1e-6)
+    assert r["null"]["random_init"] is not None and r["null"]["shuffled_routing"] is not None
+    with pytest.raises(ValueError, match="gated .* use silu"):
+        moescope.jacobian_alignment(w_up, w_down, x, selected, w_gate=w_up, activation="gelu")
+
+
+def test_an_empty_slot_leaves_a_token_with_one_expert_out():
+    outputs = RNG.standard_normal((3, 3, 4))
+    selected = np.array([[0, 1], [2, -1], [1, 2]])
+    r = moescope.activation_overlap(outputs, selected)
+    want = np.mean([ref_cos2(outputs[0, 0], outputs[0, 1]), ref_cos2(outputs[2, 1], outputs[2, 2])])
+    assert r["act_mso"] == pytest.approx(want, rel=1e-5)
+    assert moescope.routing_telemetry(selected, n_experts=3)["load"] == [1, 2, 2]
+
+
+def test_subspaces_with_fewer_rows_than_dimensions_and_an_empty_expert():
+    d, r = 20, 3
+    rows = [np.zeros((0, d))] + [RNG.standard_normal((10, d)) for _ in range(3)]
+    s = moescope.subspaces(rows, rank=r)
+    assert s["skipped"] == [{"expert": 0, "n": 0}]
+    bases = [None] + [ref_subspace_basis(x, r) for x in rows[1:]]
+    for i, j in itertools.combinations(range(1, 4), 2):
+        sv = np.clip(np.linalg.svd(bases[i].T @ bases[j], compute_uv=False), 0, 1)
+        assert s["overlap"][i, j] == pytest.approx(np.mean(sv**2), rel=1e-6)

@@ -408,18 +408,17 @@ impl LayerAccumulator {
         Ok(())
     }
 
-    /// Count the routing telemetry of tokens alone (no outputs): `probs`
-    /// (n × E) and `selected` (n × `k`, [`NO_EXPERT`] for an empty slot).
+    /// Count the routing telemetry of tokens alone (no outputs): `selected`
+    /// (n × `k`, [`NO_EXPERT`] for an empty slot) and `probs` (n × E, or
+    /// empty when there are none: the router entropy then stays 0).
     pub fn add_routing(&mut self, probs: &[f32], selected: &[u32], k: usize) {
         let e_n = self.n_experts;
-        let n = probs.len() / e_n;
-        for t in 0..n {
-            let p = &probs[t * e_n..(t + 1) * e_n];
-            self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
-            for &e in selected[t * k..(t + 1) * k]
-                .iter()
-                .filter(|&&e| e != NO_EXPERT)
-            {
+        let n = selected.len() / k.max(1);
+        for (t, row) in selected.chunks_exact(k.max(1)).enumerate() {
+            if let Some(p) = probs.get(t * e_n..(t + 1) * e_n) {
+                self.router_entropy_sum += entropy(p.iter().map(|&x| x as f64));
+            }
+            for &e in row.iter().filter(|&&e| e != NO_EXPERT) {
                 self.load[e as usize] += 1;
             }
         }

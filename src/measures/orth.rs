@@ -262,5 +262,47 @@ pub fn weight_mso<T: Real>(w: &[&[T]], rows: usize, g: Granularity) -> Option<f6
     Some(2.0 * sum / (e * (e - 1)) as f64)
 }
 
+/// Each pair's mean over slices of cos² at granularity `g`: the E×E matrix
+/// (row-major, ones on the diagonal) whose off-diagonal mean is
+/// [`weight_mso`]. One pass over the slices, in parallel.
+pub fn pair_overlap<T: Real>(w: &[&[T]], rows: usize, g: Granularity) -> Vec<f64> {
+    let e = w.len();
+    let cols = w.first().map_or(0, |m| m.len() / rows.max(1));
+    let transposed: Vec<Vec<T>>;
+    let (vecs, len): (Vec<&[T]>, usize) = match g {
+        Granularity::Flat => (w.to_vec(), rows * cols),
+        Granularity::Rows => (w.to_vec(), cols),
+        Granularity::Cols => {
+            transposed = w.iter().map(|m| transpose(m, rows, cols)).collect();
+            (transposed.iter().map(Vec::as_slice).collect(), rows)
+        }
+    };
+    let n = (rows * cols).checked_div(len).unwrap_or(0);
+    let per_slice = |a: usize| -> Vec<f64> {
+        let slice: Vec<&[T]> = vecs.iter().map(|m| &m[a * len..(a + 1) * len]).collect();
+        let gram = gram_seq(&slice);
+        let mut c = vec![0.0; e * e];
+        for i in 0..e {
+            for j in 0..e {
+                let norms = gram[i][i] * gram[j][j];
+                c[i * e + j] = match (i == j, norms > 0.0) {
+                    (true, _) => 1.0,
+                    (false, true) => gram[i][j] * gram[i][j] / norms,
+                    (false, false) => 0.0,
+                };
+            }
+        }
+        c
+    };
+    let sum = (0..n).into_par_iter().map(per_slice).reduce(
+        || vec![0.0; e * e],
+        |mut acc, c| {
+            acc.iter_mut().zip(c).for_each(|(a, v)| *a += v);
+            acc
+        },
+    );
+    sum.into_iter().map(|v| v / n.max(1) as f64).collect()
+}
+
 #[cfg(test)]
 mod tests;

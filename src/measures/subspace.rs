@@ -351,14 +351,31 @@ pub fn layer_subspaces(
     if rule == RankRule::Off {
         return None;
     }
-    let e = moments.len();
     let d = moments.first().map_or(0, |m| m.d);
+    Some(subspaces_of(
+        expert_bases(moments, rule),
+        d,
+        rule,
+        space,
+        weighted,
+    ))
+}
+
+/// [`layer_subspaces`] from bases already computed (`d` the dimension).
+pub fn subspaces_of(
+    bases: ExpertBases,
+    d: usize,
+    rule: RankRule,
+    space: &str,
+    weighted: bool,
+) -> SubspaceReport {
+    let e = bases.bases.len();
     let ExpertBases {
         bases,
         ranks,
         effective_rank: eff,
         skipped,
-    } = expert_bases(moments, rule);
+    } = bases;
     let mut overlap = vec![vec![None; e]; e];
     let mut geo = vec![vec![None; e]; e];
     let mut geon = vec![vec![None; e]; e];
@@ -381,7 +398,7 @@ pub fn layer_subspaces(
         }
     }
     let rmax = ranks.iter().flatten().copied().max().unwrap_or(rule.cap());
-    Some(SubspaceReport {
+    SubspaceReport {
         space: space.into(),
         weighted,
         rank: ranks,
@@ -396,7 +413,7 @@ pub fn layer_subspaces(
         sets: PairSets::default(),
         degenerate: None,
         null: None,
-    })
+    }
 }
 
 /// The permutation null of subspace overlap: each expert keeps its number of

@@ -193,3 +193,28 @@ fn a_router_row_has_no_columns() {
         weight_mso(&refs, 1, Granularity::Flat)
     );
 }
+
+#[test]
+fn pair_overlap_matches_a_loop_per_pair_and_averages_to_the_mso() {
+    let (e, r, c) = (4, 5, 3);
+    let w = matrices(e, r, c, 11);
+    let refs: Vec<&[f64]> = w.iter().map(Vec::as_slice).collect();
+    for g in [Granularity::Flat, Granularity::Rows, Granularity::Cols] {
+        let m = pair_overlap(&refs, r, g);
+        let mut off_diagonal = 0.0;
+        for i in 0..e {
+            assert_eq!(m[i * e + i], 1.0);
+            for j in (0..e).filter(|&j| j != i) {
+                let pair = [w[i].clone(), w[j].clone()];
+                let want = loss_by_loop(&pair, r, c, g, OrthVariant::Normalized);
+                assert!((m[i * e + j] - want).abs() < 1e-12, "{g:?} ({i}, {j})");
+                off_diagonal += m[i * e + j];
+            }
+        }
+        let mso = weight_mso(&refs, r, g).unwrap();
+        assert!(
+            (off_diagonal / (e * (e - 1)) as f64 - mso).abs() < 1e-12,
+            "{g:?}"
+        );
+    }
+}
