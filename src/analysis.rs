@@ -218,25 +218,78 @@ fn describe_hf(req: &AnalysisRequest, ck: &HfCheckpoint) {
             .map(|s| format!(", shared expert d_ff {}", s.d_ff))
             .unwrap_or_default()
     );
-    let jac_tokens = geo
-        .jacobian_tokens
-        .min(req.tokens.unwrap_or(DEFAULT_TOKENS));
-    if let Some((mode, flops)) = crate::measures::jacobian::plan(
-        geo.jacobian,
-        cfg.hidden_size,
-        cfg.moe_d_ff,
-        cfg.n_experts,
-        2,
-        jac_tokens,
-        cfg.top_k,
-        geo.jacobian_all_pairs,
-    ) {
-        eprintln!(
-            "Jacobian alignment: {mode} mode on {jac_tokens} tokens, about {:.2} TFLOP (f64) per MoE layer; \
-             --jacobian-tokens N or --jacobian off for a quicker run",
+    let tokens = req.tokens.unwrap_or(DEFAULT_TOKENS);
+    let seq = req.seq_len.unwrap_or(cfg.max_position.min(512));
+    let forward = tokens as f64 * forward_flops_per_token(cfg, seq);
+    let jac_tokens = geo.jacobian_tokens.min(tokens);
+    let jacobian = jacobian_plan(geo, cfg, jac_tokens);
+    let rate = crate::kernels::gemm::ceiling_gflops() * 1e9 * PLAN_EFFICIENCY;
+    let total = forward + jacobian.map_or(0.0, |j| j.1);
+    let what = match jacobian {
+        Some((mode, flops)) => format!(
+            "; Jacobian alignment in {mode} mode on {jac_tokens} tokens (with its random-init null) {:.1} TFLOP \
+             (--jacobian-tokens N or --jacobian off for a quicker run)",
             flops / 1e12
-        );
-    }
+        ),
+        None => String::new(),
+    };
+    eprintln!(
+        "plan per MoE layer: forward {:.1} TFLOP{what}; about {:.0} s of compute at {:.0} GFLOP/s \
+         ({:.0}% of this machine's measured f32 GEMM rate), plus loading",
+        forward / 1e12,
+        total / rate,
+        rate / 1e9,
+        PLAN_EFFICIENCY * 100.0
+    );
+}
+
+/// The share of the measured GEMM rate the plan assumes a layer's work
+/// reaches (measured on Mixtral-8x7B's shapes: docs/SPEED.md).
+const PLAN_EFFICIENCY: f64 = 0.7;
+
+/// Flops of one token through one decoder layer: the attention projections,
+/// the causal scores over on average half the window, the router and the
+/// top-k experts (three matrices each when gated).
+fn forward_flops_per_token(cfg: &crate::hf::HfConfig, seq: usize) -> f64 {
+    let (d, hd) = (cfg.hidden_size as f64, cfg.head_dim as f64);
+    let (q, kv) = (cfg.n_heads as f64 * hd, cfg.n_kv_heads as f64 * hd);
+    let attention = 2.0 * d * (2.0 * q + 2.0 * kv) + 2.0 * q * seq as f64;
+    let experts = 2.0 * cfg.top_k as f64 * 3.0 * d * cfg.moe_d_ff as f64;
+    let shared = cfg.shared.map_or(0.0, |s| 6.0 * d * s.d_ff as f64);
+    attention + experts + shared + 2.0 * d * cfg.n_experts as f64
+}
+
+/// The mode and flops of a layer's Jacobian alignment, its random-init null
+/// (all pairs on the first `null_init_tokens` tokens) included.
+fn jacobian_plan(
+    geo: &crate::measures::analyze::GeometryOptions,
+    cfg: &crate::hf::HfConfig,
+    tokens: usize,
+) -> Option<(&'static str, f64)> {
+    let plan = |tokens, all| {
+        crate::measures::jacobian::plan(
+            geo.jacobian,
+            cfg.hidden_size,
+            cfg.moe_d_ff,
+            cfg.n_experts,
+            2,
+            tokens,
+            cfg.top_k,
+            all,
+        )
+    };
+    let (mode, flops) = plan(tokens, geo.jacobian_all_pairs)?;
+    let null_tokens = if geo.null_draws > 0 {
+        geo.null_init_tokens.min(tokens)
+    } else {
+        0
+    };
+    let null = if null_tokens > 0 {
+        plan(null_tokens, true).map_or(0.0, |p| p.1)
+    } else {
+        0.0
+    };
+    Some((mode, flops + null))
 }
 
 /// The tokens to analyse and where they come from: `token_ids` as given,

@@ -7,7 +7,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use moescope::config::{Activation, ExpertKind, ModelConfig, Routing};
-use moescope::measures::jacobian::{explicit_jacobian, layer_jacobian_uniform, JacobianMode};
+use moescope::measures::jacobian::{
+    explicit_jacobian, layer_jacobian, layer_jacobian_uniform, JacobianInputs, JacobianMode,
+    JacobianSettings, Precision,
+};
 use moescope::measures::subspace::{
     grassmann, layer_subspaces, principal_angles, Moments, RankRule,
 };
@@ -162,28 +165,48 @@ fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
                 }
             }
         }
-        // All pairs on every token, exact mode.
+        // All pairs on every token, exact mode, in both arithmetics (the f32
+        // path to 1e-5: A is bounded by 1).
         let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-        let r = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 4, 0)
+        for precision in [Precision::F64, Precision::F32] {
+            let r = layer_jacobian_uniform(
+                &moe,
+                &x,
+                &sel,
+                2,
+                JacobianMode::Exact,
+                precision,
+                true,
+                0,
+                4,
+                0,
+            )
             .unwrap()
             .unwrap();
-        let tol = if act == Activation::Gelu { 1e-6 } else { 1e-10 };
-        assert_eq!(r.mode, "exact");
-        assert_eq!(r.instances, 3 * n);
-        for i in 0..3 {
-            for k in i + 1..3 {
-                let got = r.matrix[i][k].unwrap();
-                assert!(
-                    (got - refm[i][k]).abs() < tol,
-                    "{kind:?}/{act:?} pair ({i},{k}): {got} vs {}",
-                    refm[i][k]
-                );
+            let tol = match (precision, act) {
+                (Precision::F32, _) => 1e-5,
+                (_, Activation::Gelu) => 1e-6,
+                _ => 1e-10,
+            };
+            assert_eq!(r.mode, "exact");
+            assert_eq!(r.instances, 3 * n);
+            for i in 0..3 {
+                for k in i + 1..3 {
+                    let got = r.matrix[i][k].unwrap();
+                    assert!(
+                        (got - refm[i][k]).abs() < tol,
+                        "{kind:?}/{act:?} pair ({i},{k}): {got} vs {}",
+                        refm[i][k]
+                    );
+                }
             }
+            let mean = refs.iter().sum::<f64>() / refs.len() as f64;
+            let mean_sq = refs.iter().map(|a| a * a).sum::<f64>() / refs.len() as f64;
+            assert!(
+                (r.mean.unwrap() - mean).abs() < tol && (r.mean_sq.unwrap() - mean_sq).abs() < tol
+            );
+            assert!(r.matrix[0][0].is_none());
         }
-        let mean = refs.iter().sum::<f64>() / refs.len() as f64;
-        let mean_sq = refs.iter().map(|a| a * a).sum::<f64>() / refs.len() as f64;
-        assert!((r.mean.unwrap() - mean).abs() < tol && (r.mean_sq.unwrap() - mean_sq).abs() < tol);
-        assert!(r.matrix[0][0].is_none());
     }
 }
 
@@ -194,9 +217,20 @@ fn routed_pairs_follow_the_selection() {
     let x = randn(&mut rng, 4, 6);
     // Tokens 0,1 route to (0,1); tokens 2,3 to (2,1).
     let sel = vec![0u32, 1, 1, 0, 2, 1, 1, 2];
-    let r = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, false, 2, 3, 0)
-        .unwrap()
-        .unwrap();
+    let r = layer_jacobian_uniform(
+        &moe,
+        &x,
+        &sel,
+        2,
+        JacobianMode::Exact,
+        Precision::F32,
+        false,
+        2,
+        3,
+        0,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(r.instances, 4);
     assert!(r.matrix[0][1].is_some() && r.matrix[1][2].is_some() && r.matrix[0][2].is_none());
     // Spectra: every expert that has tokens gets top singular values in non-increasing order.
@@ -218,9 +252,20 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
     let n = 40;
     let x = randn(&mut rng, n, 6);
     let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 1]).collect();
-    let exact = layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, true, 0, 1, 0)
-        .unwrap()
-        .unwrap();
+    let exact = layer_jacobian_uniform(
+        &moe,
+        &x,
+        &sel,
+        2,
+        JacobianMode::Exact,
+        Precision::F64,
+        true,
+        0,
+        1,
+        0,
+    )
+    .unwrap()
+    .unwrap();
     let mut errs = Vec::new();
     for m in [16usize, 64, 256, 1024] {
         // Mean absolute error of the per-pair means, averaged over seeds.
@@ -233,6 +278,7 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
                 &sel,
                 2,
                 JacobianMode::Estimate(m),
+                Precision::F32,
                 true,
                 0,
                 1,
@@ -440,10 +486,11 @@ fn analyze_reports_jacobian_and_subspace_per_layer() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--jacobian"));
 }
 
-/// The Hutchinson estimate runs in chunks of 64 tokens: on 150 tokens every
-/// per-pair mean equals the token-weighted mean of the same estimate on the
-/// chunks' tokens alone (same probes), so no token is lost or misaligned at a
-/// chunk boundary.
+/// The reference path's Hutchinson estimate runs in chunks of 64 tokens: on
+/// 150 tokens every per-pair mean equals the token-weighted mean of the same
+/// estimate on the chunks' tokens alone (same probes), so no token is lost or
+/// misaligned at a chunk boundary. (The f32 path's chunks are tested in its
+/// module.)
 #[test]
 fn estimate_in_chunks_equals_the_estimate_on_each_chunk() {
     let moe = layer(ExpertKind::Mlp, Activation::Silu, 3);
@@ -452,9 +499,20 @@ fn estimate_in_chunks_equals_the_estimate_on_each_chunk() {
     let x = randn(&mut rng, n, 6);
     let sel: Vec<u32> = (0..n).flat_map(|_| [0u32, 2]).collect();
     let est = |x: &Tensor, sel: &[u32]| {
-        layer_jacobian_uniform(&moe, x, sel, 2, JacobianMode::Estimate(32), true, 0, 1, 7)
-            .unwrap()
-            .unwrap()
+        layer_jacobian_uniform(
+            &moe,
+            x,
+            sel,
+            2,
+            JacobianMode::Estimate(32),
+            Precision::F64,
+            true,
+            0,
+            1,
+            7,
+        )
+        .unwrap()
+        .unwrap()
     };
     let whole = est(&x, &sel);
     let mut sums = [[0.0f64; 3]; 3];
@@ -474,5 +532,93 @@ fn estimate_in_chunks_equals_the_estimate_on_each_chunk() {
                 assert!((v - sums[i][j] / n as f64).abs() < 1e-12, "pair ({i},{j})");
             }
         }
+    }
+}
+
+/// Every number of a layer's Jacobian report (alignment, pair sets, both
+/// nulls, standard errors) from the f32 path equals the f64 reference's:
+/// within 1e-5 of max(|value|, 0.01), i.e. 1e-5 relative wherever a number
+/// is not close to zero, for MLP (SiLU, GELU) and SwiGLU experts, exact and
+/// estimated, all pairs and routed pairs.
+#[test]
+fn f32_path_reports_the_f64_reference() {
+    for (kind, act) in [
+        (ExpertKind::Mlp, Activation::Silu),
+        (ExpertKind::Mlp, Activation::Gelu),
+        (ExpertKind::Swiglu, Activation::Silu),
+    ] {
+        let moe = layer(kind, act, 21);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 40;
+        let x = randn(&mut rng, n, 6);
+        let sel: Vec<u32> = (0..n as u32)
+            .flat_map(|t| [t % 3, (t + 1 + t / 3) % 3])
+            .collect();
+        let probs: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                let a = 0.2 + 0.6 * ((t * 7) % 10) as f32 / 10.0;
+                [a, (1.0 - a) * 0.7, (1.0 - a) * 0.3]
+            })
+            .collect();
+        for mode in [JacobianMode::Exact, JacobianMode::Estimate(64)] {
+            for all_pairs in [true, false] {
+                let report = |precision| {
+                    let input = JacobianInputs {
+                        x: &x,
+                        selected: &sel,
+                        k: 2,
+                        probs: &probs,
+                    };
+                    let s = JacobianSettings {
+                        mode,
+                        precision,
+                        all_pairs,
+                        spectra_tokens: 0,
+                        top_sv: 2,
+                        seed: 5,
+                        null_draws: 10,
+                        null_init_tokens: 12,
+                    };
+                    let r = layer_jacobian(&moe, &input, &s).unwrap().unwrap();
+                    serde_json::to_value(&r).unwrap()
+                };
+                let (a, b) = (report(Precision::F32), report(Precision::F64));
+                let mut count = 0;
+                compare_numbers(
+                    &a,
+                    &b,
+                    &mut count,
+                    &format!("{kind:?}/{act:?}/{mode:?}/{all_pairs}"),
+                );
+                assert!(count > 10, "only {count} numbers compared");
+            }
+        }
+    }
+}
+
+fn compare_numbers(a: &serde_json::Value, b: &serde_json::Value, count: &mut usize, at: &str) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(0.01),
+                "{at}: f32 {x} vs f64 {y}"
+            );
+            *count += 1;
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                compare_numbers(p, q, count, &format!("{at}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (k, p) in x {
+                compare_numbers(p, &y[k], count, &format!("{at}.{k}"));
+            }
+        }
+        (p, q) => assert_eq!(p, q, "{at}"),
     }
 }

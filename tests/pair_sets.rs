@@ -191,6 +191,7 @@ fn pair_sets_match_float64_loops() {
         };
         let settings = JacobianSettings {
             mode: JacobianMode::Exact,
+            precision: moescope::measures::jacobian::Precision::F64,
             all_pairs: true,
             spectra_tokens: 0,
             top_sv: 1,

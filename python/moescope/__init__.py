@@ -246,6 +246,7 @@ def jacobian_alignment(
     spectra_tokens: int = 16,
     null_draws: int = 20,
     null_init_tokens: int = 256,
+    precision: str = "f32",
 ) -> Dict[str, Any]:
     """Cross-expert Jacobian alignment of one MoE layer.
 
@@ -280,7 +281,9 @@ def jacobian_alignment(
     (n, k). Returns the dict ``moescope analyze`` writes per layer under
     ``jacobian``: ``mean``, ``mean_abs``, ``mean_sq`` of A, the E×E ``matrix``
     (NaN where undefined), ``sets``, ``null`` (chance levels), ``spectra``
-    and ``effective_rank``. Computed in float64.
+    and ``effective_rank``. ``precision``: ``f32`` (float32 products with
+    float64 sums, as ``moescope analyze`` by default; within 1e-5 of the
+    reference) or ``f64`` (the float64 reference, slower).
     """
     r = json.loads(
         _native.jacobian_alignment(
@@ -299,6 +302,7 @@ def jacobian_alignment(
             spectra_tokens,
             null_draws,
             null_init_tokens,
+            precision,
         )
     )
     r["matrix"] = _matrix(r["matrix"])
@@ -339,7 +343,7 @@ def analyze(model: Union[str, os.PathLike], **options) -> Dict[str, Any]:
     (downloaded when online). ``options`` are the command's flags with ``_``
     for ``-``: ``tokens``, ``data``, ``token_ids``, ``layers``, ``seq_len``,
     ``families``, ``batch``, ``jacobian``, ``jacobian_pairs``,
-    ``jacobian_tokens``, ``spectra_tokens``, ``subspace``, ``space``,
+    ``jacobian_tokens``, ``jacobian_precision``, ``spectra_tokens``, ``subspace``, ``space``,
     ``weighted``, ``null_draws``, ``null_tokens``, ``act_space``,
     ``granularity``, ``device``, ``revision``, ``in_memory``, and
     ``progress`` (progress bars on stderr; off by default). Lists may be

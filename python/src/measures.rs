@@ -7,7 +7,7 @@ use crate::{bad, to_py};
 use candle_core::{DType, Device, Tensor};
 use moescope::config::{Activation, Granularity, JacobianMode, OrthVariant, RankRule, Routing};
 use moescope::kernels::Real;
-use moescope::measures::jacobian::{layer_jacobian, JacobianInputs, JacobianSettings};
+use moescope::measures::jacobian::{layer_jacobian, JacobianInputs, JacobianSettings, Precision};
 use moescope::measures::orth::{self, OrthForm};
 use moescope::measures::subspace::{self, Moments};
 use moescope::measures::{cosine_gram, mso, LayerAccumulator};
@@ -412,7 +412,7 @@ fn moe_of(
 #[pyfunction]
 #[pyo3(signature = (w_up, w_down, x, selected, w_gate=None, b_up=None, b_down=None,
     activation="silu", mode="exact", pairs="routed", probs=None, seed=0,
-    spectra_tokens=0, null_draws=20, null_init_tokens=0))]
+    spectra_tokens=0, null_draws=20, null_init_tokens=0, precision="f32"))]
 #[allow(clippy::too_many_arguments)]
 pub fn jacobian_alignment(
     py: Python<'_>,
@@ -431,8 +431,10 @@ pub fn jacobian_alignment(
     spectra_tokens: usize,
     null_draws: usize,
     null_init_tokens: usize,
+    precision: &str,
 ) -> PyResult<String> {
     let activation: Activation = parse("activation", activation)?;
+    let precision: Precision = parse("precision", precision)?;
     if w_gate.is_some() && activation != Activation::Silu {
         return Err(bad(format!(
             "activation: gated (SwiGLU) experts use silu; `{activation}` applies to experts without w_gate"
@@ -478,6 +480,7 @@ pub fn jacobian_alignment(
     let probs = probabilities(probs.as_ref(), n, moe.n_experts())?;
     let settings = JacobianSettings {
         mode,
+        precision,
         all_pairs,
         spectra_tokens,
         top_sv: 8,

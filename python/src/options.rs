@@ -4,7 +4,7 @@
 
 use crate::bad;
 use moescope::analysis::AnalysisRequest;
-use moescope::config::{AnalysisSpace, JacobianMode, RankRule};
+use moescope::config::{AnalysisSpace, JacobianMode, Precision, RankRule};
 use pyo3::PyResult;
 use serde_json::{Map, Value};
 use std::str::FromStr;
@@ -23,6 +23,7 @@ const KNOWN: &[&str] = &[
     "jacobian",
     "jacobian_pairs",
     "jacobian_tokens",
+    "jacobian_precision",
     "spectra_tokens",
     "subspace",
     "space",
@@ -110,6 +111,7 @@ pub fn request(model: String, opts: &Map<String, Value>) -> PyResult<AnalysisReq
                 }
             }
             "jacobian_tokens" => geo.jacobian_tokens = count(key, v)?,
+            "jacobian_precision" => geo.jacobian_precision = choice::<Precision>(key, v)?,
             "spectra_tokens" => geo.spectra_tokens = count(key, v)?,
             "subspace" => {
                 // A number goes through the flag's parser (which refuses 0).

@@ -2,7 +2,7 @@
 //! exact vs estimate vs the naive way (autodiff Jacobians, Frobenius products).
 
 use crate::config::{ExpertKind, ModelConfig};
-use crate::measures::jacobian::{layer_jacobian_uniform, JacobianMode};
+use crate::measures::jacobian::{layer_jacobian_uniform, JacobianMode, Precision, Workload};
 use crate::model::moe::MoeLayer;
 use crate::model::params::ParamStore;
 use crate::Result;
@@ -56,6 +56,7 @@ pub fn bench_jacobian(
         &sel,
         2,
         JacobianMode::Estimate(64),
+        Precision::F32,
         false,
         0,
         1,
@@ -64,15 +65,7 @@ pub fn bench_jacobian(
     .expect("on");
     let estimate_s = t0.elapsed().as_secs_f64();
     let t_terms = if swiglu { 2 } else { 1 };
-    let auto = if crate::measures::jacobian::auto_picks_exact(
-        d,
-        f,
-        e,
-        t_terms,
-        est.instances,
-        tokens,
-        2,
-    ) {
+    let auto = if Workload::planned(d, f, e, t_terms, tokens, 2, false).picks_exact() {
         "exact"
     } else {
         "estimate"
@@ -81,7 +74,18 @@ pub fn bench_jacobian(
     let (mut exact_s, mut naive, mut diff) = (None, None, None);
     if !skip_exact {
         let t0 = Instant::now();
-        layer_jacobian_uniform(&moe, &x, &sel, 2, JacobianMode::Exact, false, 0, 1, 0)?;
+        layer_jacobian_uniform(
+            &moe,
+            &x,
+            &sel,
+            2,
+            JacobianMode::Exact,
+            Precision::F32,
+            false,
+            0,
+            1,
+            0,
+        )?;
         exact_s = Some(t0.elapsed().as_secs_f64());
         let (per_token_s, max_diff) = time_naive(&moe, &x, &sel, naive_tokens.min(tokens))?;
         naive = Some(per_token_s * tokens as f64);
@@ -172,6 +176,7 @@ fn time_naive(moe: &MoeLayer, x: &Tensor, sel: &[u32], n: usize) -> Result<(f64,
             &sel[2 * t..2 * t + 2],
             2,
             JacobianMode::Exact,
+            Precision::F32,
             false,
             0,
             1,

@@ -17,7 +17,6 @@ pub use train::{bench_train, BenchOptions, BenchResult};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::time::Instant;
 
 /// Tokens from a random sparse Markov chain (each token has 4 successors), as the peer uses.
 struct Markov {
@@ -89,26 +88,4 @@ pub fn peer_sets(preset: &str) -> &'static [&'static str] {
     }
 }
 
-/// The fp32 GEMM rate this machine sustains with the engine's GEMM and the
-/// current threads: best of several 2048×512×2048 products (GFLOP/s).
-pub fn gemm_ceiling_gflops() -> f64 {
-    use crate::train::engine::gemm::{matmul, Par, View};
-    let (m, k, n) = (2048, 512, 2048);
-    let a = vec![0.5f32; m * k];
-    let b = vec![0.25f32; k * n];
-    let mut c = vec![0.0f32; m * n];
-    let mut best = f64::INFINITY;
-    for _ in 0..8 {
-        let t0 = Instant::now();
-        matmul(
-            &mut c,
-            n,
-            View::new(&a, m, k),
-            View::new(&b, k, n),
-            false,
-            Par::Pool,
-        );
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    2.0 * (m * k * n) as f64 / best / 1e9
-}
+pub use crate::kernels::gemm::ceiling_gflops as gemm_ceiling_gflops;

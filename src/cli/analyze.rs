@@ -5,7 +5,9 @@ use super::progress;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use moescope::analysis::{self, Analysis, AnalysisRequest};
-use moescope::config::{ActSpace, AnalysisSpace, Family, Granularity, JacobianMode, RankRule};
+use moescope::config::{
+    ActSpace, AnalysisSpace, Family, Granularity, JacobianMode, Precision, RankRule,
+};
 use moescope::measures::analyze::{self, GeometryOptions, Report};
 use std::path::{Path, PathBuf};
 
@@ -55,6 +57,10 @@ pub struct AnalyzeArgs {
     /// Tokens (the first analysed) used for Jacobian alignment.
     #[arg(long, default_value_t = 1024)]
     jacobian_tokens: usize,
+    /// Jacobian arithmetic: f32 (products in f32, sums in f64; within 1e-5 of
+    /// f64) or f64 (the reference, several times slower).
+    #[arg(long, default_value = "f32")]
+    jacobian_precision: Precision,
     /// Routed tokens per expert whose Jacobian spectrum is computed (0 = none).
     #[arg(long, default_value_t = 16)]
     spectra_tokens: usize,
@@ -147,6 +153,7 @@ fn request(a: &AnalyzeArgs) -> AnalysisRequest {
             jacobian: a.jacobian,
             jacobian_all_pairs: a.jacobian_pairs == JacobianPairs::All,
             jacobian_tokens: a.jacobian_tokens,
+            jacobian_precision: a.jacobian_precision,
             spectra_tokens: a.spectra_tokens,
             subspace: a.subspace,
             output_space: a.space == AnalysisSpace::Output,

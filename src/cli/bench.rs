@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
 use moescope::bench::{self, BenchOptions};
-use moescope::config::{Config, EngineChoice, JacobianMode, RankRule, PRESETS};
+use moescope::config::{Config, EngineChoice, JacobianMode, Precision, RankRule, PRESETS};
 use moescope::measures::analyze::GeometryOptions;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -115,6 +115,12 @@ pub struct HfArgs {
     /// Jacobian alignment mode (off, exact, estimate:M, auto).
     #[arg(long, default_value = "off")]
     jacobian: JacobianMode,
+    /// Tokens (the first analysed) used for Jacobian alignment, as `analyze --jacobian-tokens`.
+    #[arg(long, default_value_t = 1024)]
+    jacobian_tokens: usize,
+    /// Jacobian arithmetic: f32 (products in f32, sums in f64) or f64 (the reference).
+    #[arg(long, default_value = "f32")]
+    jacobian_precision: Precision,
     /// Expert subspaces (off or a rank).
     #[arg(long, default_value = "off")]
     subspace: RankRule,
@@ -209,7 +215,8 @@ fn hf(a: HfArgs) -> Result<()> {
     set_threads(a.threads);
     let geo = GeometryOptions {
         jacobian: a.jacobian,
-        jacobian_tokens: a.tokens,
+        jacobian_tokens: a.jacobian_tokens,
+        jacobian_precision: a.jacobian_precision,
         spectra_tokens: 0,
         subspace: a.subspace,
         ..Default::default()

@@ -20,7 +20,7 @@ pub use overrides::apply_set;
 pub use presets::PRESETS;
 pub use values::{
     ActSpace, Activation, AnalysisSpace, BadValue, EngineChoice, ExpertKind, Family, Granularity,
-    JacobianMode, OrthVariant, RankRule, Routing,
+    JacobianMode, OrthVariant, Precision, RankRule, Routing,
 };
 
 use serde::{Deserialize, Serialize};

@@ -212,6 +212,17 @@ pub enum AnalysisSpace {
 }
 named_choice!(AnalysisSpace, "space", [Input => "input", Output => "output"]);
 
+/// The arithmetic of Jacobian alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 products with f64 reductions (the default; checked against `f64`).
+    #[default]
+    F32,
+    /// f64 throughout: the reference, several times slower.
+    F64,
+}
+named_choice!(Precision, "precision", [F32 => "f32", F64 => "f64"]);
+
 /// How cross-expert Jacobian alignment is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JacobianMode {

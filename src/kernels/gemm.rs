@@ -120,6 +120,29 @@ pub fn matmul<T: Float + 'static>(
     }
 }
 
+/// The f32 GEMM rate this machine sustains with [`matmul`] and the current
+/// threads: best of several 2048×512×2048 products (GFLOP/s). About 0.1 s.
+pub fn ceiling_gflops() -> f64 {
+    let (m, k, n) = (2048, 512, 2048);
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0.0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let t0 = std::time::Instant::now();
+        matmul(
+            &mut c,
+            n,
+            View::new(&a, m, k),
+            View::new(&b, k, n),
+            false,
+            Par::Pool,
+        );
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    2.0 * (m * k * n) as f64 / best / 1e9
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,8 @@ pub struct Source {
 #[derive(Debug, Clone)]
 pub struct GeometryOptions {
     pub jacobian: JacobianMode,
+    /// f32 products with f64 reductions, or the f64 reference.
+    pub jacobian_precision: crate::config::Precision,
     /// Jacobian alignment over all pairs instead of routed pairs.
     pub jacobian_all_pairs: bool,
     /// Tokens (the first ones analysed) used for Jacobian alignment.
@@ -64,6 +66,7 @@ impl Default for GeometryOptions {
     fn default() -> Self {
         GeometryOptions {
             jacobian: JacobianMode::Off,
+            jacobian_precision: Default::default(),
             jacobian_all_pairs: true,
             jacobian_tokens: 1024,
             spectra_tokens: 16,

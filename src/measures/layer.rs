@@ -275,6 +275,7 @@ impl LayerAnalyzer {
         };
         let settings = JacobianSettings {
             mode: geo.jacobian,
+            precision: geo.jacobian_precision,
             all_pairs: geo.jacobian_all_pairs,
             spectra_tokens: geo.spectra_tokens,
             top_sv: geo.top_singular_values,
