@@ -234,7 +234,7 @@ fn describe_hf(req: &AnalysisRequest, ck: &HfCheckpoint) {
         None => String::new(),
     };
     eprintln!(
-        "plan per MoE layer: forward {:.1} TFLOP{what}; about {:.0} s of compute at {:.0} GFLOP/s \
+        "plan per MoE layer: forward and every expert on every token {:.1} TFLOP{what}; about {:.0} s of compute at {:.0} GFLOP/s \
          ({:.0}% of this machine's measured f32 GEMM rate), plus loading",
         forward / 1e12,
         total / rate,
@@ -244,17 +244,21 @@ fn describe_hf(req: &AnalysisRequest, ck: &HfCheckpoint) {
 }
 
 /// The share of the measured GEMM rate the plan assumes a layer's work
-/// reaches (measured on Mixtral-8x7B's shapes: docs/SPEED.md).
+/// reaches: on Mixtral-8x7B's shapes the Jacobian ran at 0.9 of it and the
+/// candle forward passes at about 0.4 (docs/SPEED.md).
 const PLAN_EFFICIENCY: f64 = 0.7;
 
-/// Flops of one token through one decoder layer: the attention projections,
-/// the causal scores over on average half the window, the router and the
-/// top-k experts (three matrices each when gated).
+/// Flops of one token through one decoder layer and its measures outside
+/// Jacobian alignment: the attention projections, the causal scores over on
+/// average half the window, the router, the top-k experts and every expert
+/// once more (the all-pairs activation overlap).
 fn forward_flops_per_token(cfg: &crate::hf::HfConfig, seq: usize) -> f64 {
     let (d, hd) = (cfg.hidden_size as f64, cfg.head_dim as f64);
     let (q, kv) = (cfg.n_heads as f64 * hd, cfg.n_kv_heads as f64 * hd);
     let attention = 2.0 * d * (2.0 * q + 2.0 * kv) + 2.0 * q * seq as f64;
-    let experts = 2.0 * cfg.top_k as f64 * 3.0 * d * cfg.moe_d_ff as f64;
+    // The routed experts, then every expert again for the all-pairs
+    // activation overlap (three matrices each: gated experts).
+    let experts = 2.0 * (cfg.top_k + cfg.n_experts) as f64 * 3.0 * d * cfg.moe_d_ff as f64;
     let shared = cfg.shared.map_or(0.0, |s| 6.0 * d * s.d_ff as f64);
     attention + experts + shared + 2.0 * d * cfg.n_experts as f64
 }
