@@ -151,6 +151,31 @@ impl Instances {
     pub fn count(&self) -> usize {
         self.by_pair.iter().map(|p| p.1.len()).sum()
     }
+
+    /// needed[t·E + e]: some instance on token t involves expert e, so J_e(x_t) is needed.
+    fn needed(&self, n: usize, e_n: usize) -> Vec<bool> {
+        let mut need = vec![false; n * e_n];
+        for ((i, j), toks) in &self.by_pair {
+            for &t in toks {
+                need[t as usize * e_n + i] = true;
+                need[t as usize * e_n + j] = true;
+            }
+        }
+        need
+    }
+
+    /// The tokens (ascending, once each) on which expert e takes part in an instance.
+    fn tokens_of(&self, e: usize) -> Vec<u32> {
+        let mut toks: Vec<u32> = self
+            .by_pair
+            .iter()
+            .filter(|((i, j), _)| *i == e || *j == e)
+            .flat_map(|(_, t)| t.iter().copied())
+            .collect();
+        toks.sort_unstable();
+        toks.dedup();
+        toks
+    }
 }
 
 fn rows(t: &Tensor, idx: &Tensor) -> Result<Tensor> {
@@ -246,13 +271,7 @@ impl Workload {
 
     /// The workload of these instances.
     fn of(inst: &Instances, n: usize, d: usize, f: usize, e: usize, t: usize) -> Self {
-        let mut need = vec![false; n * e];
-        for ((i, j), toks) in &inst.by_pair {
-            for &tok in toks {
-                need[tok as usize * e + i] = true;
-                need[tok as usize * e + j] = true;
-            }
-        }
+        let need = inst.needed(n, e);
         Workload {
             d,
             f,
@@ -553,14 +572,7 @@ fn exact_norms(
     let e_n = experts.len();
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     for (ei, norm) in norms.iter_mut().enumerate() {
-        let mut toks: Vec<u32> = inst
-            .by_pair
-            .iter()
-            .filter(|((i, j), _)| *i == ei || *j == ei)
-            .flat_map(|(_, t)| t.iter().copied())
-            .collect();
-        toks.sort_unstable();
-        toks.dedup();
+        let toks = inst.tokens_of(ei);
         if toks.is_empty() {
             continue;
         }
@@ -654,6 +666,7 @@ pub fn layer_jacobian(
     if s.mode == JacobianMode::Off {
         return Ok(None);
     }
+    // Each table converts the inputs to its own arithmetic; spectra use f64.
     let x = input.x.to_dtype(DType::F64)?;
     let n = x.dim(0)?;
     let e_n = moe.n_experts();
@@ -664,7 +677,7 @@ pub fn layer_jacobian(
         random_init: None,
         seed: s.seed,
     };
-    let table = align_table(&moe.experts, &x, &inst, spec)?;
+    let table = align_table(&moe.experts, input.x, &inst, spec)?;
     let token_pairs: Vec<PairWeights> = (0..n)
         .map(|t| {
             PairWeights::new(
@@ -688,7 +701,7 @@ pub fn layer_jacobian(
     let (spectra, effective_rank) = spectra(moe, &x, input, s)?;
     let null = JacobianNull {
         shuffled_routing: shuffled_routing_null(&table.values, &token_pairs, &set_means, s),
-        random_init: random_init_null(moe, &x, s)?,
+        random_init: random_init_null(moe, input.x, s)?,
     };
     Ok(Some(JacobianReport {
         mode: if table.exact { "exact" } else { "estimate" }.into(),

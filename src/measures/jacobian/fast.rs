@@ -230,17 +230,16 @@ struct TokenPlan {
 impl TokenPlan {
     fn new(inst: &Instances, n: usize, e_n: usize) -> Self {
         let mut pairs = vec![Vec::new(); n];
-        let mut need = vec![false; n * e_n];
         for ((i, j), toks) in &inst.by_pair {
             let p = pairs::pair_index(e_n, *i, *j);
             for &t in toks {
-                let t = t as usize;
-                pairs[t].push((p, *i, *j));
-                need[t * e_n + i] = true;
-                need[t * e_n + j] = true;
+                pairs[t as usize].push((p, *i, *j));
             }
         }
-        TokenPlan { pairs, need }
+        TokenPlan {
+            pairs,
+            need: inst.needed(n, e_n),
+        }
     }
 }
 
@@ -476,14 +475,7 @@ pub(super) fn exact_table(src: &Source, x: &[f32], dims: Dims, inst: &Instances)
     // ‖J_e‖² on every token expert e takes part in.
     let mut norms: Vec<std::collections::HashMap<u32, f64>> = vec![Default::default(); e_n];
     for (e, norm) in norms.iter_mut().enumerate() {
-        let mut toks: Vec<u32> = inst
-            .by_pair
-            .iter()
-            .filter(|((i, j), _)| *i == e || *j == e)
-            .flat_map(|(_, t)| t.iter().copied())
-            .collect();
-        toks.sort_unstable();
-        toks.dedup();
+        let toks = inst.tokens_of(e);
         if toks.is_empty() {
             continue;
         }
