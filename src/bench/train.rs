@@ -53,6 +53,9 @@ pub struct BenchResult {
     pub phase_s: [f64; 3],
     /// Fused engine only: milliseconds per step of each section.
     pub sections_ms: Vec<(String, f64)>,
+    /// Fused engine only: for the sections that are mostly matrix products,
+    /// their GEMM rate as a share of `gemm_ceiling_gflops`.
+    pub sections_ceiling_share: Vec<(String, f64)>,
     /// `fused` (the training engine) or `autodiff` (the reference).
     pub engine: &'static str,
     /// This machine's measured fp32 GEMM rate (2048×512×2048, same threads).
@@ -114,7 +117,7 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let (p_total, p_active) = cfg.param_counts();
     let fpt = cfg.flops_per_token();
     let tps = (o.batch * cfg.seq_len) as f64 / med;
-    Ok(BenchResult {
+    let mut r = BenchResult {
         mode: "train",
         preset: o.preset.clone(),
         cfg: cfg.clone(),
@@ -143,12 +146,50 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
                 .collect(),
             None => Vec::new(),
         },
+        sections_ceiling_share: Vec::new(),
         engine: stepper.name(),
         gemm_ceiling_gflops: ceiling,
         ceiling_share: fpt * tps / 1e9 / ceiling,
         peak_rss_mb,
         peer_command: peer_command(o),
-    })
+    };
+    r.sections_ceiling_share = section_shares(&r, o.batch);
+    Ok(r)
+}
+
+/// GEMM flops per step of the engine's sections that are mostly matrix
+/// products (the names of `engine::Profile`): the linear maps and the
+/// experts, forward and backward (two products per forward one).
+fn section_gemm_flops(cfg: &ModelConfig, batch: usize) -> [(&'static str, f64); 8] {
+    let n = (batch * cfg.seq_len) as f64;
+    let (d, f, v) = (cfg.d_model as f64, cfg.d_ff as f64, cfg.vocab_size as f64);
+    let (layers, rows) = (cfg.n_layer as f64, n * cfg.top_k as f64);
+    let qkv = layers * 2.0 * n * d * 3.0 * d;
+    let proj = layers * 2.0 * n * d * d;
+    let experts = layers * 2.0 * 2.0 * rows * d * f;
+    let head = 2.0 * n * d * v;
+    [
+        ("ln_qkv", qkv),
+        ("proj", proj),
+        ("experts", experts),
+        ("lm_head", head),
+        ("qkv_ln_bwd", 2.0 * qkv),
+        ("proj_bwd", 2.0 * proj),
+        ("experts_bwd", 2.0 * experts),
+        ("lm_head_bwd", 2.0 * head),
+    ]
+}
+
+/// Each GEMM section's rate as a share of the measured ceiling.
+fn section_shares(r: &BenchResult, batch: usize) -> Vec<(String, f64)> {
+    section_gemm_flops(&r.cfg, batch)
+        .iter()
+        .filter_map(|&(name, flops)| {
+            let ms = r.sections_ms.iter().find(|(n, _)| n == name)?.1;
+            let gflops = flops / (ms * 1e-3) / 1e9;
+            Some((name.to_string(), gflops / r.gemm_ceiling_gflops))
+        })
+        .collect()
 }
 
 /// Per timed step (after warm-up): wall seconds, CPU utilisation, and the

@@ -299,6 +299,12 @@ fn print_train(r: &bench::BenchResult) -> Result<()> {
             .map(|(n, ms)| format!("{n} {ms:.1}"))
             .collect();
         eprintln!("ms per step: {}", parts.join(", "));
+        let shares: Vec<String> = r
+            .sections_ceiling_share
+            .iter()
+            .map(|(n, x)| format!("{n} {:.0}%", 100.0 * x))
+            .collect();
+        eprintln!("GEMM sections, share of the ceiling: {}", shares.join(", "));
     }
     eprintln!("peer (same shapes): {}", r.peer_command);
     println!("{}", serde_json::to_string(r)?);

@@ -2,13 +2,16 @@
 //! measures logged with it (weight and activation overlap, telemetry), plus
 //! the end-of-run analysis.
 
-use crate::config::{ActSpace, AnalysisSpace, Config, Granularity, MeasureConfig, Routing};
+use crate::config::{
+    ActSpace, AnalysisSpace, Config, Granularity, MeasureConfig, ModelConfig, Routing,
+};
 use crate::data::{self, cache::TokenFile, Dataset};
 use crate::fsutil::write_atomic;
 use crate::measures::{self, Family, LayerAccumulator};
 use crate::metrics::{ActMeasure, CapturedMeasures, EvalMeasures, WeightMeasure};
 use crate::model::layers::cross_entropy_rows;
-use crate::model::{moe::ForwardOptions, Gpt};
+use crate::model::moe::{CapturedRouting, ForwardOptions};
+use crate::model::Gpt;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -54,6 +57,64 @@ pub struct SpaceAccumulators {
     pub layers: Vec<LayerAccumulator>,
 }
 
+/// One forward pass of an evaluation batch, by whichever executor holds the
+/// current weights: the autodiff model ([`Gpt`]) or the fused training
+/// engine (`engine::Engine`, which then needs no copy of the model).
+pub trait EvalForward {
+    /// Σ over the `shape = (b, t)` targets of the next-token cross-entropy (nats, f64),
+    /// and with `capture` what each MoE layer routed and computed (with
+    /// `capture_hidden` also the experts' hidden activations).
+    fn eval_batch(
+        &mut self,
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
+        shape: (usize, usize),
+        capture: bool,
+        capture_hidden: bool,
+    ) -> Result<(f64, Vec<CapturedRouting>)>;
+}
+
+impl<F: EvalForward + ?Sized> EvalForward for &mut F {
+    fn eval_batch(
+        &mut self,
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
+        shape: (usize, usize),
+        capture: bool,
+        capture_hidden: bool,
+    ) -> Result<(f64, Vec<CapturedRouting>)> {
+        (**self).eval_batch(inputs, targets, shape, capture, capture_hidden)
+    }
+}
+
+impl EvalForward for &Gpt {
+    fn eval_batch(
+        &mut self,
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
+        (b, t): (usize, usize),
+        capture: bool,
+        capture_hidden: bool,
+    ) -> Result<(f64, Vec<CapturedRouting>)> {
+        let dev = self.params.device().clone();
+        let x = Tensor::from_vec(inputs, (b, t), &dev)?;
+        let y = Tensor::from_vec(targets, b * t, &dev)?;
+        let out = self.forward_with(
+            &x,
+            ForwardOptions {
+                capture,
+                capture_hidden,
+                ..Default::default()
+            },
+        )?;
+        let ce = cross_entropy_rows(&out.logits, &y)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        Ok((ce, out.captures.into_iter().map(|c| c.moe).collect()))
+    }
+}
+
 /// [`evaluate`], and with `measure` also the activation overlap and routing
 /// telemetry of every MoE layer on a fixed, seeded subset of the evaluation
 /// windows, captured in the same forward passes that compute the loss.
@@ -64,33 +125,25 @@ pub fn evaluate_measured(
     max_tokens: usize,
     measure: Option<MeasureSpec>,
 ) -> Result<(EvalResult, Option<Vec<SpaceAccumulators>>)> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let t = model.cfg.seq_len;
-    let windows = data::eval_windows(data.len(), t, max_tokens);
-    // Measured windows first (captured), then the rest.
-    let mut order: Vec<(usize, usize, bool)> =
-        windows.iter().map(|&(s, l)| (s, l, false)).collect();
+    evaluate_with(&mut &*model, &model.cfg, data, batch, max_tokens, measure)
+}
+
+/// [`evaluate_measured`] on any executor of the model `cfg` describes.
+pub fn evaluate_with(
+    fwd: &mut dyn EvalForward,
+    cfg: &ModelConfig,
+    data: &TokenFile,
+    batch: usize,
+    max_tokens: usize,
+    measure: Option<MeasureSpec>,
+) -> Result<(EvalResult, Option<Vec<SpaceAccumulators>>)> {
+    let t = cfg.seq_len;
     let measure = measure.filter(|m| m.tokens > 0);
-    if let Some(m) = &measure {
-        let mut full: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == t).collect();
-        if full.is_empty() {
-            full = (0..order.len()).collect();
-        }
-        full.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(m.seed));
-        let take = m.tokens.div_ceil(t).min(full.len());
-        for &i in &full[..take] {
-            order[i].2 = true;
-        }
-        order.sort_by_key(|w| (!w.2, w.1 != t, w.0));
-    }
-    let mut accs = measure
-        .as_ref()
-        .map(|m| space_accumulators(model, &m.spaces));
+    let order = window_order(data.len(), t, max_tokens, measure.as_ref());
+    let mut accs = measure.as_ref().map(|m| space_accumulators(cfg, &m.spaces));
     let capture_hidden = accs
         .as_ref()
         .is_some_and(|a| a.iter().any(|s| s.space != ActSpace::Output));
-    let dev = model.params.device().clone();
     let mut sum = 0.0f64;
     let mut count = 0usize;
     for r in data::batch_ranges(&order, batch, |a, b| a.1 == b.1 && a.2 == b.2) {
@@ -103,29 +156,17 @@ pub fn evaluate_measured(
             data.extend_into(&mut inputs, s, l);
             data.extend_into(&mut targets, s + 1, l);
         }
-        let x = Tensor::from_vec(inputs, (b, len), &dev)?;
-        let y = Tensor::from_vec(targets, b * len, &dev)?;
-        let out = model.forward_with(
-            &x,
-            ForwardOptions {
-                capture: cap,
-                capture_hidden: cap && capture_hidden,
-                ..Default::default()
-            },
-        )?;
+        let (ce, captures) =
+            fwd.eval_batch(inputs, targets, (b, len), cap, cap && capture_hidden)?;
         if let (true, Some(accs)) = (cap, accs.as_mut()) {
             for space in accs.iter_mut() {
-                for (acc, c) in space.layers.iter_mut().zip(&out.captures) {
-                    if let Some(rows) = c.moe.in_space(space.space)? {
+                for (acc, c) in space.layers.iter_mut().zip(&captures) {
+                    if let Some(rows) = c.in_space(space.space)? {
                         acc.add(&rows)?;
                     }
                 }
             }
         }
-        let ce = cross_entropy_rows(&out.logits, &y)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
         sum += ce;
         count += b * len;
     }
@@ -145,9 +186,37 @@ pub fn evaluate_measured(
     ))
 }
 
+/// The evaluation windows (start, length, captured): with `measure`, a
+/// seeded choice of whole windows is captured, and those come first.
+fn window_order(
+    n_tokens: usize,
+    t: usize,
+    max_tokens: usize,
+    measure: Option<&MeasureSpec>,
+) -> Vec<(usize, usize, bool)> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let windows = data::eval_windows(n_tokens, t, max_tokens);
+    let mut order: Vec<(usize, usize, bool)> =
+        windows.iter().map(|&(s, l)| (s, l, false)).collect();
+    if let Some(m) = measure {
+        let mut full: Vec<usize> = (0..order.len()).filter(|&i| order[i].1 == t).collect();
+        if full.is_empty() {
+            full = (0..order.len()).collect();
+        }
+        full.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(m.seed));
+        let take = m.tokens.div_ceil(t).min(full.len());
+        for &i in &full[..take] {
+            order[i].2 = true;
+        }
+        order.sort_by_key(|w| (!w.2, w.1 != t, w.0));
+    }
+    order
+}
+
 /// One accumulator per MoE layer for each space (output first).
-fn space_accumulators(model: &Gpt, spaces: &[ActSpace]) -> Vec<SpaceAccumulators> {
-    let k = model.cfg.active_experts();
+fn space_accumulators(cfg: &ModelConfig, spaces: &[ActSpace]) -> Vec<SpaceAccumulators> {
+    let k = cfg.active_experts();
     let mut spaces: Vec<ActSpace> = spaces.to_vec();
     spaces.retain(|&s| s != ActSpace::Output);
     spaces.insert(0, ActSpace::Output);
@@ -156,13 +225,14 @@ fn space_accumulators(model: &Gpt, spaces: &[ActSpace]) -> Vec<SpaceAccumulators
         .into_iter()
         .map(|space| SpaceAccumulators {
             space,
-            layers: model
+            layers: cfg
                 .moe_layers()
+                .iter()
                 .map(|_| {
-                    let acc = LayerAccumulator::new(model.cfg.n_experts, k);
+                    let acc = LayerAccumulator::new(cfg.n_experts, k);
                     // Soft routing: `routed` = the top-k by gate (docs/MEASURES.md, "Pair sets").
-                    match model.cfg.routing {
-                        Routing::Soft => acc.with_reference_k(model.cfg.top_k),
+                    match cfg.routing {
+                        Routing::Soft => acc.with_reference_k(cfg.top_k),
                         _ => acc,
                     }
                 })

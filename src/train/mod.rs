@@ -26,9 +26,9 @@ use crate::measures;
 use crate::metrics::{EvalRow, MetricRow, StartRow, TrainRow};
 use crate::model::Gpt;
 use crate::{Error, Result};
-use candle_core::DType;
 pub use eval::{
-    eval_measures, evaluate, evaluate_measured, final_analysis, EvalResult, MeasureSpec,
+    eval_measures, evaluate, evaluate_measured, evaluate_with, final_analysis, EvalForward,
+    EvalResult, MeasureSpec,
 };
 use optim::{lr_at, AdamW};
 use run_dir::Metrics;
@@ -124,10 +124,6 @@ pub fn train(mut cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         let every = |n: usize| n > 0 && s % n == 0;
         let evaluating = every(run.cfg.train.eval_every) || last;
         let saving = every(run.cfg.train.checkpoint_every) || last;
-        if evaluating || saving {
-            // The moments matter only to a checkpoint.
-            run.exec.sync(saving)?;
-        }
         if evaluating {
             run.evaluate()?;
         }
@@ -176,13 +172,8 @@ fn init_or_resume(
     opts: &TrainOptions,
 ) -> Result<(Gpt, AdamW, TrainState)> {
     let device = parse_device(&cfg.train.device)?;
-    let model = Gpt::new(&cfg.model, DType::F32, &device, cfg.train.seed)?;
-    let mut opt = AdamW::new(&model.params, &cfg.train)?;
-    // The balancing biases are updated by their own rule, a frozen router not at all.
-    let router_frozen = cfg.model.router_frozen;
-    opt.freeze(&model.params, |n| {
-        n.ends_with(".balance_bias") || (router_frozen && n.ends_with(".router.weight"))
-    });
+    let model = step::fresh_model(cfg)?;
+    let mut opt = step::fresh_optimizer(cfg, &model)?;
     let mut state = TrainState {
         step: 0,
         tokens: 0,
@@ -464,20 +455,21 @@ impl<'o> Run<'o> {
 
     /// Validation loss and the measures, as an `eval` row.
     fn evaluate(&mut self) -> Result<()> {
-        let (model, _) = self.exec.model_and_optimizer()?;
         let spec = MeasureSpec {
             tokens: self.cfg.measure.tokens,
             seed: self.cfg.measure.seed,
             spaces: self.cfg.measure.act_space.clone(),
         };
         let t0 = Instant::now();
-        let (ev, accs) = evaluate_measured(
-            model,
+        let (ev, accs) = evaluate_with(
+            &mut *self.exec.evaluator(),
+            &self.cfg.model,
             &self.ds.valid,
             self.cfg.train.batch_size,
             self.cfg.train.eval_tokens,
             Some(spec),
         )?;
+        let host = self.exec.host(false)?;
         let s = &self.state;
         let row = EvalRow {
             step: s.step as u64,
@@ -486,7 +478,7 @@ impl<'o> Run<'o> {
             val_ppl: ev.ppl,
             eval_tokens: ev.tokens as u64,
             eval_s: t0.elapsed().as_secs_f64(),
-            measures: eval_measures(model, &self.cfg.measure, accs.as_deref())?,
+            measures: eval_measures(host.model(), &self.cfg.measure, accs.as_deref())?,
         };
         self.metrics.log(&MetricRow::Eval(row))?;
         self.bar.println(format!(
@@ -498,8 +490,9 @@ impl<'o> Run<'o> {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
-        let (model, opt) = self.exec.model_and_optimizer()?;
-        let opt_state = opt.state(&model.params)?;
+        let host = self.exec.host(true)?;
+        let model = host.model();
+        let opt_state = host.optimizer()?.state(&model.params)?;
         checkpoint::save_checkpoint(
             &self.out,
             model,
@@ -511,14 +504,18 @@ impl<'o> Run<'o> {
     }
 
     /// The final model, the end-of-run analysis and `summary.json`.
-    fn finish(self) -> Result<TrainSummary> {
+    fn finish(mut self) -> Result<TrainSummary> {
         self.bar.finish_and_clear();
-        let (model, _) = self.exec.model_and_optimizer()?;
         let (b, eval_tokens) = (self.cfg.train.batch_size, self.cfg.train.eval_tokens);
         let ev = match self.last_eval {
             Some(e) => e,
-            None => evaluate(model, &self.ds.valid, b, eval_tokens)?,
+            None => {
+                let fwd = &mut *self.exec.evaluator();
+                evaluate_with(fwd, &self.cfg.model, &self.ds.valid, b, eval_tokens, None)?.0
+            }
         };
+        let host = self.exec.host(false)?;
+        let model = host.model();
         checkpoint::save_model(&self.out, model)?;
         if self.cfg.measure.final_analysis {
             final_analysis(model, &self.cfg, &self.ds, &self.out)?;

@@ -3,10 +3,12 @@
 //! loop and `bench train` drive either through [`TrainStep`].
 
 use super::engine::{self, AdamParams, Engine, Profile};
+use super::eval::EvalForward;
 use super::optim::AdamW;
 use super::reg;
 use crate::config::{Config, EngineChoice, RegConfig};
 use crate::data::Batch;
+use crate::device::parse_device;
 use crate::measures;
 use crate::measures::OrthForm;
 use crate::model::layers::cross_entropy;
@@ -78,15 +80,61 @@ pub trait TrainStep {
     /// L_orth of the current weights (logged even when λ = 0); `None` when
     /// the family does not exist in this model.
     fn orth_value(&mut self) -> Result<Option<f64>>;
-    /// Bring the model's weights (and, with `optimizer`, the AdamW moments)
-    /// up to date, before evaluation and checkpoints.
-    fn sync(&mut self, optimizer: bool) -> Result<()>;
-    /// The model and its optimiser, as of the last [`TrainStep::sync`].
-    fn model_and_optimizer(&self) -> Result<(&Gpt, &AdamW)>;
+    /// The forward pass evaluation runs on (the executor's own: no copy).
+    fn evaluator(&mut self) -> Box<dyn EvalForward + '_>;
+    /// The model as of now and, with `optimizer`, its AdamW state (for
+    /// checkpoints, the measures and the end of the run).
+    fn host(&mut self, optimizer: bool) -> Result<Host<'_>>;
     /// Time per section of the step, when the executor keeps one.
     fn profile(&mut self) -> Option<&mut Profile> {
         None
     }
+}
+
+/// A step executor's model and optimiser: borrowed from the autodiff
+/// executor, which trains them; made on demand from the fused engine's
+/// state, which keeps no second copy of the model and its moments.
+pub enum Host<'a> {
+    Borrowed(&'a Gpt, &'a AdamW),
+    Made(Box<Gpt>, Option<AdamW>),
+}
+
+impl Host<'_> {
+    pub fn model(&self) -> &Gpt {
+        match self {
+            Host::Borrowed(m, _) => m,
+            Host::Made(m, _) => m,
+        }
+    }
+
+    /// The optimiser (present when [`TrainStep::host`] was asked for it).
+    pub fn optimizer(&self) -> Result<&AdamW> {
+        match self {
+            Host::Borrowed(_, o) => Ok(o),
+            Host::Made(_, Some(o)) => Ok(o),
+            Host::Made(_, None) => Err(Error::Other(
+                "internal: the optimiser state was not asked for".into(),
+            )),
+        }
+    }
+}
+
+/// A freshly initialised model for `cfg` (seeded as `train.seed`).
+pub fn fresh_model(cfg: &Config) -> Result<Gpt> {
+    let device = parse_device(&cfg.train.device)?;
+    Gpt::new(&cfg.model, DType::F32, &device, cfg.train.seed)
+}
+
+/// A fresh AdamW over `model`'s parameters, with the parameters that are not
+/// trained by gradient frozen: the balancing biases (their own update rule)
+/// and a frozen router.
+pub fn fresh_optimizer(cfg: &Config, model: &Gpt) -> Result<AdamW> {
+    let mut opt = AdamW::new(&model.params, &cfg.train)?;
+    let router_frozen = cfg.model.router_frozen;
+    opt.freeze(&model.params, |n| {
+        n.ends_with(".balance_bias") || (router_frozen && n.ends_with(".router.weight"))
+    });
+    Ok(opt)
 }
 
 /// Why `cfg` runs on autodiff (`None`: the fused engine), or an error for
@@ -115,7 +163,8 @@ pub fn executor(cfg: &Config, model: Gpt, opt: AdamW) -> Result<(Box<dyn TrainSt
         ));
     }
     let engine = Engine::from_model(&cfg.model, &model.params, Some(&opt), adam_params(cfg))?;
-    let step = FusedStep::new(engine, Some((model, opt)))
+    drop((model, opt)); // the engine holds the state from here on
+    let step = FusedStep::new(engine, Some(cfg.clone()))
         .with_orth(cfg.reg.orth_lambda, OrthForm::of(&cfg.reg));
     Ok((Box::new(step), "fused CPU engine".into()))
 }
@@ -161,18 +210,18 @@ pub fn clip_scale(clip: f64, gnorm: f64) -> f64 {
     }
 }
 
-/// The fused CPU engine, and optionally the model and optimiser it hands its
-/// state back to (training keeps them for evaluation and checkpoints; the
-/// benchmark drops them so that its peak memory is the step's).
+/// The fused CPU engine, and the config of the model and optimiser it makes
+/// from its state for checkpoints and the measures (training sets it; the
+/// benchmark has none).
 pub struct FusedStep {
     engine: Engine<f32>,
-    host: Option<(Gpt, AdamW)>,
+    host: Option<Config>,
     orth_lambda: f64,
     orth_form: OrthForm,
 }
 
 impl FusedStep {
-    pub fn new(engine: Engine<f32>, host: Option<(Gpt, AdamW)>) -> Self {
+    pub fn new(engine: Engine<f32>, host: Option<Config>) -> Self {
         FusedStep {
             engine,
             host,
@@ -251,24 +300,26 @@ impl TrainStep for FusedStep {
         Ok(Some(self.engine.orth_value(self.orth_form)))
     }
 
-    fn sync(&mut self, optimizer: bool) -> Result<()> {
-        let Some((model, opt)) = self.host.as_mut() else {
-            return Err(Error::Other(
-                "this engine keeps no model to hand its state back to".into(),
-            ));
-        };
-        self.engine.store_weights(&model.params)?;
-        if optimizer {
-            self.engine.store_optimizer(&model.params, opt)?;
-        }
-        Ok(())
+    fn evaluator(&mut self) -> Box<dyn EvalForward + '_> {
+        Box::new(&mut self.engine)
     }
 
-    fn model_and_optimizer(&self) -> Result<(&Gpt, &AdamW)> {
-        match &self.host {
-            Some((m, o)) => Ok((m, o)),
-            None => Err(Error::Other("this engine keeps no model".into())),
-        }
+    fn host(&mut self, optimizer: bool) -> Result<Host<'_>> {
+        let Some(cfg) = self.host.as_ref() else {
+            return Err(Error::Other(
+                "internal: this engine has no model config to hand its state to".into(),
+            ));
+        };
+        let model = fresh_model(cfg)?;
+        self.engine.store_weights(&model.params)?;
+        let opt = if optimizer {
+            let mut opt = fresh_optimizer(cfg, &model)?;
+            self.engine.store_optimizer(&model.params, &mut opt)?;
+            Some(opt)
+        } else {
+            None
+        };
+        Ok(Host::Made(Box::new(model), opt))
     }
 
     fn profile(&mut self) -> Option<&mut Profile> {
@@ -480,12 +531,12 @@ impl TrainStep for AutodiffStep {
         }
     }
 
-    fn sync(&mut self, _optimizer: bool) -> Result<()> {
-        Ok(()) // the model is the executor
+    fn evaluator(&mut self) -> Box<dyn EvalForward + '_> {
+        Box::new(&self.model)
     }
 
-    fn model_and_optimizer(&self) -> Result<(&Gpt, &AdamW)> {
-        Ok((&self.model, &self.opt))
+    fn host(&mut self, _optimizer: bool) -> Result<Host<'_>> {
+        Ok(Host::Borrowed(&self.model, &self.opt))
     }
 }
 

@@ -25,8 +25,9 @@
 //! over slices (`layers.rs`: embedding, linear, LM head; `attention.rs`;
 //! `router.rs`; `dispatch.rs`: gather, experts, combine), `forward.rs` and
 //! `backward.rs` chain them block by block, `buffers.rs` holds the
-//! activations, `adamw.rs`, `orth.rs` and `profile.rs` the rest of a step,
-//! and `convert.rs` the hand-off with the autodiff model and its optimiser.
+//! activations, `eval.rs` evaluates on the forward pass, `adamw.rs`,
+//! `orth.rs` and `profile.rs` the rest of a step, and `convert.rs` the
+//! hand-off with the autodiff model and its optimiser.
 //!
 //! Shapes: n = b·t tokens, d = d_model, f = d_ff, E experts, k slots per token,
 //! r = n·k routed rows, V = vocabulary.
@@ -38,6 +39,7 @@ mod buffers;
 mod convert;
 mod coverage;
 mod dispatch;
+mod eval;
 mod forward;
 mod layers;
 mod orth;

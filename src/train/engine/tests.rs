@@ -275,3 +275,51 @@ fn models_outside_the_coverage_are_errors() {
     let e = Engine::new(&cfg, named_f64(&m), ADAM).err().unwrap();
     assert!(e.to_string().contains("dense FFN layers"), "{e}");
 }
+
+/// Evaluation on the engine's forward pass gives the autodiff model's loss
+/// and, on the measured windows, its activation overlap in every space and
+/// its routing telemetry (float32 both, to 1e-5).
+#[test]
+fn evaluation_on_the_engine_matches_the_model() {
+    use crate::config::ActSpace;
+    use crate::data::cache::TokenFile;
+    use crate::train::eval::{evaluate_with, MeasureSpec};
+    let cfg = small_cfg(true, true);
+    let model = Gpt::new(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+    let adam = ADAM;
+    let mut eng = Engine::from_model(&cfg, &model.params, None, adam).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("valid.bin");
+    // 61 tokens: 7 full windows of 8 and a short one, batched 3 at a time.
+    TokenFile::write(&path, &tokens(61, cfg.vocab_size, 4), "t", "h", "valid").unwrap();
+    let data = TokenFile::open(&path).unwrap();
+    let spec = MeasureSpec {
+        tokens: 32,
+        seed: 1,
+        spaces: vec![ActSpace::Output, ActSpace::Hidden, ActSpace::HiddenLn],
+    };
+    let run = |fwd: &mut dyn crate::train::eval::EvalForward| {
+        evaluate_with(fwd, &cfg, &data, 3, 0, Some(spec.clone())).unwrap()
+    };
+    let (ev_m, acc_m) = run(&mut &model);
+    let (ev_e, acc_e) = run(&mut eng);
+    assert_eq!(ev_m.tokens, 60);
+    assert_eq!(ev_e.tokens, ev_m.tokens);
+    assert!(
+        (ev_e.loss - ev_m.loss).abs() < 1e-5 * ev_m.loss,
+        "{ev_e:?} vs {ev_m:?}"
+    );
+    let (acc_m, acc_e) = (acc_m.unwrap(), acc_e.unwrap());
+    assert_eq!(acc_m.len(), 3);
+    for (sm, se) in acc_m.iter().zip(&acc_e) {
+        assert_eq!(sm.space, se.space);
+        for (lm, le) in sm.layers.iter().zip(&se.layers) {
+            assert_eq!(lm.tokens, le.tokens);
+            let (am, ae) = (lm.act_mso().unwrap(), le.act_mso().unwrap());
+            assert!((am - ae).abs() < 1e-5, "{:?}: {am} vs {ae}", sm.space);
+            let (tm, te) = (lm.telemetry(), le.telemetry());
+            assert_eq!(tm.load, te.load);
+            assert!((tm.router_entropy - te.router_entropy).abs() < 1e-5);
+        }
+    }
+}
