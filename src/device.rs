@@ -17,14 +17,102 @@ pub fn parse_device(name: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::config(
                     "train.device",
-                    "CUDA requested but this binary was built without it: rebuild with `cargo build --release --features cuda`",
+                    "CUDA requested but this binary was built without it: build one with `scripts/build_cuda.sh`",
                 ));
             }
-            Ok(Device::new_cuda(ord)?)
+            open_cuda(ord)
         }
         other => Err(Error::config(
             "train.device",
             format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
         )),
+    }
+}
+
+/// The CUDA libraries a CUDA build loads at run time (cudarc's names), and
+/// what each is, for the message when one is missing.
+const CUDA_LIBRARIES: &[(&str, &[&str])] = &[
+    (
+        "the NVIDIA driver (libcuda)",
+        &["libcuda.so.1", "libcuda.so"],
+    ),
+    ("cuBLAS", &["libcublas.so.13", "libcublas.so"]),
+    ("cuBLASLt", &["libcublasLt.so.13", "libcublasLt.so"]),
+    ("cuRAND", &["libcurand.so.10", "libcurand.so"]),
+    ("NVRTC", &["libnvrtc.so.13", "libnvrtc.so"]),
+];
+
+/// The first CUDA library that cannot be loaded: (what it is, the names tried).
+fn missing_cuda_library() -> Option<(&'static str, &'static [&'static str])> {
+    CUDA_LIBRARIES
+        .iter()
+        .find(|(_, names)| !names.iter().any(|n| loadable(n)))
+        .copied()
+}
+
+/// Whether the dynamic loader finds and opens `name` (closed again at once).
+fn loadable(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: dlopen with a valid C string; a non-null handle is closed once.
+    unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if h.is_null() {
+            return false;
+        }
+        libc::dlclose(h);
+    }
+    true
+}
+
+/// CUDA device `ord`: the libraries are checked first, so that a machine
+/// without a driver or without cuBLAS gets a message rather than a panic
+/// inside cudarc (which loads them lazily and panics when it cannot); a
+/// panic that still happens during initialisation is turned into an error.
+fn open_cuda(ord: usize) -> Result<Device> {
+    if let Some((what, names)) = missing_cuda_library() {
+        return Err(Error::config(
+            "train.device",
+            format!(
+                "CUDA requested but {what} cannot be loaded (tried {}). On a GPU node, \
+                 put the folder holding it on LD_LIBRARY_PATH (the NVIDIA wheels keep \
+                 them in site-packages/nvidia/cu13/lib); without a GPU, use --device cpu",
+                names.join(", ")
+            ),
+        ));
+    }
+    match std::panic::catch_unwind(|| Device::new_cuda(ord)) {
+        Ok(dev) => Ok(dev?),
+        Err(p) => {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic in the CUDA runtime");
+            Err(Error::config(
+                "train.device",
+                format!("CUDA device {ord} could not be opened: {why}"),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loader_probe_tells_present_from_absent_libraries() {
+        assert!(loadable("libc.so.6"));
+        assert!(!loadable("libmoescope-no-such-library.so.7"));
+    }
+
+    #[test]
+    fn bad_device_names_are_config_errors() {
+        for (name, expect) in [("gpu", "unknown device"), ("cuda:x", "bad CUDA ordinal")] {
+            let e = parse_device(name).unwrap_err().to_string();
+            assert!(e.contains(expect), "{name}: {e}");
+        }
     }
 }

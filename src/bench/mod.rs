@@ -1,15 +1,18 @@
-//! `moescope bench`: four benchmarks, one file each, and the helpers they share.
+//! `moescope bench`: five benchmarks and checks, one file each, and the helpers they share.
 //!
 //! - [`bench_train`] (`train.rs`): full training steps, measured as the PyTorch peer measures itself;
 //! - [`bench_eval`] (`eval.rs`): the cost of logging the measures in an evaluation pass;
 //! - [`bench_jacobian`] (`jacobian.rs`): Jacobian alignment, exact vs estimate vs naive;
-//! - [`bench_hf`] (`hf.rs`): streaming analysis of a random Hugging Face checkpoint.
+//! - [`bench_hf`] (`hf.rs`): streaming analysis of a random Hugging Face checkpoint;
+//! - [`device_check`] (`device.rs`): loss and gradients on a device against the CPU.
 
+mod device;
 mod eval;
 mod hf;
 mod jacobian;
 mod train;
 
+pub use device::{device_check, DeviceCheck};
 pub use eval::{bench_eval, EvalBenchResult};
 pub use hf::{bench_hf, HfBenchResult};
 pub use jacobian::{bench_jacobian, JacobianBenchResult};
@@ -84,6 +87,9 @@ pub fn peer_sets(preset: &str) -> &'static [&'static str] {
             "model.seq_len=256",
             "train.batch_size=4",
         ],
+        // The peer's `paper` (a GPU config): the study's model, GPT-2's
+        // vocabulary padded to 50,304, batch 16 × 512.
+        "paper" => &["model.vocab_size=50304"],
         _ => &[],
     }
 }

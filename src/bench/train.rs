@@ -6,12 +6,13 @@
 use super::{cpu_seconds, gemm_ceiling_gflops, median, Markov};
 use crate::config::{Config, ModelConfig, RegConfig, TrainConfig};
 use crate::data::Batch;
+use crate::device::parse_device;
 use crate::model::Gpt;
 use crate::train::engine::Engine;
 use crate::train::optim::AdamW;
 use crate::train::step::{adam_params, AutodiffStep, FusedStep, StepPlan, TrainStep};
 use crate::Result;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -27,8 +28,11 @@ pub struct BenchOptions {
     pub lr: f64,
     /// λ of the orthogonality loss on W_up (the peer's `--lam`).
     pub orth_lambda: f64,
-    /// Time the autodiff reference instead of the fused engine.
+    /// Time the autodiff reference instead of the fused engine (always on
+    /// a device other than the CPU: the engine is CPU-only).
     pub autodiff: bool,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 /// Benchmark result (printed as the last line, one JSON object).
@@ -71,7 +75,8 @@ pub struct BenchResult {
 /// The step under test: the fused engine (without the model it would hand
 /// back to, so that the peak memory is the step's) or the autodiff reference.
 fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> {
-    let model = Gpt::new(&o.model, DType::F32, &Device::Cpu, o.seed)?;
+    let device = parse_device(&o.device)?;
+    let model = Gpt::new(&o.model, DType::F32, &device, o.seed)?;
     let cfg = Config {
         model: o.model.clone(),
         train: tc.clone(),
@@ -81,7 +86,7 @@ fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> 
         },
         ..Default::default()
     };
-    if o.autodiff {
+    if o.autodiff || !device.is_cpu() {
         let opt = AdamW::new(&model.params, tc)?;
         return Ok(Box::new(AutodiffStep::new(&cfg, model, opt)));
     }
@@ -244,6 +249,9 @@ fn time_steps(o: &BenchOptions, stepper: &mut dyn TrainStep, progress: bool) -> 
         let t0 = Instant::now();
         let c0 = cpu_seconds();
         let stats = stepper.step(std::slice::from_ref(&batch), &plan)?;
+        // A device step ends when its queued work has run (the peer, too,
+        // synchronises before it stops each step's clock).
+        stepper.synchronize()?;
         r.final_ce = stats.lm_loss;
         let dt = t0.elapsed().as_secs_f64();
         if step >= o.warmup {
@@ -267,5 +275,8 @@ fn peer_command(o: &BenchOptions) -> String {
         "python nanogpt_moe.py --config tiny --vocab {} --d_model {} --n_layer {} --n_head {} --n_expert {} --top_k {} --d_ff {} --seq_len {} --batch {} --bias {} --lam {} --steps {} --warmup {} --threads {}",
         cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_experts, cfg.top_k, cfg.d_ff, cfg.seq_len, o.batch,
         u8::from(cfg.bias), o.orth_lambda, o.steps, o.warmup, candle_core::utils::get_num_threads()
-    )
+    ) + &match o.device.as_str() {
+        "cpu" => String::new(),
+        d => format!(" --device {d}"),
+    }
 }

@@ -21,6 +21,8 @@ pub enum BenchCmd {
     Hf(HfArgs),
     /// Training-step throughput (tokens/s, model GFLOP/s) on synthetic tokens; last line is JSON.
     Train(TrainArgs),
+    /// A tiny model's loss and every gradient on --device against the CPU; last line is JSON.
+    Device(DeviceArgs),
 }
 
 #[derive(Args)]
@@ -146,6 +148,20 @@ pub struct TrainArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, cuda or cuda:N. Off the CPU the autodiff model is timed (the
+    /// fused engine is CPU-only), each step ending with a device synchronize.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+pub struct DeviceArgs {
+    /// The device to check against the CPU: cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Fail (exit 1) when any relative difference exceeds this.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
 }
 
 /// `fused` or `autodiff`: a benchmark times one step, so `auto` has no meaning.
@@ -160,7 +176,30 @@ pub fn run(what: BenchCmd) -> Result<()> {
         BenchCmd::Eval(a) => eval(a),
         BenchCmd::Hf(a) => hf(a),
         BenchCmd::Train(a) => train(a),
+        BenchCmd::Device(a) => device(a),
     }
+}
+
+fn device(a: DeviceArgs) -> Result<()> {
+    let dev = moescope::device::parse_device(&a.device)?;
+    let c = bench::device_check(&dev, &a.device)?;
+    eprintln!(
+        "loss: cpu {:.6}, {} {:.6} (relative difference {:.2e})",
+        c.loss_cpu, c.device, c.loss_device, c.loss_rel
+    );
+    for (name, rel) in &c.grad_rel {
+        eprintln!("  ∂/∂{name}: {rel:.2e}");
+    }
+    println!("{}", serde_json::to_string(&c)?);
+    if c.worst_rel > a.tolerance {
+        bail!(
+            "the largest relative difference, {:.2e}, exceeds --tolerance {:.0e}",
+            c.worst_rel,
+            a.tolerance
+        );
+    }
+    eprintln!("ok: every relative difference ≤ {:.0e}", a.tolerance);
+    Ok(())
 }
 
 fn jacobian(a: JacobianArgs) -> Result<()> {
@@ -253,6 +292,7 @@ fn train(a: TrainArgs) -> Result<()> {
         lr: 5e-4,
         orth_lambda: cfg.reg.orth_lambda,
         autodiff: a.engine == EngineChoice::Autodiff,
+        device: a.device,
     };
     let r = bench::bench_train(&o, std::io::stderr().is_terminal())?;
     print_train(&r)

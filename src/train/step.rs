@@ -85,6 +85,10 @@ pub trait TrainStep {
     /// The model as of now and, with `optimizer`, its AdamW state (for
     /// checkpoints, the measures and the end of the run).
     fn host(&mut self, optimizer: bool) -> Result<Host<'_>>;
+    /// Wait for the work queued on the device (a no-op on the CPU).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Time per section of the step, when the executor keeps one.
     fn profile(&mut self) -> Option<&mut Profile> {
         None
@@ -537,6 +541,10 @@ impl TrainStep for AutodiffStep {
 
     fn host(&mut self, _optimizer: bool) -> Result<Host<'_>> {
         Ok(Host::Borrowed(&self.model, &self.opt))
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(self.model.params.device().synchronize()?)
     }
 }
 
