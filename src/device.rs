@@ -29,25 +29,53 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// The CUDA libraries a CUDA build loads at run time (cudarc's names), and
-/// what each is, for the message when one is missing.
-const CUDA_LIBRARIES: &[(&str, &[&str])] = &[
-    (
-        "the NVIDIA driver (libcuda)",
-        &["libcuda.so.1", "libcuda.so"],
-    ),
-    ("cuBLAS", &["libcublas.so.13", "libcublas.so"]),
-    ("cuBLASLt", &["libcublasLt.so.13", "libcublasLt.so"]),
-    ("cuRAND", &["libcurand.so.10", "libcurand.so"]),
-    ("NVRTC", &["libnvrtc.so.13", "libnvrtc.so"]),
+/// A library a CUDA device needs: what it is, the names cudarc tries, and
+/// what to do when none loads.
+struct CudaLibrary {
+    what: &'static str,
+    names: &'static [&'static str],
+    fix: &'static str,
+}
+
+/// Where the NVIDIA wheels keep the CUDA 13 libraries.
+const WHEEL_HINT: &str = "put the folder holding it on LD_LIBRARY_PATH (with NVIDIA's \
+    wheels, e.g. beside torch: site-packages/nvidia/cu13/lib)";
+
+/// The libraries a CUDA build loads at run time (cudarc's names).
+const CUDA_LIBRARIES: &[CudaLibrary] = &[
+    CudaLibrary {
+        what: "the NVIDIA driver (libcuda)",
+        names: &["libcuda.so.1", "libcuda.so"],
+        fix: "this machine has no NVIDIA driver on the loader's path; run on a GPU node, \
+              or use --device cpu",
+    },
+    CudaLibrary {
+        what: "cuBLAS",
+        names: &["libcublas.so.13", "libcublas.so"],
+        fix: WHEEL_HINT,
+    },
+    CudaLibrary {
+        what: "cuBLASLt",
+        names: &["libcublasLt.so.13", "libcublasLt.so"],
+        fix: WHEEL_HINT,
+    },
+    CudaLibrary {
+        what: "cuRAND",
+        names: &["libcurand.so.10", "libcurand.so"],
+        fix: WHEEL_HINT,
+    },
+    CudaLibrary {
+        what: "NVRTC",
+        names: &["libnvrtc.so.13", "libnvrtc.so"],
+        fix: WHEEL_HINT,
+    },
 ];
 
-/// The first CUDA library that cannot be loaded: (what it is, the names tried).
-fn missing_cuda_library() -> Option<(&'static str, &'static [&'static str])> {
+/// The first CUDA library that cannot be loaded.
+fn missing_cuda_library() -> Option<&'static CudaLibrary> {
     CUDA_LIBRARIES
         .iter()
-        .find(|(_, names)| !names.iter().any(|n| loadable(n)))
-        .copied()
+        .find(|lib| !lib.names.iter().any(|n| loadable(n)))
 }
 
 /// Whether the dynamic loader finds and opens `name` (closed again at once).
@@ -71,14 +99,14 @@ fn loadable(name: &str) -> bool {
 /// inside cudarc (which loads them lazily and panics when it cannot); a
 /// panic that still happens during initialisation is turned into an error.
 fn open_cuda(ord: usize) -> Result<Device> {
-    if let Some((what, names)) = missing_cuda_library() {
+    if let Some(lib) = missing_cuda_library() {
         return Err(Error::config(
             "train.device",
             format!(
-                "CUDA requested but {what} cannot be loaded (tried {}). On a GPU node, \
-                 put the folder holding it on LD_LIBRARY_PATH (the NVIDIA wheels keep \
-                 them in site-packages/nvidia/cu13/lib); without a GPU, use --device cpu",
-                names.join(", ")
+                "CUDA requested but {} cannot be loaded (tried {}): {}",
+                lib.what,
+                lib.names.join(", "),
+                lib.fix
             ),
         ));
     }
