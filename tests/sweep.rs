@@ -196,6 +196,28 @@ fn slurm_script_runs_the_worker_command() {
     );
 }
 
+/// `--device cuda` reaches every run's config, and the Slurm script then
+/// asks for one GPU per array task (writing the script needs no GPU).
+#[test]
+fn slurm_script_on_cuda_requests_a_gpu_per_task() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        d.path(),
+        &d.path().join("cache"),
+        "\"train.seed\" = [0, 1]",
+        2,
+    );
+    let (cpu, gpu) = (d.path().join("cpu"), d.path().join("gpu"));
+    common::sweep(&spec, &cpu, &["--slurm"]);
+    common::sweep(&spec, &gpu, &["--slurm", "--device", "cuda"]);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p.join("slurm/sweep.sbatch")).unwrap();
+    assert!(!read(&cpu).contains("--gres"));
+    let script = read(&gpu);
+    assert!(script.contains("#SBATCH --gres=gpu:1\n"), "{script}");
+    let kept = std::fs::read_to_string(gpu.join("sweep.toml")).unwrap();
+    assert!(kept.contains("cuda"), "{kept}");
+}
+
 #[test]
 fn routing_sweep_runs_into_the_report_routing_section() {
     let d = tempfile::tempdir().unwrap();

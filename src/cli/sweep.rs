@@ -55,6 +55,23 @@ struct Execution {
     /// Write a Slurm job-array script (one task per run) instead of running locally.
     #[arg(long)]
     slurm: bool,
+    /// Train every run on this device: cpu, cuda or cuda:N (sets
+    /// train.device; on CUDA, local sweeps run one worker at a time unless
+    /// --jobs says otherwise, and the Slurm script asks for a GPU per task).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl Execution {
+    /// `--device` as a `train.device` override of `spec`.
+    fn apply_device(&self, spec: &mut SweepSpec) -> Result<()> {
+        if let Some(d) = &self.device {
+            let set = format!("train.device={d}");
+            spec.set_override(&set)
+                .with_context(|| format!("--device {d}"))?;
+        }
+        Ok(())
+    }
 }
 
 pub fn run(a: SweepArgs) -> Result<()> {
@@ -62,6 +79,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     for s in &a.sets {
         spec.set_override(s).with_context(|| format!("--set {s}"))?;
     }
+    a.exec.apply_device(&mut spec)?;
     let dir = a
         .out
         .clone()
@@ -79,7 +97,8 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
             .display()
             .to_string()
     });
-    let spec = moescope::experiments::reproduce::spec(&a.scale, data.as_deref())?;
+    let mut spec = moescope::experiments::reproduce::spec(&a.scale, data.as_deref())?;
+    a.exec.apply_device(&mut spec)?;
     let dir = a
         .out
         .unwrap_or_else(|| PathBuf::from(format!("reproduce-{}", a.scale)));
@@ -122,10 +141,13 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let jobs = exec
-        .jobs
-        .unwrap_or_else(|| sweep::default_jobs(&cells))
-        .max(1);
+    let on_gpu = sweep::uses_gpu(&cells);
+    let jobs = match exec.jobs {
+        Some(j) => j,
+        None if on_gpu => 1, // one GPU assumed: runs queue on it rather than share it
+        None => sweep::default_jobs(&cells),
+    }
+    .max(1);
     let threads = exec.threads.unwrap_or((cores / jobs).max(1));
     if exec.slurm {
         let p = sweep::write_slurm(&dir, &spec, &cells, threads)?;

@@ -73,6 +73,15 @@ fn default_name() -> String {
     "sweep".into()
 }
 
+/// Whether any run of `cells` trains on a GPU (`train.device` cuda or cuda:N).
+pub fn uses_gpu(cells: &[Cell]) -> bool {
+    cells.iter().any(|c| {
+        c.config
+            .as_ref()
+            .is_ok_and(|cfg| cfg.train.device.starts_with("cuda"))
+    })
+}
+
 /// One run of a sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {

@@ -28,6 +28,7 @@ pub fn write_slurm(
          #SBATCH --job-name=moescope-{name}\n\
          #SBATCH --array=0-{last}\n\
          #SBATCH --cpus-per-task={threads}\n\
+         {gres}\
          #SBATCH --output={slurm}/%A_%a.out\n\
          set -euo pipefail\n\
          exec {cmd}\n",
@@ -37,6 +38,11 @@ pub fn write_slurm(
         spec = dir_abs.spec().display(),
         dir = dir_abs.0.display(),
         last = cells.len().saturating_sub(1),
+        gres = if super::uses_gpu(cells) {
+            "#SBATCH --gres=gpu:1\n"
+        } else {
+            ""
+        },
         slurm = slurm.display(),
         cmd = cmd.join(" "),
     );
