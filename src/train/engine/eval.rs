@@ -22,6 +22,8 @@ impl EvalForward for Engine<f32> {
         self.check_batch(&inputs, &targets, b, t)?;
         let dims = Dims::new(&self.cfg, b, t);
         self.bufs.size_for(dims, self.cfg.n_layer);
+        // The forward's laps add to the step profile, which only `bench
+        // train` reads (and it does not evaluate).
         self.profile.start();
         self.forward(&inputs, dims);
         let mut loss = vec![0f32; dims.n];
