@@ -45,9 +45,11 @@ fi
 # 2. The patched crates.
 PATCHED=$CUDA_TARGET/patched
 cargo fetch --locked -q
-REGISTRY=$(dirname "$(cargo metadata --format-version 1 --locked --features cuda 2>/dev/null |
-  python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="candle-core"))')")
-REGISTRY=$(dirname "$REGISTRY")
+# cargo's registry folder, from where the locked candle-core lives.
+CANDLE_MANIFEST=$(cargo metadata --format-version 1 --locked --features cuda |
+  python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="candle-core"))') ||
+  { say "cargo metadata could not locate candle-core"; exit 1; }
+REGISTRY=$(dirname "$(dirname "$CANDLE_MANIFEST")")
 mkdir -p "$PATCHED"
 for crate in candle-core-0.11.1 candle-kernels-0.11.1; do
   if [ ! -d "$REGISTRY/$crate" ]; then
@@ -66,6 +68,7 @@ grep -q cudart_static "$KB" || { say "could not link candle-kernels' CUDA runtim
 
 # 3. The build, from a copy of the working tree.
 SRC=$CUDA_TARGET/src
+rm -rf "${SRC:?}"  # a fresh copy: files deleted here must not linger there
 mkdir -p "$SRC"
 git ls-files -z --cached --others --exclude-standard |
   tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$SRC"
@@ -82,9 +85,10 @@ export RUSTFLAGS="-C target-cpu=x86-64-v3"
 say "building (about 10 minutes on 2 cores; compute capability $CUDA_COMPUTE_CAP)"
 (cd "$SRC" && CARGO_TARGET_DIR=$CUDA_TARGET/target cargo build --release --features cuda -p moescope)
 BIN=$CUDA_TARGET/target/release/moescope
-if ldd "$BIN" | grep -Eq 'libcuda|libcublas|libcudart|libnvrtc|libcurand'; then
+DEPS=$(ldd "$BIN") || { say "ldd failed on $BIN"; exit 1; }
+if grep -Eq 'libcuda|libcublas|libcudart|libnvrtc|libcurand' <<<"$DEPS"; then
   say "the binary links CUDA libraries at start-up; the run-time loading patch did not take"
-  ldd "$BIN" >&2
+  echo "$DEPS" >&2
   exit 1
 fi
 echo "$BIN"

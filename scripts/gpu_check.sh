@@ -2,9 +2,10 @@
 # The CUDA build checked on a GPU machine, in one short run (under 8 minutes
 # on an H200). Two steps, on two machines:
 #
-#   scripts/gpu_check.sh prepare   (here: scripts/build_cuda.sh, then the
-#                                   binary stripped and xz-compressed, and a
-#                                   copy of the PyTorch peer, into target/gpu-check/)
+#   PEER_SRC=/path/to/nanogpt_moe.py scripts/gpu_check.sh prepare
+#                                  (here: scripts/build_cuda.sh, then the binary
+#                                   stripped and xz-compressed, and a copy of
+#                                   the PyTorch peer, into target/gpu-check/)
 #   scripts/gpu_check.sh           (on the GPU machine, from the repository root,
 #                                   with target/gpu-check/ carried along)
 #
@@ -31,7 +32,8 @@ if [ "${1:-}" = prepare ]; then
   strip -o "$DIR/moescope" "$BIN"
   xz -6 -T0 -f -k "$DIR/moescope"
   rm "$DIR/moescope"
-  cp "${PEER:-../shared/bench/nanogpt_moe.py}" "$DIR/nanogpt_moe.py"
+  [ -f "${PEER_SRC:-}" ] || { echo "gpu_check: set PEER_SRC to the PyTorch peer's nanogpt_moe.py"; exit 1; }
+  cp "$PEER_SRC" "$DIR/nanogpt_moe.py"
   ls -l "$DIR"
   exit 0
 fi
@@ -50,24 +52,32 @@ CU_LIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0
 export LD_LIBRARY_PATH=${CU_LIB:+$CU_LIB:}${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
+LOG=$(mktemp -d)
 echo "== 1. loss and gradients, CUDA against the CPU"
-timeout 120 "$BIN" bench device --device cuda | tail -1
+timeout 120 "$BIN" bench device --device cuda 2>"$LOG/device.err" | tail -1
 status=$?
+cat "$LOG/device.err"
 
 echo "== 2. training step, paper preset, against the PyTorch peer"
 for r in $(seq "$ROUNDS"); do
-  ours=$(timeout 200 "$BIN" bench train --preset paper --device cuda --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
-  peer=$(timeout 200 "$PY" "$PEER" --config paper --device cuda --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
-  "$PY" - "$r" "$ours" "$peer" <<'PY'
+  ours=$(timeout 200 "$BIN" bench train --preset paper --device cuda --steps "$STEPS" --warmup "$WARMUP" 2>"$LOG/ours.err" | tail -1)
+  peer=$(timeout 200 "$PY" "$PEER" --config paper --device cuda --steps "$STEPS" --warmup "$WARMUP" 2>"$LOG/peer.err" | tail -1)
+  if ! "$PY" - "$r" "$ours" "$peer" <<'PY'
 import json, sys
 r, ours, peer = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
     o, p = json.loads(ours), json.loads(peer)
-    print(f"round {r}: moescope {o['tokens_per_s']:.0f} tokens/s ({o['engine']}), "
-          f"peer {p['tokens_per_s']:.0f} tokens/s, ratio {o['tokens_per_s'] / p['tokens_per_s']:.3f}")
-except Exception as e:
-    print(f"round {r}: no result ({e}); ours: {ours[:300]!r}; peer: {peer[:300]!r}")
+except ValueError:
+    print(f"round {r}: no result")
+    sys.exit(1)
+print(f"round {r}: moescope {o['tokens_per_s']:.0f} tokens/s ({o['engine']}), "
+      f"peer {p['tokens_per_s']:.0f} tokens/s, ratio {o['tokens_per_s'] / p['tokens_per_s']:.3f}")
 PY
+  then
+    status=1
+    echo "-- ours (stderr, last lines):"; tail -5 "$LOG/ours.err"
+    echo "-- peer (stderr, last lines):"; tail -5 "$LOG/peer.err"
+  fi
 done
 
 echo "== 3. Hugging Face analysis on the GPU"

@@ -72,8 +72,9 @@ pub struct BenchResult {
     pub peer_command: String,
 }
 
-/// The step under test: the fused engine (without the model it would hand
-/// back to, so that the peak memory is the step's) or the autodiff reference.
+/// The step under test: the fused engine (with no model to make snapshots
+/// from: the peak memory is the step's) or the autodiff reference, which
+/// also times every device other than the CPU.
 fn bench_step(o: &BenchOptions, tc: &TrainConfig) -> Result<Box<dyn TrainStep>> {
     let device = parse_device(&o.device)?;
     let model = Gpt::new(&o.model, DType::F32, &device, o.seed)?;

@@ -143,8 +143,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// `fused` (the training engine) or `autodiff` (the reference path).
-    #[arg(long, default_value = "fused", value_parser = bench_engine_parser())]
-    engine: EngineChoice,
+    /// Default: fused on the CPU; elsewhere only autodiff runs.
+    #[arg(long, value_parser = bench_engine_parser())]
+    engine: Option<EngineChoice>,
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -280,6 +281,12 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.steps <= a.warmup {
         bail!("--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
     }
+    if a.engine == Some(EngineChoice::Fused) && a.device != "cpu" {
+        bail!(
+            "--engine fused runs on the CPU only; on --device {} the autodiff model is timed (drop --engine)",
+            a.device
+        );
+    }
     // `tiny` and `small` are the peer's configs of the same names.
     let cfg = a.shape.config(bench::peer_sets(&a.shape.preset))?;
     let o = BenchOptions {
@@ -291,7 +298,7 @@ fn train(a: TrainArgs) -> Result<()> {
         seed: 0,
         lr: 5e-4,
         orth_lambda: cfg.reg.orth_lambda,
-        autodiff: a.engine == EngineChoice::Autodiff,
+        autodiff: a.engine == Some(EngineChoice::Autodiff),
         device: a.device,
     };
     let r = bench::bench_train(&o, std::io::stderr().is_terminal())?;

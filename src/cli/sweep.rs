@@ -148,7 +148,12 @@ fn run_sweep(spec: SweepSpec, dir: SweepDir, exec: &Execution, collect_only: boo
         None => sweep::default_jobs(&cells),
     }
     .max(1);
-    let threads = exec.threads.unwrap_or((cores / jobs).max(1));
+    // A GPU task needs a few cores, not the login node's count.
+    let threads = match exec.threads {
+        Some(t) => t,
+        None if on_gpu && exec.slurm => cores.min(8),
+        None => (cores / jobs).max(1),
+    };
     if exec.slurm {
         let p = sweep::write_slurm(&dir, &spec, &cells, threads)?;
         eprintln!(

@@ -20,7 +20,6 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Routing};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{self, Dataset};
-use crate::device::parse_device;
 use crate::fsutil::write_atomic;
 use crate::measures;
 use crate::metrics::{EvalRow, MetricRow, StartRow, TrainRow};
@@ -171,8 +170,10 @@ fn init_or_resume(
     out: &Path,
     opts: &TrainOptions,
 ) -> Result<(Gpt, AdamW, TrainState)> {
-    let device = parse_device(&cfg.train.device)?;
     let model = step::fresh_model(cfg)?;
+    // The checkpoint's tensors go onto the model's own device: each opening
+    // of a CUDA device is a new device to candle.
+    let device = model.params.device().clone();
     let mut opt = step::fresh_optimizer(cfg, &model)?;
     let mut state = TrainState {
         step: 0,
@@ -469,7 +470,7 @@ impl<'o> Run<'o> {
             self.cfg.train.eval_tokens,
             Some(spec),
         )?;
-        let host = self.exec.host(false)?;
+        let snap = self.exec.snapshot(false)?;
         let s = &self.state;
         let row = EvalRow {
             step: s.step as u64,
@@ -478,7 +479,7 @@ impl<'o> Run<'o> {
             val_ppl: ev.ppl,
             eval_tokens: ev.tokens as u64,
             eval_s: t0.elapsed().as_secs_f64(),
-            measures: eval_measures(host.model(), &self.cfg.measure, accs.as_deref())?,
+            measures: eval_measures(snap.model(), &self.cfg.measure, accs.as_deref())?,
         };
         self.metrics.log(&MetricRow::Eval(row))?;
         self.bar.println(format!(
@@ -490,9 +491,9 @@ impl<'o> Run<'o> {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
-        let host = self.exec.host(true)?;
-        let model = host.model();
-        let opt_state = host.optimizer()?.state(&model.params)?;
+        let snap = self.exec.snapshot(true)?;
+        let model = snap.model();
+        let opt_state = snap.optimizer()?.state(&model.params)?;
         checkpoint::save_checkpoint(
             &self.out,
             model,
@@ -514,8 +515,8 @@ impl<'o> Run<'o> {
                 evaluate_with(fwd, &self.cfg.model, &self.ds.valid, b, eval_tokens, None)?.0
             }
         };
-        let host = self.exec.host(false)?;
-        let model = host.model();
+        let snap = self.exec.snapshot(false)?;
+        let model = snap.model();
         checkpoint::save_model(&self.out, model)?;
         if self.cfg.measure.final_analysis {
             final_analysis(model, &self.cfg, &self.ds, &self.out)?;

@@ -84,7 +84,7 @@ pub trait TrainStep {
     fn evaluator(&mut self) -> Box<dyn EvalForward + '_>;
     /// The model as of now and, with `optimizer`, its AdamW state (for
     /// checkpoints, the measures and the end of the run).
-    fn host(&mut self, optimizer: bool) -> Result<Host<'_>>;
+    fn snapshot(&mut self, optimizer: bool) -> Result<Snapshot<'_>>;
     /// Wait for the work queued on the device (a no-op on the CPU).
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
@@ -98,25 +98,25 @@ pub trait TrainStep {
 /// A step executor's model and optimiser: borrowed from the autodiff
 /// executor, which trains them; made on demand from the fused engine's
 /// state, which keeps no second copy of the model and its moments.
-pub enum Host<'a> {
+pub enum Snapshot<'a> {
     Borrowed(&'a Gpt, &'a AdamW),
     Made(Box<Gpt>, Option<AdamW>),
 }
 
-impl Host<'_> {
+impl Snapshot<'_> {
     pub fn model(&self) -> &Gpt {
         match self {
-            Host::Borrowed(m, _) => m,
-            Host::Made(m, _) => m,
+            Snapshot::Borrowed(m, _) => m,
+            Snapshot::Made(m, _) => m,
         }
     }
 
-    /// The optimiser (present when [`TrainStep::host`] was asked for it).
+    /// The optimiser (present when [`TrainStep::snapshot`] was asked for it).
     pub fn optimizer(&self) -> Result<&AdamW> {
         match self {
-            Host::Borrowed(_, o) => Ok(o),
-            Host::Made(_, Some(o)) => Ok(o),
-            Host::Made(_, None) => Err(Error::Other(
+            Snapshot::Borrowed(_, o) => Ok(o),
+            Snapshot::Made(_, Some(o)) => Ok(o),
+            Snapshot::Made(_, None) => Err(Error::Other(
                 "internal: the optimiser state was not asked for".into(),
             )),
         }
@@ -219,16 +219,16 @@ pub fn clip_scale(clip: f64, gnorm: f64) -> f64 {
 /// benchmark has none).
 pub struct FusedStep {
     engine: Engine<f32>,
-    host: Option<Config>,
+    snapshot_cfg: Option<Config>,
     orth_lambda: f64,
     orth_form: OrthForm,
 }
 
 impl FusedStep {
-    pub fn new(engine: Engine<f32>, host: Option<Config>) -> Self {
+    pub fn new(engine: Engine<f32>, snapshot_cfg: Option<Config>) -> Self {
         FusedStep {
             engine,
-            host,
+            snapshot_cfg,
             orth_lambda: 0.0,
             orth_form: OrthForm::default(),
         }
@@ -308,8 +308,8 @@ impl TrainStep for FusedStep {
         Box::new(&mut self.engine)
     }
 
-    fn host(&mut self, optimizer: bool) -> Result<Host<'_>> {
-        let Some(cfg) = self.host.as_ref() else {
+    fn snapshot(&mut self, optimizer: bool) -> Result<Snapshot<'_>> {
+        let Some(cfg) = self.snapshot_cfg.as_ref() else {
             return Err(Error::Other(
                 "internal: this engine has no model config to hand its state to".into(),
             ));
@@ -323,7 +323,7 @@ impl TrainStep for FusedStep {
         } else {
             None
         };
-        Ok(Host::Made(Box::new(model), opt))
+        Ok(Snapshot::Made(Box::new(model), opt))
     }
 
     fn profile(&mut self) -> Option<&mut Profile> {
@@ -539,8 +539,8 @@ impl TrainStep for AutodiffStep {
         Box::new(&self.model)
     }
 
-    fn host(&mut self, _optimizer: bool) -> Result<Host<'_>> {
-        Ok(Host::Borrowed(&self.model, &self.opt))
+    fn snapshot(&mut self, _optimizer: bool) -> Result<Snapshot<'_>> {
+        Ok(Snapshot::Borrowed(&self.model, &self.opt))
     }
 
     fn synchronize(&mut self) -> Result<()> {
