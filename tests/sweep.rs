@@ -214,6 +214,14 @@ fn slurm_script_on_cuda_requests_a_gpu_per_task() {
     assert!(!read(&cpu).contains("--gres"));
     let script = read(&gpu);
     assert!(script.contains("#SBATCH --gres=gpu:1\n"), "{script}");
+    // A few CPUs per GPU task, not the login node's count.
+    let cpus: usize = script
+        .lines()
+        .find_map(|l| l.strip_prefix("#SBATCH --cpus-per-task="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=8).contains(&cpus), "{script}");
     let kept = std::fs::read_to_string(gpu.join("sweep.toml")).unwrap();
     assert!(kept.contains("cuda"), "{kept}");
 }
