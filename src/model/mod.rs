@@ -194,7 +194,20 @@ impl Gpt {
                 "must be resolved from the tokeniser before building the model",
             ));
         }
-        let mut ps = ParamStore::for_layout(&layout::ModelLayout::new(cfg), dtype, device, seed);
+        let ps = ParamStore::for_layout(&layout::ModelLayout::new(cfg), dtype, device, seed);
+        Self::build(cfg, ps)
+    }
+
+    /// The model with its parameters set to `values` (in `model::layout`
+    /// order, on their device and dtype) rather than initialised.
+    pub fn from_values(cfg: &ModelConfig, values: Vec<Tensor>) -> Result<Self> {
+        cfg.validate()?;
+        let ps = ParamStore::with_values(&layout::ModelLayout::new(cfg), values)?;
+        Self::build(cfg, ps)
+    }
+
+    /// The modules of `cfg`, their parameters created by `ps`.
+    fn build(cfg: &ModelConfig, mut ps: ParamStore) -> Result<Self> {
         let d = cfg.d_model;
         let wte = ps.normal("wte.weight", &[cfg.vocab_size, d], cfg.init_std)?;
         let wpe = ps.normal("wpe.weight", &[cfg.seq_len, d], cfg.init_std)?;

@@ -20,6 +20,9 @@ pub struct ParamStore {
     rng: ChaCha8Rng,
     /// The parameters the model must create, in order (see [`ParamStore::for_layout`]).
     expected: Option<Vec<ParamSpec>>,
+    /// Values to take, in creation order, instead of initialising (see
+    /// [`ParamStore::with_values`]).
+    given: Option<std::vec::IntoIter<Tensor>>,
 }
 
 impl ParamStore {
@@ -33,7 +36,22 @@ impl ParamStore {
             device: device.clone(),
             rng: ChaCha8Rng::seed_from_u64(seed),
             expected: None,
+            given: None,
         }
+    }
+
+    /// A store for `layout` whose parameters take `values` (in layout order)
+    /// instead of being initialised: a model made from weights held
+    /// elsewhere (the training engine's), without drawing and overwriting.
+    pub fn with_values(layout: &ModelLayout, values: Vec<Tensor>) -> Result<Self> {
+        let first = values
+            .first()
+            .ok_or_else(|| Error::Data("a model from values needs its parameters".into()))?;
+        let (dtype, device) = (first.dtype(), first.device().clone());
+        Ok(ParamStore {
+            given: Some(values.into_iter()),
+            ..ParamStore::for_layout(layout, dtype, &device, 0)
+        })
     }
 
     /// An empty store that admits exactly the parameters of `layout`, in its
@@ -90,8 +108,26 @@ impl ParamStore {
         Ok(out)
     }
 
-    /// A parameter drawn from N(0, std²), seeded.
+    /// The next given value for `name` (None when the store initialises).
+    fn next_given(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(given) = self.given.as_mut() else {
+            return Ok(None);
+        };
+        match given.next() {
+            Some(t) if t.dims() == shape => Ok(Some(t)),
+            Some(t) => Err(Error::Data(format!(
+                "parameter {name}: a value of shape {:?} given for shape {shape:?}",
+                t.dims()
+            ))),
+            None => Err(Error::Data(format!("parameter {name}: no value given"))),
+        }
+    }
+
+    /// A parameter drawn from N(0, std²), seeded (or the given value).
     pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Tensor> {
+        if let Some(t) = self.next_given(name, shape)? {
+            return self.push(name, t);
+        }
         let n: usize = shape.iter().product();
         let dist = Normal::new(0.0, std).expect("std > 0");
         let v: Vec<f64> = (0..n).map(|_| dist.sample(&mut self.rng)).collect();
@@ -99,8 +135,11 @@ impl ParamStore {
         self.push(name, t)
     }
 
-    /// A parameter filled with `value`.
+    /// A parameter filled with `value` (or the given value).
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
+        if let Some(t) = self.next_given(name, shape)? {
+            return self.push(name, t);
+        }
         let t = (Tensor::ones(shape, self.dtype, &self.device)? * value)?;
         self.push(name, t)
     }

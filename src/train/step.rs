@@ -314,8 +314,7 @@ impl TrainStep for FusedStep {
                 "internal: this engine has no model config to hand its state to".into(),
             ));
         };
-        let model = fresh_model(cfg)?;
-        self.engine.store_weights(&model.params)?;
+        let model = self.engine.to_model()?;
         let opt = if optimizer {
             let mut opt = fresh_optimizer(cfg, &model)?;
             self.engine.store_optimizer(&model.params, &mut opt)?;

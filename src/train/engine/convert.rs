@@ -1,13 +1,15 @@
 //! The hand-off with the autodiff model: the engine starts from a copy of a
-//! `ParamStore`'s weights and an `AdamW`'s moments, and gives both back
-//! before every evaluation and checkpoint. Both sides are in layout order.
+//! `ParamStore`'s weights and an `AdamW`'s moments, and makes a model (and
+//! moments) from its state for checkpoints and the weight measures. Both
+//! sides are in layout order.
 
 use super::{AdamParams, Engine};
 use crate::config::ModelConfig;
 use crate::model::params::ParamStore;
+use crate::model::Gpt;
 use crate::train::optim::{AdamW, Moments};
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 impl Engine<f32> {
     /// An engine holding a copy of `params` and of the optimiser's state
@@ -34,6 +36,16 @@ impl Engine<f32> {
         }
         eng.t = opt.t;
         Ok(eng)
+    }
+
+    /// A model holding a copy of the engine's weights (on the CPU), made
+    /// without initialising it first.
+    pub fn to_model(&self) -> Result<Gpt> {
+        let values = self
+            .layout()
+            .map(|(_, shape, r)| Ok(Tensor::from_slice(&self.params[r], shape, &Device::Cpu)?))
+            .collect::<Result<Vec<_>>>()?;
+        Gpt::from_values(&self.cfg, values)
     }
 
     /// Copy the weights back into the model (before evaluation and saving).

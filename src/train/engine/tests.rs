@@ -323,3 +323,20 @@ fn evaluation_on_the_engine_matches_the_model() {
         }
     }
 }
+
+/// The model made from the engine's state (no initialisation drawn) holds
+/// exactly the engine's weights, in every parameter.
+#[test]
+fn the_model_made_from_the_engine_holds_its_weights() {
+    let cfg = small_cfg(true, false);
+    let model = Gpt::new(&cfg, DType::F32, &Device::Cpu, 8).unwrap();
+    let mut eng = Engine::from_model(&cfg, &model.params, None, ADAM).unwrap();
+    // Move the engine away from the model's values first.
+    eng.params.iter_mut().for_each(|p| *p = *p * 1.5 + 0.25);
+    let made = eng.to_model().unwrap();
+    assert_eq!(made.params.names(), model.params.names());
+    for ((_, _, r), var) in eng.layout().zip(made.params.vars()) {
+        let got = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, eng.params[r].to_vec());
+    }
+}
