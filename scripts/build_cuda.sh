@@ -9,7 +9,7 @@
 #    virtual environment outside the repository (CUDA_VENV, reused when it
 #    has them). Every wheel is pinned to 13.0: an unpinned nvidia-nvvm emits
 #    PTX that the 13.0 assembler and a CUDA 13.0 driver reject;
-# 2. copies candle-core and candle-kernels 0.11.1 from cargo's registry and
+# 2. copies the locked candle-core and candle-kernels from cargo's registry and
 #    patches them so that the binary loads CUDA at run time instead of
 #    linking it: cudarc's `dynamic-loading` instead of `dynamic-linking`, and
 #    the CUDA runtime linked statically (it opens the driver itself, lazily).
@@ -42,29 +42,28 @@ if [ ! -x "$CU/bin/nvcc" ] || [ ! -f "$CU/lib/libcudart_static.a" ]; then
 fi
 "$CU/bin/nvcc" --version | tail -1 >&2
 
-# 2. The patched crates.
+# 2. The patched crates: the locked candle-core and candle-kernels, copied
+#    from cargo's registry (their folders are named <crate>-<version>).
 PATCHED=$CUDA_TARGET/patched
 cargo fetch --locked -q
-# cargo's registry folder, from where the locked candle-core lives.
-CANDLE_MANIFEST=$(cargo metadata --format-version 1 --locked --features cuda |
-  python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="candle-core"))') ||
-  { say "cargo metadata could not locate candle-core"; exit 1; }
-REGISTRY=$(dirname "$(dirname "$CANDLE_MANIFEST")")
+CRATES=$(cargo metadata --format-version 1 --locked --features cuda |
+  python3 -c 'import json, os, sys
+m = json.load(sys.stdin)
+for name in ("candle-core", "candle-kernels"):
+    print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"] == name))') ||
+  { say "cargo metadata could not locate candle-core and candle-kernels"; exit 1; }
+read -r CORE_SRC KERNELS_SRC <<<"$(echo $CRATES)"
+CORE=$PATCHED/$(basename "$CORE_SRC")
+KERNELS=$PATCHED/$(basename "$KERNELS_SRC")
+rm -rf "${PATCHED:?}"
 mkdir -p "$PATCHED"
-for crate in candle-core-0.11.1 candle-kernels-0.11.1; do
-  if [ ! -d "$REGISTRY/$crate" ]; then
-    say "$crate is not in cargo's registry ($REGISTRY); run \`cargo fetch\` online once"
-    exit 1
-  fi
-  rm -rf "${PATCHED:?}/$crate"
-  cp -r "$REGISTRY/$crate" "$PATCHED/$crate"
-done
-sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$PATCHED/candle-core-0.11.1/Cargo.toml"
-grep -q '"dynamic-loading"' "$PATCHED/candle-core-0.11.1/Cargo.toml" ||
+cp -rp "$CORE_SRC" "$CORE"
+cp -rp "$KERNELS_SRC" "$KERNELS"
+sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$CORE/Cargo.toml"
+grep -q '"dynamic-loading"' "$CORE/Cargo.toml" ||
   { say "could not switch candle-core's cudarc to dynamic-loading"; exit 1; }
-KB=$PATCHED/candle-kernels-0.11.1/build.rs
-sed -i 's|println!("cargo:rustc-link-lib=dylib=cudart");|println!("cargo:rustc-link-search=native={}", std::env::var("MOESCOPE_CUDA_LIB").unwrap()); println!("cargo:rustc-link-lib=static=cudart_static"); println!("cargo:rustc-link-lib=dylib=dl"); println!("cargo:rustc-link-lib=dylib=rt");|' "$KB"
-grep -q cudart_static "$KB" || { say "could not link candle-kernels' CUDA runtime statically"; exit 1; }
+sed -i 's|println!("cargo:rustc-link-lib=dylib=cudart");|println!("cargo:rustc-link-search=native={}", std::env::var("MOESCOPE_CUDA_LIB").unwrap()); println!("cargo:rustc-link-lib=static=cudart_static"); println!("cargo:rustc-link-lib=dylib=dl"); println!("cargo:rustc-link-lib=dylib=rt");|' "$KERNELS/build.rs"
+grep -q cudart_static "$KERNELS/build.rs" || { say "could not link candle-kernels' CUDA runtime statically"; exit 1; }
 
 # 3. The build, from a copy of the working tree.
 SRC=$CUDA_TARGET/src
@@ -75,8 +74,8 @@ git ls-files -z --cached --others --exclude-standard |
 cat >> "$SRC/Cargo.toml" <<EOF
 
 [patch.crates-io]
-candle-core = { path = "$PATCHED/candle-core-0.11.1" }
-candle-kernels = { path = "$PATCHED/candle-kernels-0.11.1" }
+candle-core = { path = "$CORE" }
+candle-kernels = { path = "$KERNELS" }
 EOF
 export PATH=$CU/bin:$PATH CUDA_ROOT=$CU CUDA_PATH=$CU CUDA_HOME=$CU MOESCOPE_CUDA_LIB=$CU/lib
 export LIBRARY_PATH=$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}

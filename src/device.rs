@@ -37,11 +37,8 @@ struct CudaLibrary {
     fix: &'static str,
 }
 
-/// Where the NVIDIA wheels keep the CUDA 13 libraries.
-const WHEEL_HINT: &str = "put the folder holding it on LD_LIBRARY_PATH (with NVIDIA's \
-    wheels, e.g. beside torch: site-packages/nvidia/cu13/lib)";
-
-/// The libraries a CUDA build loads at run time (cudarc's names).
+/// The libraries a CUDA build loads at run time (cudarc's names): the
+/// driver, then the toolkit libraries NVIDIA's wheels ship.
 const CUDA_LIBRARIES: &[CudaLibrary] = &[
     CudaLibrary {
         what: "the NVIDIA driver (libcuda)",
@@ -49,27 +46,21 @@ const CUDA_LIBRARIES: &[CudaLibrary] = &[
         fix: "this machine has no NVIDIA driver on the loader's path; run on a GPU node, \
               or use --device cpu",
     },
-    CudaLibrary {
-        what: "cuBLAS",
-        names: &["libcublas.so.13", "libcublas.so"],
-        fix: WHEEL_HINT,
-    },
-    CudaLibrary {
-        what: "cuBLASLt",
-        names: &["libcublasLt.so.13", "libcublasLt.so"],
-        fix: WHEEL_HINT,
-    },
-    CudaLibrary {
-        what: "cuRAND",
-        names: &["libcurand.so.10", "libcurand.so"],
-        fix: WHEEL_HINT,
-    },
-    CudaLibrary {
-        what: "NVRTC",
-        names: &["libnvrtc.so.13", "libnvrtc.so"],
-        fix: WHEEL_HINT,
-    },
+    from_wheels("cuBLAS", &["libcublas.so.13", "libcublas.so"]),
+    from_wheels("cuBLASLt", &["libcublasLt.so.13", "libcublasLt.so"]),
+    from_wheels("cuRAND", &["libcurand.so.10", "libcurand.so"]),
+    from_wheels("NVRTC", &["libnvrtc.so.13", "libnvrtc.so"]),
 ];
+
+/// A toolkit library, found where NVIDIA's wheels keep it.
+const fn from_wheels(what: &'static str, names: &'static [&'static str]) -> CudaLibrary {
+    CudaLibrary {
+        what,
+        names,
+        fix: "put the folder holding it on LD_LIBRARY_PATH (with NVIDIA's wheels, \
+              e.g. beside torch: site-packages/nvidia/cu13/lib)",
+    }
+}
 
 /// The first CUDA library that cannot be loaded.
 fn missing_cuda_library() -> Option<&'static CudaLibrary> {

@@ -174,12 +174,11 @@ fn exact_alignment_equals_autodiff_and_finite_difference_jacobians() {
                 &x,
                 &sel,
                 2,
-                JacobianMode::Exact,
-                precision,
-                true,
-                0,
-                4,
-                0,
+                &JacobianSettings {
+                    all_pairs: true,
+                    top_sv: 4,
+                    ..JacobianSettings::new(JacobianMode::Exact, precision)
+                },
             )
             .unwrap()
             .unwrap();
@@ -222,12 +221,11 @@ fn routed_pairs_follow_the_selection() {
         &x,
         &sel,
         2,
-        JacobianMode::Exact,
-        Precision::F32,
-        false,
-        2,
-        3,
-        0,
+        &JacobianSettings {
+            spectra_tokens: 2,
+            top_sv: 3,
+            ..JacobianSettings::new(JacobianMode::Exact, Precision::F32)
+        },
     )
     .unwrap()
     .unwrap();
@@ -257,12 +255,10 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
         &x,
         &sel,
         2,
-        JacobianMode::Exact,
-        Precision::F64,
-        true,
-        0,
-        1,
-        0,
+        &JacobianSettings {
+            all_pairs: true,
+            ..JacobianSettings::new(JacobianMode::Exact, Precision::F64)
+        },
     )
     .unwrap()
     .unwrap();
@@ -277,12 +273,11 @@ fn estimator_error_falls_as_one_over_sqrt_m() {
                 &x,
                 &sel,
                 2,
-                JacobianMode::Estimate(m),
-                Precision::F32,
-                true,
-                0,
-                1,
-                seed,
+                &JacobianSettings {
+                    all_pairs: true,
+                    seed,
+                    ..JacobianSettings::new(JacobianMode::Estimate(m), Precision::F32)
+                },
             )
             .unwrap()
             .unwrap();
@@ -504,12 +499,11 @@ fn estimate_in_chunks_equals_the_estimate_on_each_chunk() {
             x,
             sel,
             2,
-            JacobianMode::Estimate(32),
-            Precision::F64,
-            true,
-            0,
-            1,
-            7,
+            &JacobianSettings {
+                all_pairs: true,
+                seed: 7,
+                ..JacobianSettings::new(JacobianMode::Estimate(32), Precision::F64)
+            },
         )
         .unwrap()
         .unwrap()

@@ -2,7 +2,9 @@
 //! exact vs estimate vs the naive way (autodiff Jacobians, Frobenius products).
 
 use crate::config::{ExpertKind, ModelConfig};
-use crate::measures::jacobian::{layer_jacobian_uniform, JacobianMode, Precision, Workload};
+use crate::measures::jacobian::{
+    layer_jacobian_uniform, JacobianMode, JacobianSettings, Precision, Workload,
+};
 use crate::model::moe::MoeLayer;
 use crate::model::params::ParamStore;
 use crate::Result;
@@ -55,12 +57,7 @@ pub fn bench_jacobian(
         &x,
         &sel,
         2,
-        JacobianMode::Estimate(64),
-        Precision::F32,
-        false,
-        0,
-        1,
-        0,
+        &JacobianSettings::new(JacobianMode::Estimate(64), Precision::F32),
     )?
     .expect("on");
     let estimate_s = t0.elapsed().as_secs_f64();
@@ -79,12 +76,7 @@ pub fn bench_jacobian(
             &x,
             &sel,
             2,
-            JacobianMode::Exact,
-            Precision::F32,
-            false,
-            0,
-            1,
-            0,
+            &JacobianSettings::new(JacobianMode::Exact, Precision::F32),
         )?;
         exact_s = Some(t0.elapsed().as_secs_f64());
         let (per_token_s, max_diff) = time_naive(&moe, &x, &sel, naive_tokens.min(tokens))?;
@@ -175,12 +167,7 @@ fn time_naive(moe: &MoeLayer, x: &Tensor, sel: &[u32], n: usize) -> Result<(f64,
             &xt,
             &sel[2 * t..2 * t + 2],
             2,
-            JacobianMode::Exact,
-            Precision::F32,
-            false,
-            0,
-            1,
-            0,
+            &JacobianSettings::new(JacobianMode::Exact, Precision::F32),
         )?
         .expect("on");
         max_diff = max_diff.max((one.mean.unwrap_or(0.0) - naive_a).abs());

@@ -127,7 +127,15 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
     let (p_total, p_active) = cfg.param_counts();
     let fpt = cfg.flops_per_token();
     let tps = (o.batch * cfg.seq_len) as f64 / med;
-    let mut r = BenchResult {
+    let sections_ms: Vec<(String, f64)> = match stepper.profile() {
+        Some(p) => p
+            .sections
+            .iter()
+            .map(|(n, s)| (n.to_string(), s * 1e3 / timed as f64))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(BenchResult {
         mode: "train",
         preset: o.preset.clone(),
         cfg: cfg.clone(),
@@ -148,23 +156,14 @@ pub fn bench_train(o: &BenchOptions, progress: bool) -> Result<BenchResult> {
             median(&mut phases[1]),
             median(&mut phases[2]),
         ],
-        sections_ms: match stepper.profile() {
-            Some(p) => p
-                .sections
-                .iter()
-                .map(|(n, s)| (n.to_string(), s * 1e3 / timed as f64))
-                .collect(),
-            None => Vec::new(),
-        },
-        sections_ceiling_share: Vec::new(),
+        sections_ceiling_share: section_shares(cfg, o.batch, &sections_ms, ceiling),
+        sections_ms,
         engine: stepper.name(),
         gemm_ceiling_gflops: ceiling,
         ceiling_share: fpt * tps / 1e9 / ceiling,
         peak_rss_mb,
         peer_command: peer_command(o),
-    };
-    r.sections_ceiling_share = section_shares(&r, o.batch);
-    Ok(r)
+    })
 }
 
 /// GEMM flops per step of the engine's sections that are mostly matrix
@@ -191,13 +190,18 @@ fn section_gemm_flops(cfg: &ModelConfig, batch: usize) -> [(&'static str, f64); 
 }
 
 /// Each GEMM section's rate as a share of the measured ceiling.
-fn section_shares(r: &BenchResult, batch: usize) -> Vec<(String, f64)> {
-    section_gemm_flops(&r.cfg, batch)
+fn section_shares(
+    cfg: &ModelConfig,
+    batch: usize,
+    sections_ms: &[(String, f64)],
+    ceiling: f64,
+) -> Vec<(String, f64)> {
+    section_gemm_flops(cfg, batch)
         .iter()
         .filter_map(|&(name, flops)| {
-            let ms = r.sections_ms.iter().find(|(n, _)| n == name)?.1;
+            let ms = sections_ms.iter().find(|(n, _)| n == name)?.1;
             let gflops = flops / (ms * 1e-3) / 1e9;
-            Some((name.to_string(), gflops / r.gemm_ceiling_gflops))
+            Some((name.to_string(), gflops / ceiling))
         })
         .collect()
 }

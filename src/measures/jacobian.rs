@@ -657,6 +657,23 @@ pub struct JacobianSettings {
     pub null_init_tokens: usize,
 }
 
+impl JacobianSettings {
+    /// `mode` in `precision` on the routed pairs only: no spectra (one
+    /// singular value kept), seed 0, the nulls off.
+    pub fn new(mode: JacobianMode, precision: Precision) -> Self {
+        JacobianSettings {
+            mode,
+            precision,
+            all_pairs: false,
+            spectra_tokens: 0,
+            top_sv: 1,
+            seed: 0,
+            null_draws: 0,
+            null_init_tokens: 0,
+        }
+    }
+}
+
 /// Function-space measures of one MoE layer.
 pub fn layer_jacobian(
     moe: &MoeLayer,
@@ -720,20 +737,14 @@ pub fn layer_jacobian(
     }))
 }
 
-/// [`layer_jacobian`] with uniform gates and no nulls: for benchmarks and
-/// tests that give a selection but no router.
-#[allow(clippy::too_many_arguments)]
+/// [`layer_jacobian`] with uniform gates and the nulls off: for benchmarks
+/// and tests that give a selection but no router.
 pub fn layer_jacobian_uniform(
     moe: &MoeLayer,
     x: &Tensor,
     selected: &[u32],
     k: usize,
-    mode: JacobianMode,
-    precision: Precision,
-    all_pairs: bool,
-    spectra_tokens: usize,
-    top_sv: usize,
-    seed: u64,
+    settings: &JacobianSettings,
 ) -> Result<Option<JacobianReport>> {
     let (n, e) = (x.dim(0)?, moe.n_experts());
     let probs = vec![1.0 / e as f32; n * e];
@@ -744,14 +755,9 @@ pub fn layer_jacobian_uniform(
         probs: &probs,
     };
     let settings = JacobianSettings {
-        mode,
-        precision,
-        all_pairs,
-        spectra_tokens,
-        top_sv,
-        seed,
         null_draws: 0,
         null_init_tokens: 0,
+        ..*settings
     };
     layer_jacobian(moe, &input, &settings)
 }

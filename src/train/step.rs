@@ -95,31 +95,23 @@ pub trait TrainStep {
     }
 }
 
-/// A step executor's model and optimiser: borrowed from the autodiff
-/// executor, which trains them; made on demand from the fused engine's
-/// state, which keeps no second copy of the model and its moments.
-pub enum Snapshot<'a> {
-    Borrowed(&'a Gpt, &'a AdamW),
-    Made(Box<Gpt>, Option<AdamW>),
+/// A step executor's model and, when asked for, its optimiser: the autodiff
+/// executor's own; the fused engine's made from its state after a step and
+/// kept until the next (the engine holds no second copy while it trains).
+pub struct Snapshot<'a> {
+    model: &'a Gpt,
+    optimizer: Option<&'a AdamW>,
 }
 
 impl Snapshot<'_> {
     pub fn model(&self) -> &Gpt {
-        match self {
-            Snapshot::Borrowed(m, _) => m,
-            Snapshot::Made(m, _) => m,
-        }
+        self.model
     }
 
     /// The optimiser (present when [`TrainStep::snapshot`] was asked for it).
     pub fn optimizer(&self) -> Result<&AdamW> {
-        match self {
-            Snapshot::Borrowed(_, o) => Ok(o),
-            Snapshot::Made(_, Some(o)) => Ok(o),
-            Snapshot::Made(_, None) => Err(Error::Other(
-                "internal: the optimiser state was not asked for".into(),
-            )),
-        }
+        self.optimizer
+            .ok_or_else(|| Error::Other("internal: the optimiser state was not asked for".into()))
     }
 }
 
@@ -220,6 +212,9 @@ pub fn clip_scale(clip: f64, gnorm: f64) -> f64 {
 pub struct FusedStep {
     engine: Engine<f32>,
     snapshot_cfg: Option<Config>,
+    /// The model (and optimiser) made since the last step: an evaluation,
+    /// a checkpoint and the end of the run at one step share it.
+    snapshot: Option<(Gpt, Option<AdamW>)>,
     orth_lambda: f64,
     orth_form: OrthForm,
 }
@@ -229,6 +224,7 @@ impl FusedStep {
         FusedStep {
             engine,
             snapshot_cfg,
+            snapshot: None,
             orth_lambda: 0.0,
             orth_form: OrthForm::default(),
         }
@@ -248,6 +244,7 @@ impl TrainStep for FusedStep {
     }
 
     fn step(&mut self, batches: &[Batch], plan: &StepPlan) -> Result<StepStats> {
+        self.snapshot = None; // out of date from here on
         let e = &mut self.engine;
         let t0 = Instant::now();
         let (mut loss_sum, mut forward_s) = (0.0, 0.0);
@@ -314,15 +311,19 @@ impl TrainStep for FusedStep {
                 "internal: this engine has no model config to hand its state to".into(),
             ));
         };
-        let model = self.engine.to_model()?;
-        let opt = if optimizer {
-            let mut opt = fresh_optimizer(cfg, &model)?;
-            self.engine.store_optimizer(&model.params, &mut opt)?;
-            Some(opt)
-        } else {
-            None
+        let (model, opt) = match &mut self.snapshot {
+            Some(made) => made,
+            none => none.insert((self.engine.to_model()?, None)),
         };
-        Ok(Snapshot::Made(Box::new(model), opt))
+        if optimizer && opt.is_none() {
+            let mut o = fresh_optimizer(cfg, model)?;
+            self.engine.store_optimizer(&model.params, &mut o)?;
+            *opt = Some(o);
+        }
+        Ok(Snapshot {
+            model,
+            optimizer: opt.as_ref(),
+        })
     }
 
     fn profile(&mut self) -> Option<&mut Profile> {
@@ -539,7 +540,10 @@ impl TrainStep for AutodiffStep {
     }
 
     fn snapshot(&mut self, _optimizer: bool) -> Result<Snapshot<'_>> {
-        Ok(Snapshot::Borrowed(&self.model, &self.opt))
+        Ok(Snapshot {
+            model: &self.model,
+            optimizer: Some(&self.opt),
+        })
     }
 
     fn synchronize(&mut self) -> Result<()> {
